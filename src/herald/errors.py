@@ -1,0 +1,97 @@
+"""Herald's error hierarchy: every client-visible failure, with its Graph code and HTTP status.
+
+* HeraldError              generalException        500
+  + InvalidRequest         invalidRequest          400  (names the offending field)
+  + Unauthenticated        InvalidAuthenticationToken 401
+  + AccessDenied           accessDenied            403
+  + NotFound               itemNotFound            404
+  + MethodNotAllowed       methodNotAllowed        405
+  + Conflict               conflict                409
+  + Gone                   syncStateNotFound       410
+  + PreconditionFailed     preconditionFailed      412
+  + PayloadTooLarge        requestEntityTooLarge   413
+  + UnsupportedMediaType   unsupportedMediaType    415
+  + Throttled              activityLimitReached    429  (carries Retry-After)
+  + Unavailable            serviceNotAvailable     503  (carries Retry-After)
+
+Lower layers raise these; `api/errors.py` renders them as the Graph error body in one place.
+"""
+
+from __future__ import annotations
+
+
+class HeraldError(Exception):
+    code = "generalException"
+    status = 500
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidRequest(HeraldError):
+    code = "invalidRequest"
+    status = 400
+
+    def __init__(self, message: str, *, target: str | None = None) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class Unauthenticated(HeraldError):
+    code = "InvalidAuthenticationToken"
+    status = 401
+
+
+class AccessDenied(HeraldError):
+    code = "accessDenied"
+    status = 403
+
+
+class NotFound(HeraldError):
+    code = "itemNotFound"
+    status = 404
+
+
+class MethodNotAllowed(HeraldError):
+    code = "methodNotAllowed"
+    status = 405
+
+
+class Conflict(HeraldError):
+    code = "conflict"
+    status = 409
+
+
+class Gone(HeraldError):
+    code = "syncStateNotFound"
+    status = 410
+
+
+class PreconditionFailed(HeraldError):
+    code = "preconditionFailed"
+    status = 412
+
+
+class PayloadTooLarge(HeraldError):
+    code = "requestEntityTooLarge"
+    status = 413
+
+
+class UnsupportedMediaType(HeraldError):
+    code = "unsupportedMediaType"
+    status = 415
+
+
+class Throttled(HeraldError):
+    code = "activityLimitReached"
+    status = 429
+
+
+class Unavailable(HeraldError):
+    code = "serviceNotAvailable"
+    status = 503

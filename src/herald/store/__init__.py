@@ -1,0 +1,18 @@
+"""Durable state: the `Store` protocol and its SQLite and PostgreSQL implementations."""
+
+from herald.store.base import Remembered, Store
+
+__all__ = ["Remembered", "Store", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """Pick the implementation by URL scheme: sqlite:///path, sqlite://:memory:, postgresql://..."""
+    if url.startswith("sqlite:"):
+        from herald.store.sqlite import SqliteStore
+
+        return SqliteStore(url)
+    if url.startswith(("postgresql:", "postgres:")):
+        from herald.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")

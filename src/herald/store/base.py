@@ -1,0 +1,130 @@
+"""The Store protocol: Herald's durable state. SQLite and PostgreSQL implement it alike.
+
+Guarantees every implementation keeps (the contract suite in tests/store checks them):
+
+* Durability: a write coroutine returns only after its transaction has committed. Writers batch
+  concurrent calls into one transaction (group commit); one failing call never fails the others.
+* Change log: every write that changes a notification appends exactly one `Change` per affected
+  notification, in the same transaction. Positions are per user, start at 1, and are gap-free and
+  strictly increasing in commit order, so a reader that saw position N and later reads "> N" can
+  never miss a change that committed later with a smaller position.
+* Isolation: every notification call is scoped by (user_id, app); rows of another user or app are
+  invisible (None / NotFound), never an error that reveals their existence.
+* Expiry: a notification whose expiration_date_time <= now is treated as absent by every read and
+  write, even before `sweep` has removed it.
+* Errors: only `herald.errors` exceptions escape (driver errors are translated at the boundary).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+import msgspec
+
+from herald.model import App, Change, Content, Notification, StatePatch
+from herald.query import Filter, Page, Query
+
+
+class Remembered(msgspec.Struct, frozen=True):
+    """A stored answer to an idempotent POST."""
+
+    fingerprint: str
+    status: int
+    body: bytes
+    location: str | None = None
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and apply forward-only migrations; refuse a schema newer than this code."""
+
+    async def close(self) -> None:
+        """Flush pending writes and release connections. Idempotent."""
+
+    async def ping(self) -> None:
+        """Raise `Unavailable` if the database cannot answer a trivial query."""
+
+    # -- apps -----------------------------------------------------------------------------------
+    async def add_app(self, app: App) -> None:
+        """Register an app. `Conflict` if the client id or host name is taken."""
+
+    async def get_app(self, client_id: str) -> App | None: ...
+
+    async def list_apps(self) -> list[App]:
+        """All apps, ordered by host name."""
+
+    # -- notifications --------------------------------------------------------------------------
+    async def put(
+        self, user_id: str, app: str, content: Content, new_id: str, now: datetime
+    ) -> tuple[Notification, bool]:
+        """Create, or replace the live notification with the same (user, app, appNotificationId).
+
+        `content.app_notification_id` None means "equal to the id". On create the row gets
+        `new_id`, version 1 and a CREATED change; returns (notification, True). On replace the id
+        and created_date_time are kept, content is replaced, read/action state reset to
+        unread/none, version incremented, an UPDATED change appended; returns (notification, False).
+        """
+
+    async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None: ...
+
+    async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
+        """One page: filter, order (then id as tie-break), skip, top. `total` set iff query.count."""
+
+    async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int: ...
+
+    async def update(
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        patch: StatePatch,
+        if_match: int | None,
+        now: datetime,
+    ) -> Notification:
+        """Apply the non-None fields of `patch`, bump version and last_modified, append UPDATED.
+
+        `NotFound` if absent; `PreconditionFailed` if `if_match` is given and != version. A patch
+        that changes nothing still bumps the version (it was a write) but is allowed.
+        """
+
+    async def delete(
+        self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
+    ) -> None:
+        """Remove the notification and append a DELETED tombstone. `NotFound`/`PreconditionFailed`."""
+
+    async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
+        """Delete every live notification of the group; one tombstone each; returns the count."""
+
+    # -- change log -----------------------------------------------------------------------------
+    async def changes(
+        self, user_id: str, app: str | None, after: int, limit: int
+    ) -> list[Change]:
+        """Changes with position > after, ascending, at most `limit`; `app` None means all apps.
+
+        Created/updated changes carry the notification as it is *now* (None if it has since been
+        deleted or expired: the later tombstone follows in the log).
+        """
+
+    async def horizon(self, user_id: str) -> tuple[int, int]:
+        """(oldest retained position - 1, newest position). Positions <= the first were pruned."""
+
+    async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
+        """Remove up to `limit` expired notifications (appending EXPIRED changes) and prune change
+        log entries older than `retain_changes_until`. Returns the number expired."""
+
+    # -- idempotency ----------------------------------------------------------------------------
+    async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
+        """The stored answer for an Idempotency-Key, unless it has expired."""
+
+    async def remember(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        status: int,
+        body: bytes,
+        location: str | None,
+        expires: datetime,
+    ) -> None:
+        """Store an answer; if the key already exists, keep the first one."""
