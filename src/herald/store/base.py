@@ -17,6 +17,7 @@ Guarantees every implementation keeps (the contract suite in tests/store checks 
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Protocol
 
@@ -51,7 +52,7 @@ class Store(Protocol):
 
     async def get_app(self, client_id: str) -> App | None: ...
 
-    async def list_apps(self) -> list[App]:
+    async def list_apps(self) -> builtins.list[App]:
         """All apps, ordered by host name."""
 
     # -- notifications --------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Store(Protocol):
     # -- change log -----------------------------------------------------------------------------
     async def changes(
         self, user_id: str, app: str | None, after: int, limit: int
-    ) -> list[Change]:
+    ) -> builtins.list[Change]:
         """Changes with position > after, ascending, at most `limit`; `app` None means all apps.
 
         Created/updated changes carry the notification as it is *now* (None if it has since been

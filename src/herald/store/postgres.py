@@ -1,0 +1,690 @@
+"""The PostgreSQL store: asyncpg pool, one batching writer task, set-based puts.
+
+Every write transaction first locks the `feed_heads` rows of all users it touches, in one statement
+and in user id order: that serialises writers per user across Herald nodes without deadlocks, and
+positions are then allocated from those rows, so they commit gap-free and in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from herald.errors import Conflict, HeraldError, NotFound, PreconditionFailed, Unavailable
+from herald.model import App, Change, ChangeKind, Content, Notification, StatePatch
+from herald.query import Filter, Page, Query
+from herald.store.base import Remembered
+from herald.store.sql import (
+    NOTIFICATION_COLUMNS,
+    POSTGRES,
+    Compiler,
+    check_version,
+    encode_content,
+    migrations,
+    notification_from_row,
+    order_by,
+)
+
+MAX_BATCH = 4096
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextlib.asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Let only `herald.errors` escape: the one place asyncpg exceptions are mapped."""
+    try:
+        yield
+    except HeraldError:
+        raise
+    except asyncpg.UniqueViolationError as e:
+        raise Conflict(f"conflicting record: {e}") from e
+    except (*_CONNECTION_ERRORS, asyncpg.DeadlockDetectedError) as e:
+        raise Unavailable(f"database unavailable: {e}", retry_after=1) from e
+    except asyncpg.PostgresError as e:
+        raise HeraldError(f"database error: {e}") from e
+
+
+def _identity(value: datetime) -> datetime:
+    return value
+
+
+def _prefixed(alias: str) -> str:
+    return ", ".join(f"{alias}.{col.strip()}" for col in NOTIFICATION_COLUMNS.split(","))
+
+
+def _from_row(row: Sequence[Any]) -> Notification:
+    return notification_from_row(row, _identity)
+
+
+# -- the write batch ---------------------------------------------------------------------------
+
+
+@dataclass
+class Tx:
+    """One batch transaction: the locked heads and the changes to append at commit."""
+
+    conn: asyncpg.Connection
+    heads: dict[str, int]
+    changes: list[tuple[str, int, str, str, str, datetime]] = field(default_factory=list)
+
+    def append(self, user_id: str, kind: ChangeKind, app: str, nid: str, at: datetime) -> None:
+        self.heads[user_id] += 1
+        self.changes.append((user_id, self.heads[user_id], kind.value, app, nid, at))
+
+
+@dataclass(slots=True)
+class Put:
+    user_id: str
+    app: str
+    content: Content
+    new_id: str
+    now: datetime
+
+
+@dataclass(slots=True)
+class Op:
+    """Any other write: `run` reads and writes through the transaction, checking before writing."""
+
+    user_id: str | None
+    run: Callable[[Tx], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class _Call:
+    work: Put | Op
+    future: asyncio.Future[Any]
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._server_settings = server_settings
+        self._pool: asyncpg.Pool | None = None
+        self._pending: list[_Call] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        async with translated():
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings=self._server_settings,
+            )
+            try:
+                async with self._pool.acquire() as conn:
+                    await _migrate(conn)
+            except BaseException:
+                await self._pool.close()
+                self._pool = None
+                raise
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop(), name="herald-postgres-writer")
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        await self._pool.close()
+        self._pool = None
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise Unavailable("store is closed")
+        return self._pool.acquire()
+
+    async def ping(self) -> None:
+        async with translated(), self._acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- the writer ----------------------------------------------------------------------------
+    async def _submit(self, work: Put | Op) -> Any:
+        if self._pool is None or self._closing:
+            raise Unavailable("store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Call(work, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._commit(batch)
+            if self._closing:
+                return
+
+    async def _commit(self, batch: list[_Call]) -> None:
+        """Commit the batch in one transaction; if the database rejects it, retry each call in a
+        transaction of its own so only the offending call fails."""
+        try:
+            async with translated():
+                outcomes = await self._transaction([c.work for c in batch])
+        except HeraldError as e:
+            if len(batch) > 1:
+                for call in batch:
+                    await self._commit([call])
+                return
+            outcomes = [(False, e)]
+        except BaseException as e:  # cancelled during close: nobody is left to answer
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(Unavailable(f"store closed: {e!r}"))
+            raise
+        for call, (ok, value) in zip(batch, outcomes, strict=True):
+            if call.future.done():
+                continue
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+
+    async def _transaction(self, works: list[Put | Op]) -> list[tuple[bool, Any]]:
+        puts = [w for w in works if isinstance(w, Put)]
+        users = {w.user_id for w in works if w.user_id is not None}
+        async with self._acquire() as conn, conn.transaction():
+            tx = Tx(conn, await _lock_heads(conn, users))
+            put_results = iter(await _put_many(tx, puts))
+            outcomes: list[tuple[bool, Any]] = []
+            for w in works:
+                if isinstance(w, Put):
+                    outcomes.append((True, next(put_results)))
+                    continue
+                try:
+                    outcomes.append((True, await w.run(tx)))
+                except HeraldError as e:  # raised before the op wrote anything
+                    outcomes.append((False, e))
+            await _flush(tx)
+        return outcomes
+
+    async def _exclusive(self, run: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """A write that must pick its users itself (sweep): its own transaction, outside batches."""
+        async with translated(), self._acquire() as conn, conn.transaction():
+            return await run(conn)
+
+    # -- apps ----------------------------------------------------------------------------------
+    async def add_app(self, app: App) -> None:
+        async def run(tx: Tx) -> None:
+            # DO NOTHING instead of an error: an error would abort the whole batch transaction.
+            added = await tx.conn.fetchval(
+                "INSERT INTO apps VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
+                " RETURNING client_id",
+                app.client_id,
+                app.host_name,
+                app.display_name,
+                app.secret_hash,
+                app.created_date_time,
+            )
+            if added is None:
+                raise Conflict("an app with this client id or host name exists")
+
+        await self._submit(Op(None, run))
+
+    async def get_app(self, client_id: str) -> App | None:
+        async with translated(), self._acquire() as conn:
+            row = await conn.fetchrow(f"{_APP_SELECT} WHERE client_id = $1", client_id)
+        return None if row is None else App(**dict(row))
+
+    async def list_apps(self) -> list[App]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(f"{_APP_SELECT} ORDER BY host_name")
+        return [App(**dict(r)) for r in rows]
+
+    # -- notifications -------------------------------------------------------------------------
+    async def put(
+        self, user_id: str, app: str, content: Content, new_id: str, now: datetime
+    ) -> tuple[Notification, bool]:
+        result: tuple[Notification, bool] = await self._submit(
+            Put(user_id, app, content, new_id, now)
+        )
+        return result
+
+    async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None:
+        async with translated(), self._acquire() as conn:
+            return await _live(conn, user_id, app, id, now)
+
+    async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
+        where, params = _where(user_id, app, query.filter, now)
+        sql = (
+            f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where}"
+            f" ORDER BY {order_by(query.order)}"
+            f" LIMIT ${len(params) + 1} OFFSET ${len(params) + 2}"
+        )
+        async with translated(), self._acquire() as conn:
+            if not query.count:
+                rows = await conn.fetch(sql, *params, query.top, query.skip)
+                return Page([_from_row(r) for r in rows])
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(sql, *params, query.top, query.skip)
+                total = await conn.fetchval(
+                    f"SELECT count(*) FROM notifications WHERE {where}", *params
+                )
+        return Page([_from_row(r) for r in rows], int(total))
+
+    async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int:
+        where, params = _where(user_id, app, filter, now)
+        async with translated(), self._acquire() as conn:
+            total = await conn.fetchval(
+                f"SELECT count(*) FROM notifications WHERE {where}", *params
+            )
+        return int(total)
+
+    async def update(
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        patch: StatePatch,
+        if_match: int | None,
+        now: datetime,
+    ) -> Notification:
+        async def run(tx: Tx) -> Notification:
+            old = await _live(tx.conn, user_id, app, id, now)
+            if old is None:
+                raise NotFound(f"notification {id} not found")
+            _check_etag(old, if_match)
+            changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
+            if "expiration_date_time" in changes:
+                changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
+            n = msgspec.structs.replace(
+                old, **changes, version=old.version + 1, last_modified_date_time=now.astimezone(UTC)
+            )
+            await _write_rows(tx.conn, _UPDATE_SQL, [n])
+            tx.append(user_id, ChangeKind.UPDATED, app, n.id, now)
+            return n
+
+        result: Notification = await self._submit(Op(user_id, run))
+        return result
+
+    async def delete(
+        self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
+    ) -> None:
+        async def run(tx: Tx) -> None:
+            old = await _live(tx.conn, user_id, app, id, now)
+            if old is None:
+                raise NotFound(f"notification {id} not found")
+            _check_etag(old, if_match)
+            await tx.conn.execute("DELETE FROM notifications WHERE id = $1", id)
+            tx.append(user_id, ChangeKind.DELETED, app, id, now)
+
+        await self._submit(Op(user_id, run))
+
+    async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
+        async def run(tx: Tx) -> int:
+            rows = await tx.conn.fetch(
+                "DELETE FROM notifications WHERE user_id = $1 AND app = $2 AND group_name = $3"
+                " AND expiration_date_time > $4 RETURNING id, created_date_time",
+                user_id,
+                app,
+                group_name,
+                now,
+            )
+            for r in sorted(rows, key=lambda r: (r["created_date_time"], r["id"])):
+                tx.append(user_id, ChangeKind.DELETED, app, r["id"], now)
+            return len(rows)
+
+        result: int = await self._submit(Op(user_id, run))
+        return result
+
+    # -- change log ----------------------------------------------------------------------------
+    async def changes(
+        self, user_id: str, app: str | None, after: int, limit: int
+    ) -> builtins.list[Change]:
+        params: list[object] = [datetime.now(UTC), user_id, after, limit]
+        app_clause = ""
+        if app is not None:
+            params.append(app)
+            app_clause = " AND c.app = $5"
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(_CHANGES_SQL.format(app_clause=app_clause), *params)
+        return [_change(user_id, tuple(r)) for r in rows]
+
+    async def horizon(self, user_id: str) -> tuple[int, int]:
+        async with translated(), self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT pruned, position FROM feed_heads WHERE user_id = $1", user_id
+            )
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
+        expired: int = await self._exclusive(
+            lambda conn: _sweep(conn, now, retain_changes_until, limit)
+        )
+        return expired
+
+    # -- idempotency ---------------------------------------------------------------------------
+    async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
+        async with translated(), self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT fingerprint, status, body, location FROM idempotency"
+                " WHERE scope = $1 AND key = $2 AND expires > $3",
+                scope,
+                key,
+                now,
+            )
+        return None if row is None else Remembered(row[0], row[1], bytes(row[2]), row[3])
+
+    async def remember(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        status: int,
+        body: bytes,
+        location: str | None,
+        expires: datetime,
+    ) -> None:
+        async def run(tx: Tx) -> None:
+            # Keep the first answer unless it has expired (the sweeper may not have run yet).
+            await tx.conn.execute(
+                "INSERT INTO idempotency VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " status = excluded.status, body = excluded.body, location = excluded.location,"
+                " expires = excluded.expires WHERE idempotency.expires <= now()",
+                scope,
+                key,
+                fingerprint,
+                status,
+                body,
+                location,
+                expires,
+            )
+
+        await self._submit(Op(None, run))
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+async def _migrate(conn: asyncpg.Connection) -> None:
+    known = migrations("postgres")
+    async with conn.transaction():
+        # Several nodes may start at once: one migrates, the others wait and then see it done.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('herald-migrate'))")
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        check_version(current, known[-1][0] if known else 0)
+        for version, script in known:
+            if version > current:
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
+
+
+# -- batch steps -------------------------------------------------------------------------------
+
+
+async def _lock_heads(conn: asyncpg.Connection, users: Iterable[str]) -> dict[str, int]:
+    """Lock (creating if needed) the users' head rows in user id order; their current positions."""
+    ordered = sorted(users)
+    if not ordered:
+        return {}
+    rows = await conn.fetch(
+        "INSERT INTO feed_heads (user_id)"
+        " SELECT u FROM unnest($1::text[]) WITH ORDINALITY AS t(u, i) ORDER BY i"
+        " ON CONFLICT (user_id) DO UPDATE SET position = feed_heads.position"
+        " RETURNING user_id, position",
+        ordered,
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+async def _flush(tx: Tx) -> None:
+    if not tx.changes:
+        return
+    users, positions, kinds, apps, ids, ats = zip(*tx.changes, strict=True)
+    await tx.conn.execute(
+        "INSERT INTO changes SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[],"
+        " $4::text[], $5::text[], $6::timestamptz[])",
+        users,
+        positions,
+        kinds,
+        apps,
+        ids,
+        ats,
+    )
+    touched = sorted({c[0] for c in tx.changes})
+    await tx.conn.execute(
+        "UPDATE feed_heads SET position = t.p FROM unnest($1::text[], $2::bigint[]) AS t(u, p)"
+        " WHERE feed_heads.user_id = t.u",
+        touched,
+        [tx.heads[u] for u in touched],
+    )
+
+
+async def _put_many(tx: Tx, puts: list[Put]) -> list[tuple[Notification, bool]]:
+    """All puts of a batch in three statements: look up, delete expired, upsert."""
+    if not puts:
+        return []
+    keyed = [p for p in puts if p.content.app_notification_id is not None]
+    current: dict[tuple[str, str, str], Notification] = {}
+    if keyed:
+        rows = await tx.conn.fetch(
+            f"SELECT {_prefixed('n')} FROM notifications n JOIN unnest($1::text[], $2::text[],"
+            " $3::text[]) AS k(u, a, i) ON n.user_id = k.u AND n.app = k.a"
+            " AND n.app_notification_id = k.i",
+            [p.user_id for p in keyed],
+            [p.app for p in keyed],
+            [p.content.app_notification_id for p in keyed],
+        )
+        for r in rows:
+            n = _from_row(r)
+            current[(n.user_id, n.app, n.app_notification_id)] = n
+    results: list[tuple[Notification, bool]] = []
+    expired: list[str] = []
+    created: dict[str, Notification] = {}  # rows new in this batch: INSERT
+    replaced: dict[str, Notification] = {}  # rows that existed before it: UPDATE
+    for p in puts:
+        key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
+        old = current.get(key)
+        if old is not None and old.expiration_date_time <= p.now:
+            if created.pop(old.id, None) is None:
+                expired.append(old.id)
+                replaced.pop(old.id, None)
+            tx.append(p.user_id, ChangeKind.EXPIRED, p.app, old.id, p.now)
+            old = None
+        n = current[key] = _built(p, old)
+        (created if old is None or n.id in created else replaced)[n.id] = n
+        tx.append(
+            p.user_id, ChangeKind.CREATED if old is None else ChangeKind.UPDATED, p.app, n.id, p.now
+        )
+        results.append((n, old is None))
+    if expired:
+        await tx.conn.execute("DELETE FROM notifications WHERE id = ANY($1::text[])", expired)
+    # A plain INSERT for new rows: a colliding id must fail the batch, not overwrite a row.
+    await _write_rows(tx.conn, _INSERT_SQL, created.values())
+    await _write_rows(tx.conn, _UPDATE_SQL, replaced.values())
+    return results
+
+
+def _built(p: Put, old: Notification | None) -> Notification:
+    c = p.content
+    now = p.now.astimezone(UTC)
+    return Notification(
+        id=p.new_id if old is None else old.id,
+        user_id=p.user_id,
+        app=p.app,
+        app_notification_id=c.app_notification_id or p.new_id,
+        target_host_name=c.target_host_name,
+        group_name=c.group_name,
+        payload=c.payload,
+        target_policy=c.target_policy,
+        priority=c.priority,
+        display_time_to_live=c.display_time_to_live,
+        expiration_date_time=c.expiration_date_time.astimezone(UTC),
+        fallback_policy=c.fallback_policy,
+        created_date_time=now if old is None else old.created_date_time,
+        last_modified_date_time=now,
+        version=1 if old is None else old.version + 1,
+    )
+
+
+_ARRAYS = (
+    "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],"
+    " $13::int[], $14::bytea[])"
+)
+_INSERT_SQL = f"INSERT INTO notifications ({NOTIFICATION_COLUMNS}) SELECT * FROM {_ARRAYS}"
+_UPDATE_SQL = (
+    f"UPDATE notifications SET ({NOTIFICATION_COLUMNS}) = ({_prefixed('t')})"
+    f" FROM {_ARRAYS} AS t({NOTIFICATION_COLUMNS}) WHERE notifications.id = t.id"
+)
+
+
+async def _write_rows(conn: asyncpg.Connection, sql: str, rows: Iterable[Notification]) -> None:
+    """Run `sql` once over all rows, passed column-wise as arrays (one round trip)."""
+    columns: list[list[object]] = [[] for _ in range(14)]
+    for n in rows:
+        values = (
+            n.id,
+            n.user_id,
+            n.app,
+            n.app_notification_id,
+            n.target_host_name,
+            n.group_name,
+            n.priority.value,
+            n.read_state.value,
+            n.user_action_state.value,
+            n.created_date_time,
+            n.last_modified_date_time,
+            n.expiration_date_time,
+            n.version,
+            encode_content(n),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    if columns[0]:
+        await conn.execute(sql, *columns)
+
+
+async def _sweep(
+    conn: asyncpg.Connection, now: datetime, retain_until: datetime, limit: int
+) -> int:
+    candidates = await conn.fetch(
+        "SELECT user_id FROM notifications WHERE expiration_date_time <= $1"
+        " ORDER BY expiration_date_time LIMIT $2",
+        now,
+        limit,
+    )
+    prunable = await conn.fetch(
+        "SELECT user_id, max(position) FROM changes WHERE at < $1 GROUP BY user_id", retain_until
+    )
+    tx = Tx(conn, await _lock_heads(conn, {r[0] for r in candidates} | {r[0] for r in prunable}))
+    # Re-select under the locks: only users locked above may be touched.
+    expired = await conn.fetch(
+        "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+        " WHERE expiration_date_time <= $1 AND user_id = ANY($2::text[])"
+        " ORDER BY expiration_date_time LIMIT $3) RETURNING id, user_id, app",
+        now,
+        list(tx.heads),
+        limit,
+    )
+    for r in expired:
+        tx.append(r["user_id"], ChangeKind.EXPIRED, r["app"], r["id"], now)
+    await _flush(tx)
+    if prunable:
+        # Prune whole prefixes of each log, so everything at or below `pruned` is gone.
+        users, positions = [r[0] for r in prunable], [r[1] for r in prunable]
+        await conn.execute(
+            "UPDATE feed_heads SET pruned = greatest(pruned, t.p)"
+            " FROM unnest($1::text[], $2::bigint[]) AS t(u, p) WHERE feed_heads.user_id = t.u",
+            users,
+            positions,
+        )
+        await conn.execute(
+            "DELETE FROM changes c USING unnest($1::text[], $2::bigint[]) AS t(u, p)"
+            " WHERE c.user_id = t.u AND c.position <= t.p",
+            users,
+            positions,
+        )
+    await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
+    return len(expired)
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+_APP_SELECT = "SELECT client_id, host_name, display_name, secret_hash, created_date_time FROM apps"
+_CHANGES_SQL = (
+    f"SELECT c.position, c.kind, c.app, c.notification_id, c.at, {_prefixed('n')}"
+    " FROM changes c LEFT JOIN notifications n ON n.id = c.notification_id"
+    " AND n.user_id = c.user_id AND c.kind IN ('created', 'updated')"
+    " AND n.expiration_date_time > $1"
+    " WHERE c.user_id = $2 AND c.position > $3{app_clause} ORDER BY c.position LIMIT $4"
+)
+
+
+async def _live(
+    conn: asyncpg.Connection, user_id: str, app: str, id: str, now: datetime
+) -> Notification | None:
+    row = await conn.fetchrow(
+        f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
+        " WHERE id = $1 AND user_id = $2 AND app = $3 AND expiration_date_time > $4",
+        id,
+        user_id,
+        app,
+        now,
+    )
+    return None if row is None else _from_row(row)
+
+
+def _check_etag(n: Notification, if_match: int | None) -> None:
+    if if_match is not None and if_match != n.version:
+        raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
+
+
+def _where(
+    user_id: str, app: str, filter: Filter | None, now: datetime
+) -> tuple[str, list[object]]:
+    params: list[object] = [user_id, app, now]
+    where = "user_id = $1 AND app = $2 AND expiration_date_time > $3"
+    if filter is not None:
+        where += " AND " + Compiler(POSTGRES, params).where(filter)
+    return where, params
+
+
+def _change(user_id: str, r: tuple[Any, ...]) -> Change:
+    return Change(
+        user_id=user_id,
+        position=r[0],
+        kind=ChangeKind(r[1]),
+        app=r[2],
+        notification_id=r[3],
+        at=r[4],
+        notification=None if r[5] is None else _from_row(r[5:]),
+    )

@@ -1,0 +1,653 @@
+"""The SQLite store: stdlib `sqlite3`, WAL, one group-committing writer thread, pooled readers.
+
+URLs follow SQLAlchemy: `sqlite:///relative.db`, `sqlite:////abs/path/herald.db` (so
+f"sqlite:///{path}" is right for both), and `sqlite://:memory:` for a private in-memory database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import queue
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import msgspec
+
+from herald.errors import Conflict, HeraldError, NotFound, PreconditionFailed, Unavailable
+from herald.model import (
+    App,
+    Change,
+    ChangeKind,
+    Content,
+    Notification,
+    ReadState,
+    StatePatch,
+    UserActionState,
+)
+from herald.query import Filter, Page, Query
+from herald.store.base import Remembered
+from herald.store.sql import (
+    NOTIFICATION_COLUMNS,
+    SQLITE,
+    Compiler,
+    check_version,
+    encode_content,
+    from_micros,
+    migrations,
+    notification_from_row,
+    order_by,
+    to_micros,
+)
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+
+MAX_BATCH = 2048  # calls per transaction: bounds the latency a batch adds to its first caller
+CACHE_KIB = 64 * 1024
+BUSY_TIMEOUT_MS = 10_000  # another process (the CLI) may hold the write lock for a while
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Let only `herald.errors` escape: the one place sqlite3 exceptions are mapped."""
+    try:
+        yield
+    except HeraldError:
+        raise
+    except sqlite3.IntegrityError as e:
+        raise Conflict(f"conflicting record: {e}") from e
+    except (sqlite3.OperationalError, sqlite3.DatabaseError, sqlite3.InterfaceError) as e:
+        raise Unavailable(f"database unavailable: {e}", retry_after=1) from e
+
+
+def parse_url(url: str) -> tuple[str, bool]:
+    """(database argument for sqlite3.connect, is a URI)."""
+    rest = url.removeprefix("sqlite:")
+    if rest in ("//:memory:", "///:memory:"):
+        # memdb shares one in-memory database between this store's connections by name and,
+        # unlike shared-cache mode, uses ordinary locking so busy_timeout applies.
+        return f"file:/herald-{uuid.uuid4().hex}?vfs=memdb", True
+    if not rest.startswith("///") or len(rest) == 3:
+        raise ValueError(f"bad SQLite URL {url!r}: use sqlite:///path or sqlite://:memory:")
+    return rest[3:], False
+
+
+@dataclass(slots=True)
+class _Call:
+    job: Job
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle_all(settlements: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settlements:
+        if future.done():  # the caller was cancelled; the write still committed
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class SqliteStore:
+    def __init__(self, url: str, *, readers: int = 4) -> None:
+        self.url = url
+        self._database, self._uri = parse_url(url)
+        self._n_readers = readers
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._rconns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._open = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._database, uri=self._uri, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # keeps index pages hot for the writer
+        return conn
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        with translated():
+            self._wconn = await asyncio.to_thread(self._open_writer)
+        self._readers = ThreadPoolExecutor(self._n_readers, thread_name_prefix="herald-sqlite-r")
+        self._writer = threading.Thread(
+            target=self._write_loop, name="herald-sqlite-w", daemon=True
+        )
+        self._writer.start()
+        self._open = True
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._queue.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        for conn in self._rconns:
+            conn.close()
+        self._rconns.clear()
+        if self._wconn is not None:
+            self._wconn.close()  # last: an in-memory database lives as long as this connection
+
+    # -- the writer ----------------------------------------------------------------------------
+    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open:
+            raise Unavailable("store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Call(job, future, loop))
+        return await future
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    call = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is None:
+                    stop = True
+                    break
+                batch.append(call)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Call]) -> None:
+        """One transaction for the batch; each call in its own savepoint so it fails alone."""
+        conn = self._wconn
+        assert conn is not None
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with translated():
+                conn.execute("BEGIN IMMEDIATE")
+                for call in batch:
+                    outcomes.append(_in_savepoint(conn, call.job))
+                conn.execute("COMMIT")
+        except Exception as e:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            outcomes = [(False, e)] * len(batch)
+        # One wake-up per event loop per batch, not one per call.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for call, (ok, value) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(call.loop, []).append((call.future, ok, value))
+        for loop, settlements in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle_all, settlements)
+
+    # -- readers -------------------------------------------------------------------------------
+    async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open or self._readers is None:
+            raise Unavailable("store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, job)
+
+    def _run_read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        with translated():
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._connect()
+                conn.execute("PRAGMA query_only = 1")
+                self._local.conn = conn
+                with self._lock:
+                    self._rconns.append(conn)
+            # One read transaction: multi-statement reads (list + count) see one snapshot.
+            conn.execute("BEGIN")
+            try:
+                return job(conn)
+            finally:
+                conn.execute("COMMIT")
+
+    async def ping(self) -> None:
+        await self._read(lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- apps ----------------------------------------------------------------------------------
+    async def add_app(self, app: App) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(
+                    "INSERT INTO apps VALUES (?, ?, ?, ?, ?)",
+                    (
+                        app.client_id,
+                        app.host_name,
+                        app.display_name,
+                        app.secret_hash,
+                        to_micros(app.created_date_time),
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                raise Conflict("an app with this client id or host name exists") from e
+
+        await self._write(job)
+
+    async def get_app(self, client_id: str) -> App | None:
+        rows = await self._read(
+            lambda c: c.execute(f"{_APP_SELECT} WHERE client_id = ?", (client_id,)).fetchall()
+        )
+        return _app(rows[0]) if rows else None
+
+    async def list_apps(self) -> list[App]:
+        rows = await self._read(lambda c: c.execute(f"{_APP_SELECT} ORDER BY host_name").fetchall())
+        return [_app(r) for r in rows]
+
+    # -- notifications -------------------------------------------------------------------------
+    async def put(
+        self, user_id: str, app: str, content: Content, new_id: str, now: datetime
+    ) -> tuple[Notification, bool]:
+        return await self._write(lambda c: _put(c, user_id, app, content, new_id, now))
+
+    async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None:
+        return await self._read(lambda c: _live(c, user_id, app, id, to_micros(now)))
+
+    async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
+        def job(c: sqlite3.Connection) -> Page:
+            where, params = _where(user_id, app, query.filter, now)
+            rows = c.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where}"
+                f" ORDER BY {order_by(query.order)} LIMIT ? OFFSET ?",
+                [*params, query.top, query.skip],
+            ).fetchall()
+            total = None
+            if query.count:
+                counted = c.execute(f"SELECT count(*) FROM notifications WHERE {where}", params)
+                total = int(counted.fetchone()[0])
+            return Page([notification_from_row(r, from_micros) for r in rows], total)
+
+        return await self._read(job)
+
+    async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int:
+        where, params = _where(user_id, app, filter, now)
+        sql = f"SELECT count(*) FROM notifications WHERE {where}"
+        return int(await self._read(lambda c: c.execute(sql, params).fetchone()[0]))
+
+    async def update(
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        patch: StatePatch,
+        if_match: int | None,
+        now: datetime,
+    ) -> Notification:
+        return await self._write(lambda c: _update(c, user_id, app, id, patch, if_match, now))
+
+    async def delete(
+        self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            n = _live(c, user_id, app, id, to_micros(now))
+            if n is None:
+                raise NotFound(f"notification {id} not found")
+            _check_etag(n, if_match)
+            _remove(c, n.user_id, n.app, n.id, ChangeKind.DELETED, to_micros(now))
+
+        await self._write(job)
+
+    async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
+        def job(c: sqlite3.Connection) -> int:
+            at = to_micros(now)
+            ids = c.execute(
+                "SELECT id FROM notifications WHERE user_id = ? AND app = ? AND group_name = ?"
+                " AND expiration_date_time > ? ORDER BY created_date_time, id",
+                (user_id, app, group_name, at),
+            ).fetchall()
+            for (nid,) in ids:
+                _remove(c, user_id, app, nid, ChangeKind.DELETED, at)
+            return len(ids)
+
+        return await self._write(job)
+
+    # -- change log ----------------------------------------------------------------------------
+    async def changes(
+        self, user_id: str, app: str | None, after: int, limit: int
+    ) -> builtins.list[Change]:
+        def job(c: sqlite3.Connection) -> builtins.list[Change]:
+            params: list[object] = [to_micros(datetime.now(UTC)), user_id, after]
+            app_clause = ""
+            if app is not None:
+                app_clause = " AND c.app = ?"
+                params.append(app)
+            params.append(limit)
+            rows = c.execute(_CHANGES_SQL.format(app_clause=app_clause), params).fetchall()
+            return [_change(user_id, r) for r in rows]
+
+        return await self._read(job)
+
+    async def horizon(self, user_id: str) -> tuple[int, int]:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT pruned, position FROM feed_heads WHERE user_id = ?", (user_id,)
+            ).fetchone()
+        )
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
+        return await self._write(lambda c: _sweep(c, now, retain_changes_until, limit))
+
+    # -- idempotency ---------------------------------------------------------------------------
+    async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT fingerprint, status, body, location FROM idempotency"
+                " WHERE scope = ? AND key = ? AND expires > ?",
+                (scope, key, to_micros(now)),
+            ).fetchone()
+        )
+        return None if row is None else Remembered(row[0], row[1], bytes(row[2]), row[3])
+
+    async def remember(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        status: int,
+        body: bytes,
+        location: str | None,
+        expires: datetime,
+    ) -> None:
+        def job(c: sqlite3.Connection) -> None:
+            # Keep the first answer unless it has expired (the sweeper may not have run yet).
+            c.execute(
+                "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " status = excluded.status, body = excluded.body, location = excluded.location,"
+                " expires = excluded.expires WHERE idempotency.expires <= ?",
+                (
+                    scope,
+                    key,
+                    fingerprint,
+                    status,
+                    body,
+                    location,
+                    to_micros(expires),
+                    to_micros(datetime.now(UTC)),
+                ),
+            )
+
+        await self._write(job)
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply newer migrations in one transaction; the write lock keeps other processes out."""
+    known = migrations("sqlite")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        check_version(current, known[-1][0] if known else 0)
+        for version, script in known:
+            if version > current:
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into statements (executescript would commit our transaction)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer
+            buffer = ""
+    if buffer.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()
+    ):
+        yield buffer
+
+
+# -- write jobs (run on the writer thread, inside a savepoint) ----------------------------------
+
+
+def _in_savepoint(conn: sqlite3.Connection, job: Job) -> tuple[bool, Any]:
+    conn.execute("SAVEPOINT call")
+    try:
+        with translated():
+            result = job(conn)
+    except Exception as e:
+        conn.execute("ROLLBACK TO call")
+        conn.execute("RELEASE call")
+        return False, e
+    conn.execute("RELEASE call")
+    return True, result
+
+
+def _append(
+    c: sqlite3.Connection, user_id: str, kind: ChangeKind, app: str, nid: str, at: int
+) -> None:
+    """Append one change at the user's next position (the writer holds the database lock)."""
+    position = c.execute(
+        "INSERT INTO feed_heads (user_id, position) VALUES (?, 1) ON CONFLICT (user_id)"
+        " DO UPDATE SET position = position + 1 RETURNING position",
+        (user_id,),
+    ).fetchone()[0]
+    c.execute(
+        "INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?)",
+        (user_id, position, kind.value, app, nid, at),
+    )
+
+
+def _remove(
+    c: sqlite3.Connection, user_id: str, app: str, nid: str, kind: ChangeKind, at: int
+) -> None:
+    c.execute("DELETE FROM notifications WHERE id = ?", (nid,))
+    _append(c, user_id, kind, app, nid, at)
+
+
+def _put(
+    c: sqlite3.Connection, user_id: str, app: str, content: Content, new_id: str, now: datetime
+) -> tuple[Notification, bool]:
+    now = now.astimezone(UTC)
+    at = to_micros(now)
+    anid = content.app_notification_id or new_id
+    old = None
+    if content.app_notification_id is not None:
+        row = c.execute(
+            f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
+            " WHERE user_id = ? AND app = ? AND app_notification_id = ?",
+            (user_id, app, anid),
+        ).fetchone()
+        old = None if row is None else notification_from_row(row, from_micros)
+    if old is not None and old.expiration_date_time <= now:
+        _remove(c, user_id, app, old.id, ChangeKind.EXPIRED, at)
+        old = None
+    n = Notification(
+        id=new_id if old is None else old.id,
+        user_id=user_id,
+        app=app,
+        app_notification_id=anid,
+        target_host_name=content.target_host_name,
+        group_name=content.group_name,
+        payload=content.payload,
+        target_policy=content.target_policy,
+        priority=content.priority,
+        display_time_to_live=content.display_time_to_live,
+        expiration_date_time=content.expiration_date_time.astimezone(UTC),
+        fallback_policy=content.fallback_policy,
+        created_date_time=now if old is None else old.created_date_time,
+        last_modified_date_time=now,
+        version=1 if old is None else old.version + 1,
+    )
+    # A plain INSERT for a new row: a colliding id must fail, not overwrite another row.
+    c.execute(_INSERT_SQL if old is None else _UPDATE_SQL, _row(n))
+    _append(c, user_id, ChangeKind.CREATED if old is None else ChangeKind.UPDATED, app, n.id, at)
+    return n, old is None
+
+
+def _update(
+    c: sqlite3.Connection,
+    user_id: str,
+    app: str,
+    id: str,
+    patch: StatePatch,
+    if_match: int | None,
+    now: datetime,
+) -> Notification:
+    now = now.astimezone(UTC)
+    old = _live(c, user_id, app, id, to_micros(now))
+    if old is None:
+        raise NotFound(f"notification {id} not found")
+    _check_etag(old, if_match)
+    changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
+    if "expiration_date_time" in changes:
+        changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
+    n = msgspec.structs.replace(
+        old, **changes, version=old.version + 1, last_modified_date_time=now
+    )
+    c.execute(_UPDATE_SQL, _row(n))
+    _append(c, user_id, ChangeKind.UPDATED, app, n.id, to_micros(now))
+    return n
+
+
+def _sweep(c: sqlite3.Connection, now: datetime, retain_until: datetime, limit: int) -> int:
+    at = to_micros(now)
+    expired = c.execute(
+        "SELECT id, user_id, app FROM notifications WHERE expiration_date_time <= ?"
+        " ORDER BY expiration_date_time LIMIT ?",
+        (at, limit),
+    ).fetchall()
+    for nid, user_id, app in expired:
+        _remove(c, user_id, app, nid, ChangeKind.EXPIRED, at)
+    # Prune whole prefixes of each log, so everything at or below `pruned` is gone.
+    horizons = c.execute(
+        "SELECT user_id, max(position) FROM changes WHERE at < ? GROUP BY user_id",
+        (to_micros(retain_until),),
+    ).fetchall()
+    for user_id, position in horizons:
+        c.execute(
+            "UPDATE feed_heads SET pruned = max(pruned, ?) WHERE user_id = ?", (position, user_id)
+        )
+        c.execute("DELETE FROM changes WHERE user_id = ? AND position <= ?", (user_id, position))
+    c.execute("DELETE FROM idempotency WHERE expires <= ?", (at,))
+    return len(expired)
+
+
+# -- row mapping -------------------------------------------------------------------------------
+
+_INSERT_SQL = (
+    f"INSERT INTO notifications ({NOTIFICATION_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Same parameter order as _INSERT_SQL: (id, ...) -> "SET every column = ? WHERE id = ?".
+_UPDATE_SQL = (
+    "UPDATE notifications SET ("
+    + NOTIFICATION_COLUMNS
+    + ") = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?1"
+)
+_APP_SELECT = "SELECT client_id, host_name, display_name, secret_hash, created_date_time FROM apps"
+_CHANGES_SQL = (
+    "SELECT c.position, c.kind, c.app, c.notification_id, c.at, "
+    + ", ".join(f"n.{col.strip()}" for col in NOTIFICATION_COLUMNS.split(","))
+    + " FROM changes c LEFT JOIN notifications n ON n.id = c.notification_id"
+    " AND n.user_id = c.user_id AND c.kind IN ('created', 'updated')"
+    " AND n.expiration_date_time > ?"
+    " WHERE c.user_id = ? AND c.position > ?{app_clause} ORDER BY c.position LIMIT ?"
+)
+
+
+def _row(n: Notification) -> tuple[object, ...]:
+    return (
+        n.id,
+        n.user_id,
+        n.app,
+        n.app_notification_id,
+        n.target_host_name,
+        n.group_name,
+        n.priority.value,
+        ReadState(n.read_state).value,
+        UserActionState(n.user_action_state).value,
+        to_micros(n.created_date_time),
+        to_micros(n.last_modified_date_time),
+        to_micros(n.expiration_date_time),
+        n.version,
+        encode_content(n),
+    )
+
+
+def _live(c: sqlite3.Connection, user_id: str, app: str, id: str, at: int) -> Notification | None:
+    row = c.execute(
+        f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
+        " WHERE id = ? AND user_id = ? AND app = ? AND expiration_date_time > ?",
+        (id, user_id, app, at),
+    ).fetchone()
+    return None if row is None else notification_from_row(row, from_micros)
+
+
+def _check_etag(n: Notification, if_match: int | None) -> None:
+    if if_match is not None and if_match != n.version:
+        raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
+
+
+def _where(
+    user_id: str, app: str, filter: Filter | None, now: datetime
+) -> tuple[str, list[object]]:
+    params: list[object] = [user_id, app, to_micros(now)]
+    where = "user_id = ? AND app = ? AND expiration_date_time > ?"
+    if filter is not None:
+        where += " AND " + Compiler(SQLITE, params).where(filter)
+    return where, params
+
+
+def _change(user_id: str, r: tuple[Any, ...]) -> Change:
+    return Change(
+        user_id=user_id,
+        position=r[0],
+        kind=ChangeKind(r[1]),
+        app=r[2],
+        notification_id=r[3],
+        at=from_micros(r[4]),
+        notification=None if r[5] is None else notification_from_row(r[5:], from_micros),
+    )
+
+
+def _app(r: tuple[Any, ...]) -> App:
+    return App(
+        client_id=r[0],
+        host_name=r[1],
+        display_name=r[2],
+        secret_hash=r[3],
+        created_date_time=from_micros(r[4]),
+    )
