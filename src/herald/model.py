@@ -1,7 +1,8 @@
 """The domain: notifications, their server-side state, changes, and registered apps.
 
-These are plain msgspec structs with snake_case names; `api/schemas.py` is the only place that knows
-the camelCase wire names. Enum values are the canonical wire spellings.
+These are plain msgspec structs with snake_case attributes. The nested value types encode with
+Graph's camelCase names (they are stored and sent as they are); `api/schemas.py` maps the rest.
+Enum values are the canonical wire spellings.
 """
 
 from __future__ import annotations
@@ -47,27 +48,27 @@ class ChangeKind(enum.StrEnum):
     EXPIRED = "expired"
 
 
-class VisualContent(msgspec.Struct, frozen=True, omit_defaults=True):
+class VisualContent(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
     title: str
     body: str | None = None
 
 
-class Payload(msgspec.Struct, frozen=True, omit_defaults=True):
+class Payload(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
     raw_content: str | None = None
     visual_content: VisualContent | None = None
 
 
-class TargetPolicy(msgspec.Struct, frozen=True):
+class TargetPolicy(msgspec.Struct, frozen=True, rename="camel"):
     platform_types: tuple[Platform, ...] = ALL_PLATFORMS
 
 
-class EndpointFallback(msgspec.Struct, frozen=True):
+class EndpointFallback(msgspec.Struct, frozen=True, rename="camel"):
     platform_types: tuple[Platform, ...]
     fallback_delay_in_seconds: int
     visual_content: VisualContent
 
 
-class FallbackPolicy(msgspec.Struct, frozen=True):
+class FallbackPolicy(msgspec.Struct, frozen=True, rename="camel"):
     endpoint_fallback: EndpointFallback
 
 

@@ -70,7 +70,7 @@ class Store(Protocol):
     async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None: ...
 
     async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
-        """One page: filter, order (then id as tie-break), skip, top. `total` set iff query.count."""
+        """One page: filter, order (then id), skip, top. `total` is set iff query.count."""
 
     async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int: ...
 
@@ -92,7 +92,7 @@ class Store(Protocol):
     async def delete(
         self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
     ) -> None:
-        """Remove the notification and append a DELETED tombstone. `NotFound`/`PreconditionFailed`."""
+        """Remove the notification, append a DELETED tombstone. NotFound, PreconditionFailed."""
 
     async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
         """Delete every live notification of the group; one tombstone each; returns the count."""

@@ -1,0 +1,89 @@
+"""Who is calling and on whose feed: token → principal → registered app → target user.
+
+This is where CreatedByApp isolation starts: a request is bound to exactly one (user, app) pair
+here, and everything downstream is scoped to that pair.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from starlette.requests import HTTPConnection
+
+from herald.auth.tokens import Principal, TokenVerifier, require_permission
+from herald.errors import AccessDenied, InvalidRequest, Unauthenticated
+from herald.limits import RateLimits
+from herald.model import App
+from herald.store import Store
+
+APP_CACHE_SECONDS = 30.0  # a newly registered app is seen at once (misses are not cached)
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: Principal
+    app: App
+    user_id: str
+
+
+class Apps:
+    """Registered apps by client id, cached briefly: the lookup is on every request."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cache: dict[str, tuple[App, float]] = {}
+
+    async def get(self, client_id: str) -> App | None:
+        hit = self.cache.get(client_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < APP_CACHE_SECONDS:
+            return hit[0]
+        app = await self.store.get_app(client_id)
+        if app is not None:
+            self.cache[client_id] = (app, now)
+        return app
+
+
+class Access:
+    def __init__(self, verifier: TokenVerifier, apps: Apps, limits: RateLimits) -> None:
+        self.verifier = verifier
+        self.apps = apps
+        self.limits = limits
+
+    async def principal(self, conn: HTTPConnection, token: str | None = None) -> Principal:
+        if token is None:
+            header = conn.headers.get("authorization")
+            if not header:
+                raise Unauthenticated(
+                    "Access token is empty: send 'Authorization: Bearer <token>'."
+                )
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("The Authorization header must be 'Bearer <token>'.")
+        principal = await self.verifier.verify(token.strip())
+        require_permission(principal)
+        return principal
+
+    async def caller(self, conn: HTTPConnection, path_user: str | None) -> Caller:
+        """Authenticate, resolve the app, decide the target user, and apply rate limits."""
+        principal = await self.principal(conn)
+        app = await self.apps.get(principal.client_id)
+        if app is None:
+            raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
+        user_id = self._user(principal, path_user)
+        self.limits.check(principal.client_id, user_id)
+        return Caller(principal, app, user_id)
+
+    @staticmethod
+    def _user(principal: Principal, path_user: str | None) -> str:
+        if principal.user_id is not None:
+            if path_user is not None and path_user != principal.user_id:
+                raise AccessDenied("A delegated token may only act on its own user's feed.")
+            return principal.user_id
+        if path_user is None:
+            raise InvalidRequest(
+                "An app-only token has no user: call /users/{id}/notifications.",
+                target="X-UNS-ID",
+            )
+        return path_user

@@ -1,0 +1,135 @@
+"""The composition root: `create_app(settings)` builds every dependency and the ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Mount
+
+from herald import expiry
+from herald.api import batch, notifications, operations, schemas, token
+from herald.api.access import Access, Apps
+from herald.api.errors import (
+    RequestIdMiddleware,
+    herald_error_handler,
+    http_error_handler,
+    unexpected_error_handler,
+)
+from herald.auth.issuer import LocalIssuer
+from herald.auth.tokens import IssuerConfig, TokenVerifier
+from herald.errors import HeraldError
+from herald.feed import Clock, Feed, utcnow
+from herald.limits import Limiter, RateLimits
+from herald.metrics import Metrics, MetricsMiddleware
+from herald.settings import Settings
+from herald.store import Store, open_store
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use; lives in `app.state.services`."""
+
+    settings: Settings
+    store: Store
+    feed: Feed
+    access: Access
+    issuer: LocalIssuer | None
+    verifier: TokenVerifier
+    metrics: Metrics
+    limits: schemas.Limits
+    idempotency_ttl: timedelta
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def idempotency_lock(self, scope: str, key: str) -> AsyncIterator[None]:
+        """Serialise requests that share an Idempotency-Key, so only the first one acts."""
+        name = (scope, key)
+        lock = self.locks.setdefault(name, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self.locks.get(name) is lock:
+                del self.locks[name]
+
+
+def build_services(
+    settings: Settings, store: Store | None = None, clock: Clock = utcnow
+) -> Services:
+    store = store or open_store(settings.resolved_store_url)
+    issuer = None
+    if settings.local_issuer:
+        settings.data.mkdir(parents=True, exist_ok=True)
+        issuer = LocalIssuer.load_or_create(settings.data, settings.issuer_url, settings.audience)
+    verifier = TokenVerifier(
+        local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
+    )
+    limiter = RateLimits(
+        Limiter(settings.app_rate, settings.app_burst),
+        Limiter(settings.user_rate, settings.user_burst),
+    )
+    return Services(
+        settings=settings,
+        store=store,
+        feed=Feed(store, clock),
+        access=Access(verifier, Apps(store), limiter),
+        issuer=issuer,
+        verifier=verifier,
+        metrics=Metrics(),
+        limits=schemas.Limits(
+            max_payload_bytes=settings.max_payload_bytes,
+            default_ttl=settings.default_ttl,
+            max_ttl=settings.max_ttl,
+            clamp_ttl=settings.ttl_policy == "clamp",
+        ),
+        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl),
+    )
+
+
+def api_routes() -> list[BaseRoute]:
+    return notifications.routes() + batch.routes()
+
+
+def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Starlette:
+    services = build_services(settings, store, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.store.open()
+        sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await services.verifier.aclose()
+            await services.store.close()
+
+    app = Starlette(
+        routes=[
+            Mount("/beta", routes=api_routes()),
+            Mount("/v1.0", routes=api_routes()),
+            *operations.routes(),
+            *token.routes(),
+        ],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(MetricsMiddleware, services.metrics),
+        ],
+        exception_handlers={
+            HeraldError: herald_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unexpected_error_handler,
+        },
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,155 @@
+"""`POST /$batch`: Graph JSON batching. Each inner request runs through the whole app in process,
+with the outer request's Authorization, so it gets exactly the checks a direct call gets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Message
+
+from herald.api.notifications import read_body, version
+from herald.errors import InvalidRequest
+
+MAX_REQUESTS = 20
+METHODS = {"GET", "POST", "PATCH", "PUT", "DELETE"}
+
+
+class InnerRequest(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    method: str
+    url: str
+    headers: dict[str, str] = {}
+    body: Any = None
+    dependsOn: list[str] = []
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    requests: list[InnerRequest]
+
+
+_DECODER = msgspec.json.Decoder(BatchIn)
+
+
+def _validate(batch: BatchIn) -> None:
+    if not 1 <= len(batch.requests) <= MAX_REQUESTS:
+        raise InvalidRequest(
+            f"A batch holds 1 to {MAX_REQUESTS} requests; got {len(batch.requests)}.",
+            target="requests",
+        )
+    seen: set[str] = set()
+    for r in batch.requests:
+        if not r.id or r.id in seen:
+            raise InvalidRequest(
+                f"Request ids must be unique and non-empty: {r.id!r}.", target="id"
+            )
+        if r.method.upper() not in METHODS:
+            raise InvalidRequest(
+                f"Unsupported method {r.method!r} in request {r.id}.", target="method"
+            )
+        if urlsplit(r.url).path.lstrip("/").startswith("$batch"):
+            raise InvalidRequest("A batch cannot contain another batch.", target="url")
+        missing = [d for d in r.dependsOn if d not in seen]
+        if missing:
+            raise InvalidRequest(
+                f"Request {r.id} depends on {missing[0]!r}, which is not an earlier request.",
+                target="dependsOn",
+            )
+        seen.add(r.id)
+
+
+async def handle(request: Request) -> Response:
+    try:
+        batch = _DECODER.decode(await read_body(request))
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"Invalid batch body: {exc}.", target="requests") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The batch body is not valid JSON: {exc}.", target="body") from exc
+    _validate(batch)
+    results: dict[str, dict[str, Any]] = {}
+    if any(r.dependsOn for r in batch.requests):
+        for r in batch.requests:
+            results[r.id] = await _run_after(request, r, results)
+    else:
+        answers = await asyncio.gather(*(_run(request, r) for r in batch.requests))
+        results = {r.id: a for r, a in zip(batch.requests, answers, strict=True)}
+    body = {"responses": [results[r.id] for r in batch.requests]}
+    return Response(msgspec.json.encode(body), media_type="application/json")
+
+
+async def _run_after(
+    request: Request, inner: InnerRequest, done: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    failed = [d for d in inner.dependsOn if done[d]["status"] >= 400]
+    if failed:
+        error = {"code": "failedDependency", "message": f"Request {failed[0]} failed."}
+        return {"id": inner.id, "status": 424, "body": {"error": error}}
+    return await _run(request, inner)
+
+
+async def _run(outer: Request, inner: InnerRequest) -> dict[str, Any]:
+    url = urlsplit(inner.url if inner.url.startswith("/") else "/" + inner.url)
+    headers = {k.lower(): v for k, v in inner.headers.items()}
+    body = b""
+    if inner.body is not None:
+        body = msgspec.json.encode(inner.body)
+        headers.setdefault("content-type", "application/json")
+    for name in ("authorization", "client-request-id"):
+        if name in outer.headers and name not in headers:
+            headers[name] = outer.headers[name]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": inner.method.upper(),
+        "scheme": outer.url.scheme,
+        "server": outer.scope.get("server"),
+        "client": outer.scope.get("client"),
+        "path": f"/{version(outer)}{url.path}",
+        "raw_path": f"/{version(outer)}{url.path}".encode(),
+        "root_path": "",
+        "query_string": url.query.encode(),
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+        "state": {},
+    }
+    return await _call(outer, scope, body, inner.id)
+
+
+async def _call(outer: Request, scope: dict[str, Any], body: bytes, rid: str) -> dict[str, Any]:
+    sent = False
+    started: Message = {}
+    chunks: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = message
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await outer.app(scope, receive, send)
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in started.get("headers", [])}
+    headers.pop("content-length", None)
+    raw = b"".join(chunks)
+    result: dict[str, Any] = {"id": rid, "status": started.get("status", 500), "headers": headers}
+    if raw:
+        is_json = headers.get("content-type", "").startswith("application/json")
+        result["body"] = json.loads(raw) if is_json else raw.decode("utf-8", "replace")
+    return result
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/$batch", handle, methods=["POST"])]

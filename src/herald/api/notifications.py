@@ -1,0 +1,266 @@
+"""`/me/notifications` and `/users/{user}/notifications`: the Graph notification resource."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from herald import odata
+from herald.api import schemas
+from herald.api.access import Caller
+from herald.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    UnsupportedMediaType,
+)
+from herald.model import Notification
+from herald.query import Query
+
+if TYPE_CHECKING:
+    from herald.api.app import Services
+
+JSON = "application/json"
+UNSUPPORTED_HEADERS = ("if-modified-since", "if-range")
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def caller(request: Request) -> Caller:
+    user = request.path_params.get("user")
+    return await services(request).access.caller(request, user)
+
+
+def version(request: Request) -> str:
+    return request.url.path.split("/", 2)[1]
+
+
+def feed_url(request: Request, c: Caller) -> str:
+    return f"{services(request).settings.base_url}/{version(request)}/users/{quote(c.user_id)}"
+
+
+def context(request: Request, c: Caller, suffix: str) -> str:
+    base = services(request).settings.base_url
+    return f"{base}/{version(request)}/$metadata#users('{quote(c.user_id)}')/notifications{suffix}"
+
+
+def json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(body, status, headers=headers, media_type=JSON)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, checked for content type, encoding and size before it is parsed."""
+    for name in UNSUPPORTED_HEADERS:
+        if name in request.headers:
+            raise InvalidRequest(f"The '{name}' header is not supported.", target=name)
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != JSON:
+        raise UnsupportedMediaType("Content-Type must be application/json.")
+    limit = services(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    return _decode(body, request.headers.get("content-encoding", "identity"), limit)
+
+
+def _decode(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType("Content-Encoding must be gzip or deflate.")
+    wbits = 31 if encoding == "gzip" else 15
+    try:
+        inflater = zlib.decompressobj(wbits)
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidRequest(f"The {encoding} body cannot be decoded.", target="body") from exc
+    if len(data) > limit:
+        raise PayloadTooLarge(f"The decoded request body is larger than {limit} bytes.")
+    return data
+
+
+def if_match(request: Request) -> int | None:
+    """The version an If-Match header demands; None when absent or `*`."""
+    value = request.headers.get("if-match")
+    if value is None or value.strip() == "*":
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise PreconditionFailed(f"If-Match {value!r} does not match the current ETag.")
+    return int(tag)
+
+
+def entity(request: Request, c: Caller, n: Notification, status: int = 200) -> Response:
+    body = schemas.encode(schemas.out(n, context(request, c, "/$entity")))
+    headers = {"ETag": schemas.etag(n)}
+    if status == 201:
+        headers["Location"] = f"{feed_url(request, c)}/notifications/{quote(n.id)}"
+    return json_response(body, status, headers)
+
+
+async def create(request: Request) -> Response:
+    c = await caller(request)
+    body = await read_body(request)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return await _create(request, c, body)
+    return await _idempotent_create(request, c, body, key)
+
+
+async def _create(request: Request, c: Caller, body: bytes) -> Response:
+    s = services(request)
+    content = schemas.content(body, s.feed.clock(), s.limits, c.app.host_name)
+    notification, created = await s.feed.post(c.user_id, c.app.host_name, content)
+    return entity(request, c, notification, 201 if created else 200)
+
+
+async def _idempotent_create(request: Request, c: Caller, body: bytes, key: str) -> Response:
+    """Same key + same body → the first answer again; same key + other body → 409."""
+    s = services(request)
+    if not key or len(key) > 255:
+        raise InvalidRequest(
+            "Idempotency-Key must be 1 to 255 characters.", target="Idempotency-Key"
+        )
+    scope = f"{c.app.client_id}\x00{c.user_id}"
+    fingerprint = hashlib.sha256(request.url.path.encode() + b"\x00" + body).hexdigest()
+    async with s.idempotency_lock(scope, key):
+        now = s.feed.clock()
+        seen = await s.store.recall(scope, key, now)
+        if seen is not None:
+            if seen.fingerprint != fingerprint:
+                raise Conflict("This Idempotency-Key was already used with a different request.")
+            headers = {"Location": seen.location} if seen.location else None
+            return json_response(seen.body, seen.status, headers)
+        response = await _create(request, c, body)
+        expires = now + s.idempotency_ttl
+        location = response.headers.get("location")
+        await s.store.remember(
+            scope, key, fingerprint, response.status_code, bytes(response.body), location, expires
+        )
+        return response
+
+
+async def get_one(request: Request) -> Response:
+    c = await caller(request)
+    n = await services(request).feed.get(c.user_id, c.app.host_name, request.path_params["id"])
+    if n is None:
+        raise NotFound(f"Notification '{request.path_params['id']}' was not found.")
+    return entity(request, c, n)
+
+
+async def patch_one(request: Request) -> Response:
+    c = await caller(request)
+    s = services(request)
+    patch = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
+    n = await s.feed.update(
+        c.user_id, c.app.host_name, request.path_params["id"], patch, if_match(request)
+    )
+    return entity(request, c, n)
+
+
+async def delete_one(request: Request) -> Response:
+    c = await caller(request)
+    await services(request).feed.delete(
+        c.user_id, c.app.host_name, request.path_params["id"], if_match(request)
+    )
+    return Response(status_code=204)
+
+
+async def list_all(request: Request) -> Response:
+    c = await caller(request)
+    s = services(request)
+    query = odata.parse_query(
+        request.query_params.multi_items(),
+        default_top=s.settings.default_page_size,
+        max_top=s.settings.max_page_size,
+    )
+    asked = query.top
+    page = await s.feed.list(c.user_id, c.app.host_name, _one_more(query))
+    items = page.items[:asked]
+    body: dict[str, Any] = {"@odata.context": context(request, c, "")}
+    if page.total is not None:
+        body["@odata.count"] = page.total
+    body["value"] = [schemas.to_builtins(n, query.select) for n in items]
+    if asked and len(page.items) > asked:
+        body["@odata.nextLink"] = _next_link(request, query.skip + asked)
+    return json_response(schemas.encode(body))
+
+
+def _one_more(query: Query) -> Query:
+    # Ask for one extra row to learn whether a next page exists without a second query.
+    return replace(query, top=query.top + 1)
+
+
+def _next_link(request: Request, skip: int) -> str:
+    params = [(k, v) for k, v in request.query_params.multi_items() if k.lower() != "$skip"]
+    params.append(("$skip", str(skip)))
+    base = services(request).settings.base_url
+    return f"{base}{request.url.path}?{urlencode(params, quote_via=quote, safe='$,')}"
+
+
+async def count(request: Request) -> Response:
+    c = await caller(request)
+    params = request.query_params
+    unsupported = [k for k in params if k.startswith("$") and k.lower() != "$filter"]
+    if unsupported:
+        raise InvalidRequest(
+            f"Query option '{unsupported[0]}' is not supported on $count; use $filter.",
+            target=unsupported[0],
+        )
+    text = params.get("$filter")
+    filt = odata.parse_filter(text) if text is not None else None
+    total = await services(request).feed.count(c.user_id, c.app.host_name, filt)
+    return Response(str(total), media_type="text/plain")
+
+
+async def delete_group(request: Request) -> Response:
+    """`POST .../notifications/deleteGroup {"groupName": "..."}`: delete a whole group."""
+    c = await caller(request)
+    body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
+    if not isinstance(body.groupName, str) or not body.groupName:
+        raise InvalidRequest("'groupName' must be a non-empty string.", target="groupName")
+    deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, body.groupName)
+    return json_response(schemas.encode({"deletedCount": deleted}))
+
+
+class _GroupIn(msgspec.Struct, forbid_unknown_fields=True):
+    groupName: Any = None
+
+
+_GROUP_DECODER = msgspec.json.Decoder(_GroupIn)
+
+
+def routes() -> list[BaseRoute]:
+    table: list[BaseRoute] = []
+    for prefix in ("/me", "/users/{user}"):
+        base = f"{prefix}/notifications"
+        table += [
+            Route(base, create, methods=["POST"]),
+            Route(base, list_all, methods=["GET"]),
+            Route(f"{base}/$count", count, methods=["GET"]),
+            Route(f"{base}/deleteGroup", delete_group, methods=["POST"]),
+            Route(f"{base}/{{id}}", get_one, methods=["GET"]),
+            Route(f"{base}/{{id}}", patch_one, methods=["PATCH"]),
+            Route(f"{base}/{{id}}", delete_one, methods=["DELETE"]),
+        ]
+    return table

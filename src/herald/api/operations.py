@@ -1,0 +1,159 @@
+"""Operational endpoints: health, readiness, metrics, the OpenAPI document and its page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from herald import __version__
+from herald.api import schemas
+from herald.errors import HeraldError
+
+READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime", "@odata.context", "@odata.etag")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await request.app.state.services.store.ping()
+    except HeraldError as exc:
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    body = request.app.state.services.metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, generated from the msgspec wire types."""
+    _, components = msgspec.json.schema_components(
+        [schemas.NotificationOut], ref_template="#/components/schemas/{name}"
+    )
+    for name in READ_ONLY:
+        components["NotificationOut"]["properties"][name]["readOnly"] = True
+    components["Error"] = _error_schema()
+    note = {"$ref": "#/components/schemas/NotificationOut"}
+    err = {"description": "Graph error", "content": _json({"$ref": "#/components/schemas/Error"})}
+    item = "/beta/users/{user}/notifications/{id}"
+    feed = "/beta/users/{user}/notifications"
+    user = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+    ident = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    odata = [
+        {"name": n, "in": "query", "schema": {"type": "string"}}
+        for n in ("$filter", "$orderby", "$top", "$skip", "$count", "$select")
+    ]
+    ok = {"description": "The notification", "content": _json(note)}
+    listing = {
+        "type": "object",
+        "properties": {"value": {"type": "array", "items": note}, "@odata.nextLink": {}},
+    }
+    paths: dict[str, dict[str, Any]] = {
+        feed: {
+            "parameters": [user],
+            "post": {
+                "summary": "Create, or replace by appNotificationId",
+                "requestBody": {"content": _json(note)},
+                "responses": {"201": ok, "200": ok, "4XX": err},
+            },
+            "get": {
+                "summary": "List the calling app's notifications for the user",
+                "parameters": odata,
+                "responses": {"200": {"description": "A page", "content": _json(listing)}},
+            },
+        },
+        item: {
+            "parameters": [user, ident],
+            "get": {"summary": "Get one", "responses": {"200": ok, "4XX": err}},
+            "patch": {
+                "summary": "Update readState/userActionState or content (If-Match honoured)",
+                "requestBody": {"content": _json(note)},
+                "responses": {"200": ok, "4XX": err},
+            },
+            "delete": {"summary": "Delete", "responses": {"204": {"description": "Deleted"}}},
+        },
+        f"{feed}/$count": {"parameters": [user], "get": {"summary": "Count", "responses": {}}},
+        "/beta/$batch": {"post": {"summary": "JSON batching (up to 20 requests)", "responses": {}}},
+    }
+    for path in list(paths):
+        if path.startswith("/beta/users/{user}"):
+            me = path.replace("/users/{user}", "/me")
+            paths[me] = {k: v for k, v in paths[path].items() if k != "parameters"}
+            rest = [p for p in paths[path].get("parameters", []) if p is not user]
+            if rest:
+                paths[me]["parameters"] = rest
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Herald", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _error_schema() -> dict[str, Any]:
+    text = {"type": "string"}
+    inner = {"type": "object", "properties": {"request-id": text, "date": text}}
+    detail = {
+        "type": "object",
+        "properties": {"code": text, "message": text, "target": text, "innerError": inner},
+        "required": ["code", "message"],
+    }
+    return {"type": "object", "properties": {"error": detail}, "required": ["error"]}
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Herald API</title>
+<style>body{font:15px system-ui;margin:2rem;max-width:60rem}code{background:#eee;padding:0 .2em}
+h2{font-size:1.1rem;margin-top:1.5rem}pre{background:#f6f6f6;padding:.5rem;overflow:auto}</style>
+</head><body><h1>Herald API</h1><p>Generated from <a href="/openapi.json">/openapi.json</a>.</p>
+<main id="ops">Loading…</main>
+<script>
+fetch('/openapi.json').then(r => r.json()).then(doc => {
+  const main = document.getElementById('ops'); main.textContent = '';
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      if (method === 'parameters') continue;
+      const h = document.createElement('h2');
+      h.textContent = method.toUpperCase() + ' ' + path; main.appendChild(h);
+      const p = document.createElement('p'); p.textContent = op.summary || ''; main.appendChild(p);
+    }
+  }
+  const h = document.createElement('h2'); h.textContent = 'Schemas'; main.appendChild(h);
+  const pre = document.createElement('pre');
+  pre.textContent = JSON.stringify(doc.components.schemas, null, 2); main.appendChild(pre);
+});
+</script></body></html>"""
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(DOCS_PAGE)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi),
+        Route("/docs", docs),
+    ]

@@ -1,0 +1,427 @@
+"""JSON ⇄ model: the only place that knows Graph's camelCase wire names.
+
+Incoming bodies are decoded by msgspec into lenient wire structs (the seed page sends
+`displayTimeToLive` as a string and names in any case), then normalised into `model` values with
+errors that name the offending field. Outgoing notifications are encoded from `NotificationOut`.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from herald.errors import InvalidRequest, PayloadTooLarge
+from herald.model import (
+    ALL_PLATFORMS,
+    Content,
+    EndpointFallback,
+    FallbackPolicy,
+    Notification,
+    Payload,
+    Platform,
+    Priority,
+    ReadState,
+    StatePatch,
+    TargetPolicy,
+    UserActionState,
+    VisualContent,
+)
+
+MAX_ID_LENGTH = 256
+MAX_GROUP_LENGTH = 256
+MAX_DISPLAY_TTL = 30 * 86_400
+
+
+class _Wire(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class VisualIn(_Wire):
+    title: Any = None
+    body: Any = None
+    odata_type: str | None = msgspec.field(default=None, name="@odata.type")
+
+
+class PayloadIn(_Wire):
+    raw_content: Any = None
+    visual_content: VisualIn | None = None
+    odata_type: str | None = msgspec.field(default=None, name="@odata.type")
+
+
+class TargetPolicyIn(_Wire):
+    platform_types: Any = None
+    odata_type: str | None = msgspec.field(default=None, name="@odata.type")
+
+
+class EndpointFallbackIn(_Wire):
+    platform_types: Any = None
+    fallback_delay_in_seconds: Any = None
+    visual_content: VisualIn | None = None
+
+
+class FallbackPolicyIn(_Wire):
+    endpoint_fallback: EndpointFallbackIn | None = None
+
+
+class NotificationIn(_Wire):
+    """A POST body. Server-managed fields are accepted only so we can say they are read-only."""
+
+    target_host_name: Any = None
+    app_notification_id: Any = None
+    group_name: Any = None
+    payload: PayloadIn | None = None
+    target_policy: TargetPolicyIn | None = None
+    priority: Any = None
+    display_time_to_live: Any = None
+    expiration_date_time: Any = None
+    fallback_policy: FallbackPolicyIn | None = None
+    id: Any = None
+    created_date_time: Any = None
+    last_modified_date_time: Any = None
+    read_state: Any = None
+    user_action_state: Any = None
+    odata_type: str | None = msgspec.field(default=None, name="@odata.type")
+
+
+READ_ONLY_ON_POST = ("id", "created_date_time", "last_modified_date_time")
+STATE_ON_POST = ("read_state", "user_action_state")
+
+
+class NotificationPatchIn(_Wire):
+    read_state: Any = None
+    user_action_state: Any = None
+    group_name: Any = None
+    payload: PayloadIn | None = None
+    priority: Any = None
+    display_time_to_live: Any = None
+    expiration_date_time: Any = None
+    id: Any = None
+    target_host_name: Any = None
+    app_notification_id: Any = None
+    target_policy: Any = None
+    fallback_policy: Any = None
+    created_date_time: Any = None
+    last_modified_date_time: Any = None
+    odata_type: str | None = msgspec.field(default=None, name="@odata.type")
+
+
+READ_ONLY_ON_PATCH = (
+    "id",
+    "target_host_name",
+    "app_notification_id",
+    "target_policy",
+    "fallback_policy",
+    "created_date_time",
+    "last_modified_date_time",
+)
+
+_POST_DECODER = msgspec.json.Decoder(NotificationIn)
+_PATCH_DECODER = msgspec.json.Decoder(NotificationPatchIn)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    if not body.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.", target="body")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", target="body") from exc
+
+
+def _validation_error(text: str) -> InvalidRequest:
+    # msgspec says e.g. "Object contains unknown field `notification`" or "Expected `object`,
+    # got `array`" with "- at `$.payload`"; turn that into a Graph message naming the field.
+    message, _, where = text.partition(" - at `")
+    path = where.rstrip("`").removeprefix("$").lstrip(".") or "body"
+    if "unknown field" in message:
+        name = message.split("`")[1]
+        target = f"{path}.{name}" if path != "body" else name
+        return InvalidRequest(f"Unknown property '{target}' in the request body.", target=target)
+    if path == "body" and "got `array`" in message:
+        return InvalidRequest(
+            "The request body must be a single notification object, not an array.", target="body"
+        )
+    return InvalidRequest(f"Invalid value for '{path}': {message}.", target=path)
+
+
+def _string(value: Any, field: str, max_length: int, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            raise InvalidRequest(f"'{field}' is required.", target=field)
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{field}' must be a string.", target=field)
+    if required and not value.strip():
+        raise InvalidRequest(f"'{field}' must not be empty.", target=field)
+    if len(value) > max_length:
+        raise InvalidRequest(f"'{field}' is longer than {max_length} characters.", target=field)
+    return value
+
+
+def _enum(value: Any, field: str, members: dict[str, Any]) -> Any:
+    if isinstance(value, bool):
+        raise InvalidRequest(f"'{field}' has an invalid value.", target=field)
+    key = str(value).lower() if isinstance(value, str | int) else None
+    if key is None or key not in members:
+        allowed = ", ".join(sorted({str(m) for m in members.values()}))
+        raise InvalidRequest(
+            f"'{field}' has an invalid value {value!r}; allowed: {allowed}.", target=field
+        )
+    return members[key]
+
+
+PRIORITIES: dict[str, Priority] = {p.value.lower(): p for p in Priority} | {
+    "0": Priority.NONE,
+    "1": Priority.HIGH,
+    "2": Priority.LOW,
+}
+PLATFORMS: dict[str, Platform] = {p.value.lower(): p for p in Platform}
+READ_STATES: dict[str, ReadState] = {r.value: r for r in ReadState}
+ACTION_STATES: dict[str, UserActionState] = {a.value: a for a in UserActionState} | {
+    "nointeraction": UserActionState.NONE
+}
+
+
+def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[Platform, ...]:
+    if value is None:
+        return default
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest(f"'{field}' must be a non-empty list of platform names.", target=field)
+    chosen = {_enum(v, field, PLATFORMS) for v in items}
+    return tuple(p for p in ALL_PLATFORMS if p in chosen)
+
+
+def _integer(value: Any, field: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{field}' must be an integer number of seconds.", target=field)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{field}' must be between {low} and {high}.", target=field)
+    return value
+
+
+def _visual(v: VisualIn | None, field: str, required: bool) -> VisualContent | None:
+    if v is None:
+        if required:
+            raise InvalidRequest(f"'{field}' is required.", target=field)
+        return None
+    title = _string(v.title, f"{field}.title", 1024, required=True)
+    body = _string(v.body, f"{field}.body", 4096)
+    assert title is not None
+    return VisualContent(title=title, body=body)
+
+
+def payload(p: PayloadIn | None, max_bytes: int) -> Payload:
+    if p is None:
+        raise InvalidRequest("'payload' is required.", target="payload")
+    # No length check here: the encoded-size check below answers 413 for anything too big.
+    raw = _string(p.raw_content, "payload.rawContent", sys.maxsize)
+    visual = _visual(p.visual_content, "payload.visualContent", required=False)
+    if raw is None and visual is None:
+        raise InvalidRequest(
+            "'payload' needs 'rawContent' or 'visualContent' (or both).", target="payload"
+        )
+    result = Payload(raw_content=raw, visual_content=visual)
+    size = len(msgspec.json.encode(result))
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"'payload' is {size} bytes encoded; the limit is {max_bytes} bytes so that it fits "
+            "platform push limits."
+        )
+    return result
+
+
+def _fallback(f: FallbackPolicyIn | None, targets: tuple[Platform, ...]) -> FallbackPolicy | None:
+    if f is None:
+        return None
+    e = f.endpoint_fallback
+    name = "fallbackPolicy.endpointFallback"
+    if e is None:
+        raise InvalidRequest(f"'{name}' is required in 'fallbackPolicy'.", target=name)
+    platforms = _platforms(e.platform_types, f"{name}.platformTypes", ())
+    if platforms != (Platform.IOS,):
+        raise InvalidRequest(f"'{name}.platformTypes' supports only 'iOS'.", target=name)
+    if Platform.IOS not in targets:
+        raise InvalidRequest(
+            "'fallbackPolicy' needs 'iOS' in 'targetPolicy.platformTypes'.", target=name
+        )
+    delay = _integer(e.fallback_delay_in_seconds, f"{name}.fallbackDelayInSeconds", 60, 600)
+    if delay is None:
+        raise InvalidRequest(f"'{name}.fallbackDelayInSeconds' is required.", target=name)
+    visual = _visual(e.visual_content, f"{name}.visualContent", required=True)
+    assert visual is not None
+    return FallbackPolicy(EndpointFallback(platforms, delay, visual))
+
+
+class Limits(msgspec.Struct, frozen=True):
+    max_payload_bytes: int
+    default_ttl: int
+    max_ttl: int
+    clamp_ttl: bool
+
+
+def expiration(value: Any, now: datetime, limits: Limits, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{field}' must be an ISO 8601 date-time string.", target=field)
+    try:
+        when = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise InvalidRequest(
+            f"'{field}' is not a valid ISO 8601 date-time: {value!r}.", target=field
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    when = when.astimezone(UTC)
+    if when <= now:
+        raise InvalidRequest(f"'{field}' is in the past.", target=field)
+    latest = now + timedelta(seconds=limits.max_ttl)
+    if when > latest:
+        if not limits.clamp_ttl:
+            days = limits.max_ttl / 86_400
+            raise InvalidRequest(f"'{field}' is more than {days:g} days ahead.", target=field)
+        when = latest
+    return when
+
+
+def _reject_present(body: msgspec.Struct, names: tuple[str, ...], why: str) -> None:
+    for name in names:
+        if getattr(body, name) is not None:
+            camel = _camel(name)
+            raise InvalidRequest(f"'{camel}' {why}", target=camel)
+
+
+def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
+    """Validate a POST body into `Content` (targetHostName defaults to the caller's host)."""
+    n: NotificationIn = decode_body(body, _POST_DECODER)
+    _reject_present(n, READ_ONLY_ON_POST, "is read-only and cannot be set.")
+    _reject_present(n, STATE_ON_POST, "cannot be set on create; PATCH the notification instead.")
+    targets = TargetPolicy(
+        _platforms(
+            n.target_policy.platform_types if n.target_policy else None,
+            "targetPolicy.platformTypes",
+            ALL_PLATFORMS,
+        )
+    )
+    pay = payload(n.payload, limits.max_payload_bytes)
+    priority = _enum(n.priority, "priority", PRIORITIES) if n.priority is not None else None
+    if priority is None:
+        priority = Priority.HIGH if pay.visual_content is not None else Priority.NONE
+    expires = expiration(n.expiration_date_time, now, limits, "expirationDateTime")
+    return Content(
+        target_host_name=_string(n.target_host_name, "targetHostName", 253) or host,
+        app_notification_id=_string(n.app_notification_id, "appNotificationId", MAX_ID_LENGTH),
+        group_name=_string(n.group_name, "groupName", MAX_GROUP_LENGTH),
+        payload=pay,
+        target_policy=targets,
+        priority=priority,
+        display_time_to_live=_integer(
+            n.display_time_to_live, "displayTimeToLive", 0, MAX_DISPLAY_TTL
+        ),
+        expiration_date_time=expires or now + timedelta(seconds=limits.default_ttl),
+        fallback_policy=_fallback(n.fallback_policy, targets.platform_types),
+    )
+
+
+def state_patch(body: bytes, now: datetime, limits: Limits) -> StatePatch:
+    """Validate a PATCH body. Fields left out stay as they are."""
+    p: NotificationPatchIn = decode_body(body, _PATCH_DECODER)
+    _reject_present(p, READ_ONLY_ON_PATCH, "cannot be changed.")
+
+    def opt(value: Any, field: str, members: dict[str, Any]) -> Any:
+        return None if value is None else _enum(value, field, members)
+
+    patch = StatePatch(
+        read_state=opt(p.read_state, "readState", READ_STATES),
+        user_action_state=opt(p.user_action_state, "userActionState", ACTION_STATES),
+        group_name=_string(p.group_name, "groupName", MAX_GROUP_LENGTH),
+        payload=payload(p.payload, limits.max_payload_bytes) if p.payload is not None else None,
+        priority=opt(p.priority, "priority", PRIORITIES),
+        display_time_to_live=_integer(
+            p.display_time_to_live, "displayTimeToLive", 0, MAX_DISPLAY_TTL
+        ),
+        expiration_date_time=expiration(p.expiration_date_time, now, limits, "expirationDateTime"),
+    )
+    if patch == StatePatch():
+        raise InvalidRequest("The PATCH body changes nothing.", target="body")
+    return patch
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+class NotificationOut(msgspec.Struct, rename="camel"):
+    odata_context: str | None = msgspec.field(name="@odata.context")
+    odata_etag: str = msgspec.field(name="@odata.etag")
+    id: str
+    target_host_name: str
+    app_notification_id: str
+    group_name: str | None
+    payload: Payload
+    target_policy: TargetPolicy
+    priority: Priority
+    display_time_to_live: int | None
+    expiration_date_time: datetime
+    fallback_policy: FallbackPolicy | None
+    created_date_time: datetime
+    last_modified_date_time: datetime
+    read_state: ReadState
+    user_action_state: UserActionState
+
+
+def etag(n: Notification) -> str:
+    return f'W/"{n.version}"'
+
+
+def out(n: Notification, context: str | None) -> NotificationOut:
+    return NotificationOut(
+        odata_context=context,
+        odata_etag=etag(n),
+        id=n.id,
+        target_host_name=n.target_host_name,
+        app_notification_id=n.app_notification_id,
+        group_name=n.group_name,
+        payload=n.payload,
+        target_policy=n.target_policy,
+        priority=n.priority,
+        display_time_to_live=n.display_time_to_live,
+        expiration_date_time=n.expiration_date_time,
+        fallback_policy=n.fallback_policy,
+        created_date_time=n.created_date_time,
+        last_modified_date_time=n.last_modified_date_time,
+        read_state=n.read_state,
+        user_action_state=n.user_action_state,
+    )
+
+
+_ENCODER = msgspec.json.Encoder()
+_WIRE_NAMES = {_camel(f): f for f in NotificationOut.__struct_fields__}
+
+
+def to_builtins(n: Notification, select: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A notification as a dict of wire names, optionally reduced to `select` (+ id, etag)."""
+    data: dict[str, Any] = msgspec.to_builtins(out(n, None))
+    data.pop("@odata.context")
+    if select is not None:
+        keep = {"id", "@odata.etag", *select}
+        data = {k: v for k, v in data.items() if k in keep}
+    return data
+
+
+def encode(value: Any) -> bytes:
+    return _ENCODER.encode(value)

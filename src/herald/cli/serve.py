@@ -1,0 +1,48 @@
+"""`herald serve`: run the server (embedded default: SQLite under --data, its own issuer)."""
+
+from __future__ import annotations
+
+import click
+
+from herald.cli import common_options, load_settings
+from herald.logs import configure
+
+
+@click.command()
+@click.option("--host", help="Interface to listen on (HERALD_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (HERALD_PORT, default 8080).")
+@common_options
+def serve(host: str | None, port: int | None, **options: str | None) -> None:
+    """Start the HTTP server."""
+    import uvicorn
+
+    from herald.api.app import create_app
+
+    settings = load_settings(host=host, port=port, **options)
+    configure(settings.log_level, settings.log_format)
+    click.echo(f"herald: serving on {settings.base_url} (store {_redacted(settings)})", err=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        loop="uvloop",
+        ws="websockets-sansio",
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+    )
+
+
+def _redacted(settings: object) -> str:
+    from urllib.parse import urlsplit
+
+    url: str = getattr(settings, "resolved_store_url")  # noqa: B009
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def register(group: click.Group) -> None:
+    group.add_command(serve)

@@ -1,0 +1,56 @@
+"""The use cases on a user's notification feed, independent of HTTP.
+
+Every call is scoped to one (user, app) pair: CreatedByApp isolation is enforced here by
+construction, because the store is only ever asked about that pair.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from herald.errors import AccessDenied
+from herald.model import Content, Notification, StatePatch
+from herald.query import Filter, Page, Query
+from herald.store import Store
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Feed:
+    def __init__(self, store: Store, clock: Clock = utcnow) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def post(self, user_id: str, app: str, content: Content) -> tuple[Notification, bool]:
+        """Create or replace (same appNotificationId). Returns (notification, created)."""
+        if content.target_host_name.lower() != app.lower():
+            raise AccessDenied(
+                f"targetHostName '{content.target_host_name}' does not belong to the calling app."
+            )
+        return await self.store.put(user_id, app, content, str(uuid.uuid4()), self.clock())
+
+    async def get(self, user_id: str, app: str, id: str) -> Notification | None:
+        return await self.store.get(user_id, app, id, self.clock())
+
+    async def list(self, user_id: str, app: str, query: Query) -> Page:
+        return await self.store.list(user_id, app, query, self.clock())
+
+    async def count(self, user_id: str, app: str, filter: Filter | None) -> int:
+        return await self.store.count(user_id, app, filter, self.clock())
+
+    async def update(
+        self, user_id: str, app: str, id: str, patch: StatePatch, if_match: int | None
+    ) -> Notification:
+        return await self.store.update(user_id, app, id, patch, if_match, self.clock())
+
+    async def delete(self, user_id: str, app: str, id: str, if_match: int | None) -> None:
+        await self.store.delete(user_id, app, id, if_match, self.clock())
+
+    async def delete_group(self, user_id: str, app: str, group_name: str) -> int:
+        return await self.store.delete_group(user_id, app, group_name, self.clock())

@@ -1,0 +1,60 @@
+"""Prometheus metrics: one registry per app instance (so tests can run two apps side by side)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "herald_http_requests",
+            "HTTP requests by handler, method and status.",
+            ["handler", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "herald_http_request_seconds",
+            "Time from request start to the end of the response, by handler.",
+            ["handler"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request, labelled by the route's handler name (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = scope.get("endpoint")
+            handler = getattr(endpoint, "__name__", "unmatched")
+            self.metrics.requests.labels(handler, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(handler).observe(time.perf_counter() - start)

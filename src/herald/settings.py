@@ -1,0 +1,178 @@
+"""Configuration: one frozen `Settings`, from flags > HERALD_* environment > TOML file > defaults.
+
+Every option has the same name everywhere: `store_url` is `--store-url`, `HERALD_STORE_URL` and
+`store_url = "..."` in the file. Unknown file keys and unknown HERALD_* variables are reported, so
+a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from herald.errors import HeraldError
+
+DAY = 86_400
+
+
+class ConfigError(HeraldError):
+    """The configuration cannot be used; the message says which option and why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where Herald keeps its SQLite database and its issuer signing key.
+    data: Path = Path("data")
+    # sqlite:///path or postgresql://user:pass@host/db; empty = SQLite file under `data`.
+    store_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
+    public_url: str = ""
+    log_level: str = "info"
+    # "json" for machines, "text" for people.
+    log_format: str = "json"
+    # Embedded issuer: Herald mints tokens itself (client credentials endpoint, `herald token`).
+    local_issuer: bool = True
+    audience: str = "api://herald"
+    token_ttl: int = 3600
+    # External issuers as a JSON list (env) or TOML array of tables:
+    # [{issuer, audience, jwks_url | discovery_url}]
+    issuers: tuple[Mapping[str, str], ...] = ()
+    # Notification limits. 4096 bytes of payload fits every platform's push limit once wrapped.
+    max_payload_bytes: int = 4096
+    max_body_bytes: int = 65_536
+    default_ttl: int = 7 * DAY
+    max_ttl: int = 30 * DAY
+    # "reject" answers 400 for an expirationDateTime beyond max_ttl; "clamp" shortens it.
+    ttl_policy: str = "reject"
+    default_page_size: int = 100
+    max_page_size: int = 999
+    # Expiry sweeper period (s) and how long the change log (delta history) is kept.
+    sweep_interval: float = 30.0
+    change_retention: int = 30 * DAY
+    idempotency_ttl: int = DAY
+    # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
+    app_rate: float = 2000.0
+    app_burst: int = 4000
+    user_rate: float = 20.0
+    user_burst: int = 200
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data / 'herald.db').resolve()}"
+
+    @property
+    def issuer_url(self) -> str:
+        # Stable across processes: `herald token` and `herald serve --port N` must agree on it.
+        return self.public_url.rstrip("/") or "urn:herald:local"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
+ENV_PREFIX = "HERALD_"
+# Variables that configure the CLI itself, not the server.
+CLI_ENV = {"HERALD_CONFIG", "HERALD_URL", "HERALD_TOKEN"}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    unknown: tuple[str, ...]
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+) -> Loaded:
+    """Merge the sources; raise ConfigError for values that cannot be used."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    path = file or (Path(env["HERALD_CONFIG"]) if env.get("HERALD_CONFIG") else None)
+    if path is not None:
+        values.update(_from_file(path, unknown))
+    values.update(_from_env(env, unknown))
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    settings = Settings(**{k: _cast(k, v) for k, v in values.items()})
+    _check(settings)
+    return Loaded(settings, tuple(unknown))
+
+
+def _from_file(path: Path, unknown: list[str]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in FIELDS:
+            out[name] = value
+        else:
+            unknown.append(f"{path}: unknown key {key!r}")
+    return out
+
+
+def _from_env(env: Mapping[str, str], unknown: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in CLI_ENV or key.startswith("HERALD_TEST_"):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in FIELDS:
+            out[name] = value
+        else:
+            unknown.append(f"environment: unknown variable {key}")
+    return out
+
+
+def _cast(name: str, value: Any) -> Any:
+    if name not in FIELDS:
+        raise ConfigError(f"unknown option {name!r}")
+    kind = type(getattr(Settings(), name))
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(value)
+            return value.lower() in {"1", "true", "yes", "on"}
+        if kind is tuple:
+            items = json.loads(value) if isinstance(value, str) else value
+            return tuple(dict(i) for i in items)
+        if kind is Path:
+            return Path(value)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"option {name}: cannot use {value!r} ({exc})") from exc
+
+
+def _check(s: Settings) -> None:
+    problems = []
+    if s.log_format not in {"json", "text"}:
+        problems.append("log_format must be 'json' or 'text'")
+    if s.ttl_policy not in {"reject", "clamp"}:
+        problems.append("ttl_policy must be 'reject' or 'clamp'")
+    if not 0 < s.default_ttl <= s.max_ttl:
+        problems.append("default_ttl must be > 0 and <= max_ttl")
+    if not 0 < s.default_page_size <= s.max_page_size:
+        problems.append("default_page_size must be > 0 and <= max_page_size")
+    if s.store_url and not s.store_url.startswith(("sqlite:", "postgresql:", "postgres:")):
+        problems.append("store_url must start with sqlite: or postgresql:")
+    for issuer in s.issuers:
+        if "issuer" not in issuer or not ({"jwks_url", "discovery_url"} & issuer.keys()):
+            problems.append("each issuers entry needs 'issuer' and 'jwks_url' or 'discovery_url'")
+    if not s.local_issuer and not s.issuers:
+        problems.append("no token issuer: enable local_issuer or configure issuers")
+    if problems:
+        raise ConfigError("; ".join(problems))

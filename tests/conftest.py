@@ -1,0 +1,170 @@
+"""Shared fixtures: a real Herald server on a loopback port, apps registered through the CLI,
+and tokens minted by the embedded issuer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+from herald.api.app import create_app
+from herald.auth.issuer import LocalIssuer
+from herald.cli import main
+from herald.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RegisteredApp:
+    client_id: str
+    client_secret: str
+    host_name: str
+
+
+@dataclass
+class Server:
+    settings: Settings
+    base_url: str
+    apps: dict[str, RegisteredApp] = field(default_factory=dict)
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.settings.data
+
+    def register(self, host_name: str | None = None) -> RegisteredApp:
+        host = host_name or f"app-{uuid.uuid4().hex[:8]}.example.com"
+        result = CliRunner().invoke(
+            main, ["app", "create", "--host-name", host, "--data", str(self.data)]
+        )
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.stdout)
+        app = RegisteredApp(info["clientId"], info["clientSecret"], info["hostName"])
+        self.apps[host] = app
+        return app
+
+    def token(self, app: RegisteredApp, user: str | None, **kw: object) -> str:
+        issuer = LocalIssuer.load_or_create(
+            self.data, self.settings.issuer_url, self.settings.audience
+        )
+        return issuer.mint(client_id=app.client_id, user_id=user, **kw)  # type: ignore[arg-type]
+
+    def expired_token(self, app: RegisteredApp, user: str) -> str:
+        """A correctly signed delegated token that expired an hour ago."""
+        from joserfc import jwt
+
+        issuer = LocalIssuer.load_or_create(
+            self.data, self.settings.issuer_url, self.settings.audience
+        )
+        now = int(time.time())
+        claims = {
+            "iss": issuer.issuer,
+            "aud": issuer.audience,
+            "iat": now - 7200,
+            "nbf": now - 7200,
+            "exp": now - 3600,
+            "azp": app.client_id,
+            "scp": "Notifications.ReadWrite.CreatedByApp",
+            "oid": user,
+            "sub": user,
+        }
+        header = {"alg": "RS256", "typ": "JWT", "kid": issuer.kid}
+        return jwt.encode(header, claims, issuer.key, algorithms=["RS256"])
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=self.base_url, headers=headers, timeout=10)
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self.clients:
+            self.clients.pop().close()
+
+
+def serve_in_thread(settings: Settings) -> Iterator[str]:
+    """Run Herald under uvicorn in a background thread; yield its base URL."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("Herald did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_settings(data: Path, **overrides: object) -> Settings:
+    port = free_port()
+    values: dict[str, object] = {
+        "data": data,
+        "port": port,
+        "app_rate": 100_000.0,
+        "app_burst": 100_000,
+        "user_rate": 100_000.0,
+        "user_burst": 100_000,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = test_settings(tmp_path_factory.mktemp("herald"))
+    for url in serve_in_thread(settings):
+        yield Server(settings, url)
+
+
+@pytest.fixture
+def app(server: Server) -> Iterator[RegisteredApp]:
+    yield server.register()
+    server.close_clients()
+
+
+@pytest.fixture
+def user() -> str:
+    return f"user-{uuid.uuid4()}"
+
+
+@pytest.fixture(autouse=True)
+def _no_herald_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI reads HERALD_* variables; keep a developer's environment out of the tests.
+    for key in list(os.environ):
+        if key.startswith("HERALD_") and not key.startswith("HERALD_TEST_"):
+            monkeypatch.delenv(key)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI nothing may be skipped: a skip there means a service the suite needs is missing."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter:
+            reporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips fail CI", red=True)

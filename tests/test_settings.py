@@ -1,0 +1,55 @@
+"""Configuration: precedence, casting, unknown keys, and the docs listing every option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from herald.settings import FIELDS, ConfigError, load
+
+
+def test_precedence_flag_env_file(tmp_path: Path) -> None:
+    file = tmp_path / "herald.toml"
+    file.write_text('port = 1000\nhost = "0.0.0.0"\nlog_format = "text"\n')
+    env = {"HERALD_PORT": "2000", "HERALD_HOST": "::1"}
+    s = load({"port": 3000}, env, file).settings
+    assert (s.port, s.host, s.log_format) == (3000, "::1", "text")
+
+
+def test_unknown_keys_and_variables_are_reported(tmp_path: Path) -> None:
+    file = tmp_path / "herald.toml"
+    file.write_text("prot = 1\n")
+    loaded = load({}, {"HERALD_STORE_ULR": "x"}, file)
+    assert any("prot" in u for u in loaded.unknown)
+    assert any("HERALD_STORE_ULR" in u for u in loaded.unknown)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HERALD_PORT": "eighty"},
+        {"HERALD_LOCAL_ISSUER": "maybe"},
+        {"HERALD_LOG_FORMAT": "xml"},
+        {"HERALD_TTL_POLICY": "ignore"},
+        {"HERALD_DEFAULT_TTL": "99999999"},
+        {"HERALD_STORE_URL": "mysql://x"},
+        {"HERALD_ISSUERS": '[{"issuer": "x"}]'},
+        {"HERALD_LOCAL_ISSUER": "false"},
+    ],
+)
+def test_bad_values_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load({}, env)
+
+
+def test_issuers_from_env_json() -> None:
+    env = {"HERALD_ISSUERS": '[{"issuer": "https://i", "audience": "a", "jwks_url": "https://k"}]'}
+    s = load({}, env).settings
+    assert s.issuers[0]["jwks_url"] == "https://k"
+
+
+def test_every_option_is_documented() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [name for name in FIELDS if f"`{name}`" not in doc]
+    assert not missing, f"undocumented options: {missing}"
