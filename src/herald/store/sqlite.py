@@ -1,4 +1,4 @@
-"""The SQLite store: stdlib `sqlite3`, WAL, one group-committing writer thread, pooled readers.
+"""The SQLite store: stdlib `sqlite3`, WAL, group commit on the event loop (see SqliteStore).
 
 URLs follow SQLAlchemy: `sqlite:///relative.db`, `sqlite:////abs/path/herald.db` (so
 f"sqlite:///{path}" is right for both), and `sqlite://:memory:` for a private in-memory database.
@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import queue
 import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -50,7 +48,7 @@ from herald.store.sql import (
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
 
-MAX_BATCH = 2048  # calls per transaction: bounds the latency a batch adds to its first caller
+CHECKPOINT_SECONDS = 1.0  # how often the WAL is copied back into the database file
 CACHE_KIB = 64 * 1024
 BUSY_TIMEOUT_MS = 10_000  # another process (the CLI) may hold the write lock for a while
 
@@ -84,32 +82,28 @@ def parse_url(url: str) -> tuple[str, bool]:
 class _Call:
     job: Job
     future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-
-
-def _settle_all(settlements: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in settlements:
-        if future.done():  # the caller was cancelled; the write still committed
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 class SqliteStore:
-    def __init__(self, url: str, *, readers: int = 4) -> None:
+    """Runs every statement on the event loop's own thread, on one connection.
+
+    Why not a writer thread: the server is one process, so a thread adds no parallelism, only GIL
+    hand-offs (each costs up to the 5 ms switch interval under load) and cross-thread futures.
+    SQLite statements take microseconds and a WAL commit with synchronous=NORMAL does not fsync,
+    so running them inline is both faster and simpler. Group commit: writes that arrive while the
+    loop is busy are queued and committed together by one `_flush` scheduled with call_soon.
+    Checkpoints (the only fsyncs) run on a background thread with its own connection, so they
+    never stall the loop.
+    """
+
+    def __init__(self, url: str) -> None:
         self.url = url
         self._database, self._uri = parse_url(url)
-        self._n_readers = readers
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._wconn: sqlite3.Connection | None = None
-        self._readers: ThreadPoolExecutor | None = None
-        self._local = threading.local()
-        self._rconns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._open = False
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Call] = []
+        self._flush_scheduled = False
+        self._checkpointer: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -122,112 +116,126 @@ class SqliteStore:
         return conn
 
     async def open(self) -> None:
-        if self._open:
+        if self._conn is not None:
             return
         with translated():
-            self._wconn = await asyncio.to_thread(self._open_writer)
-        self._readers = ThreadPoolExecutor(self._n_readers, thread_name_prefix="herald-sqlite-r")
-        self._writer = threading.Thread(
-            target=self._write_loop, name="herald-sqlite-w", daemon=True
-        )
-        self._writer.start()
-        self._open = True
-
-    def _open_writer(self) -> sqlite3.Connection:
-        conn = self._connect()
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            _migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            conn = self._connect()
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread does it
+                _migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        self._conn = conn
+        if not self._uri:  # an in-memory database has no WAL file to checkpoint
+            self._stop.clear()
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="herald-sqlite-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
 
     async def close(self) -> None:
-        if not self._open:
+        conn = self._conn
+        if conn is None:
             return
-        self._open = False
-        self._queue.put(None)
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.join)
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)
-        for conn in self._rconns:
-            conn.close()
-        self._rconns.clear()
-        if self._wconn is not None:
-            self._wconn.close()  # last: an in-memory database lives as long as this connection
+        if self._pending:
+            self._flush()
+        self._conn = None
+        self._stop.set()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
 
-    # -- the writer ----------------------------------------------------------------------------
+    def _checkpoint_loop(self) -> None:
+        conn = self._connect()
+        try:
+            while not self._stop.wait(CHECKPOINT_SECONDS):
+                with contextlib.suppress(sqlite3.Error):  # busy: the next round catches up
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    # -- writes: group commit on the loop ------------------------------------------------------
     async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._open:
+        if self._conn is None:
             raise Unavailable("store is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Call(job, future, loop))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Call(job, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return await future
 
-    def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    call = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if call is None:
-                    stop = True
-                    break
-                batch.append(call)
-            self._commit(batch)
-            if stop:
-                return
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        conn = self._conn
+        batch, self._pending = self._pending, []
+        if conn is None:
+            outcomes: list[tuple[bool, Any]] = [(False, Unavailable("closed"))] * len(batch)
+        else:
+            outcomes = self._commit(conn, batch)
+        for call, (ok, value) in zip(batch, outcomes, strict=True):
+            if call.future.done():  # the caller was cancelled; the write still committed
+                continue
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
 
-    def _commit(self, batch: list[_Call]) -> None:
-        """One transaction for the batch; each call in its own savepoint so it fails alone."""
-        conn = self._wconn
-        assert conn is not None
-        outcomes: list[tuple[bool, Any]] = []
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Call]) -> list[tuple[bool, Any]]:
+        """One transaction for the whole batch.
+
+        Fast path: jobs run back to back without savepoints. A job that fails before writing
+        anything (NotFound, PreconditionFailed: the common failures) leaves nothing to undo. Only
+        if one fails after writing is the batch rolled back and replayed with a savepoint per job.
+        """
         try:
             with translated():
-                conn.execute("BEGIN IMMEDIATE")
-                for call in batch:
-                    outcomes.append(_in_savepoint(conn, call.job))
+                outcomes = self._run_batch(conn, batch, savepoints=False)
+                if outcomes is None:
+                    conn.execute("ROLLBACK")
+                    outcomes = self._run_batch(conn, batch, savepoints=True)
+                    assert outcomes is not None
                 conn.execute("COMMIT")
+                return outcomes
         except Exception as e:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            outcomes = [(False, e)] * len(batch)
-        # One wake-up per event loop per batch, not one per call.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for call, (ok, value) in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(call.loop, []).append((call.future, ok, value))
-        for loop, settlements in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle_all, settlements)
+            return [(False, e)] * len(batch)
 
-    # -- readers -------------------------------------------------------------------------------
+    @staticmethod
+    def _run_batch(
+        conn: sqlite3.Connection, batch: list[_Call], savepoints: bool
+    ) -> builtins.list[tuple[bool, Any]] | None:
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: builtins.list[tuple[bool, Any]] = []
+        for call in batch:
+            if savepoints:
+                outcomes.append(_in_savepoint(conn, call.job))
+                continue
+            before = conn.total_changes
+            try:
+                with translated():
+                    outcomes.append((True, call.job(conn)))
+            except Exception as e:
+                if conn.total_changes != before:
+                    return None  # partial writes: replay the batch with savepoints
+                outcomes.append((False, e))
+        return outcomes
+
+    # -- reads: on the loop too (point reads take microseconds) ---------------------------------
     async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._open or self._readers is None:
+        conn = self._conn
+        if conn is None:
             raise Unavailable("store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, job)
-
-    def _run_read(self, job: Callable[[sqlite3.Connection], T]) -> T:
         with translated():
-            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._connect()
-                conn.execute("PRAGMA query_only = 1")
-                self._local.conn = conn
-                with self._lock:
-                    self._rconns.append(conn)
-            # One read transaction: multi-statement reads (list + count) see one snapshot.
+            # Outside _flush no write transaction is ever open, so this sees committed data only;
+            # one read transaction gives multi-statement reads (list + count) one snapshot.
             conn.execute("BEGIN")
             try:
                 return job(conn)
@@ -352,7 +360,10 @@ class SqliteStore:
     async def horizon(self, user_id: str) -> tuple[int, int]:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT pruned, position FROM feed_heads WHERE user_id = ?", (user_id,)
+                "SELECT coalesce((SELECT pruned FROM feed_heads WHERE user_id = ?1), 0),"
+                " max(coalesce((SELECT max(position) FROM changes WHERE user_id = ?1), 0),"
+                " coalesce((SELECT position FROM feed_heads WHERE user_id = ?1), 0))",
+                (user_id,),
             ).fetchone()
         )
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
@@ -459,15 +470,15 @@ def _append(
     c: sqlite3.Connection, user_id: str, kind: ChangeKind, app: str, nid: str, at: int
 ) -> None:
     """Append one change at the user's next position (the writer holds the database lock)."""
-    position = c.execute(
-        "INSERT INTO feed_heads (user_id, position) VALUES (?, 1) ON CONFLICT (user_id)"
-        " DO UPDATE SET position = position + 1 RETURNING position",
-        (user_id,),
-    ).fetchone()[0]
-    c.execute(
-        "INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?)",
-        (user_id, position, kind.value, app, nid, at),
-    )
+    c.execute(_APPEND_SQL, (user_id, user_id, user_id, kind.value, app, nid, at))
+
+
+# max(log, pruned head) + 1: gap-free because the single writer holds the database lock.
+_APPEND_SQL = (
+    "INSERT INTO changes VALUES (?, 1 + max("
+    "coalesce((SELECT max(position) FROM changes WHERE user_id = ?), 0),"
+    " coalesce((SELECT position FROM feed_heads WHERE user_id = ?), 0)), ?, ?, ?, ?)"
+)
 
 
 def _remove(
@@ -558,7 +569,10 @@ def _sweep(c: sqlite3.Connection, now: datetime, retain_until: datetime, limit: 
     ).fetchall()
     for user_id, position in horizons:
         c.execute(
-            "UPDATE feed_heads SET pruned = max(pruned, ?) WHERE user_id = ?", (position, user_id)
+            "INSERT INTO feed_heads (user_id, position, pruned) VALUES (?1, ?2, ?2)"
+            " ON CONFLICT (user_id) DO UPDATE SET position = max(position, ?2),"
+            " pruned = max(pruned, ?2)",
+            (user_id, position),
         )
         c.execute("DELETE FROM changes WHERE user_id = ? AND position <= ?", (user_id, position))
     c.execute("DELETE FROM idempotency WHERE expires <= ?", (at,))
