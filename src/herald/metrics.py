@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,6 +13,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "herald_http_requests",
@@ -26,6 +28,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+    def observe(self, handler: str, method: str, status: int, seconds: float) -> None:
+        # Label lookups cost microseconds each; cache the children (few distinct combinations).
+        key = (handler, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(handler, method, str(status)),
+                self.latency.labels(handler),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -56,5 +70,4 @@ class MetricsMiddleware:
         finally:
             endpoint = scope.get("endpoint")
             handler = getattr(endpoint, "__name__", "unmatched")
-            self.metrics.requests.labels(handler, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(handler).observe(time.perf_counter() - start)
+            self.metrics.observe(handler, scope["method"], status, time.perf_counter() - start)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from starlette.requests import HTTPConnection
-
 from herald.auth.tokens import Principal, TokenVerifier, require_permission
 from herald.errors import AccessDenied, InvalidRequest, Unauthenticated
 from herald.limits import RateLimits
@@ -51,23 +49,20 @@ class Access:
         self.apps = apps
         self.limits = limits
 
-    async def principal(self, conn: HTTPConnection, token: str | None = None) -> Principal:
-        if token is None:
-            header = conn.headers.get("authorization")
-            if not header:
-                raise Unauthenticated(
-                    "Access token is empty: send 'Authorization: Bearer <token>'."
-                )
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("The Authorization header must be 'Bearer <token>'.")
+    async def principal(self, authorization: str | None) -> Principal:
+        """The verified caller behind an Authorization header value."""
+        if not authorization:
+            raise Unauthenticated("Access token is empty: send 'Authorization: Bearer <token>'.")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("The Authorization header must be 'Bearer <token>'.")
         principal = await self.verifier.verify(token.strip())
         require_permission(principal)
         return principal
 
-    async def caller(self, conn: HTTPConnection, path_user: str | None) -> Caller:
+    async def caller(self, authorization: str | None, path_user: str | None) -> Caller:
         """Authenticate, resolve the app, decide the target user, and apply rate limits."""
-        principal = await self.principal(conn)
+        principal = await self.principal(authorization)
         app = await self.apps.get(principal.client_id)
         if app is None:
             raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")

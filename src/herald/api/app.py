@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -12,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald import expiry
 from herald.api import batch, notifications, operations, schemas, token
@@ -22,6 +24,7 @@ from herald.api.errors import (
     http_error_handler,
     unexpected_error_handler,
 )
+from herald.api.ingest import Ingest, match
 from herald.auth.issuer import LocalIssuer
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.errors import HeraldError
@@ -46,6 +49,8 @@ class Services:
     limits: schemas.Limits
     idempotency_ttl: timedelta
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # The whole application, for $batch to dispatch inner requests through.
+    asgi: ASGIApp | None = None
 
     @contextlib.asynccontextmanager
     async def idempotency_lock(self, scope: str, key: str) -> AsyncIterator[None]:
@@ -97,12 +102,34 @@ def api_routes() -> list[BaseRoute]:
     return notifications.routes() + batch.routes()
 
 
-def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Starlette:
+class Herald:
+    """The ASGI application: `POST …/notifications` goes straight to the ingest handler (the hot
+    path), everything else through the Starlette app (routing, middleware, lifespan)."""
+
+    def __init__(self, router: Starlette, ingest: Ingest) -> None:
+        self.router = router
+        self.ingest = ingest
+        self.state = router.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = match(scope)
+            if target is not None:
+                await self.ingest(scope, receive, send, *target)
+                return
+        await self.router(scope, receive, send)
+
+
+def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
     services = build_services(settings, store, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.store.open()
+        # Everything allocated so far lives as long as the process: keep the cyclic GC from
+        # walking it again and again under load (full collections are the long pauses).
+        gc.collect()
+        gc.freeze()
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
         try:
             yield
@@ -132,4 +159,6 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         lifespan=lifespan,
     )
     app.state.services = services
-    return app
+    herald = Herald(app, Ingest(services))
+    services.asgi = herald
+    return herald

@@ -140,7 +140,8 @@ async def _call(outer: Request, scope: dict[str, Any], body: bytes, rid: str) ->
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await outer.app(scope, receive, send)
+    app = outer.app.state.services.asgi
+    await app(scope, receive, send)
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in started.get("headers", [])}
     headers.pop("content-length", None)
     raw = b"".join(chunks)

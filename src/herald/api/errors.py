@@ -72,7 +72,7 @@ def error_body(exc: HeraldError, scope: Scope) -> bytes:
     return msgspec.json.encode(_Body(_Detail(exc.code, exc.message, inner, target)))
 
 
-def error_response(exc: HeraldError, scope: Scope) -> Response:
+def error_headers(exc: HeraldError) -> dict[str, str]:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
@@ -80,6 +80,11 @@ def error_response(exc: HeraldError, scope: Scope) -> Response:
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     if exc.status >= 500:
         log.error("request failed", extra={"code": exc.code, "error": exc.message})
+    return headers
+
+
+def error_response(exc: HeraldError, scope: Scope) -> Response:
+    headers = error_headers(exc)
     return Response(
         error_body(exc, scope), exc.status, headers=headers, media_type="application/json"
     )

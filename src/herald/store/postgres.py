@@ -1,8 +1,13 @@
-"""The PostgreSQL store: asyncpg pool, one batching writer task, set-based puts.
+"""The PostgreSQL store: asyncpg pool, a few batching writer tasks, one statement per put batch.
 
 Every write transaction first locks the `feed_heads` rows of all users it touches, in one statement
-and in user id order: that serialises writers per user across Herald nodes without deadlocks, and
-positions are then allocated from those rows, so they commit gap-free and in order.
+and in byte order of user id: that serialises writers per user (several writer tasks, several
+Herald nodes) without deadlocks, and positions are then allocated from those rows, so they commit
+gap-free and in order.
+
+Puts, the hot path, go to the server-side function `herald_put_batch` (see the migration): a whole
+batch is one statement outside an explicit transaction, i.e. one round trip and its own
+transaction. Other writes are rarer and run as a batch transaction driven from here.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from herald.store.sql import (
 )
 
 MAX_BATCH = 4096
+# Batches in flight at once, each on its own connection. One is enough to be correct; a few let a
+# batch form (and commit) while another waits for its commit, which is where the time goes.
+WRITERS = 3
 _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
@@ -110,6 +118,31 @@ class _Call:
     future: asyncio.Future[Any]
 
 
+class _Link:
+    """A writer's pooled connection, kept across batches: no acquire and reset per batch."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._conn: asyncpg.Connection | None = None
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._conn is None:
+            self._conn = await self._store._acquire()
+        return self._conn
+
+    async def check(self) -> None:
+        """After a failure: a broken connection goes back to the pool, which replaces it."""
+        if self._conn is not None and self._conn.is_closed():
+            await self.release()
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        pool = self._store._pool
+        if conn is not None and pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+
+
 class PostgresStore:
     def __init__(
         self,
@@ -118,6 +151,7 @@ class PostgresStore:
         min_size: int = 2,
         max_size: int = 10,
         server_settings: dict[str, str] | None = None,
+        writers: int = WRITERS,
     ) -> None:
         self.url = url
         self._min_size = min_size
@@ -126,7 +160,10 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._pending: list[_Call] = []
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        # Leave the pool at least one connection for reads.
+        self._writer_count = max(1, min(writers, max_size - 1))
+        self._writers: list[asyncio.Task[None]] = []
+        self._ops_lock = asyncio.Lock()
         self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -149,16 +186,19 @@ class PostgresStore:
                 raise
         self._closing = False
         self._wake = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_loop(), name="herald-postgres-writer")
+        self._ops_lock = asyncio.Lock()
+        self._writers = [
+            asyncio.create_task(self._write_loop(), name=f"herald-postgres-writer-{i}")
+            for i in range(self._writer_count)
+        ]
 
     async def close(self) -> None:
         if self._pool is None:
             return
         self._closing = True
         self._wake.set()
-        if self._writer is not None:
-            await self._writer
-            self._writer = None
+        writers, self._writers = self._writers, []
+        await asyncio.gather(*writers)
         await self._pool.close()
         self._pool = None
 
@@ -181,25 +221,49 @@ class PostgresStore:
         return await future
 
     async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
+        link = _Link(self)
+        try:
+            while True:
+                while not self._pending:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._commit(batch)
-            if self._closing:
-                return
+                if self._pending:
+                    self._wake.set()  # more than one batch waiting: another writer takes the rest
+                puts = [c for c in batch if isinstance(c.work, Put)]
+                ops = [c for c in batch if not isinstance(c.work, Put)]
+                # Puts of one key go to successive calls: the first ones, then the second ones...
+                for k, generation in enumerate(_generations(puts)):
+                    await self._commit(link, generation, _put_batch if k == 0 else _put_again)
+                if ops:
+                    # One ops transaction at a time per store: they may take other row locks
+                    # (apps, idempotency keys) in any order, which could deadlock two of them.
+                    async with self._ops_lock:
+                        await self._commit(link, ops, _transaction)
+        finally:
+            await link.release()
 
-    async def _commit(self, batch: list[_Call]) -> None:
+    async def _commit(
+        self,
+        link: _Link,
+        batch: list[_Call],
+        run: Callable[[asyncpg.Connection, list[Any]], Awaitable[list[tuple[bool, Any]]]],
+    ) -> None:
         """Commit the batch in one transaction; if the database rejects it, retry each call in a
         transaction of its own so only the offending call fails."""
         try:
             async with translated():
-                outcomes = await self._transaction([c.work for c in batch])
+                conn = await link.connection()
+                try:
+                    outcomes = await run(conn, [c.work for c in batch])
+                finally:
+                    await link.check()
         except HeraldError as e:
             if len(batch) > 1:
                 for call in batch:
-                    await self._commit([call])
+                    await self._commit(link, [call], run)
                 return
             outcomes = [(False, e)]
         except BaseException as e:  # cancelled during close: nobody is left to answer
@@ -214,24 +278,6 @@ class PostgresStore:
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
-
-    async def _transaction(self, works: list[Put | Op]) -> list[tuple[bool, Any]]:
-        puts = [w for w in works if isinstance(w, Put)]
-        users = {w.user_id for w in works if w.user_id is not None}
-        async with self._acquire() as conn, conn.transaction():
-            tx = Tx(conn, await _lock_heads(conn, users))
-            put_results = iter(await _put_many(tx, puts))
-            outcomes: list[tuple[bool, Any]] = []
-            for w in works:
-                if isinstance(w, Put):
-                    outcomes.append((True, next(put_results)))
-                    continue
-                try:
-                    outcomes.append((True, await w.run(tx)))
-                except HeraldError as e:  # raised before the op wrote anything
-                    outcomes.append((False, e))
-            await _flush(tx)
-        return outcomes
 
     async def _exclusive(self, run: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         """A write that must pick its users itself (sweep): its own transaction, outside batches."""
@@ -449,6 +495,81 @@ async def _migrate(conn: asyncpg.Connection) -> None:
 # -- batch steps -------------------------------------------------------------------------------
 
 
+async def _transaction(conn: asyncpg.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Run the ops in one transaction; an op that raises before writing fails alone."""
+    users = {op.user_id for op in ops if op.user_id is not None}
+    async with conn.transaction():
+        tx = Tx(conn, await _lock_heads(conn, users))
+        outcomes: list[tuple[bool, Any]] = []
+        for op in ops:
+            try:
+                outcomes.append((True, await op.run(tx)))
+            except HeraldError as e:  # raised before the op wrote anything
+                outcomes.append((False, e))
+        await _flush(tx)
+    return outcomes
+
+
+_PUT_BATCH_SQL = (
+    "SELECT o_ord, o_id, o_version, o_created_at, o_created FROM herald_put_batch($1::text[],"
+    " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::timestamptz[], $9::timestamptz[], $10::bytea[])"
+)
+
+
+def _generations(calls: list[_Call]) -> list[list[_Call]]:
+    """Split puts so that no key occurs twice in one `herald_put_batch` call: the k-th put of a
+    key (user, app, appNotificationId or else the new id) goes to the k-th call."""
+    seen: dict[tuple[str, str, str], int] = {}
+    generations: list[list[_Call]] = []
+    for call in calls:
+        p = call.work
+        assert isinstance(p, Put)
+        key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        if k == len(generations):
+            generations.append([])
+        generations[k].append(call)
+    return generations
+
+
+async def _put_batch(
+    conn: asyncpg.Connection, puts: list[Put], again: bool = False
+) -> list[tuple[bool, Any]]:
+    """All puts of a call in one statement (its own transaction): `herald_put_batch`.
+
+    `again`: an earlier call of the same batch may have created a key equal to a put's new id,
+    so puts without an appNotificationId look their key up too (and replace what they find)."""
+    built = [_built(p) for p in puts]  # as if created; replaced rows are patched below
+    rows = await conn.fetch(
+        _PUT_BATCH_SQL,
+        [p.user_id for p in puts],
+        [p.app for p in puts],
+        [p.content.app_notification_id or (p.new_id if again else None) for p in puts],
+        [p.new_id for p in puts],
+        [n.target_host_name for n in built],
+        [n.group_name for n in built],
+        [n.priority.value for n in built],
+        [n.last_modified_date_time for n in built],
+        [n.expiration_date_time for n in built],
+        [encode_content(n) for n in built],
+    )
+    outcomes: list[tuple[bool, Any] | None] = [None] * len(puts)
+    for ordinal, id, version, created_at, created in rows:
+        n = built[ordinal - 1]
+        if not created:
+            n = msgspec.structs.replace(n, id=id, version=version, created_date_time=created_at)
+        outcomes[ordinal - 1] = (True, (n, created))
+    if any(o is None for o in outcomes):  # cannot happen: the function answers every put
+        raise HeraldError("herald_put_batch did not answer every put")
+    return [o for o in outcomes if o is not None]
+
+
+async def _put_again(conn: asyncpg.Connection, puts: list[Put]) -> list[tuple[bool, Any]]:
+    return await _put_batch(conn, puts, again=True)
+
+
 async def _lock_heads(conn: asyncpg.Connection, users: Iterable[str]) -> dict[str, int]:
     """Lock (creating if needed) the users' head rows in user id order; their current positions."""
     ordered = sorted(users)
@@ -487,56 +608,12 @@ async def _flush(tx: Tx) -> None:
     )
 
 
-async def _put_many(tx: Tx, puts: list[Put]) -> list[tuple[Notification, bool]]:
-    """All puts of a batch in three statements: look up, delete expired, upsert."""
-    if not puts:
-        return []
-    keyed = [p for p in puts if p.content.app_notification_id is not None]
-    current: dict[tuple[str, str, str], Notification] = {}
-    if keyed:
-        rows = await tx.conn.fetch(
-            f"SELECT {_prefixed('n')} FROM notifications n JOIN unnest($1::text[], $2::text[],"
-            " $3::text[]) AS k(u, a, i) ON n.user_id = k.u AND n.app = k.a"
-            " AND n.app_notification_id = k.i",
-            [p.user_id for p in keyed],
-            [p.app for p in keyed],
-            [p.content.app_notification_id for p in keyed],
-        )
-        for r in rows:
-            n = _from_row(r)
-            current[(n.user_id, n.app, n.app_notification_id)] = n
-    results: list[tuple[Notification, bool]] = []
-    expired: list[str] = []
-    created: dict[str, Notification] = {}  # rows new in this batch: INSERT
-    replaced: dict[str, Notification] = {}  # rows that existed before it: UPDATE
-    for p in puts:
-        key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
-        old = current.get(key)
-        if old is not None and old.expiration_date_time <= p.now:
-            if created.pop(old.id, None) is None:
-                expired.append(old.id)
-                replaced.pop(old.id, None)
-            tx.append(p.user_id, ChangeKind.EXPIRED, p.app, old.id, p.now)
-            old = None
-        n = current[key] = _built(p, old)
-        (created if old is None or n.id in created else replaced)[n.id] = n
-        tx.append(
-            p.user_id, ChangeKind.CREATED if old is None else ChangeKind.UPDATED, p.app, n.id, p.now
-        )
-        results.append((n, old is None))
-    if expired:
-        await tx.conn.execute("DELETE FROM notifications WHERE id = ANY($1::text[])", expired)
-    # A plain INSERT for new rows: a colliding id must fail the batch, not overwrite a row.
-    await _write_rows(tx.conn, _INSERT_SQL, created.values())
-    await _write_rows(tx.conn, _UPDATE_SQL, replaced.values())
-    return results
-
-
-def _built(p: Put, old: Notification | None) -> Notification:
+def _built(p: Put) -> Notification:
+    """The notification `p` creates (a replace keeps id, created time and a later version)."""
     c = p.content
     now = p.now.astimezone(UTC)
     return Notification(
-        id=p.new_id if old is None else old.id,
+        id=p.new_id,
         user_id=p.user_id,
         app=p.app,
         app_notification_id=c.app_notification_id or p.new_id,
@@ -548,9 +625,9 @@ def _built(p: Put, old: Notification | None) -> Notification:
         display_time_to_live=c.display_time_to_live,
         expiration_date_time=c.expiration_date_time.astimezone(UTC),
         fallback_policy=c.fallback_policy,
-        created_date_time=now if old is None else old.created_date_time,
+        created_date_time=now,
         last_modified_date_time=now,
-        version=1 if old is None else old.version + 1,
+        version=1,
     )
 
 

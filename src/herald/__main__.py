@@ -1,0 +1,5 @@
+"""`python -m herald` runs the CLI."""
+
+from herald.cli import main
+
+main()

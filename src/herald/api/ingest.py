@@ -1,0 +1,171 @@
+"""`POST …/notifications`, the hot path, as a raw ASGI handler in front of the Starlette router.
+
+Posting is what app servers do thousands of times a second, and every microsecond of framework
+on this path is paid for in throughput: Starlette's middleware stack, router and Request/Response
+objects cost more than validating and durably storing the notification. So this one operation
+reads the ASGI scope directly and writes the response itself, while keeping exactly the same
+checks, errors and headers as the routed endpoints (which share the helpers it calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
+
+from starlette.types import Receive, Scope, Send
+
+from herald.api import schemas
+from herald.api.access import Caller
+from herald.api.errors import error_body, error_headers, request_id
+from herald.api.notifications import check_body_headers, decode_body
+from herald.errors import Conflict, HeraldError, InvalidRequest, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from herald.api.app import Services
+
+log = logging.getLogger("herald.api")
+
+PATH = re.compile(r"/(beta|v1\.0)/(?:me|users/([^/]+))/notifications/?")
+# The request headers this handler reads; everything else is ignored (as the router would).
+WANTED = {
+    b"authorization",
+    b"content-type",
+    b"content-length",
+    b"content-encoding",
+    b"idempotency-key",
+    b"client-request-id",
+    b"if-modified-since",
+    b"if-range",
+}
+
+
+class Answer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def match(scope: Scope) -> tuple[str, str | None] | None:
+    """(version, user from the path or None for /me) if this is a POST …/notifications."""
+    if scope["method"] != "POST":
+        return None
+    m = PATH.fullmatch(scope["path"])
+    if m is None:
+        return None
+    user = m.group(2)
+    return m.group(1), unquote(user) if user is not None else None
+
+
+class Ingest:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, version: str, user: str | None
+    ) -> None:
+        start = time.perf_counter()
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in WANTED}
+        try:
+            answer = await self._create(scope, receive, headers, version, user)
+        except HeraldError as exc:
+            answer = Answer(exc.status, error_body(exc, scope), error_headers(exc))
+        except Exception:
+            log.exception("unhandled error", extra={"path": scope["path"]})
+            failure = HeraldError("An unexpected error occurred.")
+            answer = Answer(failure.status, error_body(failure, scope))
+        await self._send(send, scope, answer, headers.get("client-request-id"))
+        self.services.metrics.observe("create", "POST", answer.status, time.perf_counter() - start)
+
+    async def _create(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[str, str],
+        version: str,
+        user: str | None,
+    ) -> Answer:
+        s = self.services
+        caller = await s.access.caller(headers.get("authorization"), user)
+        body = await self._read(receive, headers)
+        key = headers.get("idempotency-key")
+        if key is None:
+            return await self._store(caller, body, version)
+        return await self._idempotent(caller, body, version, key, scope["path"])
+
+    async def _read(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        limit = self.services.settings.max_body_bytes
+        check_body_headers(headers.get, limit)
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("The client disconnected before sending the body.")
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+            if not message.get("more_body", False):
+                break
+        return decode_body(body, headers.get("content-encoding", "identity"), limit)
+
+    async def _store(self, c: Caller, body: bytes, version: str) -> Answer:
+        s = self.services
+        content = schemas.content(body, s.feed.clock(), s.limits, c.app.host_name)
+        n, created = await s.feed.post(c.user_id, c.app.host_name, content)
+        base = f"{s.settings.base_url}/{version}"
+        user = quote(c.user_id, safe="")
+        context = f"{base}/$metadata#users('{user}')/notifications/$entity"
+        headers = {"ETag": schemas.etag(n)}
+        if created:
+            headers["Location"] = f"{base}/users/{user}/notifications/{n.id}"
+        return Answer(201 if created else 200, schemas.encode(schemas.out(n, context)), headers)
+
+    async def _idempotent(
+        self, c: Caller, body: bytes, version: str, key: str, path: str
+    ) -> Answer:
+        """Same key + same body → the first answer again; same key + other body → 409."""
+        s = self.services
+        if not key or len(key) > 255:
+            raise InvalidRequest(
+                "Idempotency-Key must be 1 to 255 characters.", target="Idempotency-Key"
+            )
+        scope = f"{c.app.client_id}\x00{c.user_id}"
+        fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
+        async with s.idempotency_lock(scope, key):
+            now = s.feed.clock()
+            seen = await s.store.recall(scope, key, now)
+            if seen is not None:
+                if seen.fingerprint != fingerprint:
+                    raise Conflict(
+                        "This Idempotency-Key was already used with a different request."
+                    )
+                replay = {"Location": seen.location} if seen.location else None
+                return Answer(seen.status, seen.body, replay)
+            answer = await self._store(c, body, version)
+            location = answer.headers.get("Location")
+            expires = now + s.idempotency_ttl
+            await s.store.remember(
+                scope, key, fingerprint, answer.status, answer.body, location, expires
+            )
+            return answer
+
+    @staticmethod
+    async def _send(send: Send, scope: Scope, answer: Answer, client_rid: str | None) -> None:
+        raw: list[tuple[bytes, bytes]] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(answer.body)).encode()),
+            (b"request-id", request_id(scope).encode()),
+        ]
+        if client_rid is not None:
+            raw.append((b"client-request-id", client_rid.encode("latin-1")))
+        raw += [(k.lower().encode(), v.encode("latin-1")) for k, v in answer.headers.items()]
+        start: dict[str, Any] = {"type": "http.response.start", "status": answer.status}
+        start["headers"] = raw
+        await send(start)
+        await send({"type": "http.response.body", "body": answer.body})
