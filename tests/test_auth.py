@@ -47,6 +47,7 @@ from herald.auth import (
 )
 from herald.auth import issuer as issuer_module
 from herald.errors import AccessDenied, Unauthenticated
+from herald.limits import Limiter
 from herald.model import App
 
 ISS = "http://herald.test"
@@ -620,10 +621,21 @@ async def endpoint(local: LocalIssuer) -> AsyncIterator[tuple[httpx.AsyncClient,
         issuer=local,
         verifier=v,
         settings=SimpleNamespace(token_ttl=600),
+        token_limiter=Limiter(1000.0, 1000),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url=ISS) as client:
         yield client, v
+
+
+async def test_token_requests_are_rate_limited_per_address(endpoint: Any) -> None:
+    client, _ = endpoint
+    client._transport.app.state.services.token_limiter = Limiter(1.0, 2)
+    form = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": "wrong"}
+    codes = [(await client.post("/oauth2/v2.0/token", data=form)).status_code for _ in range(3)]
+    assert codes == [401, 401, 429]
+    limited = await client.post("/oauth2/v2.0/token", data=form)
+    assert limited.json()["error"] == "slow_down" and int(limited.headers["retry-after"]) >= 1
 
 
 async def test_client_credentials_form(endpoint: Any) -> None:

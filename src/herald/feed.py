@@ -6,9 +6,8 @@ construction, because the store is only ever asked about that pair.
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -26,11 +25,14 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     """A UUIDv7 (RFC 9562): a GUID like Graph's ids, but time-ordered, so that inserting a new
-    notification appends to the primary-key index instead of dirtying a random page."""
-    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
-    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    notification appends to the primary-key index instead of dirtying a random page.
+
+    Formatted by hand (uuid.UUID costs several microseconds on the hot path). The random bits
+    need not be unguessable: every lookup is scoped to the caller's user and app anyway.
+    """
+    ms = time.time_ns() // 1_000_000
+    h = f"{ms:012x}7{random.getrandbits(12):03x}{0x8000 | random.getrandbits(14):04x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{random.getrandbits(48):012x}"
 
 
 class Feed:

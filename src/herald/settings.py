@@ -63,6 +63,9 @@ class Settings:
     app_burst: int = 4000
     user_rate: float = 20.0
     user_burst: int = 200
+    # Client-credentials token requests per second and burst, per client address.
+    token_rate: float = 5.0
+    token_burst: int = 20
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property

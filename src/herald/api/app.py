@@ -48,6 +48,7 @@ class Services:
     metrics: Metrics
     limits: schemas.Limits
     idempotency_ttl: timedelta
+    token_limiter: Limiter
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # The whole application, for $batch to dispatch inner requests through.
     asgi: ASGIApp | None = None
@@ -95,6 +96,7 @@ def build_services(
             clamp_ttl=settings.ttl_policy == "clamp",
         ),
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl),
+        token_limiter=Limiter(settings.token_rate, settings.token_burst),
     )
 
 

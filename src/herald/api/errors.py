@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -52,11 +53,18 @@ class _Body(msgspec.Struct):
     error: _Detail
 
 
+# Request ids are GUID-shaped: a random per-process prefix and a counter. Unique without a
+# syscall per request (uuid4 reads os.urandom each time).
+_PREFIX = uuid.uuid4().hex[:20]
+_COUNTER = itertools.count()
+
+
 def request_id(scope: Scope) -> str:
     state: dict[str, Any] = scope.setdefault("state", {})
     rid = state.get("request_id")
     if rid is None:
-        rid = state["request_id"] = str(uuid.uuid4())
+        p, n = _PREFIX, next(_COUNTER) & 0xFFFF_FFFF_FFFF
+        rid = state["request_id"] = f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:20]}-{n:012x}"
     return str(rid)
 
 

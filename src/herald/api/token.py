@@ -14,6 +14,7 @@ import base64
 import binascii
 import functools
 import logging
+import math
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
@@ -58,6 +59,16 @@ def routes() -> list[BaseRoute]:
 
 
 async def token_endpoint(request: Request) -> Response:
+    # Each attempt costs a deliberately slow scrypt check: limit attempts per client address so
+    # the endpoint cannot be used to burn CPU or to guess secrets quickly.
+    address = request.client.host if request.client else "unknown"
+    wait = request.app.state.services.token_limiter.wait_time(address)
+    if wait:
+        retry = str(max(1, math.ceil(wait)))
+        error = OAuthError("slow_down", "Too many token requests; retry later.", 429)
+        response = _oauth_error(error)
+        response.headers["Retry-After"] = retry
+        return response
     try:
         return await _issue(request)
     except OAuthError as exc:
