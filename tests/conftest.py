@@ -49,11 +49,15 @@ class Server:
     def data(self) -> Path:
         return self.settings.data
 
+    @property
+    def cli_args(self) -> list[str]:
+        """The options that point a `herald` command at this server's data and store."""
+        args = ["--data", str(self.data)]
+        return args + (["--store", self.settings.store_url] if self.settings.store_url else [])
+
     def register(self, host_name: str | None = None) -> RegisteredApp:
         host = host_name or f"app-{uuid.uuid4().hex[:8]}.example.com"
-        result = CliRunner().invoke(
-            main, ["app", "create", "--host-name", host, "--data", str(self.data)]
-        )
+        result = CliRunner().invoke(main, ["app", "create", "--host-name", host, *self.cli_args])
         assert result.exit_code == 0, result.output
         info = json.loads(result.stdout)
         app = RegisteredApp(info["clientId"], info["clientSecret"], info["hostName"])
@@ -134,11 +138,25 @@ def test_settings(data: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    settings = test_settings(tmp_path_factory.mktemp("herald"))
-    for url in serve_in_thread(settings):
-        yield Server(settings, url)
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A running Herald on SQLite, and again on PostgreSQL: server-level tests run on both."""
+    data = tmp_path_factory.mktemp("herald")
+    if request.param == "sqlite":
+        settings = test_settings(data)
+        for url in serve_in_thread(settings):
+            yield Server(settings, url)
+        return
+    from tests.pg import fresh_database
+
+    for store_url in fresh_database():
+        settings = test_settings(data, store_url=store_url)
+        for url in serve_in_thread(settings):
+            yield Server(settings, url)
 
 
 @pytest.fixture

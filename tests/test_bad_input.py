@@ -161,6 +161,25 @@ CASES = [
     Case("appNotificationId number", json=body(appNotificationId=5)),
     Case("groupName object", json=body(groupName={"a": 1})),
     Case(
+        "NUL in appNotificationId",
+        json=body(appNotificationId="a\u0000b"),
+        target="appNotificationId",
+    ),
+    Case(
+        "NUL in user path",
+        path="/beta/users/a%00b/notifications",
+        json=body(),
+        token="app_only",
+        target="user",
+    ),
+    Case(
+        "NUL in notification id",
+        method="GET",
+        path="/beta/me/notifications/a%00b",
+        status=404,
+        code="itemNotFound",
+    ),
+    Case(
         "fallback delay too short",
         json=body(
             targetPolicy={"platformTypes": ["iOS"]},

@@ -13,29 +13,23 @@ from tests.conftest import RegisteredApp, Server
 
 def test_app_create_list_and_token_work_while_server_runs(server: Server) -> None:
     runner = CliRunner()
-    data = str(server.data)
-    created = runner.invoke(
-        main, ["app", "create", "--host-name", "cli.example.com", "--data", data]
-    )
+    data = server.cli_args
+    created = runner.invoke(main, ["app", "create", "--host-name", "cli.example.com", *data])
     assert created.exit_code == 0, created.output
     info = json.loads(created.stdout)
     assert info["hostName"] == "cli.example.com" and len(info["clientSecret"]) >= 32
-    listed = runner.invoke(main, ["app", "list", "--data", data])
+    listed = runner.invoke(main, ["app", "list", *data])
     assert info["clientId"] in listed.stdout and info["clientSecret"] not in listed.stdout
-    token = runner.invoke(
-        main, ["token", "--app", info["clientId"], "--user", "zoe", "--data", data]
-    )
+    token = runner.invoke(main, ["token", "--app", info["clientId"], "--user", "zoe", *data])
     assert token.exit_code == 0
     with server.client(token.stdout.strip()) as c:
         assert c.get("/beta/me/notifications").status_code == 200
-    dup = runner.invoke(main, ["app", "create", "--host-name", "cli.example.com", "--data", data])
+    dup = runner.invoke(main, ["app", "create", "--host-name", "cli.example.com", *data])
     assert dup.exit_code != 0 and "cli.example.com" not in dup.stdout
 
 
 def test_token_for_unknown_app_fails(server: Server) -> None:
-    r = CliRunner().invoke(
-        main, ["token", "--app", "nope", "--user", "u", "--data", str(server.data)]
-    )
+    r = CliRunner().invoke(main, ["token", "--app", "nope", "--user", "u", *server.cli_args])
     assert r.exit_code != 0 and "no app" in r.output
 
 
@@ -61,8 +55,7 @@ def test_send_posts_a_notification(server: Server, app: RegisteredApp) -> None:
         "g",
         "--platform",
         "ios",
-        "--data",
-        str(server.data),
+        *server.cli_args,
         "--url",
         server.base_url,
     ]

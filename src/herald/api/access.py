@@ -15,6 +15,7 @@ from herald.limits import RateLimits
 from herald.model import App
 from herald.store import Store
 
+MAX_USER_ID = 256
 APP_CACHE_SECONDS = 30.0  # a newly registered app is seen at once (misses are not cached)
 
 
@@ -72,6 +73,10 @@ class Access:
 
     @staticmethod
     def _user(principal: Principal, path_user: str | None) -> str:
+        if path_user is not None and (
+            not path_user or len(path_user) > MAX_USER_ID or not path_user.isprintable()
+        ):
+            raise InvalidRequest("The user id in the path is not a valid id.", target="user")
         if principal.user_id is not None:
             if path_user is not None and path_user != principal.user_id:
                 raise AccessDenied("A delegated token may only act on its own user's feed.")

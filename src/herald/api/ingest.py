@@ -135,7 +135,7 @@ class Ingest:
             raise InvalidRequest(
                 "Idempotency-Key must be 1 to 255 characters.", target="Idempotency-Key"
             )
-        scope = f"{c.app.client_id}\x00{c.user_id}"
+        scope = f"{c.app.client_id}:{c.user_id}"  # a client id has no colon
         fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
         async with s.idempotency_lock(scope, key):
             now = s.feed.clock()

@@ -123,11 +123,19 @@ def entity(request: Request, c: Caller, n: Notification, status: int = 200) -> R
     return json_response(body, status, headers)
 
 
+def path_id(request: Request) -> str:
+    """The notification id from the path; one that cannot exist is simply not found."""
+    value: str = request.path_params["id"]
+    if len(value) > 256 or not value.isprintable():
+        raise NotFound(f"Notification {value[:64]!r} was not found.")
+    return value
+
+
 async def get_one(request: Request) -> Response:
     c = await caller(request)
-    n = await services(request).feed.get(c.user_id, c.app.host_name, request.path_params["id"])
+    n = await services(request).feed.get(c.user_id, c.app.host_name, path_id(request))
     if n is None:
-        raise NotFound(f"Notification '{request.path_params['id']}' was not found.")
+        raise NotFound(f"Notification '{path_id(request)}' was not found.")
     return entity(request, c, n)
 
 
@@ -135,16 +143,14 @@ async def patch_one(request: Request) -> Response:
     c = await caller(request)
     s = services(request)
     patch = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
-    n = await s.feed.update(
-        c.user_id, c.app.host_name, request.path_params["id"], patch, if_match(request)
-    )
+    n = await s.feed.update(c.user_id, c.app.host_name, path_id(request), patch, if_match(request))
     return entity(request, c, n)
 
 
 async def delete_one(request: Request) -> Response:
     c = await caller(request)
     await services(request).feed.delete(
-        c.user_id, c.app.host_name, request.path_params["id"], if_match(request)
+        c.user_id, c.app.host_name, path_id(request), if_match(request)
     )
     return Response(status_code=204)
 

@@ -165,6 +165,8 @@ def _string(value: Any, field: str, max_length: int, required: bool = False) -> 
         raise InvalidRequest(f"'{field}' must not be empty.", target=field)
     if len(value) > max_length:
         raise InvalidRequest(f"'{field}' is longer than {max_length} characters.", target=field)
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it everywhere alike
+        raise InvalidRequest(f"'{field}' must not contain NUL characters.", target=field)
     return value
 
 
