@@ -94,9 +94,10 @@ CREATE FUNCTION herald_put_batch(
 ) RETURNS TABLE (o_ord bigint, o_id text, o_version integer, o_created_at timestamptz,
                  o_created boolean)
 LANGUAGE plpgsql VOLATILE
--- Every join here goes from the call's few rows to one row each by an index. The plans are cached
--- (generic, for any array size), so the planner must not pick a hash join over a scan of a whole
--- table because its estimates (statistics, array sizes) are off.
+-- Every join here goes from the call's rows to one row each by an index, whatever the sizes: plan
+-- once per connection (generic plans, no planning per call), and never a hash join over a scan of
+-- a whole table because estimates (statistics, array sizes) are off.
+SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
