@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import sqlite3
 import threading
 import uuid
@@ -582,20 +583,19 @@ def _existing(
 
 
 def _next_positions(c: sqlite3.Connection, users: set[str]) -> dict[str, int]:
-    """Each user's next change position: max(log, pruned head) + 1."""
-    ordered = sorted(users)
-    newest = {u: 0 for u in ordered}
-    for start in range(0, len(ordered), CHUNK):
-        chunk = ordered[start : start + CHUNK]
-        marks = ", ".join("?" * len(chunk))
-        for sql in (
-            f"SELECT user_id, max(position) FROM changes WHERE user_id IN ({marks})"
-            " GROUP BY user_id",
-            f"SELECT user_id, position FROM feed_heads WHERE user_id IN ({marks})",
-        ):
-            for user_id, position in c.execute(sql, chunk):
-                newest[user_id] = max(newest[user_id], position)
-    return {u: p + 1 for u, p in newest.items()}
+    """Each user's next change position: max(log, pruned head) + 1, in one statement.
+
+    One correlated max() per user: SQLite answers each from the end of the primary-key index
+    (a GROUP BY over the users' rows would read every change they ever had).
+    """
+    rows = c.execute(_POSITIONS_SQL, (json.dumps(sorted(users)),)).fetchall()
+    return {user_id: max(logged or 0, pruned or 0) + 1 for user_id, logged, pruned in rows}
+
+
+_POSITIONS_SQL = (
+    "SELECT u.value, (SELECT max(position) FROM changes WHERE user_id = u.value),"
+    " (SELECT position FROM feed_heads WHERE user_id = u.value) FROM json_each(?) AS u"
+)
 
 
 def _notification(
