@@ -23,17 +23,20 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from herald.errors import Conflict, HeraldError, NotFound, PreconditionFailed, Unavailable
+from herald.errors import Conflict, HeraldError, NotFound, Unavailable
 from herald.model import App, Change, ChangeKind, Content, Notification, StatePatch
 from herald.query import Filter, Page, Query
 from herald.store.base import Remembered
 from herald.store.sql import (
     NOTIFICATION_COLUMNS,
     POSTGRES,
-    Compiler,
+    change_from_row,
+    check_etag,
     check_version,
     encode_content,
+    feed_where,
     migrations,
+    new_notification,
     notification_from_row,
     order_by,
 )
@@ -337,7 +340,7 @@ class PostgresStore:
             return await _live(conn, user_id, app, id, now)
 
     async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
-        where, params = _where(user_id, app, query.filter, now)
+        where, params = feed_where(POSTGRES, user_id, app, query.filter, now)
         sql = (
             f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where}"
             f" ORDER BY {order_by(query.order)}"
@@ -355,7 +358,7 @@ class PostgresStore:
         return Page([_from_row(r) for r in rows], int(total))
 
     async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int:
-        where, params = _where(user_id, app, filter, now)
+        where, params = feed_where(POSTGRES, user_id, app, filter, now)
         async with translated(), self._acquire() as conn:
             total = await conn.fetchval(
                 f"SELECT count(*) FROM notifications WHERE {where}", *params
@@ -375,7 +378,7 @@ class PostgresStore:
             old = await _live(tx.conn, user_id, app, id, now)
             if old is None:
                 raise NotFound(f"notification {id} not found")
-            _check_etag(old, if_match)
+            check_etag(old, if_match)
             changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
             if "expiration_date_time" in changes:
                 changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
@@ -396,7 +399,7 @@ class PostgresStore:
             old = await _live(tx.conn, user_id, app, id, now)
             if old is None:
                 raise NotFound(f"notification {id} not found")
-            _check_etag(old, if_match)
+            check_etag(old, if_match)
             await tx.conn.execute("DELETE FROM notifications WHERE id = $1", id)
             tx.append(user_id, ChangeKind.DELETED, app, id, now)
 
@@ -430,7 +433,7 @@ class PostgresStore:
             app_clause = " AND c.app = $5"
         async with translated(), self._acquire() as conn:
             rows = await conn.fetch(_CHANGES_SQL.format(app_clause=app_clause), *params)
-        return [_change(user_id, tuple(r)) for r in rows]
+        return [change_from_row(user_id, tuple(r), _identity) for r in rows]
 
     async def horizon(self, user_id: str) -> tuple[int, int]:
         async with translated(), self._acquire() as conn:
@@ -552,7 +555,11 @@ async def _put_batch(
 
     `again`: an earlier call of the same batch may have created a key equal to a put's new id,
     so puts without an appNotificationId look their key up too (and replace what they find)."""
-    built = [_built(p) for p in puts]  # as if created; replaced rows are patched below
+    # As if created; replaced rows are patched below.
+    built = [
+        new_notification(p.user_id, p.app, p.content, p.new_id, p.now.astimezone(UTC), None)
+        for p in puts
+    ]
     rows = await conn.fetch(
         _PUT_BATCH_SQL,
         [p.user_id for p in puts],
@@ -617,29 +624,6 @@ async def _flush(tx: Tx) -> None:
         " WHERE feed_heads.user_id = t.u",
         touched,
         [tx.heads[u] for u in touched],
-    )
-
-
-def _built(p: Put) -> Notification:
-    """The notification `p` creates (a replace keeps id, created time and a later version)."""
-    c = p.content
-    now = p.now.astimezone(UTC)
-    return Notification(
-        id=p.new_id,
-        user_id=p.user_id,
-        app=p.app,
-        app_notification_id=c.app_notification_id or p.new_id,
-        target_host_name=c.target_host_name,
-        group_name=c.group_name,
-        payload=c.payload,
-        target_policy=c.target_policy,
-        priority=c.priority,
-        display_time_to_live=c.display_time_to_live,
-        expiration_date_time=c.expiration_date_time.astimezone(UTC),
-        fallback_policy=c.fallback_policy,
-        created_date_time=now,
-        last_modified_date_time=now,
-        version=1,
     )
 
 
@@ -750,30 +734,3 @@ async def _live(
         now,
     )
     return None if row is None else _from_row(row)
-
-
-def _check_etag(n: Notification, if_match: int | None) -> None:
-    if if_match is not None and if_match != n.version:
-        raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
-
-
-def _where(
-    user_id: str, app: str, filter: Filter | None, now: datetime
-) -> tuple[str, list[object]]:
-    params: list[object] = [user_id, app, now]
-    where = "user_id = $1 AND app = $2 AND expiration_date_time > $3"
-    if filter is not None:
-        where += " AND " + Compiler(POSTGRES, params).where(filter)
-    return where, params
-
-
-def _change(user_id: str, r: tuple[Any, ...]) -> Change:
-    return Change(
-        user_id=user_id,
-        position=r[0],
-        kind=ChangeKind(r[1]),
-        app=r[2],
-        notification_id=r[3],
-        at=r[4],
-        notification=None if r[5] is None else _from_row(r[5:]),
-    )

@@ -12,8 +12,12 @@ from typing import Any
 
 import msgspec
 
-from herald.errors import HeraldError
+from herald.errors import HeraldError, PreconditionFailed
 from herald.model import (
+    App,
+    Change,
+    ChangeKind,
+    Content,
     FallbackPolicy,
     Notification,
     Payload,
@@ -200,3 +204,66 @@ def check_version(current: int, known: int) -> None:
             f"database schema version {current} is newer than this Herald knows ({known});"
             " upgrade Herald or use another database"
         )
+
+
+def feed_where(
+    dialect: Dialect, user_id: str, app: str, filter: Filter | None, now: datetime
+) -> tuple[str, list[object]]:
+    """WHERE text and parameters for one (user, app) feed's live rows, plus an optional filter."""
+    params: list[object] = [user_id, app, dialect.time(now)]
+    p = dialect.placeholder
+    where = f"user_id = {p(1)} AND app = {p(2)} AND expiration_date_time > {p(3)}"
+    if filter is not None:
+        where += " AND " + Compiler(dialect, params).where(filter)
+    return where, params
+
+
+def check_etag(n: Notification, if_match: int | None) -> None:
+    if if_match is not None and if_match != n.version:
+        raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
+
+
+def new_notification(
+    user_id: str, app: str, content: Content, new_id: str, now: datetime, old: Notification | None
+) -> Notification:
+    """The stored form of `content`: new, or replacing `old` (id and creation time kept)."""
+    return Notification(
+        id=new_id if old is None else old.id,
+        user_id=user_id,
+        app=app,
+        app_notification_id=content.app_notification_id or new_id,
+        target_host_name=content.target_host_name,
+        group_name=content.group_name,
+        payload=content.payload,
+        target_policy=content.target_policy,
+        priority=content.priority,
+        display_time_to_live=content.display_time_to_live,
+        expiration_date_time=content.expiration_date_time.astimezone(UTC),
+        fallback_policy=content.fallback_policy,
+        created_date_time=now if old is None else old.created_date_time,
+        last_modified_date_time=now,
+        version=1 if old is None else old.version + 1,
+    )
+
+
+def change_from_row(user_id: str, r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Change:
+    """A change-log row (position, kind, app, notification id, at, *notification columns)."""
+    return Change(
+        user_id=user_id,
+        position=r[0],
+        kind=ChangeKind(r[1]),
+        app=r[2],
+        notification_id=r[3],
+        at=to_dt(r[4]),
+        notification=None if r[5] is None else notification_from_row(r[5:], to_dt),
+    )
+
+
+def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
+    return App(
+        client_id=r[0],
+        host_name=r[1],
+        display_name=r[2],
+        secret_hash=r[3],
+        created_date_time=to_dt(r[4]),
+    )

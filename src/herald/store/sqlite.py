@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from herald.errors import Conflict, HeraldError, NotFound, PreconditionFailed, Unavailable
+from herald.errors import Conflict, HeraldError, NotFound, Unavailable
 from herald.model import (
     App,
     Change,
@@ -36,11 +36,15 @@ from herald.store.base import Remembered
 from herald.store.sql import (
     NOTIFICATION_COLUMNS,
     SQLITE,
-    Compiler,
+    app_from_row,
+    change_from_row,
+    check_etag,
     check_version,
     encode_content,
+    feed_where,
     from_micros,
     migrations,
+    new_notification,
     notification_from_row,
     order_by,
     to_micros,
@@ -287,11 +291,11 @@ class SqliteStore:
         rows = await self._read(
             lambda c: c.execute(f"{_APP_SELECT} WHERE client_id = ?", (client_id,)).fetchall()
         )
-        return _app(rows[0]) if rows else None
+        return app_from_row(rows[0], from_micros) if rows else None
 
     async def list_apps(self) -> list[App]:
         rows = await self._read(lambda c: c.execute(f"{_APP_SELECT} ORDER BY host_name").fetchall())
-        return [_app(r) for r in rows]
+        return [app_from_row(r, from_micros) for r in rows]
 
     # -- notifications -------------------------------------------------------------------------
     async def put(
@@ -304,7 +308,7 @@ class SqliteStore:
 
     async def list(self, user_id: str, app: str, query: Query, now: datetime) -> Page:
         def job(c: sqlite3.Connection) -> Page:
-            where, params = _where(user_id, app, query.filter, now)
+            where, params = feed_where(SQLITE, user_id, app, query.filter, now)
             rows = c.execute(
                 f"SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE {where}"
                 f" ORDER BY {order_by(query.order)} LIMIT ? OFFSET ?",
@@ -319,7 +323,7 @@ class SqliteStore:
         return await self._read(job)
 
     async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int:
-        where, params = _where(user_id, app, filter, now)
+        where, params = feed_where(SQLITE, user_id, app, filter, now)
         sql = f"SELECT count(*) FROM notifications WHERE {where}"
         return int(await self._read(lambda c: c.execute(sql, params).fetchone()[0]))
 
@@ -341,7 +345,7 @@ class SqliteStore:
             n = _live(c, user_id, app, id, to_micros(now))
             if n is None:
                 raise NotFound(f"notification {id} not found")
-            _check_etag(n, if_match)
+            check_etag(n, if_match)
             _remove(c, n.user_id, n.app, n.id, ChangeKind.DELETED, to_micros(now))
 
         await self._write(job)
@@ -372,7 +376,7 @@ class SqliteStore:
                 params.append(app)
             params.append(limit)
             rows = c.execute(_CHANGES_SQL.format(app_clause=app_clause), params).fetchall()
-            return [_change(user_id, r) for r in rows]
+            return [change_from_row(user_id, r, from_micros) for r in rows]
 
         return await self._read(job)
 
@@ -545,7 +549,7 @@ def _put_many(c: sqlite3.Connection, puts: builtins.list[_Put]) -> builtins.list
             expired.append((old.id,))
             log(p.user_id, ChangeKind.EXPIRED, p.app, old.id, at)
             old = None
-        n = _notification(p.user_id, p.app, p.content, p.new_id, now, old)
+        n = new_notification(p.user_id, p.app, p.content, p.new_id, now, old)
         (inserts if old is None else updates).append(_row(n))
         log(p.user_id, ChangeKind.CREATED if old is None else ChangeKind.UPDATED, p.app, n.id, at)
         live[key] = n
@@ -598,29 +602,6 @@ _POSITIONS_SQL = (
 )
 
 
-def _notification(
-    user_id: str, app: str, content: Content, new_id: str, now: datetime, old: Notification | None
-) -> Notification:
-    """The stored form of `content`: new, or replacing `old` (id and creation kept)."""
-    return Notification(
-        id=new_id if old is None else old.id,
-        user_id=user_id,
-        app=app,
-        app_notification_id=content.app_notification_id or new_id,
-        target_host_name=content.target_host_name,
-        group_name=content.group_name,
-        payload=content.payload,
-        target_policy=content.target_policy,
-        priority=content.priority,
-        display_time_to_live=content.display_time_to_live,
-        expiration_date_time=content.expiration_date_time.astimezone(UTC),
-        fallback_policy=content.fallback_policy,
-        created_date_time=now if old is None else old.created_date_time,
-        last_modified_date_time=now,
-        version=1 if old is None else old.version + 1,
-    )
-
-
 def _put(
     c: sqlite3.Connection, user_id: str, app: str, content: Content, new_id: str, now: datetime
 ) -> tuple[Notification, bool]:
@@ -638,7 +619,7 @@ def _put(
     if old is not None and old.expiration_date_time <= now:
         _remove(c, user_id, app, old.id, ChangeKind.EXPIRED, at)
         old = None
-    n = _notification(user_id, app, content, new_id, now, old)
+    n = new_notification(user_id, app, content, new_id, now, old)
     # A plain INSERT for a new row: a colliding id must fail, not overwrite another row.
     c.execute(_INSERT_SQL if old is None else _UPDATE_SQL, _row(n))
     _append(c, user_id, ChangeKind.CREATED if old is None else ChangeKind.UPDATED, app, n.id, at)
@@ -658,7 +639,7 @@ def _update(
     old = _live(c, user_id, app, id, to_micros(now))
     if old is None:
         raise NotFound(f"notification {id} not found")
-    _check_etag(old, if_match)
+    check_etag(old, if_match)
     changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
     if "expiration_date_time" in changes:
         changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
@@ -745,40 +726,3 @@ def _live(c: sqlite3.Connection, user_id: str, app: str, id: str, at: int) -> No
         (id, user_id, app, at),
     ).fetchone()
     return None if row is None else notification_from_row(row, from_micros)
-
-
-def _check_etag(n: Notification, if_match: int | None) -> None:
-    if if_match is not None and if_match != n.version:
-        raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
-
-
-def _where(
-    user_id: str, app: str, filter: Filter | None, now: datetime
-) -> tuple[str, list[object]]:
-    params: list[object] = [user_id, app, to_micros(now)]
-    where = "user_id = ? AND app = ? AND expiration_date_time > ?"
-    if filter is not None:
-        where += " AND " + Compiler(SQLITE, params).where(filter)
-    return where, params
-
-
-def _change(user_id: str, r: tuple[Any, ...]) -> Change:
-    return Change(
-        user_id=user_id,
-        position=r[0],
-        kind=ChangeKind(r[1]),
-        app=r[2],
-        notification_id=r[3],
-        at=from_micros(r[4]),
-        notification=None if r[5] is None else notification_from_row(r[5:], from_micros),
-    )
-
-
-def _app(r: tuple[Any, ...]) -> App:
-    return App(
-        client_id=r[0],
-        host_name=r[1],
-        display_name=r[2],
-        secret_hash=r[3],
-        created_date_time=from_micros(r[4]),
-    )
