@@ -200,8 +200,18 @@ def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[P
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise InvalidRequest(f"'{field}' must be a non-empty list of platform names.", target=field)
+    key = tuple(items) if all(type(v) is str for v in items) else None
+    known = _PLATFORM_SETS.get(key) if key is not None else None
+    if known is not None:
+        return known
     chosen = {_enum(v, field, PLATFORMS) for v in items}
-    return tuple(p for p in ALL_PLATFORMS if p in chosen)
+    result = tuple(p for p in ALL_PLATFORMS if p in chosen)
+    if key is not None and len(_PLATFORM_SETS) < 1024:  # apps send the same few lists
+        _PLATFORM_SETS[key] = result
+    return result
+
+
+_PLATFORM_SETS: dict[tuple[str, ...], tuple[Platform, ...]] = {}
 
 
 def _integer(value: Any, field: str, low: int, high: int) -> int | None:

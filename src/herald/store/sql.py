@@ -84,9 +84,12 @@ def notification_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def to_micros(dt: datetime) -> int:
     """Aware datetime -> integer microseconds since the epoch (exact, sortable)."""
-    return (dt - _EPOCH) // timedelta(microseconds=1)
+    return (dt - _EPOCH) // _MICROSECOND
 
 
 def from_micros(us: int) -> datetime:
