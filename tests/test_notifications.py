@@ -270,3 +270,43 @@ def test_rate_limit(tmp_path: Any) -> None:
         other = srv.client(srv.token(app, "u2"))
         assert other.get("/beta/me/notifications").status_code == 200
         srv.close_clients()
+
+
+def test_expiry_hides_at_once_and_the_sweeper_leaves_a_tombstone(tmp_path: Any) -> None:
+    import asyncio
+    import time
+
+    from herald.model import ChangeKind
+    from herald.store import open_store
+    from tests.conftest import serve_in_thread, test_settings
+
+    settings = test_settings(tmp_path, sweep_interval=0.2)
+    for url in serve_in_thread(settings):
+        srv = Server(settings, url)
+        app = srv.register()
+        c = srv.client(srv.token(app, "eve"))
+        soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+        n = c.post("/beta/me/notifications", json=body(app, expirationDateTime=soon)).json()
+        keep = c.post("/beta/me/notifications", json=body(app)).json()
+        assert c.get(f"/beta/me/notifications/{n['id']}").status_code == 200
+        time.sleep(2.0)
+        assert c.get(f"/beta/me/notifications/{n['id']}").status_code == 404
+        assert [x["id"] for x in c.get("/beta/me/notifications").json()["value"]] == [keep["id"]]
+        assert c.get("/beta/me/notifications/$count").text == "1"
+        srv.close_clients()
+
+        async def log() -> list[tuple[ChangeKind, str]]:
+            store = open_store(settings.resolved_store_url)
+            await store.open()
+            try:
+                return [
+                    (ch.kind, ch.notification_id) for ch in await store.changes("eve", None, 0, 10)
+                ]
+            finally:
+                await store.close()
+
+        assert asyncio.run(log()) == [
+            (ChangeKind.CREATED, n["id"]),
+            (ChangeKind.CREATED, keep["id"]),
+            (ChangeKind.EXPIRED, n["id"]),
+        ]
