@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import pytest
 
 from herald.store import Store
 from herald.store.sqlite import SqliteStore
+from tests.pg import postgres_url
 
 
 @dataclass
@@ -35,12 +35,7 @@ def sqlite_memory() -> Iterator[Backend]:
 
 @pytest.fixture
 async def postgres() -> AsyncIterator[Backend]:
-    url = os.environ.get("HERALD_TEST_POSTGRES_URL")
-    if not url:
-        message = "HERALD_TEST_POSTGRES_URL is not set (run scripts/postgres to get one)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    url = postgres_url()
     import asyncpg
 
     from herald.store.postgres import PostgresStore
