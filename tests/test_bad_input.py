@@ -4,6 +4,8 @@ and the store is unchanged afterwards (no change-log position moved for anyone i
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +45,11 @@ def world(server: Server) -> World:
         "no_scope": server.token(w.app, w.user, scopes=()),
         "unregistered": server.token(
             RegisteredApp(str(uuid.uuid4()), "", "ghost.example.com"), w.user
+        ),
+        # An unsigned token whose header has a list for "alg".
+        "alg_list": ".".join(
+            base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+            for part in ({"alg": ["RS256"]}, {"iss": "x"}, "sig")
         ),
     }
 
@@ -171,6 +178,74 @@ CASES = [
         json=body(),
         token="app_only",
         target="user",
+    ),
+    Case(
+        "alg not a string",
+        json=body(),
+        token="alg_list",
+        status=401,
+        code="InvalidAuthenticationToken",
+    ),
+    Case(
+        "ttl with two minus signs", json=body(displayTimeToLive="--5"), target="displayTimeToLive"
+    ),
+    Case("ttl unicode digit", json=body(displayTimeToLive="\u00b2"), target="displayTimeToLive"),
+    Case("ttl 5000 digits", json=body(displayTimeToLive="9" * 5000), target="displayTimeToLive"),
+    Case(
+        "expiry overflows",
+        json=body(expirationDateTime="9999-12-31T23:59:59-14:00"),
+        target="expirationDateTime",
+    ),
+    Case(
+        "deeply nested body",
+        content=b'{"payload":{"rawContent":' + b"[" * 20000 + b"]" * 20000 + b"}}",
+        target="body",
+    ),
+    Case("too many platforms", json=body(targetPolicy={"platformTypes": ["ios"] * 10})),
+    Case(
+        "If-Match not a version",
+        method="PATCH",
+        path="/beta/me/notifications/MINE",
+        json={"readState": "read"},
+        headers={"If-Match": 'W/"x1"'},
+        status=412,
+        code="preconditionFailed",
+    ),
+    Case(
+        "If-Match list without the current tag",
+        method="PATCH",
+        path="/beta/me/notifications/MINE",
+        json={"readState": "read"},
+        headers={"If-Match": 'W/"7", W/"8"'},
+        status=412,
+        code="preconditionFailed",
+    ),
+    Case(
+        "batch header with a control character",
+        path="/beta/$batch",
+        json={
+            "requests": [
+                {
+                    "id": "1",
+                    "method": "GET",
+                    "url": "/me/notifications",
+                    "headers": {"x-a": "b\u0001"},
+                }
+            ]
+        },
+        target="headers",
+    ),
+    Case(
+        "deleteGroup NUL name",
+        path="/beta/me/notifications/deleteGroup",
+        json={"groupName": "g\u0000"},
+        target="groupName",
+    ),
+    Case(
+        "$count with $FILTER twice",
+        method="GET",
+        path="/beta/me/notifications/$count?$FILTER=x&$filter=y",
+        target="$filter",
     ),
     Case(
         "NUL in notification id",

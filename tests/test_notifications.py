@@ -310,3 +310,42 @@ def test_expiry_hides_at_once_and_the_sweeper_leaves_a_tombstone(tmp_path: Any) 
             (ChangeKind.CREATED, keep["id"]),
             (ChangeKind.EXPIRED, n["id"]),
         ]
+
+
+def test_encoded_user_ids_name_one_feed_everywhere(server: Server, app: RegisteredApp) -> None:
+    c = server.client(server.token(app, None))
+    path = "/beta/users/a%25b%40c/notifications"  # user "a%b@c", percent-encoded as the SDK does
+    created = c.post(path, json=body(app))
+    assert created.status_code == 201
+    assert "/users/a%25b%40c/notifications/" in created.headers["location"]
+    assert c.get(f"{path}/$count").text == "1"
+    batch = c.post(
+        "/beta/$batch",
+        json={"requests": [{"id": "1", "method": "GET", "url": "/users/a%25b%40c/notifications"}]},
+    ).json()["responses"][0]
+    assert [n["id"] for n in batch["body"]["value"]] == [created.json()["id"]]
+
+
+def test_if_match_list_matches_any_tag(client: httpx.Client, app: RegisteredApp) -> None:
+    n = client.post("/beta/me/notifications", json=body(app)).json()
+    tags = f'W/"41", {n["@odata.etag"]}'
+    r = client.patch(
+        f"/beta/me/notifications/{n['id']}", json={"readState": "read"}, headers={"If-Match": tags}
+    )
+    assert r.status_code == 200
+
+
+def test_replayed_idempotent_answer_keeps_its_etag(
+    client: httpx.Client, app: RegisteredApp
+) -> None:
+    data = body(app)
+    first = client.post("/beta/me/notifications", json=data, headers={"Idempotency-Key": "e1"})
+    again = client.post("/beta/me/notifications", json=data, headers={"Idempotency-Key": "e1"})
+    assert again.headers["etag"] == first.headers["etag"] == first.json()["@odata.etag"]
+
+
+def test_token_endpoint_refuses_an_impossible_client_id(server: Server) -> None:
+    with httpx.Client(base_url=server.base_url) as c:
+        form = {"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"}
+        r = c.post("/oauth2/v2.0/token", data=form)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"

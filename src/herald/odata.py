@@ -163,6 +163,11 @@ def _pairs(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> Iterable[tu
     return params
 
 
+def options(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The `$` options by lower-cased name, each once; unsupported or repeated ones are a 400."""
+    return _collect_options(params)
+
+
 def _collect_options(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
     options: dict[str, str] = {}
     for key, value in _pairs(params):

@@ -168,6 +168,12 @@ def _check(s: Settings) -> None:
         problems.append("ttl_policy must be 'reject' or 'clamp'")
     if not 0 < s.default_ttl <= s.max_ttl:
         problems.append("default_ttl must be > 0 and <= max_ttl")
+    for name in ("app_rate", "user_rate", "token_rate", "app_burst", "user_burst", "token_burst"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name} must be > 0")
+    for name in ("token_ttl", "max_payload_bytes", "max_body_bytes", "sweep_interval"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name} must be > 0")
     if not 0 < s.default_page_size <= s.max_page_size:
         problems.append("default_page_size must be > 0 and <= max_page_size")
     if s.store_url and not s.store_url.startswith(("sqlite:", "postgresql:", "postgres:")):

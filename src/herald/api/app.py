@@ -49,7 +49,8 @@ class Services:
     limits: schemas.Limits
     idempotency_ttl: timedelta
     token_limiter: Limiter
-    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # Per Idempotency-Key: the lock and how many requests hold or wait for it.
+    locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
     # The whole application, for $batch to dispatch inner requests through.
     asgi: ASGIApp | None = None
 
@@ -57,12 +58,14 @@ class Services:
     async def idempotency_lock(self, scope: str, key: str) -> AsyncIterator[None]:
         """Serialise requests that share an Idempotency-Key, so only the first one acts."""
         name = (scope, key)
-        lock = self.locks.setdefault(name, asyncio.Lock())
+        lock, users = self.locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and self.locks.get(name) is lock:
+            users[0] -= 1
+            if not users[0]:  # nobody holds or awaits it: forget it (waiters keep it alive)
                 del self.locks[name]
 
 

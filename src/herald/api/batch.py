@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 from starlette.requests import Request
@@ -17,7 +19,10 @@ from starlette.types import Message
 from herald.api.notifications import read_body, version
 from herald.errors import InvalidRequest
 
+log = logging.getLogger("herald.api")
 MAX_REQUESTS = 20
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110)
+_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,8192}")  # Latin-1, no control characters
 METHODS = {"GET", "POST", "PATCH", "PUT", "DELETE"}
 
 
@@ -53,6 +58,11 @@ def _validate(batch: BatchIn) -> None:
             raise InvalidRequest(
                 f"Unsupported method {r.method!r} in request {r.id}.", target="method"
             )
+        bad = [k for k, v in r.headers.items() if not (_TOKEN.fullmatch(k) and _VALUE.fullmatch(v))]
+        if bad:
+            raise InvalidRequest(
+                f"Request {r.id} has an invalid header {bad[0][:40]!r}.", target="headers"
+            )
         if urlsplit(r.url).path.lstrip("/").startswith("$batch"):
             raise InvalidRequest("A batch cannot contain another batch.", target="url")
         missing = [d for d in r.dependsOn if d not in seen]
@@ -65,12 +75,16 @@ def _validate(batch: BatchIn) -> None:
 
 
 async def handle(request: Request) -> Response:
+    # Room for 20 requests of the largest size a single request may have.
+    limit = request.app.state.services.settings.max_body_bytes * MAX_REQUESTS
     try:
-        batch = _DECODER.decode(await read_body(request))
+        batch = _DECODER.decode(await read_body(request, limit))
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"Invalid batch body: {exc}.", target="requests") from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The batch body is not valid JSON: {exc}.", target="body") from exc
+    except RecursionError:
+        raise InvalidRequest("The batch body is nested too deeply.", target="body") from None
     _validate(batch)
     results: dict[str, dict[str, Any]] = {}
     if any(r.dependsOn for r in batch.requests):
@@ -111,8 +125,9 @@ async def _run(outer: Request, inner: InnerRequest) -> dict[str, Any]:
         "scheme": outer.url.scheme,
         "server": outer.scope.get("server"),
         "client": outer.scope.get("client"),
-        "path": f"/{version(outer)}{url.path}",
-        "raw_path": f"/{version(outer)}{url.path}".encode(),
+        # ASGI paths are percent-decoded, raw_path is not: as a server would pass them.
+        "path": f"/{version(outer)}{unquote(url.path)}",
+        "raw_path": f"/{version(outer)}{url.path}".encode("latin-1", "replace"),
         "root_path": "",
         "query_string": url.query.encode(),
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
@@ -141,7 +156,14 @@ async def _call(outer: Request, scope: dict[str, Any], body: bytes, rid: str) ->
             chunks.append(message.get("body", b""))
 
     app = outer.app.state.services.asgi
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception:
+        # The error middleware has already answered 500 for this request (and re-raised);
+        # the batch goes on, so the other responses, written or not, are not lost.
+        log.exception("inner batch request failed", extra={"path": scope["path"]})
+        if not started:
+            started = {"status": 500, "headers": []}
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in started.get("headers", [])}
     headers.pop("content-length", None)
     raw = b"".join(chunks)

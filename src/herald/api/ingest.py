@@ -14,8 +14,9 @@ import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
+import msgspec
 from starlette.types import Receive, Scope, Send
 
 from herald.api import schemas
@@ -59,8 +60,8 @@ def match(scope: Scope) -> tuple[str, str | None] | None:
     m = PATH.fullmatch(scope["path"])
     if m is None:
         return None
-    user = m.group(2)
-    return m.group(1), unquote(user) if user is not None else None
+    # scope["path"] is already percent-decoded by the server, as the router sees it too.
+    return m.group(1), m.group(2)
 
 
 class Ingest:
@@ -131,9 +132,9 @@ class Ingest:
     ) -> Answer:
         """Same key + same body → the first answer again; same key + other body → 409."""
         s = self.services
-        if not key or len(key) > 255:
+        if not 0 < len(key) <= 255 or not key.isprintable():
             raise InvalidRequest(
-                "Idempotency-Key must be 1 to 255 characters.", target="Idempotency-Key"
+                "Idempotency-Key must be 1 to 255 printable characters.", target="Idempotency-Key"
             )
         scope = f"{c.app.client_id}:{c.user_id}"  # a client id has no colon
         fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
@@ -145,7 +146,10 @@ class Ingest:
                     raise Conflict(
                         "This Idempotency-Key was already used with a different request."
                     )
-                replay = {"Location": seen.location} if seen.location else None
+                replay = {"Location": seen.location} if seen.location else {}
+                etag = msgspec.json.decode(seen.body).get("@odata.etag")
+                if etag:
+                    replay["ETag"] = etag
                 return Answer(seen.status, seen.body, replay)
             answer = await self._store(c, body, version)
             location = answer.headers.get("Location")

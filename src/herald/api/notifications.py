@@ -61,9 +61,9 @@ def json_response(
     return Response(body, status, headers=headers, media_type=JSON)
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, limit: int | None = None) -> bytes:
     """The request body, checked for content type, encoding and size before it is parsed."""
-    limit = services(request).settings.max_body_bytes
+    limit = limit or services(request).settings.max_body_bytes
     check_body_headers(request.headers.get, limit)
     body = b""
     async for chunk in request.stream():
@@ -82,7 +82,7 @@ def check_body_headers(header: Callable[[str], str | None], limit: int) -> None:
     if kind != JSON:
         raise UnsupportedMediaType("Content-Type must be application/json.")
     declared = header("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
 
 
@@ -104,15 +104,26 @@ def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def if_match(request: Request) -> int | None:
-    """The version an If-Match header demands; None when absent or `*`."""
+async def if_match(request: Request, c: Caller) -> int | None:
+    """The version an If-Match header demands; None when absent or `*`.
+
+    A list of tags matches if any does (RFC 9110): the current version is looked up, and the
+    store then re-checks it, so a write that races in between still gets 412.
+    """
     value = request.headers.get("if-match")
     if value is None or value.strip() == "*":
         return None
-    tag = value.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit():
-        raise PreconditionFailed(f"If-Match {value!r} does not match the current ETag.")
-    return int(tag)
+    versions = set()
+    for tag in value.split(","):
+        tag = tag.strip().removeprefix("W/").strip('"')
+        if tag.isascii() and tag.isdigit() and len(tag) <= 18:
+            versions.add(int(tag))
+    if len(versions) == 1:
+        return versions.pop()
+    current = await services(request).feed.get(c.user_id, c.app.host_name, path_id(request))
+    if current is not None and current.version in versions:
+        return current.version
+    raise PreconditionFailed(f"If-Match {value[:64]!r} does not match the current ETag.")
 
 
 def entity(request: Request, c: Caller, n: Notification, status: int = 200) -> Response:
@@ -143,14 +154,16 @@ async def patch_one(request: Request) -> Response:
     c = await caller(request)
     s = services(request)
     patch = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
-    n = await s.feed.update(c.user_id, c.app.host_name, path_id(request), patch, if_match(request))
+    n = await s.feed.update(
+        c.user_id, c.app.host_name, path_id(request), patch, await if_match(request, c)
+    )
     return entity(request, c, n)
 
 
 async def delete_one(request: Request) -> Response:
     c = await caller(request)
     await services(request).feed.delete(
-        c.user_id, c.app.host_name, path_id(request), if_match(request)
+        c.user_id, c.app.host_name, path_id(request), await if_match(request, c)
     )
     return Response(status_code=204)
 
@@ -189,14 +202,14 @@ def _next_link(request: Request, skip: int) -> str:
 
 async def count(request: Request) -> Response:
     c = await caller(request)
-    params = request.query_params
-    unsupported = [k for k in params if k.startswith("$") and k.lower() != "$filter"]
+    given = odata.options(request.query_params.multi_items())
+    unsupported = [k for k in given if k != "$filter"]
     if unsupported:
         raise InvalidRequest(
             f"Query option '{unsupported[0]}' is not supported on $count; use $filter.",
             target=unsupported[0],
         )
-    text = params.get("$filter")
+    text = given.get("$filter")
     filt = odata.parse_filter(text) if text is not None else None
     total = await services(request).feed.count(c.user_id, c.app.host_name, filt)
     return Response(str(total), media_type="text/plain")
@@ -206,9 +219,9 @@ async def delete_group(request: Request) -> Response:
     """`POST .../notifications/deleteGroup {"groupName": "..."}`: delete a whole group."""
     c = await caller(request)
     body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
-    if not isinstance(body.groupName, str) or not body.groupName:
-        raise InvalidRequest("'groupName' must be a non-empty string.", target="groupName")
-    deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, body.groupName)
+    group = schemas.string(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH, required=True)
+    assert group is not None
+    deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group)
     return json_response(schemas.encode({"deletedCount": deleted}))
 
 

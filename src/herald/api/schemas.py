@@ -7,6 +7,7 @@ errors that name the offending field. Outgoing notifications are encoded from `N
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -136,6 +137,8 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
         raise _validation_error(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", target="body") from exc
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.", target="body") from None
 
 
 def _validation_error(text: str) -> InvalidRequest:
@@ -154,7 +157,7 @@ def _validation_error(text: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{path}': {message}.", target=path)
 
 
-def _string(value: Any, field: str, max_length: int, required: bool = False) -> str | None:
+def string(value: Any, field: str, max_length: int, required: bool = False) -> str | None:
     if value is None:
         if required:
             raise InvalidRequest(f"'{field}' is required.", target=field)
@@ -200,6 +203,8 @@ def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[P
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise InvalidRequest(f"'{field}' must be a non-empty list of platform names.", target=field)
+    if len(items) > len(PLATFORMS):
+        raise InvalidRequest(f"'{field}' lists more platforms than exist.", target=field)
     key = tuple(items) if all(type(v) is str for v in items) else None
     known = _PLATFORM_SETS.get(key) if key is not None else None
     if known is not None:
@@ -214,10 +219,13 @@ def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[P
 _PLATFORM_SETS: dict[tuple[str, ...], tuple[Platform, ...]] = {}
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²"
+
+
 def _integer(value: Any, field: str, low: int, high: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"'{field}' must be an integer number of seconds.", target=field)
@@ -231,8 +239,8 @@ def _visual(v: VisualIn | None, field: str, required: bool) -> VisualContent | N
         if required:
             raise InvalidRequest(f"'{field}' is required.", target=field)
         return None
-    title = _string(v.title, f"{field}.title", 1024, required=True)
-    body = _string(v.body, f"{field}.body", 4096)
+    title = string(v.title, f"{field}.title", 1024, required=True)
+    body = string(v.body, f"{field}.body", 4096)
     assert title is not None
     return VisualContent(title=title, body=body)
 
@@ -241,7 +249,7 @@ def payload(p: PayloadIn | None, max_bytes: int) -> Payload:
     if p is None:
         raise InvalidRequest("'payload' is required.", target="payload")
     # No length check here: the encoded-size check below answers 413 for anything too big.
-    raw = _string(p.raw_content, "payload.rawContent", sys.maxsize)
+    raw = string(p.raw_content, "payload.rawContent", sys.maxsize)
     visual = _visual(p.visual_content, "payload.visualContent", required=False)
     if raw is None and visual is None:
         raise InvalidRequest(
@@ -293,13 +301,13 @@ def expiration(value: Any, now: datetime, limits: Limits, field: str) -> datetim
         raise InvalidRequest(f"'{field}' must be an ISO 8601 date-time string.", target=field)
     try:
         when = datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        when = when.astimezone(UTC)
+    except (ValueError, OverflowError):  # overflow: year 9999 with a negative offset
         raise InvalidRequest(
-            f"'{field}' is not a valid ISO 8601 date-time: {value!r}.", target=field
+            f"'{field}' is not a valid ISO 8601 date-time: {value[:64]!r}.", target=field
         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    when = when.astimezone(UTC)
     if when <= now:
         raise InvalidRequest(f"'{field}' is in the past.", target=field)
     latest = now + timedelta(seconds=limits.max_ttl)
@@ -336,9 +344,9 @@ def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
         priority = Priority.HIGH if pay.visual_content is not None else Priority.NONE
     expires = expiration(n.expiration_date_time, now, limits, "expirationDateTime")
     return Content(
-        target_host_name=_string(n.target_host_name, "targetHostName", 253) or host,
-        app_notification_id=_string(n.app_notification_id, "appNotificationId", MAX_ID_LENGTH),
-        group_name=_string(n.group_name, "groupName", MAX_GROUP_LENGTH),
+        target_host_name=string(n.target_host_name, "targetHostName", 253) or host,
+        app_notification_id=string(n.app_notification_id, "appNotificationId", MAX_ID_LENGTH),
+        group_name=string(n.group_name, "groupName", MAX_GROUP_LENGTH),
         payload=pay,
         target_policy=targets,
         priority=priority,
@@ -361,7 +369,7 @@ def state_patch(body: bytes, now: datetime, limits: Limits) -> StatePatch:
     patch = StatePatch(
         read_state=opt(p.read_state, "readState", READ_STATES),
         user_action_state=opt(p.user_action_state, "userActionState", ACTION_STATES),
-        group_name=_string(p.group_name, "groupName", MAX_GROUP_LENGTH),
+        group_name=string(p.group_name, "groupName", MAX_GROUP_LENGTH),
         payload=payload(p.payload, limits.max_payload_bytes) if p.payload is not None else None,
         priority=opt(p.priority, "priority", PRIORITIES),
         display_time_to_live=_integer(

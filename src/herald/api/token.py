@@ -196,7 +196,10 @@ def _check_scope(scope: str | None, audience: str) -> None:
 
 
 async def _authenticate(request: Request, client_id: str, secret: str) -> None:
-    app = await request.app.state.services.store.get_app(client_id)
+    # A client id that cannot exist (too long, control characters, NUL that PostgreSQL text
+    # refuses) is an unknown client, not a database error.
+    plausible = len(client_id) <= 256 and client_id.isprintable()
+    app = await request.app.state.services.store.get_app(client_id) if plausible else None
     # The KDF takes tens of milliseconds: run it off the event loop. An unknown client is checked
     # against a dummy hash so that response time does not reveal which client ids exist.
     hashed = app.secret_hash if app is not None else _dummy_hash()

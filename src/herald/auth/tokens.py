@@ -175,7 +175,7 @@ class TokenVerifier:
     async def _verify_uncached(self, token: str, now: float) -> Principal:
         header, claims, signing_input, signature = _split(token)
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise Unauthenticated(f"unsupported token algorithm {alg!r}; allowed: {_ALLOWED_TEXT}")
         if "crit" in header:
             raise Unauthenticated("token header has critical extensions Herald does not support")
@@ -210,7 +210,7 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
         header = _json_object.decode(_b64decode(head))
         claims = _json_object.decode(_b64decode(payload))
         signature = _b64decode(sig)
-    except (msgspec.DecodeError, binascii.Error, ValueError):
+    except (msgspec.DecodeError, binascii.Error, ValueError, RecursionError):
         raise Unauthenticated("malformed token: header or payload is not base64url JSON") from None
     return header, claims, head + b"." + payload, signature
 
