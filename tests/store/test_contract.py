@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -595,3 +596,18 @@ async def _bump_schema_version(backend: Backend, store: Store) -> None:
     with sqlite3.connect(store._database) as conn:
         conn.execute("INSERT INTO schema_version VALUES (9999)")
     conn.close()
+
+
+async def test_sqlite_url_options(tmp_path: pathlib.Path) -> None:
+    from herald.store.sqlite import SqliteStore
+
+    store = SqliteStore(f"sqlite:///{tmp_path}/a.db?synchronous=full")
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="unknown SQLite URL option"):
+        SqliteStore(f"sqlite:///{tmp_path}/a.db?sync=full")
+    with pytest.raises(ValueError, match="normal or full"):
+        SqliteStore(f"sqlite:///{tmp_path}/a.db?synchronous=off")

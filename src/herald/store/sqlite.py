@@ -83,6 +83,20 @@ def parse_url(url: str) -> tuple[str, bool]:
     return rest[3:], False
 
 
+def _synchronous(query: str) -> str:
+    """`?synchronous=full` makes every commit fsync the WAL: acknowledged writes then survive
+    power loss too, at the price of an fsync per group commit. The default, NORMAL, survives any
+    crash of Herald itself but may lose the last commits if the machine loses power."""
+    options = dict(p.partition("=")[::2] for p in query.split("&") if p)
+    unknown = set(options) - {"synchronous"}
+    if unknown:
+        raise ValueError(f"unknown SQLite URL option {sorted(unknown)[0]!r}; known: synchronous")
+    value = options.get("synchronous", "normal").upper()
+    if value not in ("NORMAL", "FULL"):
+        raise ValueError("SQLite URL option synchronous must be normal or full")
+    return value
+
+
 @dataclass(slots=True)
 class _Call:
     job: Job
@@ -103,7 +117,9 @@ class SqliteStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._database, self._uri = parse_url(url)
+        base, _, query = url.partition("?")
+        self._database, self._uri = parse_url(base)
+        self._synchronous = _synchronous(query)
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Call] = []
         self._flush_scheduled = False
@@ -118,7 +134,7 @@ class SqliteStore:
             self._database, uri=self._uri, isolation_level=None, check_same_thread=False
         )
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # keeps index pages hot for the writer
         return conn
 
