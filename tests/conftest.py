@@ -124,7 +124,7 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
         thread.join(10)
 
 
-def test_settings(data: Path, **overrides: object) -> Settings:
+def make_settings(data: Path, **overrides: object) -> Settings:
     port = free_port()
     values: dict[str, object] = {
         "data": data,
@@ -147,14 +147,14 @@ def server(
     """A running Herald on SQLite, and again on PostgreSQL: server-level tests run on both."""
     data = tmp_path_factory.mktemp("herald")
     if request.param == "sqlite":
-        settings = test_settings(data)
+        settings = make_settings(data)
         for url in serve_in_thread(settings):
             yield Server(settings, url)
         return
     from tests.pg import fresh_database
 
     for store_url in fresh_database():
-        settings = test_settings(data, store_url=store_url)
+        settings = make_settings(data, store_url=store_url)
         for url in serve_in_thread(settings):
             yield Server(settings, url)
 

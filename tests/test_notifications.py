@@ -255,9 +255,9 @@ def test_operations_endpoints(server: Server) -> None:
 
 
 def test_rate_limit(tmp_path: Any) -> None:
-    from tests.conftest import serve_in_thread, test_settings
+    from tests.conftest import make_settings, serve_in_thread
 
-    settings = test_settings(tmp_path, user_rate=1.0, user_burst=2)
+    settings = make_settings(tmp_path, user_rate=1.0, user_burst=2)
     for url in serve_in_thread(settings):
         srv = Server(settings, url)
         app = srv.register()
@@ -278,9 +278,9 @@ def test_expiry_hides_at_once_and_the_sweeper_leaves_a_tombstone(tmp_path: Any) 
 
     from herald.model import ChangeKind
     from herald.store import open_store
-    from tests.conftest import serve_in_thread, test_settings
+    from tests.conftest import make_settings, serve_in_thread
 
-    settings = test_settings(tmp_path, sweep_interval=0.2)
+    settings = make_settings(tmp_path, sweep_interval=0.2)
     for url in serve_in_thread(settings):
         srv = Server(settings, url)
         app = srv.register()

@@ -35,6 +35,9 @@ def test_unknown_keys_and_variables_are_reported(tmp_path: Path) -> None:
         {"HERALD_DEFAULT_TTL": "99999999"},
         {"HERALD_STORE_URL": "mysql://x"},
         {"HERALD_ISSUERS": '[{"issuer": "x"}]'},
+        {"HERALD_ISSUERS": '[{"issuer": "x", "jwks_url": "https://k"}]'},
+        {"HERALD_ISSUERS": '[{"issuer": "x", "audience": "a", "jwks_url": "k", "typo": 1}]'},
+        {"HERALD_USER_RATE": "0"},
         {"HERALD_LOCAL_ISSUER": "false"},
     ],
 )

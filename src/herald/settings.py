@@ -179,8 +179,15 @@ def _check(s: Settings) -> None:
     if s.store_url and not s.store_url.startswith(("sqlite:", "postgresql:", "postgres:")):
         problems.append("store_url must start with sqlite: or postgresql:")
     for issuer in s.issuers:
-        if "issuer" not in issuer or not ({"jwks_url", "discovery_url"} & issuer.keys()):
-            problems.append("each issuers entry needs 'issuer' and 'jwks_url' or 'discovery_url'")
+        known = {"issuer", "audience", "jwks_url", "discovery_url"}
+        if not {"issuer", "audience"} <= issuer.keys() or not (
+            {"jwks_url", "discovery_url"} & issuer.keys()
+        ):
+            problems.append(
+                "each issuers entry needs 'issuer', 'audience' and 'jwks_url' or 'discovery_url'"
+            )
+        elif issuer.keys() - known:
+            problems.append(f"issuers entry has unknown keys {sorted(issuer.keys() - known)}")
     if not s.local_issuer and not s.issuers:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:
