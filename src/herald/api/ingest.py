@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import msgspec
 from starlette.types import Receive, Scope, Send
@@ -22,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.errors import error_body, error_headers, request_id
-from herald.api.notifications import check_body_headers, decode_body
+from herald.api.notifications import check_body_headers, decode_body, feed_urls
 from herald.errors import Conflict, HeraldError, InvalidRequest, PayloadTooLarge
 
 if TYPE_CHECKING:
@@ -119,13 +118,12 @@ class Ingest:
         s = self.services
         content = schemas.content(body, s.feed.clock(), s.limits, c.app.host_name)
         n, created = await s.feed.post(c.user_id, c.app.host_name, content)
-        base = f"{s.settings.base_url}/{version}"
-        user = quote(c.user_id, safe="")
-        context = f"{base}/$metadata#users('{user}')/notifications/$entity"
+        feed, context = feed_urls(s.settings.base_url, version, c.user_id)
         headers = {"ETag": schemas.etag(n)}
         if created:
-            headers["Location"] = f"{base}/users/{user}/notifications/{n.id}"
-        return Answer(201 if created else 200, schemas.encode(schemas.out(n, context)), headers)
+            headers["Location"] = f"{feed}/{n.id}"  # ids are GUIDs: nothing to escape
+        body = schemas.encode(schemas.out(n, f"{context}/$entity"))
+        return Answer(201 if created else 200, body, headers)
 
     async def _idempotent(
         self, c: Caller, body: bytes, version: str, key: str, path: str

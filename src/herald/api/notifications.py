@@ -46,13 +46,18 @@ def version(request: Request) -> str:
     return request.url.path.split("/", 2)[1]
 
 
-def feed_url(request: Request, c: Caller) -> str:
-    return f"{services(request).settings.base_url}/{version(request)}/users/{quote(c.user_id)}"
+def feed_urls(base_url: str, version: str, user_id: str) -> tuple[str, str]:
+    """(the user's notifications URL, the @odata.context prefix for them)."""
+    user = quote(user_id, safe="")
+    return (
+        f"{base_url}/{version}/users/{user}/notifications",
+        f"{base_url}/{version}/$metadata#users('{user}')/notifications",
+    )
 
 
 def context(request: Request, c: Caller, suffix: str) -> str:
     base = services(request).settings.base_url
-    return f"{base}/{version(request)}/$metadata#users('{quote(c.user_id)}')/notifications{suffix}"
+    return feed_urls(base, version(request), c.user_id)[1] + suffix
 
 
 def json_response(
@@ -126,12 +131,9 @@ async def if_match(request: Request, c: Caller) -> int | None:
     raise PreconditionFailed(f"If-Match {value[:64]!r} does not match the current ETag.")
 
 
-def entity(request: Request, c: Caller, n: Notification, status: int = 200) -> Response:
+def entity(request: Request, c: Caller, n: Notification) -> Response:
     body = schemas.encode(schemas.out(n, context(request, c, "/$entity")))
-    headers = {"ETag": schemas.etag(n)}
-    if status == 201:
-        headers["Location"] = f"{feed_url(request, c)}/notifications/{quote(n.id)}"
-    return json_response(body, status, headers)
+    return json_response(body, headers={"ETag": schemas.etag(n)})
 
 
 def path_id(request: Request) -> str:
