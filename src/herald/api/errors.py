@@ -119,7 +119,10 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", extra={"path": request.url.path})
-    return error_response(HeraldError("An unexpected error occurred."), request.scope)
+    response = error_response(HeraldError("An unexpected error occurred."), request.scope)
+    # Starlette answers this one outside the request-id middleware: add the header here.
+    response.headers["request-id"] = request_id(request.scope)
+    return response
 
 
 class RequestIdMiddleware:
