@@ -330,6 +330,20 @@ async def test_token_without_kid_uses_the_single_key(local: LocalIssuer) -> None
         ({"scp": None, "idtyp": "app", "sub": "client-1", "oid": None}, None, "client-1"),
         # A user token carrying app roles (assigned to the user) stays delegated.
         ({"roles": [SCOPE], "sub": "pairwise"}, "user-1", "client-1"),
+        # RFC 9068 IdPs (Keycloak, Auth0): `scope`, and sub = client id for client credentials.
+        ({"scp": None, "scope": f"openid {SCOPE}", "oid": None, "sub": "kc"}, "kc", "client-1"),
+        ({"scp": None, "scope": SCOPE, "oid": None, "sub": "client-1"}, None, "client-1"),
+        (
+            {
+                "scp": None,
+                "scope": SCOPE,
+                "gty": "client-credentials",
+                "oid": None,
+                "sub": "client-1@clients",
+            },
+            None,
+            "client-1",
+        ),
     ],
 )
 async def test_identity_claims(
@@ -355,6 +369,20 @@ def test_permission_delegated_vs_app_only() -> None:
     for p in denied:
         with pytest.raises(AccessDenied, match=SCOPE):
             require_permission(p)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"scp": None, "scope": f"openid {SCOPE}", "oid": None, "sub": "kc-user"},
+        {"scp": None, "scope": SCOPE, "oid": None, "sub": "client-1"},
+        {"scp": None, "scope": SCOPE, "gty": "client-credentials", "oid": None, "sub": "x"},
+    ],
+)
+async def test_rfc9068_scope_claim_grants_the_permission(
+    local: LocalIssuer, overrides: dict[str, Any]
+) -> None:
+    require_permission(await verifier(local).verify(sign(local.key, claims(**overrides))))
 
 
 async def test_scope_claim_is_space_separated(local: LocalIssuer) -> None:

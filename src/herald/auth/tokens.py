@@ -260,10 +260,16 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
     if client_id is None:
         raise Unauthenticated("token has no client id (azp, appid or client_id)")
     user_id = _first_str(claims, "oid", "sub")
-    scopes = _str_set(claims.get("scp"), split=True)
+    # Entra ID puts delegated scopes in `scp`; RFC 9068 IdPs (Keycloak, Auth0, ...) in `scope`.
+    scope_claim = "scp" if "scp" in claims else "scope"
+    scopes = _str_set(claims.get(scope_claim), split=True)
     roles = _str_set(claims.get("roles"), split=False)
-    if _is_app_only(claims):
+    if _is_app_only(claims, client_id):
         user_id = None
+        if scope_claim == "scope":
+            # A client-credentials grant from such an IdP lists what the app was granted in
+            # `scope`: that is the app's permission set, Entra's `roles`.
+            roles, scopes = roles | scopes, frozenset()
     elif user_id is None:
         raise Unauthenticated("delegated token names no user (oid or sub)")
     return Principal(
@@ -275,16 +281,20 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
     )
 
 
-def _is_app_only(claims: Mapping[str, Any]) -> bool:
-    """No `scp`, and either `idtyp: app`, or `roles` with no user claim.
+def _is_app_only(claims: Mapping[str, Any], client_id: str) -> bool:
+    """No `scp`, and one of: `idtyp: app`; Auth0's `gty: client-credentials`; RFC 9068's
+    client-credentials shape (no `oid`, `sub` = the client id); or `roles` with no user claim.
 
     Entra ID app-only tokens without the optional `idtyp` claim carry `oid` == `sub` (both the
     service principal); a user's `sub` is pairwise per app and never equals its `oid`, so that
-    case counts as "no user claim" too.
+    case counts as "no user claim" too. Anything else is a user's token: misreading a user token
+    as app-only would let it act on any user, so only these explicit shapes count.
     """
     if "scp" in claims:
         return False
-    if claims.get("idtyp") == "app":
+    if claims.get("idtyp") == "app" or claims.get("gty") == "client-credentials":
+        return True
+    if "oid" not in claims and claims.get("sub") == client_id:
         return True
     if "roles" not in claims:
         return False
