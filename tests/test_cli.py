@@ -72,8 +72,15 @@ def test_config_check(tmp_path: Path) -> None:
     file = tmp_path / "h.toml"
     file.write_text("prot = 1\n")
     runner = CliRunner()
-    assert runner.invoke(main, ["config", "check", "--config", str(file)]).exit_code == 0
-    strict = runner.invoke(main, ["config", "check", "--strict", "--config", str(file)])
+    ok = runner.invoke(main, ["config", "check", "--config", str(file), "--data", str(tmp_path)])
+    assert ok.exit_code == 0 and "answers" in ok.stdout, ok.output
+    strict = runner.invoke(
+        main, ["config", "check", "--strict", "--config", str(file), "--data", str(tmp_path)]
+    )
     assert strict.exit_code == 1 and "prot" in strict.output
+    bad_store = runner.invoke(
+        main, ["config", "check", "--store", "postgresql://u:secret@127.0.0.1:1/none"]
+    )
+    assert bad_store.exit_code == 1 and "secret" not in bad_store.output
     defaults = runner.invoke(main, ["config", "defaults"])
     assert "max_payload_bytes = 4096" in defaults.stdout

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from herald.cli import common_options, run
+from herald.errors import HeraldError
 from herald.settings import FIELDS, ConfigError, Settings, load
+from herald.store import open_store
 
 
 @click.group("config")
@@ -15,12 +18,12 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file (HERALD_CONFIG).")
 @click.option("--strict", is_flag=True, help="Fail on unknown keys and variables too.")
-def check(config: str | None, strict: bool) -> None:
-    """Load the configuration as `herald serve` would and report problems."""
+@common_options
+def check(strict: bool, config: str | None, **flags: str | None) -> None:
+    """Load the configuration as `herald serve` would, open the store, and report problems."""
     try:
-        loaded = load(file=Path(config) if config else None)
+        loaded = load({k: v for k, v in flags.items() if v}, file=Path(config) if config else None)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     for problem in loaded.unknown:
@@ -28,7 +31,21 @@ def check(config: str | None, strict: bool) -> None:
     if strict and loaded.unknown:
         raise click.ClickException(f"{len(loaded.unknown)} unknown option(s)")
     s = loaded.settings
-    click.echo(f"ok: store {s.resolved_store_url.split('@')[-1]}, listening on {s.base_url}")
+    where = s.resolved_store_url.split("@")[-1]  # never print a password
+    try:
+        run(_ping(s.resolved_store_url))
+    except (HeraldError, OSError, ValueError) as exc:
+        raise click.ClickException(f"store {where}: {exc}") from exc
+    click.echo(f"ok: store {where} answers, listening on {s.base_url}")
+
+
+async def _ping(url: str) -> None:
+    store = open_store(url)
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
 
 
 @config_group.command("defaults")
