@@ -251,6 +251,10 @@ def test_operations_endpoints(server: Server) -> None:
         doc = c.get("/openapi.json").json()
         assert "/beta/me/notifications" in doc["paths"]
         assert "NotificationOut" in doc["components"]["schemas"]
+        post = doc["paths"]["/beta/me/notifications"]["post"]["requestBody"]["content"]
+        assert post["application/json"]["schema"]["$ref"].endswith("/NotificationCreate")
+        create = doc["components"]["schemas"]["NotificationCreate"]
+        assert "id" not in create["properties"] and create["additionalProperties"] is False
         assert c.get("/docs").status_code == 200
 
 

@@ -40,8 +40,15 @@ def openapi_document() -> dict[str, Any]:
     )
     for name in READ_ONLY:
         components["NotificationOut"]["properties"][name]["readOnly"] = True
+    out = components["NotificationOut"]["properties"]
+    # Request bodies are the response's own fields, restricted to what each operation accepts
+    # (unknown properties are refused, hence additionalProperties: false).
+    components["NotificationCreate"] = _subset(out, CREATE_FIELDS, required=["payload"])
+    components["NotificationUpdate"] = _subset(out, UPDATE_FIELDS, required=[])
     components["Error"] = _error_schema()
     note = {"$ref": "#/components/schemas/NotificationOut"}
+    create = {"$ref": "#/components/schemas/NotificationCreate"}
+    update = {"$ref": "#/components/schemas/NotificationUpdate"}
     err = {"description": "Graph error", "content": _json({"$ref": "#/components/schemas/Error"})}
     item = "/beta/users/{user}/notifications/{id}"
     feed = "/beta/users/{user}/notifications"
@@ -61,7 +68,7 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [user],
             "post": {
                 "summary": "Create, or replace by appNotificationId",
-                "requestBody": {"content": _json(note)},
+                "requestBody": {"content": _json(create)},
                 "responses": {"201": ok, "200": ok, "4XX": err},
             },
             "get": {
@@ -75,7 +82,7 @@ def openapi_document() -> dict[str, Any]:
             "get": {"summary": "Get one", "responses": {"200": ok, "4XX": err}},
             "patch": {
                 "summary": "Update readState/userActionState or content (If-Match honoured)",
-                "requestBody": {"content": _json(note)},
+                "requestBody": {"content": _json(update)},
                 "responses": {"200": ok, "4XX": err},
             },
             "delete": {"summary": "Delete", "responses": {"204": {"description": "Deleted"}}},
@@ -99,6 +106,39 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
+    }
+
+
+CREATE_FIELDS = (
+    "targetHostName",
+    "appNotificationId",
+    "groupName",
+    "payload",
+    "targetPolicy",
+    "priority",
+    "displayTimeToLive",
+    "expirationDateTime",
+    "fallbackPolicy",
+)
+UPDATE_FIELDS = (
+    "readState",
+    "userActionState",
+    "groupName",
+    "payload",
+    "priority",
+    "displayTimeToLive",
+    "expirationDateTime",
+)
+
+
+def _subset(
+    properties: dict[str, Any], names: tuple[str, ...], required: list[str]
+) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: properties[name] for name in names},
+        "required": required,
+        "additionalProperties": False,
     }
 
 
