@@ -56,3 +56,13 @@ def test_every_option_is_documented() -> None:
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     missing = [name for name in FIELDS if f"`{name}`" not in doc]
     assert not missing, f"undocumented options: {missing}"
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    example = Path(__file__).parents[1] / "herald.example.toml"
+    text = example.read_text()
+    assert not load({}, {}, example).unknown
+    uncommented = "\n".join(line.lstrip("# ") for line in text.splitlines())
+    missing = [name for name in FIELDS if f"{name} =" not in uncommented and name != "issuers"]
+    assert not missing, f"options missing from herald.example.toml: {missing}"
+    assert "[[issuers]]" in uncommented
