@@ -43,8 +43,8 @@ def openapi_document() -> dict[str, Any]:
     out = components["NotificationOut"]["properties"]
     # Request bodies are the response's own fields, restricted to what each operation accepts
     # (unknown properties are refused, hence additionalProperties: false).
-    components["NotificationCreate"] = _subset(out, CREATE_FIELDS, required=["payload"])
-    components["NotificationUpdate"] = _subset(out, UPDATE_FIELDS, required=[])
+    components["NotificationCreate"] = _subset(out, schemas.CREATE_FIELDS, required=["payload"])
+    components["NotificationUpdate"] = _subset(out, schemas.UPDATE_FIELDS, required=[])
     components["Error"] = _error_schema()
     note = {"$ref": "#/components/schemas/NotificationOut"}
     create = {"$ref": "#/components/schemas/NotificationCreate"}
@@ -107,28 +107,6 @@ def openapi_document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
     }
-
-
-CREATE_FIELDS = (
-    "targetHostName",
-    "appNotificationId",
-    "groupName",
-    "payload",
-    "targetPolicy",
-    "priority",
-    "displayTimeToLive",
-    "expirationDateTime",
-    "fallbackPolicy",
-)
-UPDATE_FIELDS = (
-    "readState",
-    "userActionState",
-    "groupName",
-    "payload",
-    "priority",
-    "displayTimeToLive",
-    "expirationDateTime",
-)
 
 
 def _subset(

@@ -119,6 +119,16 @@ READ_ONLY_ON_PATCH = (
     "last_modified_date_time",
 )
 
+
+def accepted(struct: type[msgspec.Struct], refused: tuple[str, ...]) -> tuple[str, ...]:
+    """Wire names a request body may set: the struct's fields minus those it only refuses."""
+    names = zip(struct.__struct_fields__, struct.__struct_encode_fields__, strict=True)
+    return tuple(wire for name, wire in names if name not in refused and name != "odata_type")
+
+
+CREATE_FIELDS = accepted(NotificationIn, READ_ONLY_ON_POST + STATE_ON_POST)
+UPDATE_FIELDS = accepted(NotificationPatchIn, READ_ONLY_ON_PATCH)
+
 _POST_DECODER = msgspec.json.Decoder(NotificationIn)
 _PATCH_DECODER = msgspec.json.Decoder(NotificationPatchIn)
 
