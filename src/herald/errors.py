@@ -4,6 +4,7 @@
   + InvalidRequest         invalidRequest          400  (names the offending field)
   + Unauthenticated        InvalidAuthenticationToken 401
   + AccessDenied           accessDenied            403
+    + QuotaExceeded        quotaLimitReached       403
   + NotFound               itemNotFound            404
   + MethodNotAllowed       methodNotAllowed        405
   + Conflict               conflict                409
@@ -50,6 +51,10 @@ class Unauthenticated(HeraldError):
 class AccessDenied(HeraldError):
     code = "accessDenied"
     status = 403
+
+
+class QuotaExceeded(AccessDenied):
+    code = "quotaLimitReached"
 
 
 class NotFound(HeraldError):

@@ -138,6 +138,8 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     notification_id: str
     at: datetime
     notification: Notification | None = None
+    # The subscription (device) that made the change, if it said so; its own live stream skips it.
+    origin: str | None = None
 
 
 class App(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,3 +150,83 @@ class App(msgspec.Struct, frozen=True, kw_only=True):
     display_name: str
     secret_hash: str
     created_date_time: datetime
+
+
+class DevicePlatform(enum.StrEnum):
+    """What a subscription is. The first four match `Platform` (targetPolicy filters them);
+    `live` is a client that only takes the live stream (a CLI, a server-side consumer) and is
+    never filtered out by a target policy."""
+
+    WINDOWS = "windows"
+    IOS = "iOS"
+    ANDROID = "android"
+    WEBPUSH = "webPush"
+    LIVE = "live"
+
+
+class WebPushKeys(msgspec.Struct, frozen=True):
+    p256dh: str
+    auth: str
+
+
+class WebPushChannel(msgspec.Struct, frozen=True, tag="webPush"):
+    """A browser PushSubscription (its `toJSON()` shape)."""
+
+    endpoint: str
+    keys: WebPushKeys
+
+    @property
+    def key(self) -> str:
+        return self.endpoint
+
+
+class ApnsChannel(msgspec.Struct, frozen=True, tag="iOS", rename="camel"):
+    device_token: str
+
+    @property
+    def key(self) -> str:
+        return self.device_token
+
+
+class FcmChannel(msgspec.Struct, frozen=True, tag="android", rename="camel"):
+    registration_token: str
+
+    @property
+    def key(self) -> str:
+        return self.registration_token
+
+
+class WnsChannel(msgspec.Struct, frozen=True, tag="windows", rename="camel"):
+    channel_uri: str
+
+    @property
+    def key(self) -> str:
+        return self.channel_uri
+
+
+PushChannel = WebPushChannel | ApnsChannel | FcmChannel | WnsChannel
+
+
+class Subscription(msgspec.Struct, frozen=True, kw_only=True):
+    """One app client on one device of one user. Its `id` is the UNS ID.
+
+    `push_channel` is how to reach the device when it is not connected (None: live only).
+    Past `expiration_date_time` the subscription is treated as absent and receives nothing.
+    """
+
+    id: str
+    user_id: str
+    app: str
+    platform: DevicePlatform
+    display_name: str | None
+    push_channel: PushChannel | None
+    expiration_date_time: datetime
+    created_date_time: datetime
+    last_modified_date_time: datetime
+
+
+class Pending(msgspec.Struct, frozen=True):
+    """An outbox entry not yet dispatched: its sequence number and the change it announces."""
+
+    seq: int
+    change: Change

@@ -66,6 +66,13 @@ class Settings:
     # Client-credentials token requests per second and burst, per client address.
     token_rate: float = 5.0
     token_burst: int = 20
+    # Device subscriptions: default and longest lifetime (s, renewable by PATCH), and how many
+    # unexpired ones one user may hold per app.
+    subscription_ttl: int = 30 * DAY
+    max_subscription_ttl: int = 90 * DAY
+    max_subscriptions: int = 50
+    # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent.
+    keepalive_interval: float = 25.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -171,7 +178,16 @@ def _check(s: Settings) -> None:
     for name in ("app_rate", "user_rate", "token_rate", "app_burst", "user_burst", "token_burst"):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
-    for name in ("token_ttl", "max_payload_bytes", "max_body_bytes", "sweep_interval"):
+    if not 0 < s.subscription_ttl <= s.max_subscription_ttl:
+        problems.append("subscription_ttl must be > 0 and <= max_subscription_ttl")
+    for name in (
+        "token_ttl",
+        "max_payload_bytes",
+        "max_body_bytes",
+        "sweep_interval",
+        "max_subscriptions",
+        "keepalive_interval",
+    ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
     if not 0 < s.default_page_size <= s.max_page_size:

@@ -12,6 +12,10 @@ Guarantees every implementation keeps (the contract suite in tests/store checks 
   invisible (None / NotFound), never an error that reveals their existence.
 * Expiry: a notification whose expiration_date_time <= now is treated as absent by every read and
   write, even before `sweep` has removed it.
+* Outbox: every appended `Change` also gets an outbox entry in the same transaction. `pending`
+  returns entries oldest first; an entry stays until `dispatched` removes it, so a crash between
+  commit and dispatch loses nothing (the dispatcher re-reads it on restart). For one user, entries
+  come out in position order.
 * Errors: only `herald.errors` exceptions escape (driver errors are translated at the boundary).
 """
 
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import builtins
 from datetime import datetime
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
 
-from herald.model import App, Change, Content, Notification, StatePatch
+from herald.model import App, Change, Content, Notification, Pending, StatePatch, Subscription
 from herald.query import Filter, Page, Query
 
 
@@ -82,19 +87,31 @@ class Store(Protocol):
         patch: StatePatch,
         if_match: int | None,
         now: datetime,
+        origin: str | None = None,
     ) -> Notification:
         """Apply the non-None fields of `patch`, bump version and last_modified, append UPDATED.
+
+        `origin` (here and in `delete`, `delete_group`) is the subscription id of the device that
+        asked for the change; it is recorded on the change so fan-out can skip that device.
 
         `NotFound` if absent; `PreconditionFailed` if `if_match` is given and != version. A patch
         that changes nothing still bumps the version (it was a write) but is allowed.
         """
 
     async def delete(
-        self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        if_match: int | None,
+        now: datetime,
+        origin: str | None = None,
     ) -> None:
         """Remove the notification, append a DELETED tombstone. NotFound, PreconditionFailed."""
 
-    async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
+    async def delete_group(
+        self, user_id: str, app: str, group_name: str, now: datetime, origin: str | None = None
+    ) -> int:
         """Delete every live notification of the group; one tombstone each; returns the count."""
 
     # -- change log -----------------------------------------------------------------------------
@@ -111,8 +128,53 @@ class Store(Protocol):
         """(oldest retained position - 1, newest position). Positions <= the first were pruned."""
 
     async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
-        """Remove up to `limit` expired notifications (appending EXPIRED changes) and prune change
-        log entries older than `retain_changes_until`. Returns the number expired."""
+        """Remove up to `limit` expired notifications (appending EXPIRED changes), up to `limit`
+        expired subscriptions, and prune change log entries older than `retain_changes_until`.
+        Returns the number of notifications expired."""
+
+    # -- outbox ---------------------------------------------------------------------------------
+    async def pending(self, limit: int) -> builtins.list[Pending]:
+        """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
+        notification as it is now, like `changes`."""
+
+    async def dispatched(self, seqs: Sequence[int]) -> None:
+        """Remove these outbox entries (unknown seqs are ignored)."""
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop after every commit that added outbox entries, so the
+        dispatcher need not poll. Other processes' commits are not signalled."""
+
+    # -- subscriptions --------------------------------------------------------------------------
+    async def add_subscription(
+        self, sub: Subscription, limit: int, now: datetime
+    ) -> tuple[Subscription, bool]:
+        """Register a device; returns (stored subscription, created).
+
+        A push channel reaches one device, so its key (endpoint, token or URI) is unique per app:
+        if the same user already has a live subscription of this app with the same key, that one
+        is updated in place (its id and created_date_time kept) and returned with created=False;
+        one of *another* user with that key is deleted (a shared browser must not go on
+        receiving the previous person's notifications). `QuotaExceeded` if creating would give
+        the user more than `limit` unexpired subscriptions of the app.
+        """
+
+    async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
+        """By id alone (the UNS ID names the user); None if absent or expired. Callers check
+        that it belongs to the calling app and user."""
+
+    async def list_subscriptions(
+        self, user_id: str, app: str, now: datetime
+    ) -> builtins.list[Subscription]:
+        """The unexpired subscriptions of (user, app), oldest first."""
+
+    async def update_subscription(self, sub: Subscription, now: datetime) -> Subscription:
+        """Replace display_name, platform, push_channel, expiration_date_time and
+        last_modified_date_time of the unexpired subscription `sub.id` of (sub.user_id, sub.app);
+        `NotFound` otherwise. A push channel key taken by another subscription of the app is
+        released from it as in `add_subscription` (same user: that other one is deleted)."""
+
+    async def delete_subscription(self, user_id: str, app: str, id: str) -> None:
+        """`NotFound` if (user, app) has no such subscription (expired ones count as absent)."""
 
     # -- idempotency ----------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
