@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from herald.logs import JsonFormatter
+import pytest
+
+from herald.logs import JsonFormatter, redact_tokens
 
 
 def test_json_lines_carry_extra_fields_and_exceptions() -> None:
@@ -23,3 +25,14 @@ def test_json_lines_carry_extra_fields_and_exceptions() -> None:
     assert line["message"] == "failed x" and line["level"] == "error"
     assert line["logger"] == "herald.api" and line["code"] == "generalException"
     assert "ValueError: boom" in line["exception"]
+
+
+def test_access_tokens_in_logged_urls_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    redact_tokens()
+    logger = logging.getLogger("uvicorn.error")
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        logger.info('%s - "WebSocket %s" [accepted]', "1.2.3.4", "/s?after=3&access_token=ey.J.x")
+        logger.info("GET /s?access_token=secret-token HTTP/1.1")
+    text = caplog.text
+    assert "ey.J.x" not in text and "secret-token" not in text
+    assert "after=3&access_token=***" in text and "access_token=*** HTTP/1.1" in text

@@ -25,10 +25,13 @@ class HeraldError(Exception):
     code = "generalException"
     status = 500
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int | None = None, target: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.target = target  # the offending field, header or parameter, when there is one
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -37,10 +40,6 @@ class HeraldError(Exception):
 class InvalidRequest(HeraldError):
     code = "invalidRequest"
     status = 400
-
-    def __init__(self, message: str, *, target: str | None = None) -> None:
-        super().__init__(message)
-        self.target = target
 
 
 class Unauthenticated(HeraldError):

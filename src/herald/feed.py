@@ -57,13 +57,24 @@ class Feed:
     async def count(self, user_id: str, app: str, filter: Filter | None) -> int:
         return await self.store.count(user_id, app, filter, self.clock())
 
+    # `origin`: the subscription (device) making the change; fan-out leaves it out.
     async def update(
-        self, user_id: str, app: str, id: str, patch: StatePatch, if_match: int | None
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        patch: StatePatch,
+        if_match: int | None,
+        origin: str | None = None,
     ) -> Notification:
-        return await self.store.update(user_id, app, id, patch, if_match, self.clock())
+        return await self.store.update(user_id, app, id, patch, if_match, self.clock(), origin)
 
-    async def delete(self, user_id: str, app: str, id: str, if_match: int | None) -> None:
-        await self.store.delete(user_id, app, id, if_match, self.clock())
+    async def delete(
+        self, user_id: str, app: str, id: str, if_match: int | None, origin: str | None = None
+    ) -> None:
+        await self.store.delete(user_id, app, id, if_match, self.clock(), origin)
 
-    async def delete_group(self, user_id: str, app: str, group_name: str) -> int:
-        return await self.store.delete_group(user_id, app, group_name, self.clock())
+    async def delete_group(
+        self, user_id: str, app: str, group_name: str, origin: str | None = None
+    ) -> int:
+        return await self.store.delete_group(user_id, app, group_name, self.clock(), origin)

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import msgspec
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Browsers pass the access token in the query string of live streams (docs/devices.md), and
+# uvicorn logs WebSocket paths with their query: never let a token reach a log.
+_TOKEN = re.compile(r"(access_token=)[^&\s\"']*", re.IGNORECASE)
+
+
+class RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        if isinstance(record.msg, str) and "access_token=" in record.msg:
+            record.msg = _TOKEN.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_tokens() -> None:
+    """Install the filter on the loggers that see request URLs (idempotent)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
 
 class JsonFormatter(logging.Formatter):

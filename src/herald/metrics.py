@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -25,6 +25,24 @@ class Metrics:
             "herald_http_request_seconds",
             "Time from request start to the end of the response, by handler.",
             ["handler"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+        self.streams = Gauge(
+            "herald_live_streams",
+            "Open live streams, by protocol (websocket, sse).",
+            ["protocol"],
+            registry=self.registry,
+        )
+        self.dispatched = Counter(
+            "herald_dispatched_changes",
+            "Changes the dispatcher has published to the broker.",
+            registry=self.registry,
+        )
+        self.dispatch_lag = Histogram(
+            "herald_dispatch_lag_seconds",
+            "From a change's commit timestamp to its publication by the dispatcher.",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

@@ -7,15 +7,18 @@ here, and everything downstream is scoped to that pair.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from herald.auth.tokens import Principal, TokenVerifier, require_permission
-from herald.errors import AccessDenied, InvalidRequest, Unauthenticated
+from herald.errors import AccessDenied, InvalidRequest, NotFound, Unauthenticated
 from herald.limits import RateLimits
-from herald.model import App
+from herald.model import App, Subscription
 from herald.store import Store
 
 MAX_USER_ID = 256
+MAX_UNS_ID = 64
 APP_CACHE_SECONDS = 30.0  # a newly registered app is seen at once (misses are not cached)
 
 
@@ -24,6 +27,8 @@ class Caller:
     principal: Principal
     app: App
     user_id: str
+    # The subscription named by X-UNS-ID: the device making the request (None if not named).
+    device: str | None = None
 
 
 class Apps:
@@ -45,10 +50,19 @@ class Apps:
 
 
 class Access:
-    def __init__(self, verifier: TokenVerifier, apps: Apps, limits: RateLimits) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        apps: Apps,
+        limits: RateLimits,
+        store: Store,
+        clock: Callable[[], datetime],
+    ) -> None:
         self.verifier = verifier
         self.apps = apps
         self.limits = limits
+        self.store = store
+        self.clock = clock
 
     async def principal(self, authorization: str | None) -> Principal:
         """The verified caller behind an Authorization header value."""
@@ -61,15 +75,44 @@ class Access:
         require_permission(principal)
         return principal
 
-    async def caller(self, authorization: str | None, path_user: str | None) -> Caller:
-        """Authenticate, resolve the app, decide the target user, and apply rate limits."""
+    async def caller(
+        self, authorization: str | None, path_user: str | None, uns_id: str | None = None
+    ) -> Caller:
+        """Authenticate, resolve the app, decide the target user, and apply rate limits.
+
+        `uns_id` is the X-UNS-ID header: a subscription id that names the user for an app-only
+        token, and the calling device for a delegated one.
+        """
         principal = await self.principal(authorization)
         app = await self.apps.get(principal.client_id)
         if app is None:
             raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
-        user_id = self._user(principal, path_user)
+        if uns_id is None:
+            user_id, device = self._user(principal, path_user), None
+        else:
+            sub = await self.subscription(uns_id, principal, app, path_user)
+            user_id, device = sub.user_id, sub.id
         self.limits.check(principal.client_id, user_id)
-        return Caller(principal, app, user_id)
+        return Caller(principal, app, user_id, device)
+
+    async def subscription(
+        self, uns_id: str, principal: Principal, app: App, path_user: str | None
+    ) -> Subscription:
+        """The subscription an X-UNS-ID names, if the caller may act through it."""
+        if not 0 < len(uns_id) <= MAX_UNS_ID or not uns_id.isprintable():
+            raise InvalidRequest("X-UNS-ID is not a subscription id.", target="X-UNS-ID")
+        sub = await self.store.get_subscription(uns_id.strip(), self.clock())
+        if sub is None:
+            raise NotFound(
+                f"Subscription '{uns_id}' (X-UNS-ID) does not exist or has expired.",
+                target="X-UNS-ID",
+            )
+        if sub.app != app.host_name:
+            raise AccessDenied("The X-UNS-ID subscription belongs to another app.")
+        for user in (principal.user_id, path_user):
+            if user is not None and user != sub.user_id:
+                raise AccessDenied("The X-UNS-ID subscription belongs to another user.")
+        return sub
 
     @staticmethod
     def _user(principal: Principal, path_user: str | None) -> str:
@@ -83,7 +126,8 @@ class Access:
             return principal.user_id
         if path_user is None:
             raise InvalidRequest(
-                "An app-only token has no user: call /users/{id}/notifications.",
+                "An app-only token has no user: name a subscription with X-UNS-ID, "
+                "or call /users/{id}/notifications.",
                 target="X-UNS-ID",
             )
         return path_user

@@ -16,7 +16,16 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald import expiry
-from herald.api import batch, notifications, operations, schemas, token
+from herald.api import (
+    batch,
+    delta,
+    notifications,
+    operations,
+    schemas,
+    stream,
+    subscriptions,
+    token,
+)
 from herald.api.access import Access, Apps
 from herald.api.errors import (
     RequestIdMiddleware,
@@ -27,9 +36,12 @@ from herald.api.errors import (
 from herald.api.ingest import Ingest, match
 from herald.auth.issuer import LocalIssuer
 from herald.auth.tokens import IssuerConfig, TokenVerifier
+from herald.broker import Broker, MemoryBroker
+from herald.dispatcher import Dispatcher
 from herald.errors import HeraldError
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, RateLimits
+from herald.logs import redact_tokens
 from herald.metrics import Metrics, MetricsMiddleware
 from herald.settings import Settings
 from herald.store import Store, open_store
@@ -49,6 +61,8 @@ class Services:
     limits: schemas.Limits
     idempotency_ttl: timedelta
     token_limiter: Limiter
+    broker: Broker
+    dispatcher: Dispatcher
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
     # The whole application, for $batch to dispatch inner requests through.
@@ -80,6 +94,8 @@ def build_services(
     verifier = TokenVerifier(
         local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
     )
+    broker = MemoryBroker()
+    metrics = Metrics()
     limiter = RateLimits(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
@@ -88,10 +104,10 @@ def build_services(
         settings=settings,
         store=store,
         feed=Feed(store, clock),
-        access=Access(verifier, Apps(store), limiter),
+        access=Access(verifier, Apps(store), limiter, store, clock),
         issuer=issuer,
         verifier=verifier,
-        metrics=Metrics(),
+        metrics=metrics,
         limits=schemas.Limits(
             max_payload_bytes=settings.max_payload_bytes,
             default_ttl=settings.default_ttl,
@@ -100,32 +116,43 @@ def build_services(
         ),
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl),
         token_limiter=Limiter(settings.token_rate, settings.token_burst),
+        broker=broker,
+        dispatcher=Dispatcher(store, broker, metrics),
     )
 
 
 def api_routes() -> list[BaseRoute]:
-    return notifications.routes() + batch.routes()
+    # delta before notifications: `…/notifications/{id}` would otherwise take "delta" as an id.
+    return delta.routes() + notifications.routes() + subscriptions.routes() + batch.routes()
 
 
 class Herald:
     """The ASGI application: `POST …/notifications` goes straight to the ingest handler (the hot
-    path), everything else through the Starlette app (routing, middleware, lifespan)."""
+    path) and live streams to their handler (thousands stay open), everything else through the
+    Starlette app (routing, middleware, lifespan)."""
 
-    def __init__(self, router: Starlette, ingest: Ingest) -> None:
+    def __init__(self, router: Starlette, ingest: Ingest, streams: stream.Streams) -> None:
         self.router = router
         self.ingest = ingest
+        self.streams = streams
         self.state = router.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            target = match(scope)
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            target = match(scope) if kind == "http" else None
             if target is not None:
                 await self.ingest(scope, receive, send, *target)
+                return
+            subscription = stream.match(scope)
+            if subscription is not None:
+                await self.streams(scope, receive, send, subscription)
                 return
         await self.router(scope, receive, send)
 
 
 def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
+    redact_tokens()
     services = build_services(settings, store, clock)
 
     @contextlib.asynccontextmanager
@@ -136,9 +163,13 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         gc.collect()
         gc.freeze()
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
+        await services.broker.start()
+        await services.dispatcher.start()
         try:
             yield
         finally:
+            await services.dispatcher.close()
+            await services.broker.close()
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
@@ -164,6 +195,6 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         lifespan=lifespan,
     )
     app.state.services = services
-    herald = Herald(app, Ingest(services))
+    herald = Herald(app, Ingest(services), stream.Streams(services))
     services.asgi = herald
     return herald

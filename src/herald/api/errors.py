@@ -76,8 +76,7 @@ def error_body(exc: HeraldError, scope: Scope) -> bytes:
         client_request_id=client_rid.decode("latin-1") if client_rid else None,
         date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    target = exc.target if isinstance(exc, InvalidRequest) else None
-    return msgspec.json.encode(_Body(_Detail(exc.code, exc.message, inner, target)))
+    return msgspec.json.encode(_Body(_Detail(exc.code, exc.message, inner, exc.target)))
 
 
 def error_headers(exc: HeraldError) -> dict[str, str]:

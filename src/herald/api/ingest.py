@@ -40,6 +40,7 @@ WANTED = {
     b"client-request-id",
     b"if-modified-since",
     b"if-range",
+    b"x-uns-id",
 }
 
 
@@ -92,7 +93,7 @@ class Ingest:
         user: str | None,
     ) -> Answer:
         s = self.services
-        caller = await s.access.caller(headers.get("authorization"), user)
+        caller = await s.access.caller(headers.get("authorization"), user, headers.get("x-uns-id"))
         body = await self._read(receive, headers)
         key = headers.get("idempotency-key")
         if key is None:

@@ -39,7 +39,10 @@ def services(request: Request) -> Services:
 
 async def caller(request: Request) -> Caller:
     user = request.path_params.get("user")
-    return await services(request).access.caller(request.headers.get("authorization"), user)
+    headers = request.headers
+    return await services(request).access.caller(
+        headers.get("authorization"), user, headers.get("x-uns-id")
+    )
 
 
 def version(request: Request) -> str:
@@ -157,7 +160,7 @@ async def patch_one(request: Request) -> Response:
     s = services(request)
     patch = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
     n = await s.feed.update(
-        c.user_id, c.app.host_name, path_id(request), patch, await if_match(request, c)
+        c.user_id, c.app.host_name, path_id(request), patch, await if_match(request, c), c.device
     )
     return entity(request, c, n)
 
@@ -165,7 +168,7 @@ async def patch_one(request: Request) -> Response:
 async def delete_one(request: Request) -> Response:
     c = await caller(request)
     await services(request).feed.delete(
-        c.user_id, c.app.host_name, path_id(request), await if_match(request, c)
+        c.user_id, c.app.host_name, path_id(request), await if_match(request, c), c.device
     )
     return Response(status_code=204)
 
@@ -223,7 +226,7 @@ async def delete_group(request: Request) -> Response:
     body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
     group = schemas.string(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH, required=True)
     assert group is not None
-    deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group)
+    deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group, c.device)
     return json_response(schemas.encode({"deletedCount": deleted}))
 
 

@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Route
 
 from herald import __version__
 from herald.api import schemas
+from herald.api.subscriptions import SubscriptionOut
 from herald.errors import HeraldError
 
 READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime", "@odata.context", "@odata.etag")
@@ -36,7 +37,7 @@ async def metrics(request: Request) -> Response:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document, generated from the msgspec wire types."""
     _, components = msgspec.json.schema_components(
-        [schemas.NotificationOut], ref_template="#/components/schemas/{name}"
+        [schemas.NotificationOut, SubscriptionOut], ref_template="#/components/schemas/{name}"
     )
     for name in READ_ONLY:
         components["NotificationOut"]["properties"][name]["readOnly"] = True
@@ -97,6 +98,7 @@ def openapi_document() -> dict[str, Any]:
             rest = [p for p in paths[path].get("parameters", []) if p is not user]
             if rest:
                 paths[me]["parameters"] = rest
+    paths.update(_device_paths(err, ident))
     return {
         "openapi": "3.1.0",
         "info": {"title": "Herald", "version": __version__},
@@ -106,6 +108,55 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
+    }
+
+
+def _device_paths(err: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
+    """Subscriptions, delta and the live stream (docs/devices.md has the details)."""
+    sub = {"$ref": "#/components/schemas/SubscriptionOut"}
+    body = {"content": _json({"type": "object"})}
+    ok = {"description": "The subscription", "content": _json(sub)}
+    subs = "/beta/me/notificationSubscriptions"
+    return {
+        subs: {
+            "post": {
+                "summary": "Register a device (the id is the UNS ID)",
+                "requestBody": body,
+                "responses": {"201": ok, "200": ok, "4XX": err},
+            },
+            "get": {"summary": "The calling app's subscriptions of the user", "responses": {}},
+        },
+        f"{subs}/{{id}}": {
+            "parameters": [ident],
+            "get": {"summary": "Get one", "responses": {"200": ok, "4XX": err}},
+            "patch": {
+                "summary": "Renew (expirationDateTime), rename, rotate the push channel",
+                "requestBody": body,
+                "responses": {"200": ok, "4XX": err},
+            },
+            "delete": {"summary": "Unsubscribe", "responses": {"204": {"description": "Gone"}}},
+        },
+        f"{subs}/{{id}}/stream": {
+            "parameters": [ident],
+            "get": {
+                "summary": "Live stream: WebSocket upgrade, otherwise Server-Sent Events",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": {"type": "string"}}
+                    for n in ("after", "access_token")
+                ],
+                "responses": {"200": {"description": "text/event-stream"}, "4XX": err},
+            },
+        },
+        "/beta/me/notifications/delta": {
+            "get": {
+                "summary": "Graph delta query (@odata.deltaLink, @removed)",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": {"type": "string"}}
+                    for n in ("$deltatoken", "$skiptoken")
+                ],
+                "responses": {"200": {"description": "A page of changes"}, "410": err},
+            },
+        },
     }
 
 

@@ -183,7 +183,7 @@ def string(value: Any, field: str, max_length: int, required: bool = False) -> s
     return value
 
 
-def _enum(value: Any, field: str, members: dict[str, Any]) -> Any:
+def choice(value: Any, field: str, members: dict[str, Any]) -> Any:
     if isinstance(value, bool):
         raise InvalidRequest(f"'{field}' has an invalid value.", target=field)
     key = str(value).lower() if isinstance(value, str | int) else None
@@ -219,7 +219,7 @@ def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[P
     known = _PLATFORM_SETS.get(key) if key is not None else None
     if known is not None:
         return known
-    chosen = {_enum(v, field, PLATFORMS) for v in items}
+    chosen = {choice(v, field, PLATFORMS) for v in items}
     result = tuple(p for p in ALL_PLATFORMS if p in chosen)
     if key is not None and len(_PLATFORM_SETS) < 1024:  # apps send the same few lists
         _PLATFORM_SETS[key] = result
@@ -349,7 +349,7 @@ def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
         )
     )
     pay = payload(n.payload, limits.max_payload_bytes)
-    priority = _enum(n.priority, "priority", PRIORITIES) if n.priority is not None else None
+    priority = choice(n.priority, "priority", PRIORITIES) if n.priority is not None else None
     if priority is None:
         priority = Priority.HIGH if pay.visual_content is not None else Priority.NONE
     expires = expiration(n.expiration_date_time, now, limits, "expirationDateTime")
@@ -374,7 +374,7 @@ def state_patch(body: bytes, now: datetime, limits: Limits) -> StatePatch:
     _reject_present(p, READ_ONLY_ON_PATCH, "cannot be changed.")
 
     def opt(value: Any, field: str, members: dict[str, Any]) -> Any:
-        return None if value is None else _enum(value, field, members)
+        return None if value is None else choice(value, field, members)
 
     patch = StatePatch(
         read_state=opt(p.read_state, "readState", READ_STATES),

@@ -31,6 +31,9 @@ def serve(host: str | None, port: int | None, **options: str | None) -> None:
         access_log=False,
         log_config=None,
         lifespan="on",
+        # Live SSE streams never end by themselves: give them this long, then cut them (clients
+        # reconnect and resume from their last position).
+        timeout_graceful_shutdown=3,
     )
 
 

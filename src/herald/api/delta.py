@@ -1,0 +1,161 @@
+"""`GET …/notifications/delta`: Graph delta query over the change log.
+
+Tokens are change-log positions. The first sync reads the position first and then pages through
+the feed by id, so anything that changes while it pages has a later position and comes again in
+the next delta round: an item may repeat, never go missing. Later rounds read the log after the
+token; `$skiptoken` carries the same kind of cursor between pages of one round.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from herald.api import schemas
+from herald.api.access import Caller
+from herald.api.notifications import caller, context, json_response, services
+from herald.errors import Gone, InvalidRequest
+from herald.model import Change
+from herald.query import Comparison, Order, Query
+
+OPTIONS = {"$deltatoken", "$skiptoken"}
+MAX_POSITION = 2**63 - 1
+# First-sync cursors: "<position>.<last id seen>"; change cursors: "<position>".
+SNAPSHOT_TOKEN = re.compile(r"([0-9]{1,19})\.([0-9a-fA-F-]{1,64})")
+PREFER_PAGE = re.compile(r"odata\.maxpagesize\s*=\s*([0-9]{1,6})", re.IGNORECASE)
+
+
+def _options(request: Request) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key.lower() not in OPTIONS:
+            raise InvalidRequest(
+                f"Query option '{key[:64]}' is not supported on delta; follow the "
+                "@odata.nextLink and @odata.deltaLink as given.",
+                target=key[:64],
+            )
+        if key.lower() in given:
+            raise InvalidRequest(f"Query option '{key}' is given twice.", target=key)
+        given[key.lower()] = value
+    if len(given) > 1:
+        raise InvalidRequest("Give either $deltatoken or $skiptoken.", target="$skiptoken")
+    return given
+
+
+def _page_size(request: Request) -> tuple[int, bool]:
+    """(page size, whether the client asked for it with Prefer: odata.maxpagesize)."""
+    s = services(request).settings
+    m = PREFER_PAGE.search(request.headers.get("prefer", ""))
+    if m is None:
+        return s.default_page_size, False
+    return max(1, min(int(m.group(1)), s.max_page_size)), True
+
+
+def _position(text: str, name: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_POSITION:
+        raise InvalidRequest(f"{name} is not a token this server issued.", target=name)
+    return int(text)
+
+
+async def delta(request: Request) -> Response:
+    c = await caller(request)
+    options = _options(request)
+    size, preferred = _page_size(request)
+    if "$deltatoken" in options:
+        body = await _changes(request, c, _position(options["$deltatoken"], "$deltatoken"), size)
+    elif "$skiptoken" in options:
+        token = options["$skiptoken"]
+        m = SNAPSHOT_TOKEN.fullmatch(token)
+        if m is not None:
+            body = await _snapshot(
+                request, c, _position(m.group(1), "$skiptoken"), m.group(2), size
+            )
+        else:
+            body = await _changes(request, c, _position(token, "$skiptoken"), size)
+    else:
+        _, head = await services(request).store.horizon(c.user_id)
+        body = await _snapshot(request, c, head, None, size)
+    headers = {"Preference-Applied": f"odata.maxpagesize={size}"} if preferred else None
+    return json_response(schemas.encode(body), headers=headers)
+
+
+async def _snapshot(
+    request: Request, c: Caller, position: int, after_id: str | None, size: int
+) -> dict[str, Any]:
+    """One page of the first sync: the live feed by id, as of (at least) `position`."""
+    s = services(request)
+    _, head = await s.store.horizon(c.user_id)
+    if position > head:
+        raise InvalidRequest("$skiptoken is not a token this server issued.", target="$skiptoken")
+    where = Comparison("id", "gt", after_id) if after_id is not None else None
+    query = Query(filter=where, order=(Order("id"),), top=size + 1)
+    page = await s.feed.list(c.user_id, c.app.host_name, query)
+    items = page.items[:size]
+    body = _body(request, c, [schemas.to_builtins(n) for n in items])
+    if len(page.items) > size:
+        body["@odata.nextLink"] = _link(request, "$skiptoken", f"{position}.{items[-1].id}")
+    else:
+        body["@odata.deltaLink"] = _link(request, "$deltatoken", str(position))
+    return body
+
+
+async def _changes(request: Request, c: Caller, after: int, size: int) -> dict[str, Any]:
+    """One page of changes after `after`, collapsed by notification."""
+    s = services(request)
+    pruned, head = await s.store.horizon(c.user_id)
+    if after > head:
+        raise InvalidRequest(
+            "The token is ahead of the feed: not one this server issued.", target="$deltatoken"
+        )
+    if after < pruned:
+        raise Gone(
+            "The delta token is older than the retained history: start a new sync with "
+            "GET …/notifications/delta without a token."
+        )
+    changes = await s.store.changes(c.user_id, c.app.host_name, after, size)
+    items = _collapse(changes)
+    body = _body(request, c, items)
+    if len(changes) == size:
+        body["@odata.nextLink"] = _link(request, "$skiptoken", str(changes[-1].position))
+    else:
+        # Everything up to `head` (read before the log) has been seen, whichever app it was.
+        last = max(head, changes[-1].position if changes else after)
+        body["@odata.deltaLink"] = _link(request, "$deltatoken", str(last))
+    return body
+
+
+def _collapse(changes: list[Change]) -> list[dict[str, Any]]:
+    """The final state of each notification that changed, in order of its last change."""
+    latest: dict[str, Change] = {}
+    for change in changes:
+        latest.pop(change.notification_id, None)  # re-insert: order by the last change
+        latest[change.notification_id] = change
+    items = []
+    for change in latest.values():
+        n = change.notification
+        if n is None:
+            items.append({"id": change.notification_id, "@removed": {"reason": "deleted"}})
+        else:
+            items.append(schemas.to_builtins(n))
+    return items
+
+
+def _body(request: Request, c: Caller, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"@odata.context": context(request, c, "/delta"), "value": items}
+
+
+def _link(request: Request, name: str, value: str) -> str:
+    base = services(request).settings.base_url
+    return f"{base}{request.url.path}?{name}={quote(value, safe='.-')}"
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/me/notifications/delta", delta, methods=["GET"]),
+        Route("/users/{user}/notifications/delta", delta, methods=["GET"]),
+    ]

@@ -1,0 +1,429 @@
+"""`/me/notificationSubscriptions/{id}/stream`: a device's live stream, WebSocket or SSE.
+
+Served as raw ASGI in front of the router (like ingest): a server holds thousands of these open,
+so each one is a single coroutine with a few slotted objects, not a framework request with its
+own task group. A stream:
+
+1. authenticates (header, or `?access_token=` for browsers) and resolves the subscription;
+2. registers with the broker *before* reading the change log, then replays every change after
+   the resume position, then forwards broker deliveries, skipping any position already sent.
+   A change committed during the replay is either in the replay or delivered after it, so
+   nothing falls in between; the skip removes the overlap.
+3. sends keep-alives, and closes on token expiry, subscription deletion or expiry, or a client
+   that does not keep up. On server shutdown uvicorn closes WebSockets (1012) and, after its
+   graceful timeout, cuts SSE streams; clients reconnect and resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.utils import ClientDisconnected
+
+from herald.api import schemas
+from herald.api.errors import error_body, error_headers, request_id
+from herald.errors import Gone, HeraldError, InvalidRequest, NotFound
+from herald.model import Change, ChangeKind, DevicePlatform, Platform, Subscription
+
+if TYPE_CHECKING:
+    from herald.api.app import Services
+
+log = logging.getLogger("herald.stream")
+
+PATH = re.compile(r"/(beta|v1\.0)/me/notificationSubscriptions/([^/]+)/stream/?")
+REPLAY_BATCH = 500
+# A client this far behind is cut off (it resumes from its last position when it reconnects)
+# rather than letting its backlog grow without bound.
+MAX_BACKLOG = 1000
+MAX_POSITION = 2**63 - 1
+QUERY_OPTIONS = {"access_token", "after"}
+
+# WebSocket close codes (4000-4999 are the application's) and the `closing` reasons.
+CLOSE_CODES = {
+    "tokenExpired": 4401,
+    "subscriptionGone": 4404,
+    "tooSlow": 4408,
+}
+
+
+def match(scope: Scope) -> str | None:
+    """The subscription id if this is a stream request (WebSocket, or HTTP GET for SSE)."""
+    if scope["type"] == "http" and scope["method"] != "GET":
+        return None
+    m = PATH.fullmatch(scope["path"])
+    return m.group(2) if m else None
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+class _Removed(msgspec.Struct):
+    reason: str = "deleted"
+
+
+class _Message(msgspec.Struct, omit_defaults=True):
+    type: str
+    position: int | None = None
+    id: str | None = None
+    notification: dict[str, Any] | None = None
+    removed: _Removed | None = msgspec.field(default=None, name="@removed")
+    reason: str | None = None
+    message: str | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+KEEPALIVE = _encode(_Message("keepalive"))
+# Most deliveries of a change go to several streams in a row: render it once.
+_last_rendered: tuple[Change | None, bytes] = (None, b"")
+
+
+def render(change: Change) -> bytes:
+    global _last_rendered
+    if _last_rendered[0] is change:
+        return _last_rendered[1]
+    kind, n = change.kind, change.notification
+    if n is not None:
+        msg = _Message(kind.value, change.position, n.id, notification=schemas.to_builtins(n))
+    else:
+        msg = _Message(kind.value, change.position, change.notification_id, removed=_Removed())
+    data = _encode(msg)
+    _last_rendered = (change, data)
+    return data
+
+
+def closing(reason: str, message: str) -> bytes:
+    return _encode(_Message("closing", reason=reason, message=message))
+
+
+# -- transports --------------------------------------------------------------------------------
+
+
+class Closed(Exception):
+    """The client went away."""
+
+
+class WebSocketSink:
+    __slots__ = ("receive", "send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.receive = receive
+        self.send = send
+
+    async def refuse(self, exc: HeraldError, scope: Scope) -> None:
+        """Answer the handshake with the Graph error as an ordinary HTTP response."""
+        await _http_error(self.send, scope, exc, "websocket.http.response")
+
+    async def start(self, scope: Scope) -> None:
+        await self.send({"type": "websocket.accept"})
+
+    async def message(self, data: bytes, kind: str, position: int | None) -> None:
+        try:
+            await self.send({"type": "websocket.send", "text": data.decode()})
+        except (ClientDisconnected, OSError) as exc:
+            raise Closed from exc
+
+    async def keepalive(self) -> None:
+        await self.message(KEEPALIVE, "keepalive", None)
+
+    async def close(self, reason: str, text: str) -> None:
+        with contextlib.suppress(Closed):
+            await self.message(closing(reason, text), "closing", None)
+        with contextlib.suppress(ClientDisconnected, OSError, RuntimeError):
+            await self.send({"type": "websocket.close", "code": CLOSE_CODES[reason]})
+
+
+class SseSink:
+    __slots__ = ("receive", "send", "watcher")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.receive = receive
+        self.send = send
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def refuse(self, exc: HeraldError, scope: Scope) -> None:
+        await _http_error(self.send, scope, exc, "http.response")
+
+    async def start(self, scope: Scope) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),  # tell a fronting nginx not to buffer the stream
+            (b"request-id", request_id(scope).encode()),
+        ]
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._write(b"retry: 2000\n\n")
+
+    async def message(self, data: bytes, kind: str, position: int | None) -> None:
+        head = b"" if position is None else b"id: %d\n" % position
+        await self._write(b"%sevent: %s\ndata: %s\n\n" % (head, kind.encode(), data))
+
+    async def keepalive(self) -> None:
+        await self._write(b": keepalive\n\n")
+
+    async def close(self, reason: str, text: str) -> None:
+        with contextlib.suppress(Closed):
+            await self.message(closing(reason, text), "closing", None)
+        with contextlib.suppress(ClientDisconnected, OSError, RuntimeError):
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, chunk: bytes) -> None:
+        if self.watcher is not None and self.watcher.done():
+            raise Closed
+        try:
+            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (ClientDisconnected, OSError) as exc:
+            raise Closed from exc
+
+    def watch(self, session: Session) -> None:
+        """HTTP servers drop writes to a closed connection silently: learn of it from receive."""
+
+        async def wait_for_disconnect() -> None:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+            session.wake()
+
+        self.watcher = asyncio.create_task(wait_for_disconnect())
+
+
+Sink = WebSocketSink | SseSink
+
+
+async def _http_error(send: Send, scope: Scope, exc: HeraldError, prefix: str) -> None:
+    body = error_body(exc, scope)
+    headers = [(b"content-type", b"application/json"), (b"request-id", request_id(scope).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()]
+    await send({"type": f"{prefix}.start", "status": exc.status, "headers": headers})
+    await send({"type": f"{prefix}.body", "body": body})
+
+
+# -- the stream --------------------------------------------------------------------------------
+
+
+class Session:
+    """One open stream: the broker's listener for (user, app), buffering until sent."""
+
+    __slots__ = ("backlog", "gone", "platform", "sent", "subscription", "waiter")
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.platform = (
+            None
+            if subscription.platform is DevicePlatform.LIVE
+            else Platform(subscription.platform.value)
+        )
+        self.backlog: collections.deque[Change] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.gone = False
+        self.sent = 0  # the last position sent or skipped; positions at or below are dropped
+
+    def deliver(self, change: Change) -> None:
+        self.backlog.append(change)
+        self.wake()
+
+    def revoke(self, subscription_id: str) -> None:
+        if subscription_id == self.subscription.id:
+            self.gone = True
+            self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        if self.backlog or self.gone:
+            return
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        timer = loop.call_later(max(seconds, 0.0), self.wake)
+        try:
+            await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def wanted(self, change: Change) -> bool:
+        """Whether this device gets the change (position bookkeeping aside)."""
+        if change.origin is not None and change.origin == self.subscription.id:
+            return False  # the device made it itself
+        n = change.notification
+        if n is None:
+            # A tombstone, or a created/updated whose notification is gone by now: in the
+            # latter case the tombstone follows, so skip it.
+            return change.kind in (ChangeKind.DELETED, ChangeKind.EXPIRED)
+        return self.platform is None or self.platform in n.target_policy.platform_types
+
+
+class Streams:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, sub_id: str) -> None:
+        sink: Sink
+        if scope["type"] == "websocket":
+            if (await receive())["type"] != "websocket.connect":
+                return
+            sink = WebSocketSink(receive, send)
+        else:
+            sink = SseSink(receive, send)
+        try:
+            session, token_expires, start = await self._open(scope, sub_id)
+        except HeraldError as exc:
+            await sink.refuse(exc, scope)
+            return
+        gauge = self.services.metrics.streams.labels(
+            "sse" if isinstance(sink, SseSink) else "websocket"
+        )
+        gauge.inc()
+        try:
+            await self._serve(scope, sink, session, token_expires, start)
+        except Closed:
+            pass
+        finally:
+            gauge.dec()
+
+    async def _open(self, scope: Scope, sub_id: str) -> tuple[Session, float, int]:
+        s = self.services
+        params = _query(scope)
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization")
+        if authorization is None and "access_token" in params:
+            authorization = b"Bearer " + params["access_token"].encode()
+        credential = authorization.decode("latin-1") if authorization else None
+        principal = await s.access.principal(credential)
+        if principal.user_id is None:
+            raise InvalidRequest(
+                "A live stream needs a delegated token of the device's user.", target="token"
+            )
+        caller = await s.access.caller(credential, None)
+        now = s.feed.clock()
+        sub = await s.store.get_subscription(sub_id, now)
+        if sub is None or sub.user_id != caller.user_id or sub.app != caller.app.host_name:
+            raise NotFound(f"Subscription '{sub_id[:64]}' was not found.", target="id")
+        after = _position(headers.get(b"last-event-id"), params.get("after"))
+        pruned, head = await s.store.horizon(caller.user_id)
+        if after is None:
+            after = head
+        elif after < pruned:
+            raise Gone(
+                f"Position {after} is older than the retained history: resync with "
+                "GET /me/notifications/delta without a token."
+            )
+        elif after > head:
+            raise InvalidRequest(f"Position {after} is ahead of the feed.", target="after")
+        return Session(sub), float(principal.expires_at), after
+
+    async def _serve(
+        self, scope: Scope, sink: Sink, session: Session, token_expires: float, start: int
+    ) -> None:
+        s = self.services
+        sub = session.subscription
+        await sink.start(scope)
+        if isinstance(sink, SseSink):
+            sink.watch(session)
+        s.broker.listen(sub.user_id, sub.app, session)
+        try:
+            await sink.message(_encode(_Message("ready", start)), "ready", start)
+            await self._replay(sink, session, start)
+            reason = await self._forward(sink, session, token_expires)
+            await sink.close(*reason)
+        finally:
+            s.broker.unlisten(sub.user_id, sub.app, session)
+            if isinstance(sink, SseSink) and sink.watcher is not None:
+                sink.watcher.cancel()
+
+    async def _replay(self, sink: Sink, session: Session, after: int) -> None:
+        sub = session.subscription
+        while True:
+            changes = await self.services.store.changes(sub.user_id, sub.app, after, REPLAY_BATCH)
+            for change in changes:
+                await self._send(sink, session, change)
+            if changes:
+                after = changes[-1].position
+            session.sent = max(session.sent, after)
+            if len(changes) < REPLAY_BATCH:
+                return
+
+    async def _send(self, sink: Sink, session: Session, change: Change) -> None:
+        if change.position <= session.sent:
+            return
+        session.sent = change.position
+        if session.wanted(change):
+            await sink.message(render(change), change.kind.value, change.position)
+
+    async def _forward(self, sink: Sink, session: Session, token_expires: float) -> tuple[str, str]:
+        """Send deliveries until something ends the stream; returns the closing reason."""
+        keepalive = self.services.settings.keepalive_interval
+        quiet_since = time.monotonic()
+        while True:
+            now = time.time()
+            sub_expires = session.subscription.expiration_date_time.timestamp()
+            deadline = min(token_expires, sub_expires)
+            await session.wait(min(keepalive - (time.monotonic() - quiet_since), deadline - now))
+            if isinstance(sink, SseSink) and sink.watcher is not None and sink.watcher.done():
+                raise Closed
+            if session.gone:
+                return "subscriptionGone", "The subscription was deleted."
+            if len(session.backlog) > MAX_BACKLOG:
+                return "tooSlow", "The client fell too far behind; reconnect to resume."
+            if session.backlog:
+                while session.backlog:
+                    await self._send(sink, session, session.backlog.popleft())
+                quiet_since = time.monotonic()
+                continue
+            now = time.time()
+            if now >= token_expires:
+                return "tokenExpired", "The access token expired; reconnect with a new one."
+            if now >= sub_expires and not await self._renewed(session):
+                return "subscriptionGone", "The subscription expired."
+            if time.monotonic() - quiet_since >= keepalive:
+                await sink.keepalive()
+                quiet_since = time.monotonic()
+
+    async def _renewed(self, session: Session) -> bool:
+        """At the subscription's expiry: has it been renewed meanwhile (PATCH)?"""
+        s = self.services
+        sub = await s.store.get_subscription(session.subscription.id, s.feed.clock())
+        if sub is None:
+            return False
+        session.subscription = sub
+        return True
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    raw = scope.get("query_string", b"").decode("latin-1")
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(raw, keep_blank_values=True):
+        if key not in QUERY_OPTIONS:
+            raise InvalidRequest(
+                f"Query option '{key[:64]}' is not supported; use access_token and after.",
+                target=key[:64],
+            )
+        if key in params:
+            raise InvalidRequest(f"Query option '{key}' is given twice.", target=key)
+        params[key] = value
+    return params
+
+
+def _position(last_event_id: bytes | None, after: str | None) -> int | None:
+    """The resume position: Last-Event-ID (EventSource's reconnect) wins over `after`."""
+    if last_event_id is not None:
+        text, target = last_event_id.decode("latin-1").strip(), "Last-Event-ID"
+    elif after is not None:
+        text, target = after.strip(), "after"
+    else:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_POSITION:
+        raise InvalidRequest(
+            f"{target} must be a position (a non-negative integer).", target=target
+        )
+    return int(text)

@@ -1,0 +1,312 @@
+"""`/me/notificationSubscriptions`: one subscription per app client per device (its id is the
+UNS ID). Only a delegated token manages them: a device acts for its signed-in user."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from herald.api import schemas
+from herald.api.access import Caller
+from herald.api.notifications import json_response, read_body, services, version
+from herald.errors import AccessDenied, InvalidRequest, NotFound
+from herald.model import (
+    ApnsChannel,
+    DevicePlatform,
+    FcmChannel,
+    PushChannel,
+    Subscription,
+    WebPushChannel,
+    WebPushKeys,
+    WnsChannel,
+)
+
+MAX_DISPLAY_NAME = 256
+MAX_URL = 2048
+MAX_TOKEN = 4096
+APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64,200}")
+PLATFORMS: dict[str, DevicePlatform] = {p.value.lower(): p for p in DevicePlatform}
+READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime")
+
+
+class SubscriptionIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Lenient on types (each field is checked below, with a message naming it)."""
+
+    application: Any = None
+    platform: Any = None
+    displayName: Any = None
+    pushChannel: Any = None
+    expirationDateTime: Any = None
+    id: Any = None
+    createdDateTime: Any = None
+    lastModifiedDateTime: Any = None
+    odata_type: Any = msgspec.field(default=None, name="@odata.type")
+
+
+_DECODER = msgspec.json.Decoder(SubscriptionIn)
+
+
+class SubscriptionOut(msgspec.Struct, rename="camel"):
+    odata_context: str = msgspec.field(name="@odata.context")
+    id: str
+    application: str
+    platform: DevicePlatform
+    display_name: str | None
+    push_channel: dict[str, Any] | None
+    expiration_date_time: datetime
+    created_date_time: datetime
+    last_modified_date_time: datetime
+
+
+# -- input -------------------------------------------------------------------------------------
+
+
+def _https_url(value: Any, field: str) -> str:
+    url = schemas.string(value, field, MAX_URL, required=True)
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or not url.isprintable():
+        raise InvalidRequest(f"'{field}' must be an https URL.", target=field)
+    return url
+
+
+def _base64url(value: Any, field: str, size: int) -> str:
+    text = schemas.string(value, field, 256, required=True)
+    assert text is not None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != size or not text.isascii():
+        raise InvalidRequest(f"'{field}' must be {size} bytes in base64url.", target=field)
+    return text
+
+
+def _object(value: Any, field: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{field}' must be an object.", target=field)
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        target = f"{field}.{unknown[0]}"
+        raise InvalidRequest(f"Unknown property '{target}' in the request body.", target=target)
+    return value
+
+
+def push_channel(value: Any, platform: DevicePlatform) -> PushChannel | None:
+    """The push channel a platform needs, checked for shape (not for reachability)."""
+    if value is None:
+        return None
+    f = "pushChannel"
+    if platform is DevicePlatform.LIVE:
+        raise InvalidRequest("A 'live' subscription has no pushChannel.", target=f)
+    if platform is DevicePlatform.WEBPUSH:
+        body = _object(value, f, {"endpoint", "keys", "expirationTime"})
+        keys = _object(body.get("keys"), f"{f}.keys", {"p256dh", "auth"})
+        p256dh = _base64url(keys.get("p256dh"), f"{f}.keys.p256dh", 65)
+        if base64.urlsafe_b64decode(p256dh + "=" * (-len(p256dh) % 4))[0] != 4:
+            raise InvalidRequest(
+                f"'{f}.keys.p256dh' must be an uncompressed P-256 point.", target=f"{f}.keys.p256dh"
+            )
+        auth = _base64url(keys.get("auth"), f"{f}.keys.auth", 16)
+        return WebPushChannel(
+            _https_url(body.get("endpoint"), f"{f}.endpoint"), WebPushKeys(p256dh, auth)
+        )
+    if platform is DevicePlatform.IOS:
+        body = _object(value, f, {"deviceToken"})
+        token = schemas.string(body.get("deviceToken"), f"{f}.deviceToken", 200, required=True)
+        if token is None or not APNS_TOKEN.fullmatch(token):
+            raise InvalidRequest(
+                f"'{f}.deviceToken' must be 64 to 200 hex digits.", target=f"{f}.deviceToken"
+            )
+        return ApnsChannel(token.lower())
+    if platform is DevicePlatform.ANDROID:
+        body = _object(value, f, {"registrationToken"})
+        name = f"{f}.registrationToken"
+        token = schemas.string(body.get("registrationToken"), name, MAX_TOKEN, required=True)
+        if token is None or not token.isprintable() or " " in token:
+            raise InvalidRequest(f"'{name}' is not a registration token.", target=name)
+        return FcmChannel(token)
+    body = _object(value, f, {"channelUri"})
+    return WnsChannel(_https_url(body.get("channelUri"), f"{f}.channelUri"))
+
+
+def _channel_out(channel: PushChannel | None) -> dict[str, Any] | None:
+    if channel is None:
+        return None
+    data: dict[str, Any] = msgspec.to_builtins(channel)
+    data.pop("type", None)
+    return data
+
+
+def _expiration(value: Any, now: datetime, request: Request) -> datetime | None:
+    s = services(request).settings
+    limits = schemas.Limits(0, s.subscription_ttl, s.max_subscription_ttl, clamp_ttl=False)
+    return schemas.expiration(value, now, limits, "expirationDateTime")
+
+
+def _decode(body: bytes) -> SubscriptionIn:
+    data: SubscriptionIn = schemas.decode_body(body, _DECODER)
+    for name in READ_ONLY:
+        if getattr(data, name) is not None:
+            raise InvalidRequest(f"'{name}' is read-only.", target=name)
+    return data
+
+
+def _application(value: Any, c: Caller) -> None:
+    host = schemas.string(value, "application", 253, required=True)
+    if host is None or host.lower() != c.app.host_name.lower():
+        raise AccessDenied(
+            f"'application' must be the calling app's host name ({c.app.host_name})."
+        )
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+
+
+async def _caller(request: Request) -> Caller:
+    c = await services(request).access.caller(request.headers.get("authorization"), None)
+    if c.principal.user_id is None:
+        raise InvalidRequest(
+            "Subscriptions belong to a device's signed-in user: use a delegated token.",
+            target="Authorization",
+        )
+    return c
+
+
+def _context(request: Request, suffix: str) -> str:
+    base = services(request).settings.base_url
+    return f"{base}/{version(request)}/$metadata#me/notificationSubscriptions{suffix}"
+
+
+def _out(request: Request, sub: Subscription) -> SubscriptionOut:
+    return SubscriptionOut(
+        odata_context=_context(request, "/$entity"),
+        id=sub.id,
+        application=sub.app,
+        platform=sub.platform,
+        display_name=sub.display_name,
+        push_channel=_channel_out(sub.push_channel),
+        expiration_date_time=sub.expiration_date_time,
+        created_date_time=sub.created_date_time,
+        last_modified_date_time=sub.last_modified_date_time,
+    )
+
+
+def _path_id(request: Request) -> str:
+    value: str = request.path_params["id"]
+    if len(value) > 64 or not value.isprintable():
+        raise NotFound(f"Subscription {value[:64]!r} was not found.")
+    return value
+
+
+async def _own(request: Request, c: Caller) -> Subscription:
+    s = services(request)
+    sub = await s.store.get_subscription(_path_id(request), s.feed.clock())
+    if sub is None or sub.user_id != c.user_id or sub.app != c.app.host_name:
+        raise NotFound(f"Subscription '{_path_id(request)}' was not found.")
+    return sub
+
+
+async def create(request: Request) -> Response:
+    c = await _caller(request)
+    s = services(request)
+    data = _decode(await read_body(request))
+    _application(data.application, c)
+    if data.platform is None:
+        raise InvalidRequest("'platform' is required.", target="platform")
+    platform: DevicePlatform = schemas.choice(data.platform, "platform", PLATFORMS)
+    now = s.feed.clock()
+    expires = _expiration(data.expirationDateTime, now, request)
+    sub = Subscription(
+        id=str(uuid.uuid4()),
+        user_id=c.user_id,
+        app=c.app.host_name,
+        platform=platform,
+        display_name=schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME),
+        push_channel=push_channel(data.pushChannel, platform),
+        expiration_date_time=expires or now + timedelta(seconds=s.settings.subscription_ttl),
+        created_date_time=now,
+        last_modified_date_time=now,
+    )
+    stored, created = await s.store.add_subscription(sub, s.settings.max_subscriptions, now)
+    body = schemas.encode(_out(request, stored))
+    if not created:
+        return json_response(body)
+    base = s.settings.base_url
+    location = f"{base}/{version(request)}/me/notificationSubscriptions/{stored.id}"
+    return json_response(body, 201, {"Location": location})
+
+
+async def list_all(request: Request) -> Response:
+    c = await _caller(request)
+    s = services(request)
+    if request.query_params:
+        name = next(iter(request.query_params))
+        raise InvalidRequest(
+            f"Query option '{name[:64]}' is not supported on subscriptions.", target=name[:64]
+        )
+    subs = await s.store.list_subscriptions(c.user_id, c.app.host_name, s.feed.clock())
+    items = [msgspec.to_builtins(_out(request, sub)) for sub in subs]
+    for item in items:
+        del item["@odata.context"]
+    return json_response(schemas.encode({"@odata.context": _context(request, ""), "value": items}))
+
+
+async def get_one(request: Request) -> Response:
+    c = await _caller(request)
+    return json_response(schemas.encode(_out(request, await _own(request, c))))
+
+
+async def patch_one(request: Request) -> Response:
+    c = await _caller(request)
+    s = services(request)
+    data = _decode(await read_body(request))
+    sub = await _own(request, c)
+    if data.application is not None or data.platform is not None:
+        target = "application" if data.application is not None else "platform"
+        raise InvalidRequest(
+            f"'{target}' cannot be changed; create a new subscription.", target=target
+        )
+    changes: dict[str, Any] = {}
+    now = s.feed.clock()
+    if data.expirationDateTime is not None:
+        changes["expiration_date_time"] = _expiration(data.expirationDateTime, now, request)
+    if data.displayName is not None:
+        changes["display_name"] = schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
+    if data.pushChannel is not None:
+        changes["push_channel"] = push_channel(data.pushChannel, sub.platform)
+    if not changes:
+        raise InvalidRequest("The PATCH body changes nothing.", target="body")
+    updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
+    stored = await s.store.update_subscription(updated, now)
+    return json_response(schemas.encode(_out(request, stored)))
+
+
+async def delete_one(request: Request) -> Response:
+    c = await _caller(request)
+    s = services(request)
+    sub_id = _path_id(request)
+    await s.store.delete_subscription(c.user_id, c.app.host_name, sub_id)
+    await s.broker.revoke(c.user_id, c.app.host_name, sub_id)
+    return Response(status_code=204)
+
+
+def routes() -> list[BaseRoute]:
+    base = "/me/notificationSubscriptions"
+    return [
+        Route(base, create, methods=["POST"]),
+        Route(base, list_all, methods=["GET"]),
+        Route(f"{base}/{{id}}", get_one, methods=["GET"]),
+        Route(f"{base}/{{id}}", patch_one, methods=["PATCH"]),
+        Route(f"{base}/{{id}}", delete_one, methods=["DELETE"]),
+    ]
