@@ -16,12 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
 from herald.api.app import create_app
 from herald.auth.issuer import LocalIssuer
 from herald.cli import main
+from herald.server import Server as HeraldServer
+from herald.server import config
 from herald.settings import Settings
 
 
@@ -106,10 +107,7 @@ class Server:
 def serve_in_thread(settings: Settings) -> Iterator[str]:
     """Run Herald under uvicorn in a background thread; yield its base URL."""
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
+    server = HeraldServer(config(app, "127.0.0.1", settings.port, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

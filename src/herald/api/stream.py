@@ -9,15 +9,13 @@ own task group. A stream:
    the resume position, then forwards broker deliveries, skipping any position already sent.
    A change committed during the replay is either in the replay or delivered after it, so
    nothing falls in between; the skip removes the overlap.
-3. sends keep-alives, and closes on token expiry, subscription deletion or expiry, or a client
-   that does not keep up. On server shutdown uvicorn closes WebSockets (1012) and, after its
-   graceful timeout, cuts SSE streams; clients reconnect and resume.
+3. sends keep-alives, and closes on token expiry, subscription deletion or expiry, a client
+   that does not keep up, or server shutdown (see `herald/server.py`), saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import re
@@ -52,6 +50,7 @@ CLOSE_CODES = {
     "tokenExpired": 4401,
     "subscriptionGone": 4404,
     "tooSlow": 4408,
+    "shutdown": 1012,  # service restart
 }
 
 
@@ -142,12 +141,11 @@ class WebSocketSink:
 
 
 class SseSink:
-    __slots__ = ("receive", "send", "watcher")
+    __slots__ = ("receive", "send")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self.receive = receive
         self.send = send
-        self.watcher: asyncio.Task[None] | None = None
 
     async def refuse(self, exc: HeraldError, scope: Scope) -> None:
         await _http_error(self.send, scope, exc, "http.response")
@@ -176,22 +174,10 @@ class SseSink:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _write(self, chunk: bytes) -> None:
-        if self.watcher is not None and self.watcher.done():
-            raise Closed
         try:
             await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (ClientDisconnected, OSError) as exc:
             raise Closed from exc
-
-    def watch(self, session: Session) -> None:
-        """HTTP servers drop writes to a closed connection silently: learn of it from receive."""
-
-        async def wait_for_disconnect() -> None:
-            while (await self.receive())["type"] != "http.disconnect":
-                pass
-            session.wake()
-
-        self.watcher = asyncio.create_task(wait_for_disconnect())
 
 
 Sink = WebSocketSink | SseSink
@@ -209,47 +195,133 @@ async def _http_error(send: Send, scope: Scope, exc: HeraldError, prefix: str) -
 
 
 class Session:
-    """One open stream: the broker's listener for (user, app), buffering until sent."""
+    """One open stream: the broker's listener for (user, app).
 
-    __slots__ = ("backlog", "gone", "platform", "sent", "subscription", "waiter")
+    The connection's own coroutine waits in `receive()`, so it learns at once when the client
+    goes away or the server closes the socket. Sending happens in a short-lived flusher task,
+    started when there is something to send (a delivery, a keep-alive or expiry timer, a
+    revocation): an idle session holds no task of its own, only a timer.
+    """
 
-    def __init__(self, subscription: Subscription) -> None:
+    __slots__ = (
+        "backlog",
+        "end",
+        "flusher",
+        "live",
+        "platform",
+        "sent",
+        "services",
+        "sink",
+        "subscription",
+        "timer",
+        "token_expires",
+        "quiet_since",
+    )
+
+    def __init__(
+        self, services: Services, sink: Sink, subscription: Subscription, token_expires: float
+    ) -> None:
+        self.services = services
+        self.sink = sink
         self.subscription = subscription
+        self.token_expires = token_expires
         self.platform = (
             None
             if subscription.platform is DevicePlatform.LIVE
             else Platform(subscription.platform.value)
         )
-        self.backlog: collections.deque[Change] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.gone = False
+        # A plain list, swapped out whole when sent: an empty deque costs ten times the memory,
+        # and there are thousands of idle sessions.
+        self.backlog: list[Change] = []
+        self.end: tuple[str, str] | None = None  # why the stream must close
+        self.flusher: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.live = False  # False while replaying: the replay sends, deliveries wait
         self.sent = 0  # the last position sent or skipped; positions at or below are dropped
+        self.quiet_since = time.monotonic()
 
+    # -- Listener -------------------------------------------------------------------------------
     def deliver(self, change: Change) -> None:
         self.backlog.append(change)
-        self.wake()
+        if len(self.backlog) > MAX_BACKLOG and self.end is None:
+            self.end = ("tooSlow", "The client fell too far behind; reconnect to resume.")
+        self.kick()
 
     def revoke(self, subscription_id: str) -> None:
         if subscription_id == self.subscription.id:
-            self.gone = True
-            self.wake()
+            self.end = ("subscriptionGone", "The subscription was deleted.")
+            self.kick()
 
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    # -- sending --------------------------------------------------------------------------------
+    def kick(self) -> None:
+        if self.live and self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self.flush())
 
-    async def wait(self, seconds: float) -> None:
-        if self.backlog or self.gone:
-            return
-        loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
-        timer = loop.call_later(max(seconds, 0.0), self.wake)
+    async def flush(self) -> None:
         try:
-            await self.waiter
+            while True:
+                if self.end is not None:
+                    self.live = False
+                    await self.sink.close(*self.end)
+                    return
+                if self.backlog:
+                    batch, self.backlog = self.backlog, []
+                    for change in batch:
+                        await self.send(change)
+                    continue
+                if not await self.on_time():
+                    return
+        except Closed:
+            self.live = False
         finally:
-            timer.cancel()
-            self.waiter = None
+            self.flusher = None
+            if self.live:
+                self.arm()
+
+    async def send(self, change: Change) -> None:
+        if change.position <= self.sent:
+            return
+        self.sent = change.position
+        if self.wanted(change):
+            await self.sink.message(render(change), change.kind.value, change.position)
+            self.quiet_since = time.monotonic()
+
+    async def on_time(self) -> bool:
+        """Deadlines: keep-alive, token and subscription expiry. False when nothing is due."""
+        now = time.time()
+        if now >= self.token_expires:
+            self.end = ("tokenExpired", "The access token expired; reconnect with a new one.")
+            return True
+        if now >= self.subscription.expiration_date_time.timestamp():
+            s = self.services
+            sub = await s.store.get_subscription(self.subscription.id, s.feed.clock())
+            if sub is None:
+                self.end = ("subscriptionGone", "The subscription expired.")
+                return True
+            self.subscription = sub  # renewed by a PATCH meanwhile
+        keepalive = self.services.settings.keepalive_interval
+        if time.monotonic() - self.quiet_since >= keepalive:
+            await self.sink.keepalive()
+            self.quiet_since = time.monotonic()
+        return False
+
+    def arm(self) -> None:
+        """Wake up at the next deadline (cheap: one timer per idle session)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        keepalive = self.services.settings.keepalive_interval
+        due = keepalive - (time.monotonic() - self.quiet_since)
+        now = time.time()
+        due = min(due, self.token_expires - now)
+        due = min(due, self.subscription.expiration_date_time.timestamp() - now)
+        self.timer = asyncio.get_running_loop().call_later(max(due, 0.0), self.kick)
+
+    def stop(self) -> None:
+        self.live = False
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.flusher is not None:
+            self.flusher.cancel()
 
     def wanted(self, change: Change) -> bool:
         """Whether this device gets the change (position bookkeeping aside)."""
@@ -266,6 +338,16 @@ class Session:
 class Streams:
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.sessions: set[Session] = set()
+        self.idle = asyncio.Event()  # set while no stream is open
+        self.idle.set()
+
+    def close_all(self) -> None:
+        """Server shutdown: tell every stream why it ends (each then closes itself)."""
+        for session in self.sessions:
+            if session.end is None:
+                session.end = ("shutdown", "The server is restarting; reconnect to resume.")
+            session.kick()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sub_id: str) -> None:
         sink: Sink
@@ -276,22 +358,28 @@ class Streams:
         else:
             sink = SseSink(receive, send)
         try:
-            session, token_expires, start = await self._open(scope, sub_id)
+            sub, token_expires, start = await self._open(scope, sub_id)
         except HeraldError as exc:
             await sink.refuse(exc, scope)
             return
-        gauge = self.services.metrics.streams.labels(
-            "sse" if isinstance(sink, SseSink) else "websocket"
-        )
+        protocol = "sse" if isinstance(sink, SseSink) else "websocket"
+        gauge = self.services.metrics.streams.labels(protocol)
         gauge.inc()
+        session = Session(self.services, sink, sub, token_expires)
+        self.sessions.add(session)
+        self.idle.clear()
         try:
-            await self._serve(scope, sink, session, token_expires, start)
+            await self._serve(scope, receive, session, start)
         except Closed:
             pass
         finally:
+            self.sessions.discard(session)
+            if not self.sessions:
+                self.idle.set()
+            session.stop()
             gauge.dec()
 
-    async def _open(self, scope: Scope, sub_id: str) -> tuple[Session, float, int]:
+    async def _open(self, scope: Scope, sub_id: str) -> tuple[Subscription, float, int]:
         s = self.services
         params = _query(scope)
         headers = dict(scope["headers"])
@@ -320,83 +408,36 @@ class Streams:
             )
         elif after > head:
             raise InvalidRequest(f"Position {after} is ahead of the feed.", target="after")
-        return Session(sub), float(principal.expires_at), after
+        return sub, float(principal.expires_at), after
 
-    async def _serve(
-        self, scope: Scope, sink: Sink, session: Session, token_expires: float, start: int
-    ) -> None:
-        s = self.services
+    async def _serve(self, scope: Scope, receive: Receive, session: Session, start: int) -> None:
+        broker = self.services.broker
         sub = session.subscription
-        await sink.start(scope)
-        if isinstance(sink, SseSink):
-            sink.watch(session)
-        s.broker.listen(sub.user_id, sub.app, session)
+        await session.sink.start(scope)
+        broker.listen(sub.user_id, sub.app, session)
         try:
-            await sink.message(_encode(_Message("ready", start)), "ready", start)
-            await self._replay(sink, session, start)
-            reason = await self._forward(sink, session, token_expires)
-            await sink.close(*reason)
+            await session.sink.message(_encode(_Message("ready", start)), "ready", start)
+            await self._replay(session, start)
+            session.live = True
+            session.kick()  # what arrived during the replay; then the timer keeps it going
+            while True:  # until the client leaves or the server closes the connection
+                message = await receive()
+                if message["type"] in ("websocket.disconnect", "http.disconnect"):
+                    return
         finally:
-            s.broker.unlisten(sub.user_id, sub.app, session)
-            if isinstance(sink, SseSink) and sink.watcher is not None:
-                sink.watcher.cancel()
+            broker.unlisten(sub.user_id, sub.app, session)
 
-    async def _replay(self, sink: Sink, session: Session, after: int) -> None:
+    async def _replay(self, session: Session, after: int) -> None:
         sub = session.subscription
         while True:
             changes = await self.services.store.changes(sub.user_id, sub.app, after, REPLAY_BATCH)
             for change in changes:
-                await self._send(sink, session, change)
+                await session.send(change)
             if changes:
                 after = changes[-1].position
             session.sent = max(session.sent, after)
             if len(changes) < REPLAY_BATCH:
                 return
-
-    async def _send(self, sink: Sink, session: Session, change: Change) -> None:
-        if change.position <= session.sent:
-            return
-        session.sent = change.position
-        if session.wanted(change):
-            await sink.message(render(change), change.kind.value, change.position)
-
-    async def _forward(self, sink: Sink, session: Session, token_expires: float) -> tuple[str, str]:
-        """Send deliveries until something ends the stream; returns the closing reason."""
-        keepalive = self.services.settings.keepalive_interval
-        quiet_since = time.monotonic()
-        while True:
-            now = time.time()
-            sub_expires = session.subscription.expiration_date_time.timestamp()
-            deadline = min(token_expires, sub_expires)
-            await session.wait(min(keepalive - (time.monotonic() - quiet_since), deadline - now))
-            if isinstance(sink, SseSink) and sink.watcher is not None and sink.watcher.done():
-                raise Closed
-            if session.gone:
-                return "subscriptionGone", "The subscription was deleted."
-            if len(session.backlog) > MAX_BACKLOG:
-                return "tooSlow", "The client fell too far behind; reconnect to resume."
-            if session.backlog:
-                while session.backlog:
-                    await self._send(sink, session, session.backlog.popleft())
-                quiet_since = time.monotonic()
-                continue
-            now = time.time()
-            if now >= token_expires:
-                return "tokenExpired", "The access token expired; reconnect with a new one."
-            if now >= sub_expires and not await self._renewed(session):
-                return "subscriptionGone", "The subscription expired."
-            if time.monotonic() - quiet_since >= keepalive:
-                await sink.keepalive()
-                quiet_since = time.monotonic()
-
-    async def _renewed(self, session: Session) -> bool:
-        """At the subscription's expiry: has it been renewed meanwhile (PATCH)?"""
-        s = self.services
-        sub = await s.store.get_subscription(session.subscription.id, s.feed.clock())
-        if sub is None:
-            return False
-        session.subscription = sub
-        return True
 
 
 def _query(scope: Scope) -> dict[str, str]:

@@ -14,27 +14,14 @@ from herald.logs import configure
 @common_options
 def serve(host: str | None, port: int | None, **options: str | None) -> None:
     """Start the HTTP server."""
-    import uvicorn
-
     from herald.api.app import create_app
+    from herald.server import Server, config
 
     settings = load_settings(host=host, port=port, **options)
     configure(settings.log_level, settings.log_format)
     click.echo(f"herald: serving on {settings.base_url} (store {_redacted(settings)})", err=True)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        http="httptools",
-        loop="uvloop",
-        ws="websockets-sansio",
-        access_log=False,
-        log_config=None,
-        lifespan="on",
-        # Live SSE streams never end by themselves: give them this long, then cut them (clients
-        # reconnect and resume from their last position).
-        timeout_graceful_shutdown=3,
-    )
+    app = create_app(settings)
+    Server(config(app, settings.host, settings.port, access_log=False, log_config=None)).run()
 
 
 def _redacted(settings: object) -> str:
