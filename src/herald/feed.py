@@ -40,13 +40,15 @@ class Feed:
         self.store = store
         self.clock = clock
 
-    async def post(self, user_id: str, app: str, content: Content) -> tuple[Notification, bool]:
+    async def post(
+        self, user_id: str, app: str, content: Content, origin: str | None = None
+    ) -> tuple[Notification, bool]:
         """Create or replace (same appNotificationId). Returns (notification, created)."""
         if content.target_host_name.lower() != app.lower():
             raise AccessDenied(
                 f"targetHostName '{content.target_host_name}' does not belong to the calling app."
             )
-        return await self.store.put(user_id, app, content, new_id(), self.clock())
+        return await self.store.put(user_id, app, content, new_id(), self.clock(), origin)
 
     async def get(self, user_id: str, app: str, id: str) -> Notification | None:
         return await self.store.get(user_id, app, id, self.clock())

@@ -27,7 +27,7 @@ class Caller:
     principal: Principal
     app: App
     user_id: str
-    # The subscription named by X-UNS-ID: the device making the request (None if not named).
+    # The device making the request: the X-UNS-ID subscription of a delegated caller, else None.
     device: str | None = None
 
 
@@ -91,7 +91,9 @@ class Access:
             user_id, device = self._user(principal, path_user), None
         else:
             sub = await self.subscription(uns_id, principal, app, path_user)
-            user_id, device = sub.user_id, sub.id
+            # Only a device's own (delegated) request comes *from* that device; an app server's
+            # X-UNS-ID just names the user, and every device of theirs gets what it does.
+            user_id, device = sub.user_id, (sub.id if principal.user_id is not None else None)
         self.limits.check(principal.client_id, user_id)
         return Caller(principal, app, user_id, device)
 

@@ -118,7 +118,7 @@ class Ingest:
     async def _store(self, c: Caller, body: bytes, version: str) -> Answer:
         s = self.services
         content = schemas.content(body, s.feed.clock(), s.limits, c.app.host_name)
-        n, created = await s.feed.post(c.user_id, c.app.host_name, content)
+        n, created = await s.feed.post(c.user_id, c.app.host_name, content, c.device)
         feed, context = feed_urls(s.settings.base_url, version, c.user_id)
         headers = {"ETag": schemas.etag(n)}
         if created:

@@ -242,6 +242,8 @@ class Session:
 
     # -- Listener -------------------------------------------------------------------------------
     def deliver(self, change: Change) -> None:
+        if self.end is not None:
+            return  # closing: the client resumes from its last position
         self.backlog.append(change)
         if len(self.backlog) > MAX_BACKLOG and self.end is None:
             self.end = ("tooSlow", "The client fell too far behind; reconnect to resume.")
@@ -267,6 +269,8 @@ class Session:
                 if self.backlog:
                     batch, self.backlog = self.backlog, []
                     for change in batch:
+                        if self.end is not None:
+                            break  # e.g. fell too far behind while this loop waited to send
                         await self.send(change)
                     continue
                 if not await self.on_time():

@@ -22,8 +22,8 @@ Guarantees every implementation keeps (the contract suite in tests/store checks 
 from __future__ import annotations
 
 import builtins
-from datetime import datetime
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 import msgspec
@@ -62,9 +62,18 @@ class Store(Protocol):
 
     # -- notifications --------------------------------------------------------------------------
     async def put(
-        self, user_id: str, app: str, content: Content, new_id: str, now: datetime
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        origin: str | None = None,
     ) -> tuple[Notification, bool]:
         """Create, or replace the live notification with the same (user, app, appNotificationId).
+
+        `origin`: the subscription of the device that posted it, if it named itself (as in
+        `update`); None for app servers.
 
         `content.app_notification_id` None means "equal to the id". On create the row gets
         `new_id`, version 1 and a CREATED change; returns (notification, True). On replace the id

@@ -5,9 +5,12 @@ and in byte order of user id: that serialises writers per user (several writer t
 Herald nodes) without deadlocks, and positions are then allocated from those rows, so they commit
 gap-free and in order.
 
-Puts, the hot path, go to the server-side function `herald_put_batch` (see the migration): a whole
-batch is one statement outside an explicit transaction, i.e. one round trip and its own
+Puts, the hot path, go to the server-side function `herald_put_batch` (see the migrations): a
+whole batch is one statement outside an explicit transaction, i.e. one round trip and its own
 transaction. Other writes are rarer and run as a batch transaction driven from here.
+
+Every change gets an outbox row in its transaction. Outbox seqs come from a sequence, drawn after
+the head locks: per user, a later transaction draws larger seqs (see 0002_devices.sql).
 """
 
 from __future__ import annotations
@@ -23,22 +26,39 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from herald.errors import Conflict, HeraldError, NotFound, Unavailable
-from herald.model import App, Change, ChangeKind, Content, Notification, StatePatch
+from herald.errors import Conflict, HeraldError, NotFound, QuotaExceeded, Unavailable
+from herald.model import (
+    App,
+    Change,
+    ChangeKind,
+    Content,
+    Notification,
+    Pending,
+    StatePatch,
+    Subscription,
+)
 from herald.query import Filter, Page, Query
 from herald.store.base import Remembered
 from herald.store.sql import (
+    CHANGE_COLUMNS,
     NOTIFICATION_COLUMNS,
     POSTGRES,
+    SUBSCRIPTION_COLUMNS,
+    CommitHooks,
     change_from_row,
+    channel_key,
     check_etag,
     check_version,
+    encode_channel,
     encode_content,
     feed_where,
     migrations,
     new_notification,
     notification_from_row,
     order_by,
+    pending_from_row,
+    stored_subscription,
+    subscription_from_row,
 )
 
 MAX_BATCH = 4096
@@ -94,11 +114,21 @@ class Tx:
 
     conn: asyncpg.Connection
     heads: dict[str, int]
-    changes: list[tuple[str, int, str, str, str, datetime]] = field(default_factory=list)
+    changes: list[tuple[str, int, str, str, str, datetime, str | None]] = field(
+        default_factory=list
+    )
 
-    def append(self, user_id: str, kind: ChangeKind, app: str, nid: str, at: datetime) -> None:
+    def append(
+        self,
+        user_id: str,
+        kind: ChangeKind,
+        app: str,
+        nid: str,
+        at: datetime,
+        origin: str | None = None,
+    ) -> None:
         self.heads[user_id] += 1
-        self.changes.append((user_id, self.heads[user_id], kind.value, app, nid, at))
+        self.changes.append((user_id, self.heads[user_id], kind.value, app, nid, at, origin))
 
 
 @dataclass(slots=True)
@@ -108,6 +138,7 @@ class Put:
     content: Content
     new_id: str
     now: datetime
+    origin: str | None = None
 
 
 @dataclass(slots=True)
@@ -122,6 +153,11 @@ class Op:
 class _Call:
     work: Put | Op
     future: asyncio.Future[Any]
+
+
+Outcomes = list[tuple[bool, Any]]
+# A batch step's answer: one outcome per call, and whether it appended changes (outbox rows).
+Committed = tuple[Outcomes, bool]
 
 
 class _Link:
@@ -172,6 +208,7 @@ class PostgresStore:
         self._ops_lock = asyncio.Lock()
         self._idle = 0  # writers waiting for work
         self._closing = False
+        self._hooks = CommitHooks()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -263,7 +300,7 @@ class PostgresStore:
         self,
         link: _Link,
         batch: list[_Call],
-        run: Callable[[asyncpg.Connection, list[Any]], Awaitable[list[tuple[bool, Any]]]],
+        run: Callable[[asyncpg.Connection, list[Any]], Awaitable[Committed]],
     ) -> None:
         """Commit the batch in one transaction; if the database rejects it, retry each call in a
         transaction of its own so only the offending call fails."""
@@ -271,7 +308,7 @@ class PostgresStore:
             async with translated():
                 conn = await link.connection()
                 try:
-                    outcomes = await run(conn, [c.work for c in batch])
+                    outcomes, appended = await run(conn, [c.work for c in batch])
                 finally:
                     await link.check()
         except HeraldError as e:
@@ -279,7 +316,7 @@ class PostgresStore:
                 for call in batch:
                     await self._commit(link, [call], run)
                 return
-            outcomes = [(False, e)]
+            outcomes, appended = [(False, e)], False
         except BaseException as e:  # cancelled during close: nobody is left to answer
             for call in batch:
                 if not call.future.done():
@@ -292,6 +329,8 @@ class PostgresStore:
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
+        if appended:
+            self._hooks.fire()
 
     async def _exclusive(self, run: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         """A write that must pick its users itself (sweep): its own transaction, outside batches."""
@@ -328,10 +367,16 @@ class PostgresStore:
 
     # -- notifications -------------------------------------------------------------------------
     async def put(
-        self, user_id: str, app: str, content: Content, new_id: str, now: datetime
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        origin: str | None = None,
     ) -> tuple[Notification, bool]:
         result: tuple[Notification, bool] = await self._submit(
-            Put(user_id, app, content, new_id, now)
+            Put(user_id, app, content, new_id, now, origin)
         )
         return result
 
@@ -373,6 +418,7 @@ class PostgresStore:
         patch: StatePatch,
         if_match: int | None,
         now: datetime,
+        origin: str | None = None,
     ) -> Notification:
         async def run(tx: Tx) -> Notification:
             old = await _live(tx.conn, user_id, app, id, now)
@@ -386,14 +432,20 @@ class PostgresStore:
                 old, **changes, version=old.version + 1, last_modified_date_time=now.astimezone(UTC)
             )
             await _write_rows(tx.conn, _UPDATE_SQL, [n])
-            tx.append(user_id, ChangeKind.UPDATED, app, n.id, now)
+            tx.append(user_id, ChangeKind.UPDATED, app, n.id, now, origin)
             return n
 
         result: Notification = await self._submit(Op(user_id, run))
         return result
 
     async def delete(
-        self, user_id: str, app: str, id: str, if_match: int | None, now: datetime
+        self,
+        user_id: str,
+        app: str,
+        id: str,
+        if_match: int | None,
+        now: datetime,
+        origin: str | None = None,
     ) -> None:
         async def run(tx: Tx) -> None:
             old = await _live(tx.conn, user_id, app, id, now)
@@ -401,11 +453,13 @@ class PostgresStore:
                 raise NotFound(f"notification {id} not found")
             check_etag(old, if_match)
             await tx.conn.execute("DELETE FROM notifications WHERE id = $1", id)
-            tx.append(user_id, ChangeKind.DELETED, app, id, now)
+            tx.append(user_id, ChangeKind.DELETED, app, id, now, origin)
 
         await self._submit(Op(user_id, run))
 
-    async def delete_group(self, user_id: str, app: str, group_name: str, now: datetime) -> int:
+    async def delete_group(
+        self, user_id: str, app: str, group_name: str, now: datetime, origin: str | None = None
+    ) -> int:
         async def run(tx: Tx) -> int:
             rows = await tx.conn.fetch(
                 "DELETE FROM notifications WHERE user_id = $1 AND app = $2 AND group_name = $3"
@@ -416,7 +470,7 @@ class PostgresStore:
                 now,
             )
             for r in sorted(rows, key=lambda r: (r["created_date_time"], r["id"])):
-                tx.append(user_id, ChangeKind.DELETED, app, r["id"], now)
+                tx.append(user_id, ChangeKind.DELETED, app, r["id"], now, origin)
             return len(rows)
 
         result: int = await self._submit(Op(user_id, run))
@@ -446,7 +500,82 @@ class PostgresStore:
         expired: int = await self._exclusive(
             lambda conn: _sweep(conn, now, retain_changes_until, limit)
         )
+        if expired:
+            self._hooks.fire()
         return expired
+
+    # -- outbox --------------------------------------------------------------------------------
+    async def pending(self, limit: int) -> builtins.list[Pending]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
+        return [pending_from_row(tuple(r), _identity) for r in rows]
+
+    async def dispatched(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        keys = list(seqs)
+
+        async def run(tx: Tx) -> None:
+            await tx.conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", keys)
+
+        await self._submit(Op(None, run))
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        self._hooks.add(callback)
+
+    # -- subscriptions -------------------------------------------------------------------------
+    # Writes lock the user's feed head (Op(user_id)): that serialises one user's subscription
+    # writes across writers and nodes, so the quota count cannot race.
+    async def add_subscription(
+        self, sub: Subscription, limit: int, now: datetime
+    ) -> tuple[Subscription, bool]:
+        async def run(tx: Tx) -> tuple[Subscription, bool]:
+            return await _add_subscription(tx.conn, sub, limit, now)
+
+        result: tuple[Subscription, bool] = await self._submit(Op(sub.user_id, run))
+        return result
+
+    async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
+        async with translated(), self._acquire() as conn:
+            return await _live_subscription(conn, id, now)
+
+    async def list_subscriptions(
+        self, user_id: str, app: str, now: datetime
+    ) -> builtins.list[Subscription]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1"
+                " AND app = $2 AND expiration_date_time > $3 ORDER BY created_date_time, id",
+                user_id,
+                app,
+                now,
+            )
+        return [subscription_from_row(r, _identity) for r in rows]
+
+    async def update_subscription(self, sub: Subscription, now: datetime) -> Subscription:
+        async def run(tx: Tx) -> Subscription:
+            return await _update_subscription(tx.conn, sub, now)
+
+        result: Subscription = await self._submit(Op(sub.user_id, run))
+        return result
+
+    async def delete_subscription(self, user_id: str, app: str, id: str) -> None:
+        # The protocol passes no `now`: liveness is judged by the clock, as `changes` does.
+        now = datetime.now(UTC)
+
+        async def run(tx: Tx) -> None:
+            deleted = await tx.conn.fetchval(
+                "DELETE FROM subscriptions WHERE id = $1 AND user_id = $2 AND app = $3"
+                " AND expiration_date_time > $4 RETURNING id",
+                id,
+                user_id,
+                app,
+                now,
+            )
+            if deleted is None:
+                raise NotFound(f"subscription {id} not found")
+
+        await self._submit(Op(None, run))
 
     # -- idempotency ---------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
@@ -509,25 +638,25 @@ async def _migrate(conn: asyncpg.Connection) -> None:
 # -- batch steps -------------------------------------------------------------------------------
 
 
-async def _transaction(conn: asyncpg.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+async def _transaction(conn: asyncpg.Connection, ops: list[Op]) -> Committed:
     """Run the ops in one transaction; an op that raises before writing fails alone."""
     users = {op.user_id for op in ops if op.user_id is not None}
     async with conn.transaction():
         tx = Tx(conn, await _lock_heads(conn, users))
-        outcomes: list[tuple[bool, Any]] = []
+        outcomes: Outcomes = []
         for op in ops:
             try:
                 outcomes.append((True, await op.run(tx)))
             except HeraldError as e:  # raised before the op wrote anything
                 outcomes.append((False, e))
         await _flush(tx)
-    return outcomes
+    return outcomes, bool(tx.changes)
 
 
 _PUT_BATCH_SQL = (
     "SELECT o_ord, o_id, o_version, o_created_at, o_created FROM herald_put_batch($1::text[],"
     " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
-    " $8::timestamptz[], $9::timestamptz[], $10::bytea[])"
+    " $8::timestamptz[], $9::timestamptz[], $10::bytea[], $11::text[])"
 )
 
 
@@ -548,9 +677,7 @@ def _generations(calls: list[_Call]) -> list[list[_Call]]:
     return generations
 
 
-async def _put_batch(
-    conn: asyncpg.Connection, puts: list[Put], again: bool = False
-) -> list[tuple[bool, Any]]:
+async def _put_batch(conn: asyncpg.Connection, puts: list[Put], again: bool = False) -> Committed:
     """All puts of a call in one statement (its own transaction): `herald_put_batch`.
 
     `again`: an earlier call of the same batch may have created a key equal to a put's new id,
@@ -572,6 +699,7 @@ async def _put_batch(
         [n.last_modified_date_time for n in built],
         [n.expiration_date_time for n in built],
         [encode_content(n) for n in built],
+        [p.origin for p in puts],
     )
     outcomes: list[tuple[bool, Any] | None] = [None] * len(puts)
     for ordinal, id, version, created_at, created in rows:
@@ -582,10 +710,10 @@ async def _put_batch(
     # Cannot happen (the function answers every put). Not an exception: the call has committed,
     # and a retry of its puts would apply them twice.
     missing = (False, HeraldError("herald_put_batch did not answer this put"))
-    return [missing if o is None else o for o in outcomes]
+    return [missing if o is None else o for o in outcomes], bool(rows)
 
 
-async def _put_again(conn: asyncpg.Connection, puts: list[Put]) -> list[tuple[bool, Any]]:
+async def _put_again(conn: asyncpg.Connection, puts: list[Put]) -> Committed:
     return await _put_batch(conn, puts, again=True)
 
 
@@ -607,17 +735,8 @@ async def _lock_heads(conn: asyncpg.Connection, users: Iterable[str]) -> dict[st
 async def _flush(tx: Tx) -> None:
     if not tx.changes:
         return
-    users, positions, kinds, apps, ids, ats = zip(*tx.changes, strict=True)
-    await tx.conn.execute(
-        "INSERT INTO changes SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[],"
-        " $4::text[], $5::text[], $6::timestamptz[])",
-        users,
-        positions,
-        kinds,
-        apps,
-        ids,
-        ats,
-    )
+    users, positions, kinds, apps, ids, ats, origins = zip(*tx.changes, strict=True)
+    await tx.conn.execute(_APPEND_SQL, users, positions, kinds, apps, ids, ats, origins)
     touched = sorted({c[0] for c in tx.changes})
     await tx.conn.execute(
         "UPDATE feed_heads SET position = t.p FROM unnest($1::text[], $2::bigint[]) AS t(u, p)"
@@ -627,6 +746,16 @@ async def _flush(tx: Tx) -> None:
     )
 
 
+# The changes and their outbox rows in one statement. The sort runs below the outbox insert, so
+# seqs are drawn in position order (and after the head locks this transaction holds).
+_APPEND_SQL = (
+    "WITH appended AS (INSERT INTO changes"
+    f" (user_id, {', '.join(CHANGE_COLUMNS)})"
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
+    " $6::timestamptz[], $7::text[]) RETURNING user_id, position)"
+    " INSERT INTO outbox (user_id, position)"
+    " SELECT user_id, position FROM appended ORDER BY user_id, position"
+)
 _ARRAYS = (
     "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
     " $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],"
@@ -705,20 +834,154 @@ async def _sweep(
             users,
             positions,
         )
+        # Entries whose change was pruned can no longer be announced (a device that missed
+        # them is behind the horizon and must resync anyway). The outbox is normally near
+        # empty, so a scan of it beats an index every append would pay for.
+        await conn.execute(
+            "DELETE FROM outbox o USING unnest($1::text[], $2::bigint[]) AS t(u, p)"
+            " WHERE o.user_id = t.u AND o.position <= t.p",
+            users,
+            positions,
+        )
+    await conn.execute(
+        "DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
+        " WHERE expiration_date_time <= $1 ORDER BY expiration_date_time LIMIT $2)",
+        now,
+        limit,
+    )
     await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
     return len(expired)
+
+
+# -- subscriptions -----------------------------------------------------------------------------
+
+
+async def _add_subscription(
+    conn: asyncpg.Connection, sub: Subscription, limit: int, now: datetime
+) -> tuple[Subscription, bool]:
+    key = channel_key(sub)
+    holder = None if key is None else await _channel_holder(conn, sub.app, key)
+    if holder is not None and holder.user_id == sub.user_id and holder.expiration_date_time > now:
+        stored = stored_subscription(sub, holder)  # the same device again: update it in place
+        await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored))
+        return stored, False
+    # Checked before any write: an op that raises after writing would abort its batch.
+    live = await conn.fetchval(
+        "SELECT count(*) FROM subscriptions WHERE user_id = $1 AND app = $2"
+        " AND expiration_date_time > $3",
+        sub.user_id,
+        sub.app,
+        now,
+    )
+    if live >= limit:
+        raise QuotaExceeded(f"at most {limit} subscriptions per user and app")
+    if holder is not None:  # another user's, or expired: the channel now belongs to `sub`
+        await conn.execute("DELETE FROM subscriptions WHERE id = $1", holder.id)
+    stored = stored_subscription(sub)
+    await conn.execute(_SUBSCRIPTION_INSERT_SQL, *_subscription_row(stored))
+    return stored, True
+
+
+async def _update_subscription(
+    conn: asyncpg.Connection, sub: Subscription, now: datetime
+) -> Subscription:
+    old = await _live_subscription(conn, sub.id, now)
+    if old is None or (old.user_id, old.app) != (sub.user_id, sub.app):
+        raise NotFound(f"subscription {sub.id} not found")
+    key = channel_key(sub)
+    if key is not None:
+        await conn.execute(
+            "DELETE FROM subscriptions WHERE app = $1 AND channel_key = $2 AND id <> $3",
+            sub.app,
+            key,
+            sub.id,
+        )
+    stored = stored_subscription(sub, old)
+    await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored))
+    return stored
+
+
+async def _channel_holder(conn: asyncpg.Connection, app: str, key: str) -> Subscription | None:
+    """The subscription holding a push channel of the app, expired or not."""
+    row = await conn.fetchrow(
+        f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE app = $1 AND channel_key = $2",
+        app,
+        key,
+    )
+    return None if row is None else subscription_from_row(row, _identity)
+
+
+async def _live_subscription(
+    conn: asyncpg.Connection, id: str, now: datetime
+) -> Subscription | None:
+    row = await conn.fetchrow(
+        f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+        " WHERE id = $1 AND expiration_date_time > $2",
+        id,
+        now,
+    )
+    return None if row is None else subscription_from_row(row, _identity)
+
+
+def _subscription_row(s: Subscription) -> tuple[object, ...]:
+    return (
+        s.id,
+        s.user_id,
+        s.app,
+        s.platform.value,
+        s.display_name,
+        encode_channel(s.push_channel),
+        channel_key(s),
+        s.expiration_date_time,
+        s.created_date_time,
+        s.last_modified_date_time,
+    )
+
+
+def _subscription_update(s: Subscription) -> tuple[object, ...]:
+    return (
+        s.id,
+        s.platform.value,
+        s.display_name,
+        encode_channel(s.push_channel),
+        channel_key(s),
+        s.expiration_date_time,
+        s.last_modified_date_time,
+    )
+
+
+_SUBSCRIPTION_INSERT_SQL = (
+    "INSERT INTO subscriptions (id, user_id, app, platform, display_name, push_channel,"
+    " channel_key, expiration_date_time, created_date_time, last_modified_date_time)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
+# Owner, app and creation time are never changed.
+_SUBSCRIPTION_UPDATE_SQL = (
+    "UPDATE subscriptions SET (platform, display_name, push_channel, channel_key,"
+    " expiration_date_time, last_modified_date_time) = ($2, $3, $4, $5, $6, $7) WHERE id = $1"
+)
 
 
 # -- reads -------------------------------------------------------------------------------------
 
 
 _APP_SELECT = "SELECT client_id, host_name, display_name, secret_hash, created_date_time FROM apps"
-_CHANGES_SQL = (
-    f"SELECT c.position, c.kind, c.app, c.notification_id, c.at, {_prefixed('n')}"
-    " FROM changes c LEFT JOIN notifications n ON n.id = c.notification_id"
+# A change row and the notification as it is now (NULL columns once deleted or expired).
+_CHANGE_FIELDS = ", ".join(f"c.{col}" for col in CHANGE_COLUMNS) + ", " + _prefixed("n")
+_NOW_JOIN = (
+    " LEFT JOIN notifications n ON n.id = c.notification_id"
     " AND n.user_id = c.user_id AND c.kind IN ('created', 'updated')"
     " AND n.expiration_date_time > $1"
+)
+_CHANGES_SQL = (
+    f"SELECT {_CHANGE_FIELDS} FROM changes c{_NOW_JOIN}"
     " WHERE c.user_id = $2 AND c.position > $3{app_clause} ORDER BY c.position LIMIT $4"
+)
+# Inner join: an entry whose change was pruned is skipped (sweep removes it).
+_PENDING_SQL = (
+    f"SELECT o.seq, o.user_id, {_CHANGE_FIELDS} FROM outbox o"
+    f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{_NOW_JOIN}"
+    " ORDER BY o.seq LIMIT $2"
 )
 
 

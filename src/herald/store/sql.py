@@ -1,9 +1,10 @@
-"""What the SQLite and PostgreSQL stores share: the notification row layout, the content column
-codec, query compilation and migration loading."""
+"""What the SQLite and PostgreSQL stores share: the notification and subscription row layouts,
+the content and push channel codecs, query compilation and migration loading."""
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,11 +19,15 @@ from herald.model import (
     Change,
     ChangeKind,
     Content,
+    DevicePlatform,
     FallbackPolicy,
     Notification,
     Payload,
+    Pending,
     Priority,
+    PushChannel,
     ReadState,
+    Subscription,
     TargetPolicy,
     UserActionState,
 )
@@ -184,6 +189,30 @@ def order_by(order: Sequence[Order]) -> str:
     return ", ".join(terms)
 
 
+# -- commit signal ---------------------------------------------------------------------------
+
+log = logging.getLogger("herald.store")
+
+
+class CommitHooks:
+    """The `on_commit` callbacks of a store, called on the event loop after a commit that added
+    outbox entries."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def fire(self) -> None:
+        # A failing callback must not fail the writer (its batch has committed) nor the others.
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("on_commit callback failed")
+
+
 # -- migrations ------------------------------------------------------------------------------
 
 
@@ -249,8 +278,13 @@ def new_notification(
     )
 
 
+# Column order of a change row as `change_from_row` reads it (then the notification's columns).
+CHANGE_COLUMNS = ("position", "kind", "app", "notification_id", "at", "origin")
+
+
 def change_from_row(user_id: str, r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Change:
-    """A change-log row (position, kind, app, notification id, at, *notification columns)."""
+    """A change-log row (position, kind, app, notification id, at, origin, *notification
+    columns)."""
     return Change(
         user_id=user_id,
         position=r[0],
@@ -258,7 +292,58 @@ def change_from_row(user_id: str, r: Sequence[Any], to_dt: Callable[[Any], datet
         app=r[2],
         notification_id=r[3],
         at=to_dt(r[4]),
-        notification=None if r[5] is None else notification_from_row(r[5:], to_dt),
+        origin=r[5],
+        notification=None if r[6] is None else notification_from_row(r[6:], to_dt),
+    )
+
+
+def pending_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Pending:
+    """An outbox row (seq, user id, *change row as `change_from_row` reads it)."""
+    return Pending(r[0], change_from_row(r[1], r[2:], to_dt))
+
+
+# -- subscriptions -----------------------------------------------------------------------------
+
+# Column order of every `SELECT {SUBSCRIPTION_COLUMNS}`; `subscription_from_row` relies on it.
+SUBSCRIPTION_COLUMNS = (
+    "id, user_id, app, platform, display_name, push_channel, expiration_date_time,"
+    " created_date_time, last_modified_date_time"
+)
+_channel_decoder = msgspec.json.Decoder(PushChannel)
+
+
+def encode_channel(channel: PushChannel | None) -> str | None:
+    """JSON of the tagged union (`{"type": "webPush", ...}`), readable with any SQL tool."""
+    return None if channel is None else msgspec.json.encode(channel).decode()
+
+
+def channel_key(sub: Subscription) -> str | None:
+    return None if sub.push_channel is None else sub.push_channel.key
+
+
+def subscription_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Subscription:
+    return Subscription(
+        id=row[0],
+        user_id=row[1],
+        app=row[2],
+        platform=DevicePlatform(row[3]),
+        display_name=row[4],
+        push_channel=None if row[5] is None else _channel_decoder.decode(row[5]),
+        expiration_date_time=to_dt(row[6]),
+        created_date_time=to_dt(row[7]),
+        last_modified_date_time=to_dt(row[8]),
+    )
+
+
+def stored_subscription(sub: Subscription, kept: Subscription | None = None) -> Subscription:
+    """`sub` as a read returns it (datetimes in UTC); `kept`: the row it updates in place, whose
+    id and creation time it keeps."""
+    return msgspec.structs.replace(
+        sub,
+        id=sub.id if kept is None else kept.id,
+        created_date_time=(sub if kept is None else kept).created_date_time.astimezone(UTC),
+        expiration_date_time=sub.expiration_date_time.astimezone(UTC),
+        last_modified_date_time=sub.last_modified_date_time.astimezone(UTC),
     )
 
 
