@@ -216,6 +216,7 @@ class Session:
         "timer",
         "token_expires",
         "quiet_since",
+        "unsent",
     )
 
     def __init__(
@@ -233,6 +234,7 @@ class Session:
         # A plain list, swapped out whole when sent: an empty deque costs ten times the memory,
         # and there are thousands of idle sessions.
         self.backlog: list[Change] = []
+        self.unsent = 0  # delivered but not yet sent: the backlog and the batch being sent
         self.end: tuple[str, str] | None = None  # why the stream must close
         self.flusher: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -245,7 +247,8 @@ class Session:
         if self.end is not None:
             return  # closing: the client resumes from its last position
         self.backlog.append(change)
-        if len(self.backlog) > MAX_BACKLOG and self.end is None:
+        self.unsent += 1
+        if self.unsent > MAX_BACKLOG:
             self.end = ("tooSlow", "The client fell too far behind; reconnect to resume.")
         self.kick()
 
@@ -272,6 +275,7 @@ class Session:
                         if self.end is not None:
                             break  # e.g. fell too far behind while this loop waited to send
                         await self.send(change)
+                        self.unsent -= 1
                     continue
                 if not await self.on_time():
                     return
