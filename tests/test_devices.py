@@ -1508,3 +1508,38 @@ def test_concurrent_writes_merge_field_by_field_and_if_match_refuses_stale(
     )
     assert_graph_error(stale, 412, "preconditionFailed")
     assert without_context(c.get(url).json()) == without_context(r2.json())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_metrics_count_open_streams_and_dispatched_changes(
+    server: Server, app: RegisteredApp, protocol: str
+) -> None:
+    def sample(text: str, name: str) -> float:
+        """A sample's value; 0 before the labelled series first appears."""
+        line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
+        return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
+
+    label = "websocket" if protocol == "ws" else "sse"
+    gauge = f'herald_live_streams{{protocol="{label}"}}'
+    user = new_user()
+    token, base = server.token(app, user), server.base_url
+    async with api(base, token) as a, httpx.AsyncClient(base_url=base) as plain:
+        d = await subscribe(a, app.host_name)
+        before = (await plain.get("/metrics")).text
+        async with open_stream(protocol, base, d, token) as s:
+            assert await s.ready() == 0
+            n = await post(a, app.host_name)
+            assert await next_change(s) == change("created", 1, n)
+            during = (await plain.get("/metrics")).text
+        assert sample(during, gauge) == sample(before, gauge) + 1
+        # Counted once the outbox entry is removed, just after the change was published.
+        dispatched = "herald_dispatched_changes_total"
+        deadline = time.monotonic() + WAIT
+        while (
+            sample((await plain.get("/metrics")).text, dispatched) < sample(before, dispatched) + 1
+        ):
+            assert time.monotonic() < deadline, "the dispatched change is not counted"
+            await asyncio.sleep(0.05)
+        while sample((await plain.get("/metrics")).text, gauge) != sample(before, gauge):
+            assert time.monotonic() < deadline, "the closed stream is still counted"
+            await asyncio.sleep(0.05)
