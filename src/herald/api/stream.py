@@ -283,7 +283,7 @@ class Session:
             self.live = False
         finally:
             self.flusher = None
-            if self.live:
+            if self.live and self.timer is None:
                 self.arm()
 
     async def send(self, change: Change) -> None:
@@ -314,15 +314,18 @@ class Session:
         return False
 
     def arm(self) -> None:
-        """Wake up at the next deadline (cheap: one timer per idle session)."""
-        if self.timer is not None:
-            self.timer.cancel()
+        """Wake up at the next deadline: one timer per session, re-armed only once it has fired
+        (an early wake-up just finds nothing due), not on every delivery."""
         keepalive = self.services.settings.keepalive_interval
         due = keepalive - (time.monotonic() - self.quiet_since)
         now = time.time()
         due = min(due, self.token_expires - now)
         due = min(due, self.subscription.expiration_date_time.timestamp() - now)
-        self.timer = asyncio.get_running_loop().call_later(max(due, 0.0), self.kick)
+        self.timer = asyncio.get_running_loop().call_later(max(due, 0.0), self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.kick()
 
     def stop(self) -> None:
         self.live = False
