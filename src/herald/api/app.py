@@ -154,6 +154,7 @@ class Herald:
 def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
     redact_tokens()
     services = build_services(settings, store, clock)
+    streams = stream.Streams(services)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -165,9 +166,11 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
         await services.broker.start()
         await services.dispatcher.start()
+        streams.start()
         try:
             yield
         finally:
+            await streams.stop()
             await services.dispatcher.close()
             await services.broker.close()
             sweeper.cancel()
@@ -195,6 +198,6 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         lifespan=lifespan,
     )
     app.state.services = services
-    herald = Herald(app, Ingest(services), stream.Streams(services))
+    herald = Herald(app, Ingest(services), streams)
     services.asgi = herald
     return herald

@@ -43,6 +43,9 @@ REPLAY_BATCH = 500
 # rather than letting its backlog grow without bound.
 MAX_BACKLOG = 1000
 MAX_POSITION = 2**63 - 1
+# Deadlines (keep-alives, expiries) are checked this often, a slice of sessions at a time.
+TICK_SECONDS = 1.0
+TICK_SLICE = 1000
 QUERY_OPTIONS = {"access_token", "after"}
 
 # WebSocket close codes (4000-4999 are the application's) and the `closing` reasons.
@@ -199,8 +202,8 @@ class Session:
 
     The connection's own coroutine waits in `receive()`, so it learns at once when the client
     goes away or the server closes the socket. Sending happens in a short-lived flusher task,
-    started when there is something to send (a delivery, a keep-alive or expiry timer, a
-    revocation): an idle session holds no task of its own, only a timer.
+    started when there is something to send (a delivery, a revocation, or a deadline found by
+    `Streams.tick`): an idle session holds no task or timer of its own.
     """
 
     __slots__ = (
@@ -213,7 +216,6 @@ class Session:
         "services",
         "sink",
         "subscription",
-        "timer",
         "token_expires",
         "quiet_since",
         "unsent",
@@ -237,7 +239,6 @@ class Session:
         self.unsent = 0  # delivered but not yet sent: the backlog and the batch being sent
         self.end: tuple[str, str] | None = None  # why the stream must close
         self.flusher: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.live = False  # False while replaying: the replay sends, deliveries wait
         self.sent = 0  # the last position sent or skipped; positions at or below are dropped
         self.quiet_since = time.monotonic()
@@ -283,8 +284,6 @@ class Session:
             self.live = False
         finally:
             self.flusher = None
-            if self.live and self.timer is None:
-                self.arm()
 
     async def send(self, change: Change) -> None:
         if change.position <= self.sent:
@@ -313,24 +312,16 @@ class Session:
             self.quiet_since = time.monotonic()
         return False
 
-    def arm(self) -> None:
-        """Wake up at the next deadline: one timer per session, re-armed only once it has fired
-        (an early wake-up just finds nothing due), not on every delivery."""
-        keepalive = self.services.settings.keepalive_interval
-        due = keepalive - (time.monotonic() - self.quiet_since)
-        now = time.time()
-        due = min(due, self.token_expires - now)
-        due = min(due, self.subscription.expiration_date_time.timestamp() - now)
-        self.timer = asyncio.get_running_loop().call_later(max(due, 0.0), self.on_timer)
-
-    def on_timer(self) -> None:
-        self.timer = None
-        self.kick()
+    def due(self, wall: float, mono: float, keepalive: float) -> bool:
+        """Whether a keep-alive, or the token's or subscription's expiry, is due."""
+        return (
+            mono - self.quiet_since >= keepalive
+            or wall >= self.token_expires
+            or wall >= self.subscription.expiration_date_time.timestamp()
+        )
 
     def stop(self) -> None:
         self.live = False
-        if self.timer is not None:
-            self.timer.cancel()
         if self.flusher is not None:
             self.flusher.cancel()
 
@@ -352,6 +343,35 @@ class Streams:
         self.sessions: set[Session] = set()
         self.idle = asyncio.Event()  # set while no stream is open
         self.idle.set()
+        self.ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.ticker = asyncio.create_task(self.tick(), name="herald-stream-deadlines")
+
+    async def stop(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ticker
+            self.ticker = None
+
+    async def tick(self) -> None:
+        """Once a second, kick the sessions with a keep-alive or an expiry due.
+
+        One task walking the sessions, not a timer per session: with thousands of streams,
+        per-session timers re-armed every keep-alive fill the young GC generations with
+        long-lived objects, and the collections that scan them are latency spikes.
+        """
+        keepalive = self.services.settings.keepalive_interval
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            sessions = list(self.sessions)
+            for start in range(0, len(sessions), TICK_SLICE):
+                wall, mono = time.time(), time.monotonic()
+                for session in sessions[start : start + TICK_SLICE]:
+                    if session.live and session.due(wall, mono, keepalive):
+                        session.kick()
+                await asyncio.sleep(0)  # let requests in between slices
 
     def close_all(self) -> None:
         """Server shutdown: tell every stream why it ends (each then closes itself)."""
