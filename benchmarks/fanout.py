@@ -1,0 +1,1087 @@
+"""Live fan-out benchmark: connected devices, an app server posting to random users, Herald vs a
+minimal WebSocket fan-out server with no storage, in the same run.
+
+For each target, one server process on 127.0.0.1, started and stopped by this script:
+
+    baseline `fanout_baseline.py` (Starlette, a dict of sockets) under uvicorn with the flags
+             `herald serve` uses
+    herald   `herald serve --data DIR --port P` (embedded SQLite, or --store postgres)
+
+`--devices` WebSocket clients (2 per user) connect gradually from `--workers` separate processes
+and wait for `ready`; then the script (the "app server") posts `--rate` notifications/s to random
+users for `--duration` s, open loop, each with a unique appNotificationId. Each device records when
+it receives each `created` message, so the script reports post-to-device latency (from just
+before the POST is sent until the device has the message), missing, duplicate and misrouted
+deliveries, and the server's memory per idle connection (RSS after the connections are open and
+idle minus RSS before them, divided by their number).
+
+Herald is driven as a real deployment: an app registered with `herald app create`, RS256 tokens
+from the server's own issuer key (a delegated token per user for its devices, an app-only token for
+the poster), one `live` subscription per device, streams authenticated with the Authorization
+header, rate limits on but raised so they never throttle, the 201 sent after the durable commit.
+
+With 10,000 connections a full cyclic-GC collection stops either server for most of a second;
+--gc-log reports the servers' GC pauses that fell while posting (see benchmarks/README.md).
+
+Usage: .venv/bin/python benchmarks/fanout.py [--quick] [--devices 10000] [--rate 1000]
+       [--duration 20] [--store sqlite|postgres] [--targets baseline,herald] [--gc-log]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ingest  # shared helpers: processes, ports, /proc CPU, app registration, PostgreSQL
+import uvloop
+from ingest import HOST, HOST_NAME
+
+HERE = Path(__file__).resolve().parent
+TARGET_P99_MS = 15.0
+TARGET_KB_PER_CONN = 24.0
+TOKEN_TTL = 3 * 3600
+WARMUP_USER = "fanout-warmup"
+CONNECT_TIMEOUT = 30.0
+IN_FLIGHT_HANDSHAKES = 64  # per worker: opening stays gradual even when the server is slow
+POST_CONNECTIONS = 64  # the poster's keep-alive pool; a POST waiting for one is still timed
+SETTLE_S = 3.0  # idle time before the "after" memory reading
+QUIET_CORES = 0.15  # --wait-quiet: "idle" is other processes using less CPU than this
+QUIET_S = 5.0  # for this long
+NOISY_OTHER_PCT = 15.0
+# --gc-log: the server runs its own module (uvicorn, herald) under this wrapper, which prints
+# every cyclic-GC pause of at least GC_LOG_MIN_MS with its CLOCK_MONOTONIC start. SIGUSR1 makes
+# it call gc.freeze() (--gc-freeze, an experiment: not what the servers do by themselves).
+GC_LOG_MIN_MS = 5.0
+GC_LOG_TAG = "FANOUT-GC"
+GC_WRAPPER = f"""
+import gc, runpy, signal, sys, time
+began = [0]
+def pause(phase, info):
+    if phase == "start":
+        began[0] = time.monotonic_ns()
+    elif (ms := (time.monotonic_ns() - began[0]) / 1e6) >= {GC_LOG_MIN_MS}:
+        gen = info["generation"]
+        line = f"{GC_LOG_TAG} gen={{gen}} ms={{ms:.1f}} at={{began[0]}}"
+        print(line, file=sys.stderr, flush=True)
+gc.callbacks.append(pause)
+signal.signal(signal.SIGUSR1, lambda *_: gc.freeze())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+EXTRA_LIMITS_ENV = {"HERALD_TOKEN_RATE": "1000000000", "HERALD_TOKEN_BURST": "1000000000"}
+
+
+def log(msg: str) -> None:
+    print(f"fanout: {msg}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> int:
+    """Soft open-files limit up to the hard one (10,000 sockets need more than 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def nofile_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    return 0
+
+
+def user_name(u: int) -> str:
+    return f"fanout-user-{u:05d}"
+
+
+def percentile(sorted_xs: Sequence[float], p: float) -> float:
+    if not sorted_xs:
+        return float("nan")
+    return sorted_xs[min(len(sorted_xs) - 1, int(p / 100 * len(sorted_xs)))]
+
+
+# -- device workers (separate processes) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    user: int  # -1: the warm-up user
+    url: str
+    token: str | None  # Herald: the user's delegated token, sent as Authorization
+
+
+class DeviceWorker:
+    """Holds its share of the devices' WebSockets and records every `created` message."""
+
+    def __init__(self, devices: list[Device], open_rate: float) -> None:
+        self.devices = devices
+        self.open_rate = open_rate
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.failures: Counter[str] = Counter()
+        # One row per `created` message: which notification, which device, when (monotonic ns).
+        self.seqs = array.array("q")
+        self.devs = array.array("q")
+        self.times = array.array("q")
+        self.unique: set[tuple[int, int]] = set()
+        self.other: Counter[str] = Counter()  # other message types (keepalive, closing, …)
+        self.closes: Counter[str] = Counter()  # connections that ended, by close code
+
+    async def open_half(self, session: aiohttp.ClientSession, half: int) -> None:
+        """Connect the first or the second half of this worker's devices."""
+        middle = len(self.devices) // 2
+        devices = self.devices[:middle] if half == 1 else self.devices[middle:]
+        gate = asyncio.Semaphore(IN_FLIGHT_HANDSHAKES)
+        start = time.monotonic()
+        tasks = []
+        for i, device in enumerate(devices):
+            delay = start + i / self.open_rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await gate.acquire()
+            tasks.append(asyncio.create_task(self.open_one(session, device, gate)))
+        await asyncio.gather(*tasks)
+
+    async def open_one(
+        self, session: aiohttp.ClientSession, device: Device, gate: asyncio.Semaphore
+    ) -> None:
+        headers = {"Authorization": f"Bearer {device.token}"} if device.token else {}
+        try:
+            ws = await session.ws_connect(
+                device.url,
+                headers=headers,
+                autoping=True,  # answer uvicorn's keep-alive pings
+                heartbeat=None,
+                compress=0,  # no permessage-deflate offer: see README (memory)
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
+            first = await asyncio.wait_for(ws.receive(), CONNECT_TIMEOUT)
+            if (
+                first.type is not aiohttp.WSMsgType.TEXT
+                or json.loads(first.data)["type"] != "ready"
+            ):
+                self.failures[f"first message not ready: {str(first.data)[:120]}"] += 1
+                await ws.close()
+                return
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self.failures[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
+            return
+        finally:
+            gate.release()
+        self.sockets.append(ws)
+        self.readers.append(asyncio.create_task(self.read(device, ws)))
+
+    async def read(self, device: Device, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            msg = await ws.receive()
+            now = time.monotonic_ns()  # first thing: the device has the message now
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                self.closes[f"{msg.type.name} {ws.close_code}"] += 1
+                return
+            self.on_text(device, msg.data, now)
+
+    def on_text(self, device: Device, data: str, now: int) -> None:
+        message = json.loads(data)
+        kind = message.get("type")
+        if kind != "created":
+            self.other[str(kind)] += 1
+            return
+        app_id = str(message["notification"]["appNotificationId"])
+        seq = int(app_id.rsplit("-", 1)[1])
+        self.seqs.append(seq)
+        self.devs.append(device.index)
+        self.times.append(now)
+        self.unique.add((seq, device.index))
+
+    async def close_all(self) -> None:
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*(ws.close() for ws in self.sockets), return_exceptions=True)
+
+
+def worker_main(conn: Connection, devices: list[Device], open_rate: float) -> None:
+    raise_nofile()
+    uvloop.run(_worker(conn, devices, open_rate))
+
+
+async def _worker(conn: Connection, devices: list[Device], open_rate: float) -> None:
+    """Commands from the parent, one at a time over the pipe: clock, open-1 and open-2 (each
+    connects half of the devices), count, collect."""
+    loop = asyncio.get_running_loop()
+    worker = DeviceWorker(devices, open_rate)
+    rss0 = rss_kb(os.getpid())
+    connector = aiohttp.TCPConnector(limit=0)  # WebSockets hold their connection for good
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:
+            command = await loop.run_in_executor(None, conn.recv)
+            if command == "clock":
+                conn.send(time.monotonic_ns())
+            elif command in ("open-1", "open-2"):
+                await worker.open_half(session, int(command[-1]))
+                await asyncio.sleep(1.0)
+                conn.send((len(worker.sockets), dict(worker.failures), rss_kb(os.getpid()) - rss0))
+            elif command == "count":
+                conn.send(len(worker.unique))
+            elif command == "collect":
+                conn.send(
+                    (
+                        worker.seqs.tobytes(),
+                        worker.devs.tobytes(),
+                        worker.times.tobytes(),
+                        dict(worker.other),
+                        dict(worker.closes),
+                    )
+                )
+                await worker.close_all()
+                return
+
+
+class Workers:
+    """The device worker processes of one target."""
+
+    def __init__(self, devices: list[Device], count: int, open_rate: float) -> None:
+        ctx = mp.get_context("spawn")  # a clean interpreter, not a fork of this one
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        self.collected = False
+        for w in range(count):
+            parent, child = ctx.Pipe()
+            share = devices[w::count]  # a user's two devices land in different workers
+            proc = ctx.Process(
+                target=worker_main, args=(child, share, open_rate / count), daemon=True
+            )
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def ask(self, command: str) -> list[Any]:
+        for conn in self.conns:
+            conn.send(command)
+        replies = [conn.recv() for conn in self.conns]
+        self.collected = command == "collect"  # the workers close their sockets and exit
+        return replies
+
+    def check_clock(self) -> None:
+        """CLOCK_MONOTONIC is system-wide on Linux: a worker's reading must fall in our window."""
+        for conn in self.conns:
+            before = time.monotonic_ns()
+            conn.send("clock")
+            theirs = conn.recv()
+            after = time.monotonic_ns()
+            if not before <= theirs <= after:
+                raise RuntimeError(f"monotonic clocks disagree: {before} <= {theirs} <= {after}")
+
+    def cpu_seconds(self) -> float:
+        return sum(ingest.proc_cpu_seconds(p.pid) for p in self.procs if p.is_alive())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if self.collected:
+                proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+# -- the app server: open-loop poster --------------------------------------------------------------
+
+
+@dataclass
+class Posts:
+    users: list[int] = field(default_factory=list)
+    sent_ns: list[int] = field(default_factory=list)  # just before the POST was handed over
+    ack_ns: list[int] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)  # 0 = no response
+    lag_ns: list[int] = field(default_factory=list)  # send time minus scheduled time
+    errors: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+
+def notification_body(seq: int, run_id: str) -> bytes:
+    return json.dumps(
+        {
+            "targetHostName": HOST_NAME,
+            "appNotificationId": f"fanout-{seq}",
+            "payload": {
+                "rawContent": f"{run_id}:{seq}",
+                "visualContent": {"title": "Fan-out", "body": f"Notification {seq} of {run_id}"},
+            },
+            "priority": "High",
+            "displayTimeToLive": "60",
+        }
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one server: device URLs, the poster's URL and token."""
+
+    name: str
+    base: str
+    stream_url: dict[int, str]  # device index -> WebSocket URL
+    post_path: str  # format string with {user}
+    app_token: str | None
+    user_tokens: dict[int, str]  # user -> delegated token (Herald)
+
+    def post_headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.app_token:
+            headers["Authorization"] = f"Bearer {self.app_token}"
+        return headers
+
+
+async def post_one(
+    session: aiohttp.ClientSession, target: Target, posts: Posts, seq: int, body: bytes, due: int
+) -> None:
+    url = target.base + target.post_path.format(user=user_name(posts.users[seq]))
+    sent = time.monotonic_ns()
+    posts.sent_ns[seq] = sent
+    posts.lag_ns[seq] = sent - due
+    try:
+        async with session.post(url, data=body, headers=target.post_headers()) as resp:
+            text = await resp.read()
+            posts.status[seq] = resp.status
+            if resp.status not in (200, 201):
+                posts.errors[f"{resp.status}: {text[:200].decode(errors='replace')}"] += 1
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        posts.errors[f"{type(exc).__name__}: {str(exc)[:160]}"] += 1
+    posts.ack_ns[seq] = time.monotonic_ns()
+
+
+async def post_all(target: Target, users: int, rate: float, duration: float, seed: int) -> Posts:
+    """Open loop: POST n is due at start + n/rate, whether or not earlier ones were answered."""
+    rng = random.Random(seed)
+    count = int(rate * duration)
+    posts = Posts(
+        users=[rng.randrange(users) for _ in range(count)],
+        sent_ns=[0] * count,
+        ack_ns=[0] * count,
+        status=[0] * count,
+        lag_ns=[0] * count,
+    )
+    run_id = uuid.uuid4().hex[:12]
+    connector = aiohttp.TCPConnector(limit=POST_CONNECTIONS)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.monotonic_ns() + 50_000_000
+        tasks = []
+        for seq in range(count):
+            due = start + int(seq * 1e9 / rate)
+            delay = due - time.monotonic_ns()
+            if delay > 0:
+                await asyncio.sleep(delay / 1e9)
+            body = notification_body(seq, run_id)
+            tasks.append(asyncio.create_task(post_one(session, target, posts, seq, body, due)))
+        await asyncio.gather(*tasks)
+        posts.elapsed_s = (max(posts.sent_ns) - min(posts.sent_ns)) / 1e9 if count else 0.0
+    return posts
+
+
+# -- Herald setup: app, tokens, subscriptions ------------------------------------------------------
+
+
+def mint_tokens(data: Path, port: int, client_id: str, users: int) -> tuple[str, dict[int, str]]:
+    """The app-only token and one delegated token per user, from the server's own issuer key."""
+    from herald.auth.issuer import LocalIssuer
+    from herald.settings import load
+
+    settings = load({"data": str(data), "port": port}, env=ingest.server_env()).settings
+    issuer = LocalIssuer.load_or_create(settings.data, settings.issuer_url, settings.audience)
+    app = issuer.mint(client_id=client_id, user_id=None, ttl_seconds=TOKEN_TTL)
+    names = {u: user_name(u) for u in range(users)} | {-1: WARMUP_USER}
+    tokens = {
+        u: issuer.mint(client_id=client_id, user_id=name, ttl_seconds=TOKEN_TTL)
+        for u, name in names.items()
+    }
+    return app, tokens
+
+
+async def subscribe_all(base: str, tokens: dict[int, str], devices: int) -> dict[int, str]:
+    """One `live` subscription per device (device d belongs to user d // 2; -1, -2: warm-up)."""
+    owners = {d: d // 2 for d in range(devices)} | {-1: -1, -2: -1}
+    ids: dict[int, str] = {}
+    gate = asyncio.Semaphore(32)
+    body = {"application": HOST_NAME, "platform": "live"}
+
+    async def one(session: aiohttp.ClientSession, device: int) -> None:
+        headers = {"Authorization": f"Bearer {tokens[owners[device]]}"}
+        async with (
+            gate,
+            session.post(
+                f"{base}/beta/me/notificationSubscriptions", json=body, headers=headers
+            ) as resp,
+        ):
+            text = await resp.text()
+            if resp.status != 201:
+                raise RuntimeError(
+                    f"POST /beta/me/notificationSubscriptions answered {resp.status}: {text[:300]}"
+                )
+            ids[device] = json.loads(text)["id"]
+
+    async with aiohttp.ClientSession() as session:
+        await one(session, -1)  # fail fast (e.g. 404 while the endpoint does not exist yet)
+        await asyncio.gather(*(one(session, d) for d in owners if d != -1))
+    return ids
+
+
+# -- one target ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    devices: int
+    connected: int = 0
+    connect_failures: dict[str, int] = field(default_factory=dict)
+    open_s: float = 0.0
+    rss_before_kb: int = 0
+    rss_mid_kb: int = 0  # after the first half of the devices connected
+    rss_after_kb: int = 0
+    connected_mid: int = 0
+    client_kb_per_conn: float = 0.0
+    posts_sent: int = 0
+    posts_acked: int = 0
+    post_errors: dict[str, int] = field(default_factory=dict)
+    post_rate: float = 0.0
+    max_lag_ms: float = 0.0
+    ack_p50_ms: float = 0.0
+    ack_p99_ms: float = 0.0
+    expected: int = 0
+    received: int = 0  # distinct (notification, device) pairs that were expected
+    missing: int = 0
+    duplicates: int = 0
+    misrouted: int = 0
+    unacked_delivered: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    server_cpu_pct: float = 0.0
+    db_cpu_pct: float = 0.0  # PostgreSQL's processes (--store postgres)
+    devices_cpu_pct: float = 0.0  # the device worker processes
+    poster_cpu_pct: float = 0.0  # this process: the app server posting
+    other_cpu_pct: float = 0.0
+    other_messages: dict[str, int] = field(default_factory=dict)
+    closes: dict[str, int] = field(default_factory=dict)
+    window_ns: tuple[int, int] = (0, 0)  # from the first POST sent to the last one answered
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)  # --gc-log: in the window
+    server_log: str = ""  # errors/warnings the server logged until the end of the run
+    shutdown_log: str = ""  # … and while it was being stopped
+    error: str | None = None
+
+    @property
+    def kb_per_conn(self) -> float:
+        return (self.rss_after_kb - self.rss_before_kb) / self.connected if self.connected else 0.0
+
+    @property
+    def kb_per_conn_marginal(self) -> float:
+        """The second half of the connections only."""
+        n = self.connected - self.connected_mid
+        return (self.rss_after_kb - self.rss_mid_kb) / n if n > 0 else 0.0
+
+
+def make_devices(target: Target, count: int) -> list[Device]:
+    return [
+        Device(d, d // 2, target.stream_url[d], target.user_tokens.get(d // 2))
+        for d in range(count)
+    ]
+
+
+async def warm_up(target: Target) -> None:
+    """Two devices of a spare user get a few notifications, so one-time costs (lazy imports,
+    first-use caches) are paid before the "before" memory reading, and a broken pipeline fails
+    here with a clear message instead of as 40,000 missing deliveries."""
+    token = target.user_tokens.get(-1)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    run_id = uuid.uuid4().hex[:12]
+    async with aiohttp.ClientSession() as session:
+        sockets = [
+            await session.ws_connect(target.stream_url[d], headers=headers, compress=0)
+            for d in (-1, -2)
+        ]
+        for ws in sockets:
+            first = await asyncio.wait_for(ws.receive(), CONNECT_TIMEOUT)
+            if json.loads(first.data)["type"] != "ready":
+                raise RuntimeError(f"warm-up: first message is not ready: {first.data!r}")
+        url = target.base + target.post_path.format(user=WARMUP_USER)
+        for seq in range(20):
+            body = notification_body(seq, run_id)
+            async with session.post(url, data=body, headers=target.post_headers()) as resp:
+                if resp.status not in (200, 201):
+                    raise RuntimeError(f"warm-up POST answered {resp.status}: {await resp.text()}")
+            for ws in sockets:
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                if json.loads(msg.data).get("type") != "created":
+                    raise RuntimeError(f"warm-up: expected created, got {msg.data!r}")
+        for ws in sockets:
+            await ws.close()
+    await asyncio.sleep(0.5)
+
+
+def wait_quiet(max_s: float, ours: Callable[[], float]) -> None:
+    """Wait (up to max_s) until the rest of the machine has been idle for QUIET_S: it has 2
+    cores, and anything else running there shows up directly in the latency figures. `ours`
+    is the CPU time of this run's own processes (idle connections still cost a little)."""
+    deadline = time.monotonic() + max_s
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        busy0, ours0 = ingest.system_busy_seconds(), ours()
+        time.sleep(1.0)
+        if (ingest.system_busy_seconds() - busy0) - (ours() - ours0) >= QUIET_CORES:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_S:
+            return
+    if max_s > 0:
+        log(f"the machine is still busy after {max_s:g} s; measuring anyway")
+
+
+def drain(workers: Workers, expected: int, quiet_s: float) -> None:
+    """Wait until every expected delivery arrived, or nothing new came for `quiet_s`."""
+    last, last_change = -1, time.monotonic()
+    while True:
+        got = sum(workers.ask("count"))
+        if got >= expected:
+            time.sleep(0.5)  # a little longer, so late duplicates are seen too
+            return
+        if got != last:
+            last, last_change = got, time.monotonic()
+        elif time.monotonic() - last_change > quiet_s:
+            return
+        time.sleep(0.1)
+
+
+def tally(result: Result, posts: Posts, replies: list[Any]) -> None:
+    """Match deliveries to posts: latency, missing, duplicates, misrouted."""
+    acked = [s in (200, 201) for s in posts.status]
+    seen: Counter[tuple[int, int]] = Counter()
+    latencies: list[float] = []
+    for seqs_b, devs_b, times_b, other, closes in replies:
+        seqs, devs, times = (array.array("q") for _ in range(3))
+        seqs.frombytes(seqs_b)
+        devs.frombytes(devs_b)
+        times.frombytes(times_b)
+        for seq, dev, t in zip(seqs, devs, times, strict=True):
+            if not 0 <= seq < len(acked) or dev // 2 != posts.users[seq]:
+                result.misrouted += 1
+                continue
+            seen[(seq, dev)] += 1
+            if seen[(seq, dev)] == 1 and acked[seq]:
+                latencies.append((t - posts.sent_ns[seq]) / 1e6)
+        for k, v in other.items():
+            result.other_messages[k] = result.other_messages.get(k, 0) + v
+        for k, v in closes.items():
+            result.closes[k] = result.closes.get(k, 0) + v
+    result.duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    result.unacked_delivered = sum(1 for (seq, _) in seen if not acked[seq])
+    result.expected = 2 * sum(acked)  # both devices of the user (all were connected, checked)
+    result.received = len(latencies)
+    result.missing = result.expected - result.received
+    latencies.sort()
+    result.p50_ms = percentile(latencies, 50)
+    result.p99_ms = percentile(latencies, 99)
+    result.max_ms = latencies[-1] if latencies else float("nan")
+
+
+def summarise_posts(result: Result, posts: Posts) -> None:
+    result.posts_sent = len(posts.status)
+    result.posts_acked = sum(1 for s in posts.status if s in (200, 201))
+    result.post_errors = dict(posts.errors)
+    result.post_rate = result.posts_sent / posts.elapsed_s if posts.elapsed_s else 0.0
+    result.max_lag_ms = max(posts.lag_ns, default=0) / 1e6
+    acks = sorted((a - s) / 1e6 for a, s in zip(posts.ack_ns, posts.sent_ns, strict=True))
+    result.ack_p50_ms = percentile(acks, 50)
+    result.ack_p99_ms = percentile(acks, 99)
+
+
+def measure(args: argparse.Namespace, target: Target, server_pid: int, result: Result) -> None:
+    """Warm up, then run the devices' workers through one measurement."""
+    asyncio.run(warm_up(target))
+    workers = Workers(make_devices(target, args.devices), args.workers, args.open_rate)
+    try:
+        workers.check_clock()
+        measure_with(args, target, server_pid, result, workers)
+    finally:
+        workers.stop()
+
+
+def measure_with(
+    args: argparse.Namespace, target: Target, server_pid: int, result: Result, workers: Workers
+) -> None:
+    """Read memory, connect the devices, read memory, post, drain, tally."""
+    result.rss_before_kb = rss_kb(server_pid)
+    log(f"{target.name}: opening {args.devices:,} WebSockets at {args.open_rate:g}/s")
+    t0 = time.monotonic()
+    # In two halves: the second half's memory is a marginal figure, free of whatever the
+    # server had allocated and released before (e.g. Herald creating the subscriptions).
+    result.connected_mid = sum(n for n, _, _ in workers.ask("open-1"))
+    time.sleep(SETTLE_S)
+    result.rss_mid_kb = rss_kb(server_pid)
+    opened = workers.ask("open-2")
+    result.open_s = time.monotonic() - t0 - SETTLE_S
+    result.connected = sum(n for n, _, _ in opened)
+    for _, failures, _ in opened:
+        for k, v in failures.items():
+            result.connect_failures[k] = result.connect_failures.get(k, 0) + v
+    client_kb = sum(kb for _, _, kb in opened)
+    result.client_kb_per_conn = client_kb / result.connected if result.connected else 0.0
+    if result.connected < args.devices:
+        raise RuntimeError(
+            f"only {result.connected:,} of {args.devices:,} devices connected: "
+            f"{result.connect_failures}"
+        )
+    time.sleep(SETTLE_S)  # idle: nothing in flight, handshake buffers released
+    result.rss_after_kb = rss_kb(server_pid)
+    if args.gc_freeze:  # move everything alive now out of the collector's reach
+        os.kill(server_pid, signal.SIGUSR1)
+    wait_quiet(
+        args.wait_quiet,
+        lambda: ingest.proc_cpu_seconds(server_pid) + workers.cpu_seconds() + own_cpu(),
+    )
+    log(f"{target.name}: {result.connected:,} connected, posting {args.rate:g}/s")
+    cpu0 = (ingest.proc_cpu_seconds(server_pid), workers.cpu_seconds(), own_cpu(), db_cpu(args))
+    busy0, wall0 = ingest.system_busy_seconds(), time.monotonic()
+    posts = asyncio.run(post_all(target, args.devices // 2, args.rate, args.duration, args.seed))
+    summarise_posts(result, posts)
+    result.window_ns = (min(posts.sent_ns), max(posts.ack_ns))
+    server_cpu = ingest.proc_cpu_seconds(server_pid) - cpu0[0]
+    devices_cpu, poster_cpu = workers.cpu_seconds() - cpu0[1], own_cpu() - cpu0[2]
+    database_cpu = db_cpu(args) - cpu0[3] if target.name == "herald" else 0.0
+    wall = time.monotonic() - wall0
+    other = ingest.system_busy_seconds() - busy0 - server_cpu - devices_cpu - poster_cpu
+    other -= database_cpu
+    result.db_cpu_pct = 100 * database_cpu / wall
+    result.server_cpu_pct = 100 * server_cpu / wall
+    result.devices_cpu_pct = 100 * devices_cpu / wall
+    result.poster_cpu_pct = 100 * poster_cpu / wall
+    result.other_cpu_pct = max(0.0, 100 * other / wall)
+    drain(workers, 2 * result.posts_acked, args.drain)
+    replies = workers.ask("collect")
+    tally(result, posts, replies)
+    if args.keep:
+        dump(args.work, target.name, posts, replies)
+
+
+def dump(work: Path, name: str, posts: Posts, replies: list[Any]) -> None:
+    """--keep: the raw timings as CSV, for looking at latency over time."""
+    with (work / f"{name}-posts.csv").open("w") as out:
+        out.write("seq,user,sent_ns,ack_ns,status,lag_ns\n")
+        for seq, row in enumerate(
+            zip(posts.users, posts.sent_ns, posts.ack_ns, posts.status, posts.lag_ns, strict=True)
+        ):
+            out.write(",".join(map(str, (seq, *row))) + "\n")
+    with (work / f"{name}-deliveries.csv").open("w") as out:
+        out.write("seq,device,recv_ns\n")
+        for seqs_b, devs_b, times_b, _, _ in replies:
+            cols = [array.array("q", b) for b in (seqs_b, devs_b, times_b)]
+            for row in zip(*cols, strict=True):
+                out.write(",".join(map(str, row)) + "\n")
+
+
+def db_cpu(args: argparse.Namespace) -> float:
+    """PostgreSQL's processes: part of the system under test, not "everything else"."""
+    return ingest.postgres_cpu_seconds() if args.store == "postgres" else 0.0
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def python_module(gc_log: bool, module: str) -> list[str]:
+    """`python -m module`, or the same under the GC-pause logger."""
+    return [sys.executable, "-c", GC_WRAPPER, module] if gc_log else [sys.executable, "-m", module]
+
+
+def uvicorn_argv(port: int, gc_log: bool) -> list[str]:
+    return [
+        *python_module(gc_log, "uvicorn"),
+        "fanout_baseline:app",
+        "--app-dir",
+        str(HERE),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--ws",
+        "websockets-sansio",
+        "--lifespan",
+        "on",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+def check_server_nofile(pid: int, devices: int) -> None:
+    limit = nofile_limit(pid)
+    if limit < devices + 100:
+        raise RuntimeError(f"server open-files limit {limit} is too low for {devices} sockets")
+
+
+def failure(exc: BaseException) -> str:
+    if isinstance(exc, RuntimeError):
+        return str(exc)
+    import traceback
+
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+def log_problems(path: Path, start: int, end: int | None, limit: int = 12) -> str:
+    """Errors and warnings the server logged between two byte offsets, counted by kind (a
+    traceback is summed up by its message and its last line)."""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(start)
+        raw = f.read() if end is None else f.read(end - start)
+        kinds: Counter[str] = Counter()
+        for line in raw.decode(errors="replace").splitlines():
+            kind = problem(line)
+            if kind:
+                kinds[kind] += 1
+        return "\n".join(f"{n}x {kind}" for kind, n in kinds.most_common(limit))
+    return ""
+
+
+def problem(line: str) -> str | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if isinstance(entry, dict):
+        if str(entry.get("level", "")).lower() not in {"warning", "error", "critical"}:
+            return None
+        exc = str(entry.get("exception", "")).strip().splitlines()
+        last = f" | {exc[-1]}" if exc else ""
+        return f"{entry['level']}: {str(entry.get('message', '')).strip()}{last}"[:300]
+    if any(k in line for k in ("Traceback", "Error", "ERROR", "WARNING")):
+        return line.strip()[:300]
+    return None
+
+
+def stop_server(
+    procs: ingest.Processes, proc: subprocess.Popen[bytes], log_path: Path, result: Result
+) -> None:
+    """Stop the server; its problems are reported apart: during the run, and at shutdown."""
+    size = log_path.stat().st_size if log_path.exists() else 0
+    procs.stop(proc)
+    result.server_log = log_problems(log_path, 0, size)
+    result.shutdown_log = log_problems(log_path, size, None)
+    result.gc_pauses = gc_pauses(log_path, *result.window_ns)
+
+
+def gc_pauses(log_path: Path, start: int, end: int) -> list[tuple[int, float]]:
+    """--gc-log: (generation, ms) of the server's GC pauses that began while posting."""
+    found = []
+    with contextlib.suppress(OSError), log_path.open(errors="replace") as f:
+        for line in f:
+            if line.startswith(GC_LOG_TAG):
+                fields = dict(part.split("=", 1) for part in line.split()[1:])
+                if start <= int(fields["at"]) <= end:
+                    found.append((int(fields["gen"]), float(fields["ms"])))
+    return found
+
+
+def run_baseline(args: argparse.Namespace, procs: ingest.Processes, work: Path) -> Result:
+    result = Result("baseline", args.devices)
+    port = ingest.free_port()
+    log_path = work / "baseline.log"
+    proc = procs.start(uvicorn_argv(port, args.gc_log), ingest.server_env(), log_path)
+    try:
+        ingest.wait_ready(proc, port, "/healthz", log_path)
+        check_server_nofile(proc.pid, args.devices)
+        base = f"http://{HOST}:{port}"
+        urls = {d: f"ws://{HOST}:{port}/stream/{user_name(d // 2)}" for d in range(args.devices)}
+        urls |= {-1: f"ws://{HOST}:{port}/stream/{WARMUP_USER}"}
+        urls |= {-2: urls[-1]}
+        target = Target("baseline", base, urls, "/users/{user}/notifications", None, {})
+        measure(args, target, proc.pid, result)
+    except Exception as exc:  # reported in the table; the run goes on to the next target
+        result.error = failure(exc)
+    finally:
+        stop_server(procs, proc, log_path, result)
+    return result
+
+
+def run_herald(args: argparse.Namespace, procs: ingest.Processes, work: Path) -> Result:
+    result = Result(f"herald-{args.store}", args.devices)
+    data = work / "herald"
+    data.mkdir()
+    port = ingest.free_port()
+    log_path = work / "herald.log"
+    env = ingest.server_env(EXTRA_LIMITS_ENV)
+    store_url, pg_admin, schema = None, None, f"fanout_{uuid.uuid4().hex[:12]}"
+    proc = None
+    try:
+        if args.store == "postgres":
+            pg_admin = ingest.postgres_url(args)
+            ingest.pg(pg_admin, f"CREATE SCHEMA {schema}")
+            store_url = ingest.with_search_path(pg_admin, schema)
+        client_id = ingest.register_app(data, store_url, env)
+        log("herald: minting tokens")
+        app_token, tokens = mint_tokens(data, port, client_id, args.devices // 2)
+        herald = python_module(True, "herald") if args.gc_log else [ingest.herald_bin()]
+        argv = [*herald, "serve", "--data", str(data), "--port", str(port)]
+        if store_url:
+            argv += ["--store", store_url]
+        proc = procs.start(argv, env, log_path)
+        ingest.wait_ready(proc, port, "/healthz", log_path)
+        check_server_nofile(proc.pid, args.devices)
+        base = f"http://{HOST}:{port}"
+        log(f"herald: creating {args.devices:,} subscriptions")
+        ids = asyncio.run(subscribe_all(base, tokens, args.devices))
+        stream = f"ws://{HOST}:{port}/beta/me/notificationSubscriptions/{{}}/stream"
+        urls = {d: stream.format(sub) for d, sub in ids.items()}
+        target = Target("herald", base, urls, "/beta/users/{user}/notifications", app_token, tokens)
+        measure(args, target, proc.pid, result)
+        if proc.poll() is not None:
+            raise RuntimeError(f"herald exited during the run:\n{ingest.tail(log_path)}")
+    except Exception as exc:  # reported in the table; Herald's log excerpt goes with it
+        result.error = failure(exc)
+    finally:
+        if proc is not None:
+            stop_server(procs, proc, log_path, result)
+        if pg_admin is not None:
+            with contextlib.suppress(Exception):
+                ingest.pg(pg_admin, f"DROP SCHEMA {schema} CASCADE")
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def print_table(args: argparse.Namespace, results: list[Result]) -> None:
+    p = print
+    p()
+    if args.gc_freeze:
+        p()
+        p("EXPERIMENT: --gc-freeze: both servers called gc.freeze() once all devices connected")
+    p(
+        f"Live fan-out: {args.devices:,} devices ({args.devices // 2:,} users x 2), "
+        f"{args.rate:g} posts/s to random users for {args.duration:g} s, "
+        f"{args.workers} device worker process(es)"
+    )
+    head = (
+        f"{'target':<16} {'conns':>6} {'posts sent/acked':>17} {'deliv expected/recv':>20} "
+        f"{'missing':>7} {'dup':>4} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'KB/conn':>7}"
+    )
+    p(head)
+    p("-" * len(head))
+    for r in results:
+        if r.error and not r.posts_sent:
+            p(f"{r.name:<16} NOT MEASURED: {r.error.splitlines()[0][:200]}")
+            continue
+        p(
+            f"{r.name:<16} {r.connected:>6,} {f'{r.posts_sent:,}/{r.posts_acked:,}':>17} "
+            f"{f'{r.expected:,}/{r.received:,}':>20} {r.missing:>7,} {r.duplicates:>4,} "
+            f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.1f} {r.kb_per_conn:>7.1f}"
+        )
+    p()
+    for r in results:
+        if r.posts_sent:
+            print_details(r)
+    base = next((r for r in results if r.name == "baseline" and r.posts_sent), None)
+    for r in results:
+        if r.name != "baseline" and r.posts_sent:
+            print_verdict(r, base)
+    noisy = [r.name for r in results if r.posts_sent and r.other_cpu_pct > NOISY_OTHER_PCT]
+    if noisy:
+        p()
+        p(
+            f"warning: other processes used >{NOISY_OTHER_PCT:g}% of a core while posting to "
+            f"{', '.join(noisy)}: latency figures include that contention"
+        )
+
+
+def print_details(r: Result) -> None:
+    p = print
+    p(
+        f"{r.name}: posts at {r.post_rate:,.0f}/s (max schedule lag {r.max_lag_ms:.1f} ms), "
+        f"POST answered p50 {r.ack_p50_ms:.2f} ms / p99 {r.ack_p99_ms:.2f} ms; "
+        f"opened in {r.open_s:.1f} s"
+    )
+    p(
+        f"  memory: server RSS {r.rss_before_kb / 1024:,.1f} -> {r.rss_mid_kb / 1024:,.1f} -> "
+        f"{r.rss_after_kb / 1024:,.1f} MiB (none, half, all connected) = {r.kb_per_conn:.1f} KB "
+        f"per idle connection ({r.kb_per_conn_marginal:.1f} for the second half); "
+        f"client {r.client_kb_per_conn:.1f} KB/conn"
+    )
+    p(
+        f"  CPU while posting (% of one core): server {r.server_cpu_pct:.0f}, "
+        + (f"PostgreSQL {r.db_cpu_pct:.0f}, " if r.db_cpu_pct else "")
+        + f"devices {r.devices_cpu_pct:.0f}, poster {r.poster_cpu_pct:.0f}, "
+        f"everything else {r.other_cpu_pct:.0f}"
+    )
+    if r.gc_pauses:
+        gen2 = [ms for gen, ms in r.gc_pauses if gen == 2]
+        p(
+            f"  server GC pauses >= {GC_LOG_MIN_MS:g} ms while posting: {len(r.gc_pauses)}, "
+            f"longest {max(ms for _, ms in r.gc_pauses):.0f} ms, "
+            f"{sum(ms for _, ms in r.gc_pauses):.0f} ms in all; full (gen 2): {len(gen2)}"
+            + (f", longest {max(gen2):.0f} ms" if gen2 else "")
+        )
+    extras = {
+        "misrouted": r.misrouted,
+        "delivered without a 2xx": r.unacked_delivered,
+        "connect failures": sum(r.connect_failures.values()),
+    }
+    if any(extras.values()) or r.post_errors or r.closes:
+        p("  " + ", ".join(f"{k} {v}" for k, v in extras.items()))
+    if r.post_errors:
+        p(f"  POST errors: {r.post_errors}")
+    if r.closes:
+        p(f"  connections that ended during the run: {r.closes}")
+    if r.other_messages:
+        p(f"  other messages: {r.other_messages}")
+    if r.error:
+        p(f"  ERROR: {r.error}")
+    for title, text in (("during the run", r.server_log), ("at shutdown", r.shutdown_log)):
+        if text:
+            p(f"  server log, {title} (errors/warnings, by kind):")
+            for line in text.splitlines():
+                p(f"    {line}")
+
+
+def print_verdict(r: Result, base: Result | None) -> None:
+    p = print
+    p()
+    if base:
+        p(
+            f"{r.name} / baseline: p50 {ratio(r.p50_ms, base.p50_ms)}, "
+            f"p99 {ratio(r.p99_ms, base.p99_ms)}, max {ratio(r.max_ms, base.max_ms)}, "
+            f"KB/conn {ratio(r.kb_per_conn, base.kb_per_conn)}, "
+            f"server CPU {ratio(r.server_cpu_pct, base.server_cpu_pct)}"
+        )
+    for name, ok in checks(r).items():
+        p(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+
+
+def checks(r: Result) -> dict[str, bool]:
+    return {
+        f"p99 <= {TARGET_P99_MS:g} ms ({r.p99_ms:.2f})": r.p99_ms <= TARGET_P99_MS,
+        f"0 missing ({r.missing})": r.missing == 0 and r.received > 0,
+        f"0 duplicates ({r.duplicates})": r.duplicates == 0,
+        f"0 misrouted ({r.misrouted})": r.misrouted == 0,
+        f"<= {TARGET_KB_PER_CONN:g} KB per idle connection ({r.kb_per_conn:.1f})": (
+            0 < r.kb_per_conn <= TARGET_KB_PER_CONN
+        ),
+        "every POST answered 2xx": r.posts_acked == r.posts_sent > 0,
+    }
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--devices", type=int, default=10_000, help="connected devices, 2 per user")
+    ap.add_argument("--rate", type=float, default=1000.0, help="notifications posted per second")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of posting (20)")
+    ap.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    ap.add_argument("--postgres-url", help="PostgreSQL URL (default: run scripts/postgres as root)")
+    ap.add_argument("--targets", default="baseline,herald", help="baseline,herald (both)")
+    ap.add_argument("--workers", type=int, default=2, help="device worker processes (2)")
+    ap.add_argument("--open-rate", type=float, default=500.0, help="new connections per second")
+    ap.add_argument("--drain", type=float, default=5.0, help="max quiet seconds after posting")
+    ap.add_argument("--seed", type=int, default=1, help="random seed for the users posted to")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before posting, wait up to S s for the rest of the machine to be idle",
+    )
+    ap.add_argument(
+        "--gc-log",
+        action="store_true",
+        help=f"log the servers' GC pauses >= {GC_LOG_MIN_MS:g} ms and report those while posting",
+    )
+    ap.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="experiment (implies --gc-log): gc.freeze() in the servers once all are connected",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1,000 devices, 5 s")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.devices, args.duration = 1000, 5.0
+    args.gc_log = args.gc_log or args.gc_freeze
+    if args.devices < 2 or args.devices % 2:
+        ap.error("--devices must be an even number >= 2")
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if set(args.targets) - {"baseline", "herald"}:
+        ap.error("--targets: baseline and/or herald")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    hard = raise_nofile()  # inherited by the servers started below
+    if hard < args.devices + 100:
+        sys.exit(f"fanout: open-files hard limit {hard} is too low for {args.devices} sockets")
+    procs = ingest.Processes()
+    work = Path(tempfile.mkdtemp(prefix="herald-fanout-"))
+    args.work = work
+    results: list[Result] = []
+    try:
+        with ingest.signals_stop(procs):
+            for name in args.targets:
+                log(f"{name}: running")
+                run = run_baseline if name == "baseline" else run_herald
+                results.append(run(args, procs, work))
+                if results[-1].error:
+                    log(f"{name}: {results[-1].error}")
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(args, results)
+    herald = [r for r in results if r.name != "baseline"]
+    return 0 if all(all(checks(r).values()) for r in herald) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
