@@ -2,7 +2,8 @@
 
 The store writes an outbox entry with every change, in the same transaction (see
 `store/base.py`). This loop reads them oldest first, publishes each change to the broker (the live
-streams; push channels will hang off the same loop), and only then removes the entries. A crash in
+streams; push channels will hang off the same loop), and only then removes the entries (while
+it goes on with the next batch: a removal's commit does not hold up delivery). A crash in
 between publishes those changes again after restart: at-least-once, and streams drop what they
 have already sent by position. It wakes on the store's commit signal and also polls, so entries
 written by another process (or left by a crash) are picked up too.
@@ -25,6 +26,7 @@ log = logging.getLogger("herald.dispatcher")
 BATCH = 512
 POLL_SECONDS = 1.0
 RETRY_SECONDS = 1.0
+MAX_REMOVALS = 4  # outbox removals in flight at once
 
 
 class Dispatcher:
@@ -38,6 +40,10 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self.dispatched = 0
         self.task: asyncio.Task[None] | None = None
+        # Published entries whose removal from the outbox has not committed yet: the next batch
+        # is read (and published) without waiting for that commit, and skips them.
+        self.removing: set[int] = set()
+        self.removals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.store.on_commit(self.wake.set)
@@ -49,6 +55,8 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
+        if self.removals:
+            await asyncio.gather(*self.removals, return_exceptions=True)
 
     async def run(self) -> None:
         while True:
@@ -65,15 +73,32 @@ class Dispatcher:
                     await self.wake.wait()
 
     async def drain(self) -> int:
-        """Publish one batch of pending changes, then remove them from the outbox."""
-        pending = await self.store.pending(BATCH)
-        if not pending:
+        """Publish one batch of pending changes; their removal from the outbox follows."""
+        if len(self.removals) >= MAX_REMOVALS:
+            await asyncio.wait(self.removals, return_when=asyncio.FIRST_COMPLETED)
+        pending = await self.store.pending(BATCH + len(self.removing))
+        fresh = [entry for entry in pending if entry.seq not in self.removing]
+        if not fresh:
             return 0
         now = time.time()
-        for entry in pending:
+        for entry in fresh:
             await self.broker.publish(entry.change)
             self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
-        await self.store.dispatched([entry.seq for entry in pending])
-        self.dispatched += len(pending)
-        self.metrics.dispatched.inc(len(pending))
-        return len(pending)
+        seqs = [entry.seq for entry in fresh]
+        self.removing.update(seqs)
+        task = asyncio.create_task(self.remove(seqs))
+        self.removals.add(task)
+        task.add_done_callback(self.removals.discard)
+        return len(fresh)
+
+    async def remove(self, seqs: list[int]) -> None:
+        """Delete published entries. If that fails they stay, and are published again later:
+        streams drop a position they have already sent."""
+        try:
+            await self.store.dispatched(seqs)
+            self.dispatched += len(seqs)
+            self.metrics.dispatched.inc(len(seqs))
+        except HeraldError as exc:
+            log.warning("outbox removal failed", extra={"error": exc.message})
+        finally:
+            self.removing.difference_update(seqs)

@@ -1,0 +1,102 @@
+"""The dispatcher over a real store: every committed change is published once, in per-user
+order, and stays in the outbox (to be published again) until its removal has committed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from herald.dispatcher import Dispatcher
+from herald.errors import Unavailable
+from herald.metrics import Metrics
+from herald.model import Change
+from herald.store import Store
+from tests.store.test_contract import APP, content, new_id
+
+WAIT = 10.0
+
+
+class Recorder:
+    """A broker that records what it is asked to publish."""
+
+    def __init__(self) -> None:
+        self.published: list[Change] = []
+        self.arrived = asyncio.Event()
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def listen(self, user_id: str, app: str, listener: object) -> None: ...
+
+    def unlisten(self, user_id: str, app: str, listener: object) -> None: ...
+
+    async def publish(self, change: Change) -> None:
+        self.published.append(change)
+        self.arrived.set()
+
+    async def revoke(self, user_id: str, app: str, subscription_id: str) -> None: ...
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_every_change_is_published_once_in_per_user_order(store: Store) -> None:
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=0.05)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        now = datetime.now().astimezone()
+        users = [f"u{i}" for i in range(7)]
+        await asyncio.gather(
+            *(store.put(users[i % 7], APP, content(), new_id(), now) for i in range(300))
+        )
+        await until(lambda: len(broker.published) >= 300 and not dispatcher.removing, "all")
+        assert await store.pending(10) == []
+    finally:
+        await dispatcher.close()
+    keys = [(c.user_id, c.position) for c in broker.published]
+    assert len(keys) == len(set(keys)) == 300
+    for user in users:
+        positions = [c.position for c in broker.published if c.user_id == user]
+        assert positions == sorted(positions) and len(positions) in (42, 43)
+
+
+class FailingRemovals:
+    """The store, except that removing dispatched entries fails while `failing` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.failing = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    async def dispatched(self, seqs: Sequence[int]) -> None:
+        if self.failing:
+            raise Unavailable("the database went away")
+        await self.store.dispatched(seqs)
+
+
+async def test_a_change_whose_removal_failed_is_published_again(store: Store) -> None:
+    flaky = FailingRemovals(store)
+    broker = Recorder()
+    dispatcher = Dispatcher(flaky, broker, Metrics(), poll=0.05)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        n, _ = await store.put("u", APP, content(), new_id(), datetime.now().astimezone())
+        await until(lambda: len(broker.published) >= 2, "published again")  # removal failed
+        assert {(c.position, c.notification_id) for c in broker.published} == {(1, n.id)}
+        flaky.failing = False
+        await until(lambda: not dispatcher.removing and dispatcher.dispatched == 1, "removed")
+        assert await store.pending(10) == []
+        count = len(broker.published)
+        await asyncio.sleep(0.2)  # several polls: nothing more once it is gone
+        assert len(broker.published) == count
+    finally:
+        await dispatcher.close()
