@@ -542,6 +542,15 @@ def _bad_subscription(case: str, host: str) -> dict[str, Any]:
             host, "windows", pushChannel={"channelUri": "http://wns.example.net/x"}
         ),
         "push channel on live": subscription_body(host, "live", pushChannel=web),
+        "webPush endpoint broken IPv6": subscription_body(
+            host, "webPush", pushChannel={**web, "endpoint": "https://[::1/c"}
+        ),
+        "webPush endpoint port out of range": subscription_body(
+            host, "webPush", pushChannel={**web, "endpoint": "https://a.example:99999/c"}
+        ),
+        "WNS URI with a space": subscription_body(
+            host, "windows", pushChannel={"channelUri": "https://a b.example/c"}
+        ),
         "expiry in the past": subscription_body(host, expirationDateTime=in_seconds(-60)),
         "expiry beyond 90 days": subscription_body(
             host, expirationDateTime=in_seconds(90 * 86400 + 3600)
@@ -571,6 +580,9 @@ BAD_SUBSCRIPTIONS = [
     ("FCM token empty", 400, "invalidRequest", "pushChannel"),
     ("WNS http URI", 400, "invalidRequest", "pushChannel"),
     ("push channel on live", 400, "invalidRequest", "pushChannel"),
+    ("webPush endpoint broken IPv6", 400, "invalidRequest", "pushChannel"),
+    ("webPush endpoint port out of range", 400, "invalidRequest", "pushChannel"),
+    ("WNS URI with a space", 400, "invalidRequest", "pushChannel"),
     ("expiry in the past", 400, "invalidRequest", "expirationDateTime"),
     ("expiry beyond 90 days", 400, "invalidRequest", "expirationDateTime"),
     ("expiry not a date", 400, "invalidRequest", "expirationDateTime"),
@@ -1342,6 +1354,32 @@ async def test_deleting_the_subscription_closes_its_stream(
             async with open_stream(protocol, base, d, token):
                 pass
         assert refused.value.status == 404
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_losing_the_push_channel_to_another_user_closes_the_stream(
+    server: Server, app: RegisteredApp, protocol: str
+) -> None:
+    """Bob registers the Web Push endpoint of alice's browser (a shared machine): alice's
+    subscription is deleted, and so her open stream on it must close, not go on receiving."""
+    alice, bob = new_user(), new_user()
+    base, host = server.base_url, app.host_name
+    ta, tb = server.token(app, alice), server.token(app, bob)
+    channel = webpush_channel()
+    async with api(base, ta) as a, api(base, tb) as b:
+        r = await a.post(SUBS, json=subscription_body(host, "webPush", pushChannel=channel))
+        assert r.status_code == 201
+        mine = r.json()["id"]
+        async with open_stream(protocol, base, mine, ta) as s:
+            assert await s.ready() == 0
+            r = await b.post(SUBS, json=subscription_body(host, "webPush", pushChannel=channel))
+            assert r.status_code == 201 and r.json()["id"] != mine
+            messages, end = await s.until_end()
+            assert len(messages) == 1, messages
+            assert_closing(messages[0], "subscriptionGone")
+            if protocol == "ws":
+                assert end.code == 4404
+        assert (await a.get(f"{SUBS}/{mine}")).status_code == 404
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

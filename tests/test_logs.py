@@ -33,6 +33,8 @@ def test_access_tokens_in_logged_urls_are_redacted(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="uvicorn.error"):
         logger.info('%s - "WebSocket %s" [accepted]', "1.2.3.4", "/s?after=3&access_token=ey.J.x")
         logger.info("GET /s?access_token=secret-token HTTP/1.1")
+        logger.info('"WebSocket %s" 400', "/beta/x/stream?access%5Ftoken=other-secret")
     text = caplog.text
-    assert "ey.J.x" not in text and "secret-token" not in text
-    assert "after=3&access_token=***" in text and "access_token=*** HTTP/1.1" in text
+    assert "ey.J.x" not in text and "secret-token" not in text and "other-secret" not in text
+    assert '"WebSocket /s?***" [accepted]' in text and "GET /s?*** HTTP/1.1" in text
+    assert '"WebSocket /beta/x/stream?***" 400' in text

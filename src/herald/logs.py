@@ -11,18 +11,19 @@ import msgspec
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # Browsers pass the access token in the query string of live streams (docs/devices.md), and
-# uvicorn logs WebSocket paths with their query: never let a token reach a log.
-_TOKEN = re.compile(r"(access_token=)[^&\s\"']*", re.IGNORECASE)
+# uvicorn logs WebSocket paths with their query: never let a query string reach a log (a token
+# can be spelled in more ways than a pattern for `access_token=` would catch).
+_QUERY = re.compile(r"(/[^\s?\"']*)\?[^\s\"']*")
 
 
 class RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.args:
             record.args = tuple(
-                _TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+                _QUERY.sub(r"\1?***", a) if isinstance(a, str) else a for a in record.args
             )
-        if isinstance(record.msg, str) and "access_token=" in record.msg:
-            record.msg = _TOKEN.sub(r"\1***", record.msg)
+        if isinstance(record.msg, str) and "?" in record.msg:
+            record.msg = _QUERY.sub(r"\1?***", record.msg)
         return True
 
 

@@ -278,8 +278,8 @@ class Session:
                         await self.send(change)
                         self.unsent -= 1
                     continue
-                if not await self.on_time():
-                    return
+                if not await self.on_time() and not self.backlog:
+                    return  # (a delivery during on_time's await is sent before returning)
         except Closed:
             self.live = False
         finally:
@@ -425,6 +425,8 @@ class Streams:
             )
         caller = await s.access.caller(credential, None)
         now = s.feed.clock()
+        if len(sub_id) > 64 or not sub_id.isprintable():
+            raise NotFound(f"Subscription {sub_id[:64]!r} was not found.", target="id")
         sub = await s.store.get_subscription(sub_id, now)
         if sub is None or sub.user_id != caller.user_id or sub.app != caller.app.host_name:
             raise NotFound(f"Subscription '{sub_id[:64]}' was not found.", target="id")

@@ -74,8 +74,12 @@ class SubscriptionOut(msgspec.Struct, rename="camel"):
 def _https_url(value: Any, field: str) -> str:
     url = schemas.string(value, field, MAX_URL, required=True)
     assert url is not None
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname or not url.isprintable():
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. "https://[::1/x" or a port out of range
+        valid = False
+    if not valid or not url.isprintable() or any(c.isspace() for c in url):
         raise InvalidRequest(f"'{field}' must be an https URL.", target=field)
     return url
 
@@ -217,6 +221,20 @@ async def _own(request: Request, c: Caller) -> Subscription:
     return sub
 
 
+async def _holder(request: Request, sub: Subscription) -> Subscription | None:
+    """Who holds this push channel now: the store releases it from them (see `Store`)."""
+    if sub.push_channel is None:
+        return None
+    return await services(request).store.channel_holder(sub.app, sub.push_channel.key)
+
+
+async def _release(request: Request, holder: Subscription | None, stored: Subscription) -> None:
+    """Close the live streams of a subscription that lost its push channel (and so was
+    deleted): on a shared browser, the previous person's stream must stop too."""
+    if holder is not None and holder.id != stored.id:
+        await services(request).broker.revoke(holder.user_id, holder.app, holder.id)
+
+
 async def create(request: Request) -> Response:
     c = await _caller(request)
     s = services(request)
@@ -238,7 +256,9 @@ async def create(request: Request) -> Response:
         created_date_time=now,
         last_modified_date_time=now,
     )
+    holder = await _holder(request, sub)
     stored, created = await s.store.add_subscription(sub, s.settings.max_subscriptions, now)
+    await _release(request, holder, stored)
     body = schemas.encode(_out(request, stored))
     if not created:
         return json_response(body)
@@ -288,7 +308,9 @@ async def patch_one(request: Request) -> Response:
     if not changes:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
     updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
+    holder = await _holder(request, updated)
     stored = await s.store.update_subscription(updated, now)
+    await _release(request, holder, stored)
     return json_response(schemas.encode(_out(request, stored)))
 
 

@@ -171,6 +171,10 @@ class Store(Protocol):
         """By id alone (the UNS ID names the user); None if absent or expired. Callers check
         that it belongs to the calling app and user."""
 
+    async def channel_holder(self, app: str, key: str) -> Subscription | None:
+        """The subscription of `app` (expired or not) holding the push channel `key`, if any:
+        the one `add_subscription`/`update_subscription` would release."""
+
     async def list_subscriptions(
         self, user_id: str, app: str, now: datetime
     ) -> builtins.list[Subscription]:

@@ -539,6 +539,16 @@ class PostgresStore:
         async with translated(), self._acquire() as conn:
             return await _live_subscription(conn, id, now)
 
+    async def channel_holder(self, app: str, key: str) -> Subscription | None:
+        async with translated(), self._acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+                " WHERE app = $1 AND channel_key = $2",
+                app,
+                key,
+            )
+        return None if row is None else subscription_from_row(row, _identity)
+
     async def list_subscriptions(
         self, user_id: str, app: str, now: datetime
     ) -> builtins.list[Subscription]:

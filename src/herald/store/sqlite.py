@@ -495,6 +495,16 @@ class SqliteStore:
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
         return await self._read(lambda c: _live_subscription(c, id, to_micros(now)))
 
+    async def channel_holder(self, app: str, key: str) -> Subscription | None:
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions"
+                " WHERE app = ? AND channel_key = ?",
+                (app, key),
+            ).fetchone()
+        )
+        return None if row is None else subscription_from_row(row, from_micros)
+
     async def list_subscriptions(
         self, user_id: str, app: str, now: datetime
     ) -> builtins.list[Subscription]:

@@ -38,7 +38,7 @@ CREATE INDEX subscriptions_expiry ON subscriptions (expiration_date_time);
 -- herald_put_batch as in schema 1, plus each put's origin (the posting device, if it named
 -- itself) and one outbox row per appended change (the `outboxed` step). A new argument makes a
 -- new function, so the old one goes first.
-DROP FUNCTION herald_put_batch(text[], text[], text[], text[], text[], text[], text[],
+DROP FUNCTION IF EXISTS herald_put_batch(text[], text[], text[], text[], text[], text[], text[],
     timestamptz[], timestamptz[], bytea[]);
 CREATE FUNCTION herald_put_batch(
     p_user text[],
