@@ -1581,3 +1581,41 @@ async def test_metrics_count_open_streams_and_dispatched_changes(
         while sample((await plain.get("/metrics")).text, gauge) != sample(before, gauge):
             assert time.monotonic() < deadline, "the closed stream is still counted"
             await asyncio.sleep(0.05)
+
+
+async def test_a_client_that_reads_nothing_is_dropped(server: Server, app: RegisteredApp) -> None:
+    """An SSE client that never reads again cannot even be sent `closing`: once it is too far
+    behind, the server drops the connection (and its session) after a grace period."""
+
+    def streams(text: str) -> float:
+        line = next(
+            (x for x in text.splitlines() if x.startswith('herald_live_streams{protocol="sse"}')),
+            None,
+        )
+        return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
+
+    user = new_user()
+    token, host, base = server.token(app, user), app.host_name, server.base_url
+    async with api(base, token) as a, httpx.AsyncClient(base_url=base) as plain:
+        d = await subscribe(a, host)
+        before = streams((await plain.get("/metrics")).text)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT)
+        try:
+            sock.connect(("127.0.0.1", server.settings.port))
+        except OSError:
+            sock.close()
+            raise
+        request = f"GET {SUBS}/{d}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+        sock.sendall(request.encode() + b"\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        try:
+            assert streams((await plain.get("/metrics")).text) == before + 1
+            await post_many(base, token, host, 2500, 3900)  # ~10 MB it will never read
+            deadline = time.monotonic() + 30
+            while streams((await plain.get("/metrics")).text) != before:
+                assert time.monotonic() < deadline, "the stuck stream was never dropped"
+                await asyncio.sleep(0.25)
+        finally:
+            sock.close()

@@ -45,6 +45,8 @@ MAX_BACKLOG = 1000
 MAX_POSITION = 2**63 - 1
 # Deadlines (keep-alives, expiries) are checked this often, a slice of sessions at a time.
 TICK_SECONDS = 1.0
+# How long a stream that must close (too slow) may take to get its `closing` message out.
+ABORT_SECONDS = 10.0
 TICK_SLICE = 1000
 QUERY_OPTIONS = {"access_token", "after"}
 
@@ -219,6 +221,8 @@ class Session:
         "token_expires",
         "quiet_since",
         "unsent",
+        "main",
+        "aborted",
     )
 
     def __init__(
@@ -239,6 +243,8 @@ class Session:
         self.unsent = 0  # delivered but not yet sent: the backlog and the batch being sent
         self.end: tuple[str, str] | None = None  # why the stream must close
         self.flusher: asyncio.Task[None] | None = None
+        self.main: asyncio.Task[Any] | None = None  # the connection's own task
+        self.aborted = False
         self.live = False  # False while replaying: the replay sends, deliveries wait
         self.sent = 0  # the last position sent or skipped; positions at or below are dropped
         self.quiet_since = time.monotonic()
@@ -251,7 +257,16 @@ class Session:
         self.unsent += 1
         if self.unsent > MAX_BACKLOG:
             self.end = ("tooSlow", "The client fell too far behind; reconnect to resume.")
+            # A client that reads nothing never lets the `closing` message out: cut it then.
+            asyncio.get_running_loop().call_later(ABORT_SECONDS, self.abort)
         self.kick()
+
+    def abort(self) -> None:
+        """Drop a connection whose flusher is stuck on a client that does not read."""
+        if self.flusher is not None and self.main is not None and not self.main.done():
+            self.aborted = True
+            self.flusher.cancel()
+            self.main.cancel()
 
     def revoke(self, subscription_id: str) -> None:
         if subscription_id == self.subscription.id:
@@ -397,12 +412,17 @@ class Streams:
         gauge = self.services.metrics.streams.labels(protocol)
         gauge.inc()
         session = Session(self.services, sink, sub, token_expires)
+        session.main = asyncio.current_task()
         self.sessions.add(session)
         self.idle.clear()
         try:
             await self._serve(scope, receive, session, start)
         except Closed:
             pass
+        except asyncio.CancelledError:
+            if not session.aborted or session.main is None:
+                raise
+            session.main.uncancel()  # our own abort: end quietly, the server drops the socket
         finally:
             self.sessions.discard(session)
             if not self.sessions:
@@ -465,6 +485,8 @@ class Streams:
         while True:
             changes = await self.services.store.changes(sub.user_id, sub.app, after, REPLAY_BATCH)
             for change in changes:
+                if session.end is not None:
+                    return  # closing anyway (e.g. too slow): no point replaying more
                 await session.send(change)
             if changes:
                 after = changes[-1].position
