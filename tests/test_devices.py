@@ -379,6 +379,14 @@ def test_patch_renews_renames_and_rotates(server: Server, app: RegisteredApp) ->
     assert r.json()["displayName"] == "Firefox on the desk"
     assert r.json()["expirationDateTime"] == renewed["expirationDateTime"]
 
+    # null clears: no name, and no push channel (the device goes live-only)...
+    r = c.patch(url, json={"displayName": None, "pushChannel": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["displayName"] is None and r.json()["pushChannel"] is None
+    # ...and a channel can be given again.
+    r = c.patch(url, json={"displayName": "Firefox on the desk", "pushChannel": s["pushChannel"]})
+    assert r.json()["pushChannel"] == s["pushChannel"]
+
     rotated = webpush_channel()
     r = c.patch(url, json={"pushChannel": rotated})
     assert r.status_code == 200, r.text

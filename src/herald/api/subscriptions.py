@@ -44,8 +44,9 @@ class SubscriptionIn(msgspec.Struct, forbid_unknown_fields=True):
 
     application: Any = None
     platform: Any = None
-    displayName: Any = None
-    pushChannel: Any = None
+    # UNSET (absent) differs from null here: a PATCH with null clears the field.
+    displayName: Any = msgspec.UNSET
+    pushChannel: Any = msgspec.UNSET
     expirationDateTime: Any = None
     id: Any = None
     createdDateTime: Any = None
@@ -158,6 +159,10 @@ def _expiration(value: Any, now: datetime, request: Request) -> datetime | None:
     return schemas.expiration(value, now, limits, "expirationDateTime")
 
 
+def _given(value: Any) -> Any:
+    return None if value is msgspec.UNSET else value
+
+
 def _decode(body: bytes) -> SubscriptionIn:
     data: SubscriptionIn = schemas.decode_body(body, _DECODER)
     for name in READ_ONLY:
@@ -250,8 +255,8 @@ async def create(request: Request) -> Response:
         user_id=c.user_id,
         app=c.app.host_name,
         platform=platform,
-        display_name=schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME),
-        push_channel=push_channel(data.pushChannel, platform),
+        display_name=schemas.string(_given(data.displayName), "displayName", MAX_DISPLAY_NAME),
+        push_channel=push_channel(_given(data.pushChannel), platform),
         expiration_date_time=expires or now + timedelta(seconds=s.settings.subscription_ttl),
         created_date_time=now,
         last_modified_date_time=now,
@@ -301,9 +306,9 @@ async def patch_one(request: Request) -> Response:
     now = s.feed.clock()
     if data.expirationDateTime is not None:
         changes["expiration_date_time"] = _expiration(data.expirationDateTime, now, request)
-    if data.displayName is not None:
+    if data.displayName is not msgspec.UNSET:
         changes["display_name"] = schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
-    if data.pushChannel is not None:
+    if data.pushChannel is not msgspec.UNSET:  # null: the device goes live-only
         changes["push_channel"] = push_channel(data.pushChannel, sub.platform)
     if not changes:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
