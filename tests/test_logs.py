@@ -38,3 +38,14 @@ def test_access_tokens_in_logged_urls_are_redacted(caplog: pytest.LogCaptureFixt
     assert "ey.J.x" not in text and "secret-token" not in text and "other-secret" not in text
     assert '"WebSocket /s?***" [accepted]' in text and "GET /s?*** HTTP/1.1" in text
     assert '"WebSocket /beta/x/stream?***" 400' in text
+
+
+def test_a_refused_websocket_handshake_is_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redact_tokens()
+    logger = logging.getLogger("uvicorn.error")
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        logger.error("ASGI callable returned without completing handshake.")
+        logger.error("Exception in ASGI application\n")
+    assert [r.getMessage() for r in caplog.records] == ["Exception in ASGI application\n"]

@@ -27,12 +27,22 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class QuietRefusals(logging.Filter):
+    """uvicorn (websockets-sansio) logs an error for every WebSocket handshake refused with an
+    HTTP response (`websocket.http.response`, how a live stream answers a bad token), as if the
+    app had forgotten to answer; it did answer. Drop that one line, not real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "ASGI callable returned without completing handshake."
+
+
 def redact_tokens() -> None:
-    """Install the filter on the loggers that see request URLs (idempotent)."""
+    """Install the filters on the loggers that see request URLs (idempotent)."""
     for name in ("uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())
+        for kind in (RedactTokens, QuietRefusals):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 class JsonFormatter(logging.Formatter):
