@@ -157,6 +157,17 @@ def server(
             yield Server(settings, url)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None (SQLite under the data directory), then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.pg import fresh_database
+
+    yield from fresh_database()
+
+
 @pytest.fixture
 def app(server: Server) -> Iterator[RegisteredApp]:
     yield server.register()

@@ -7,24 +7,21 @@ client drops). Also: a graceful shutdown closes streams with `closing`/`shutdown
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from herald.auth.issuer import LocalIssuer
 from tests.conftest import free_port
 from tests.devices import WAIT, Stream, api, open_stream, subscription_body
+from tests.processes import register, start
 
 HOST = "crash-devices.example.com"
 FEED = "/beta/me/notifications"
@@ -32,50 +29,10 @@ ACKED_BEFORE_KILL = 200
 POSTS = 1200
 
 
-def start(data: Path, port: int, store_url: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HERALD_APP_RATE": "1000000", "HERALD_APP_BURST": "1000000"}
-    env |= {"HERALD_USER_RATE": "1000000", "HERALD_USER_BURST": "1000000"}
-    env |= {"HERALD_KEEPALIVE_INTERVAL": "2"}
-    args = [sys.executable, "-m", "herald", "serve", "--data", str(data), "--port", str(port)]
-    if store_url:
-        args += ["--store", store_url]
-    with (data / "server.log").open("ab") as log:  # a file, not a pipe: a full pipe blocks
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((data / "server.log").read_text())
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("herald serve did not become ready")
-
-
-def register(data: Path, store_url: str | None) -> str:
-    args = [sys.executable, "-m", "herald", "app", "create", "--host-name", HOST]
-    args += ["--data", str(data)] + (["--store", store_url] if store_url else [])
-    out = subprocess.run(args, check=True, capture_output=True).stdout
-    return str(json.loads(out)["clientId"])
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if request.param == "sqlite":
-        yield None
-        return
-    from tests.pg import fresh_database
-
-    yield from fresh_database()
 
 
 @dataclass
@@ -194,11 +151,11 @@ def test_devices_get_every_acknowledged_notification_once_across_a_crash(
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    client_id = register(tmp_path, store_url)
+    client_id = register(tmp_path, store_url, HOST)
     issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
     user = f"crash-{uuid.uuid4()}"
     token = issuer.mint(client_id=client_id, user_id=user)
-    proc = start(tmp_path, port, store_url)
+    proc = start(tmp_path, port, store_url, HERALD_KEEPALIVE_INTERVAL="2")
 
     async def scenario() -> tuple[Device, Device, dict[str, str]]:
         nonlocal proc
@@ -278,10 +235,10 @@ def test_shutdown_ends_streams_and_devices_resume_after_restart(
     (WebSocket close code 1012); the client reconnects and resumes from its last position."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    client_id = register(tmp_path, store_url)
+    client_id = register(tmp_path, store_url, HOST)
     issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
     token = issuer.mint(client_id=client_id, user_id=f"shutdown-{uuid.uuid4()}")
-    proc = start(tmp_path, port, store_url)
+    proc = start(tmp_path, port, store_url, HERALD_KEEPALIVE_INTERVAL="2")
     ended: list[tuple[list[tuple[str, str | None]], int | None, float]] = []
 
     async def before() -> tuple[list[str], str]:
@@ -322,7 +279,7 @@ def test_shutdown_ends_streams_and_devices_resume_after_restart(
     assert all(after <= WAIT for _, _, after in ended), ended
 
     # After the restart both devices resume from position 1 and get what came since.
-    proc = start(tmp_path, port, store_url)
+    proc = start(tmp_path, port, store_url, HERALD_KEEPALIVE_INTERVAL="2")
 
     async def after() -> None:
         async with api(base, token) as a:

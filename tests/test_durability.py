@@ -4,52 +4,18 @@ posts, restart it on the same data, and find every notification that was answere
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from herald.auth.issuer import LocalIssuer
 from tests.conftest import free_port
+from tests.processes import register, start
 
 USERS = 8
-
-
-def start(data: Path, port: int, store_url: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HERALD_APP_RATE": "1000000", "HERALD_APP_BURST": "1000000"}
-    env |= {"HERALD_USER_RATE": "1000000", "HERALD_USER_BURST": "1000000"}
-    args = [sys.executable, "-m", "herald", "serve", "--data", str(data), "--port", str(port)]
-    if store_url:
-        args += ["--store", store_url]
-    with (data / "server.log").open("ab") as log:  # a file, not a pipe: a full pipe blocks
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((data / "server.log").read_text())
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("herald serve did not become ready")
-
-
-def register(data: Path, store_url: str | None) -> str:
-    args = [sys.executable, "-m", "herald", "app", "create", "--host-name", "crash.example.com"]
-    args += ["--data", str(data)] + (["--store", store_url] if store_url else [])
-    out = subprocess.run(args, check=True, capture_output=True).stdout
-    return str(json.loads(out)["clientId"])
 
 
 async def burst(base: str, tokens: list[str], proc: subprocess.Popen[bytes]) -> dict[str, str]:
@@ -86,21 +52,11 @@ async def burst(base: str, tokens: list[str], proc: subprocess.Popen[bytes]) -> 
     return acked
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if request.param == "sqlite":
-        yield None
-        return
-    from tests.pg import fresh_database
-
-    yield from fresh_database()
-
-
 def test_sigkill_mid_burst_loses_nothing_acknowledged(
     tmp_path: Path, store_url: str | None
 ) -> None:
     port = free_port()
-    client_id = register(tmp_path, store_url)
+    client_id = register(tmp_path, store_url, "crash.example.com")
     issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
     users = [f"crash-{uuid.uuid4()}" for _ in range(USERS)]
     tokens = [issuer.mint(client_id=client_id, user_id=u) for u in users]
