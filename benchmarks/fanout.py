@@ -724,27 +724,7 @@ def python_module(gc_log: bool, module: str) -> list[str]:
 
 
 def uvicorn_argv(port: int, gc_log: bool) -> list[str]:
-    return [
-        *python_module(gc_log, "uvicorn"),
-        "fanout_baseline:app",
-        "--app-dir",
-        str(HERE),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--http",
-        "httptools",
-        "--loop",
-        "uvloop",
-        "--ws",
-        "websockets-sansio",
-        "--lifespan",
-        "on",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+    return [*python_module(gc_log, "uvicorn"), *ingest.uvicorn_flags("fanout_baseline:app", port)]
 
 
 def check_server_nofile(pid: int, devices: int) -> None:

@@ -428,14 +428,10 @@ class Store:
 # -- targets ---------------------------------------------------------------------------------------
 
 
-def bench_bare(args: argparse.Namespace, procs: Processes, work: Path, tokens: Path) -> Run:
-    port = free_port()
-    log_path = work / f"bare-{port}.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bare:app",
+def uvicorn_flags(app: str, port: int) -> list[str]:
+    """uvicorn's arguments for a baseline app in this directory: the flags `herald serve` uses."""
+    return [
+        app,
         "--app-dir",
         str(HERE),
         "--host",
@@ -454,6 +450,12 @@ def bench_bare(args: argparse.Namespace, procs: Processes, work: Path, tokens: P
         "--log-level",
         "warning",
     ]
+
+
+def bench_bare(args: argparse.Namespace, procs: Processes, work: Path, tokens: Path) -> Run:
+    port = free_port()
+    log_path = work / f"bare-{port}.log"
+    argv = [sys.executable, "-m", "uvicorn", *uvicorn_flags("bare:app", port)]
     proc = procs.start(argv, server_env(), log_path)
     try:
         wait_ready(proc, port, "/", log_path)
