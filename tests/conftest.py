@@ -143,18 +143,28 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """A running Herald on SQLite, and again on PostgreSQL: server-level tests run on both."""
-    data = tmp_path_factory.mktemp("herald")
-    if request.param == "sqlite":
-        settings = make_settings(data)
-        for url in serve_in_thread(settings):
-            yield Server(settings, url)
+    yield from servers(request.param, tmp_path_factory.mktemp("herald"))
+
+
+def servers(store: str, data: Path, **overrides: object) -> Iterator[Server]:
+    """A running Herald on `store` ("sqlite": a file under `data`; "postgres": a fresh schema),
+    with these settings overridden; its clients are closed afterwards."""
+    if store == "sqlite":
+        yield from _serve(make_settings(data, **overrides))
         return
     from tests.pg import fresh_database
 
     for store_url in fresh_database():
-        settings = make_settings(data, store_url=store_url)
-        for url in serve_in_thread(settings):
-            yield Server(settings, url)
+        yield from _serve(make_settings(data, store_url=store_url, **overrides))
+
+
+def _serve(settings: Settings) -> Iterator[Server]:
+    for url in serve_in_thread(settings):
+        server = Server(settings, url)
+        try:
+            yield server
+        finally:
+            server.close_clients()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -26,7 +26,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from tests.conftest import RegisteredApp, Server, make_settings, serve_in_thread
+from tests.conftest import RegisteredApp, Server, servers
 from tests.devices import (
     WAIT,
     Refused,
@@ -64,16 +64,6 @@ REMOVED = {"reason": "deleted"}
 PROTOCOLS = ["ws", "sse"]
 
 
-def serve(data: Any, **overrides: Any) -> Iterator[Server]:
-    settings = make_settings(data, **overrides)
-    for url in serve_in_thread(settings):
-        srv = Server(settings, url)
-        try:
-            yield srv
-        finally:
-            srv.close_clients()
-
-
 @pytest.fixture(
     scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
@@ -83,14 +73,7 @@ def server(
     """Herald on SQLite, and again on PostgreSQL, sweeping expiry every 0.5 s and sending
     keep-alives every 2 s (the session fixture's 30 s / 25 s are too slow to observe)."""
     data = tmp_path_factory.mktemp("herald-devices")
-    fast: dict[str, Any] = {"sweep_interval": SWEEP, "keepalive_interval": KEEPALIVE}
-    if request.param == "sqlite":
-        yield from serve(data, **fast)
-        return
-    from tests.pg import fresh_database
-
-    for store_url in fresh_database():
-        yield from serve(data, store_url=store_url, **fast)
+    yield from servers(request.param, data, sweep_interval=SWEEP, keepalive_interval=KEEPALIVE)
 
 
 @pytest.fixture(
@@ -101,14 +84,7 @@ def forgetful(
 ) -> Iterator[Server]:
     """A Herald that keeps one second of change history (change_retention = 1 s)."""
     data = tmp_path_factory.mktemp("herald-forgetful")
-    short: dict[str, Any] = {"sweep_interval": 0.3, "change_retention": 1}
-    if request.param == "sqlite":
-        yield from serve(data, **short)
-        return
-    from tests.pg import fresh_database
-
-    for store_url in fresh_database():
-        yield from serve(data, store_url=store_url, **short)
+    yield from servers(request.param, data, sweep_interval=0.3, change_retention=1)
 
 
 @pytest.fixture
