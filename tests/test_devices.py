@@ -51,6 +51,7 @@ SUBS = "/beta/me/notificationSubscriptions"
 FEED = "/beta/me/notifications"
 DELTA = "/beta/me/notifications/delta"
 SUB_KEYS = {
+    "deliveryState",
     "id",
     "application",
     "platform",

@@ -2,11 +2,13 @@
 
 The store writes an outbox entry with every change, in the same transaction (see
 `store/base.py`). This loop reads them oldest first, publishes each change to the broker (the live
-streams; push channels will hang off the same loop), and only then removes the entries (while
-it goes on with the next batch: a removal's commit does not hold up delivery). A crash in
-between publishes those changes again after restart: at-least-once, and streams drop what they
-have already sent by position. It wakes on the store's commit signal and also polls, so entries
-written by another process (or left by a crash) are picked up too.
+streams), works out the pushes for the devices' push channels (`routing.py`), and only then
+removes the entries while queueing those pushes, in one transaction (while it goes on with the
+next batch: that commit does not hold up live delivery). The push engine (`push.py`) sends
+them. A crash in between publishes those changes again after restart: at-least-once, and
+streams drop what they have already sent by position; pushes are queued exactly once. It wakes
+on the store's commit signal and also polls, so entries written by another process (or left by
+a crash) are picked up too.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 
+from herald import routing
 from herald.broker import Broker
 from herald.errors import HeraldError
+from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
+from herald.model import NewDelivery, Pending, Provider, Subscription
 from herald.store import Store
 
 log = logging.getLogger("herald.dispatcher")
@@ -31,12 +37,21 @@ MAX_REMOVALS = 4  # outbox removals in flight at once
 
 class Dispatcher:
     def __init__(
-        self, store: Store, broker: Broker, metrics: Metrics, poll: float = POLL_SECONDS
+        self,
+        store: Store,
+        broker: Broker,
+        metrics: Metrics,
+        poll: float = POLL_SECONDS,
+        pushed: Callable[[Iterable[Provider]], None] | None = None,
+        clock: Clock = utcnow,
     ) -> None:
         self.store = store
         self.broker = broker
         self.metrics = metrics
         self.poll = poll
+        # Called with the providers of newly queued pushes; None: push channels are off.
+        self.pushed = pushed
+        self.clock = clock
         self.wake = asyncio.Event()
         self.dispatched = 0
         self.task: asyncio.Task[None] | None = None
@@ -76,28 +91,48 @@ class Dispatcher:
         """Publish one batch of pending changes; their removal from the outbox follows."""
         if len(self.removals) >= MAX_REMOVALS:
             await asyncio.wait(self.removals, return_when=asyncio.FIRST_COMPLETED)
-        pending = await self.store.pending(BATCH + len(self.removing))
-        fresh = [entry for entry in pending if entry.seq not in self.removing]
+        # An entry whose removal commits while `pending` reads may still come back from it: skip
+        # what was being removed when the read began too, or its pushes would be queued twice.
+        skip = set(self.removing)
+        pending = await self.store.pending(BATCH + len(skip))
+        fresh = [e for e in pending if e.seq not in skip and e.seq not in self.removing]
         if not fresh:
             return 0
         now = time.time()
         for entry in fresh:
             await self.broker.publish(entry.change)
             self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
+        deliveries = await self.deliveries(fresh) if self.pushed is not None else []
         seqs = [entry.seq for entry in fresh]
         self.removing.update(seqs)
-        task = asyncio.create_task(self.remove(seqs))
+        task = asyncio.create_task(self.remove(seqs, deliveries))
         self.removals.add(task)
         task.add_done_callback(self.removals.discard)
         return len(fresh)
 
-    async def remove(self, seqs: list[int]) -> None:
-        """Delete published entries. If that fails they stay, and are published again later:
-        streams drop a position they have already sent."""
+    async def deliveries(self, entries: list[Pending]) -> list[NewDelivery]:
+        """The pushes these changes make, to their users' push subscriptions."""
+        pairs = sorted({(e.change.user_id, e.change.app) for e in entries})
+        now = self.clock()
+        targets: dict[tuple[str, str], list[Subscription]] = {}
+        for sub in await self.store.push_targets(pairs, now):
+            targets.setdefault((sub.user_id, sub.app), []).append(sub)
+        out: list[NewDelivery] = []
+        for e in entries:
+            subs = targets.get((e.change.user_id, e.change.app))
+            if subs:
+                out.extend(routing.deliveries(e.change, subs, now))
+        return out
+
+    async def remove(self, seqs: list[int], deliveries: list[NewDelivery]) -> None:
+        """Delete published entries and queue their pushes. If that fails the entries stay, and
+        are published again later: streams drop a position they have already sent."""
         try:
-            await self.store.dispatched(seqs)
+            await self.store.dispatched(seqs, deliveries)
             self.dispatched += len(seqs)
             self.metrics.dispatched.inc(len(seqs))
+            if deliveries and self.pushed is not None:
+                self.pushed({d.provider for d in deliveries})
         except HeraldError as exc:
             log.warning("outbox removal failed", extra={"error": exc.message})
         finally:

@@ -47,6 +47,32 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.push_attempts = Counter(
+            "herald_push_attempts",
+            "Push attempts by provider and outcome (delivered, retry, gone, rejected).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.push_seconds = Histogram(
+            "herald_push_seconds",
+            "Time one push request took (rendering, encryption and the provider's answer).",
+            ["provider"],
+            buckets=LATENCY_BUCKETS + (5.0, 10.0),
+            registry=self.registry,
+        )
+        self.push_queued = Gauge(
+            "herald_push_queued",
+            "Pushes waiting in the store (due now or later), by provider; sampled every 10 s.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.push_credential_failures = Counter(
+            "herald_push_credential_failures",
+            "Attempts refused because of the app's credentials (or missing ones), by provider.",
+            ["provider"],
+            registry=self.registry,
+        )
+
     def observe(self, handler: str, method: str, status: int, seconds: float) -> None:
         # Label lookups cost microseconds each; cache the children (few distinct combinations).
         key = (handler, method, status)

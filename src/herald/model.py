@@ -140,6 +140,9 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     notification: Notification | None = None
     # The subscription (device) that made the change, if it said so; its own live stream skips it.
     origin: str | None = None
+    # An UPDATED change that replaced the content (a POST with an existing appNotificationId):
+    # push channels alert again for it; any other update is a silent state sync.
+    replaced: bool = False
 
 
 class App(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,11 +210,26 @@ class WnsChannel(msgspec.Struct, frozen=True, tag="windows", rename="camel"):
 PushChannel = WebPushChannel | ApnsChannel | FcmChannel | WnsChannel
 
 
+class DeliveryState(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """How pushes to a subscription's channel have gone (all None/0 until the first attempt).
+
+    `gone_date_time` is set when the push service said the channel no longer exists; nothing
+    more is pushed to it until the device registers a channel again (which clears this state).
+    """
+
+    last_delivered_date_time: datetime | None = None
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    gone_date_time: datetime | None = None
+
+
 class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     """One app client on one device of one user. Its `id` is the UNS ID.
 
     `push_channel` is how to reach the device when it is not connected (None: live only).
     Past `expiration_date_time` the subscription is treated as absent and receives nothing.
+    `seen_position` is the newest change position the device is known to have fetched (by a
+    delta call or its live stream naming this subscription); the iOS fallback checks it.
     """
 
     id: str
@@ -223,6 +241,8 @@ class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     expiration_date_time: datetime
     created_date_time: datetime
     last_modified_date_time: datetime
+    delivery: DeliveryState = DeliveryState()
+    seen_position: int = 0
 
 
 class Pending(msgspec.Struct, frozen=True):
@@ -230,3 +250,105 @@ class Pending(msgspec.Struct, frozen=True):
 
     seq: int
     change: Change
+
+
+# -- push deliveries ----------------------------------------------------------------------------
+
+
+class Provider(enum.StrEnum):
+    """A push service. Each has its own queue and concurrency, so a slow one stalls no other."""
+
+    WEBPUSH = "webPush"
+    APNS = "apns"
+    FCM = "fcm"
+    WNS = "wns"
+
+
+PROVIDER_OF: dict[type, Provider] = {
+    WebPushChannel: Provider.WEBPUSH,
+    ApnsChannel: Provider.APNS,
+    FcmChannel: Provider.FCM,
+    WnsChannel: Provider.WNS,
+}
+
+
+class PushKind(enum.StrEnum):
+    """What a push tells the device."""
+
+    ALERT = "alert"  # a new (or replaced) notification: show it / hand the raw content over
+    SYNC = "sync"  # its state or content changed elsewhere: update silently
+    REMOVE = "remove"  # it was deleted: take it off the notification centre
+    FALLBACK = "fallback"  # iOS: the fallback visual, unless the device fetched the raw one
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """What one delivery sends; each channel renders it for its platform when sending.
+
+    `payload` is the notification's content (for FALLBACK: the fallback visual only; for
+    REMOVE: None). `expires` is the notification's expiration: nothing is sent or retried after
+    it, and it sets the platform TTL.
+    """
+
+    kind: PushKind
+    notification_id: str
+    app_notification_id: str
+    position: int
+    group_name: str | None = None
+    payload: Payload | None = None
+    priority: Priority = Priority.NONE
+    read_state: ReadState = ReadState.UNREAD
+    user_action_state: UserActionState = UserActionState.NONE
+    display_time_to_live: int | None = None
+    expires: datetime
+
+
+class NewDelivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A push to enqueue: `message` for the channel of `subscription_id`, first tried at `due`."""
+
+    subscription_id: str
+    user_id: str
+    app: str
+    provider: Provider
+    message: Message
+    due: datetime
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A claimed delivery, with its subscription's current channel and fetch position.
+
+    `attempts` counts attempts including this one (the claim made it).
+    """
+
+    id: int
+    subscription_id: str
+    user_id: str
+    app: str
+    provider: Provider
+    channel: PushChannel
+    message: Message
+    attempts: int
+    seen_position: int
+    created: datetime
+
+
+class Settle(enum.StrEnum):
+    DONE = "done"  # sent (or no longer needed): remove; a sent one resets the failure count
+    RETRY = "retry"  # try again at `due`
+    DROP = "drop"  # rejected or out of attempts: remove, count a failure
+    GONE = "gone"  # the channel no longer exists: remove, mark the subscription gone
+
+
+class Settlement(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one claimed delivery, as the store records it.
+
+    `sent`: DONE because the push service accepted it (updates last_delivered; a DONE without
+    sending, e.g. a fallback the device no longer needs, leaves the subscription as it is).
+    `error` is a short reason recorded on the subscription (DROP, GONE, RETRY).
+    """
+
+    id: int
+    subscription_id: str
+    settle: Settle
+    sent: bool = False
+    due: datetime | None = None
+    error: str | None = None

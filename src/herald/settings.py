@@ -73,6 +73,27 @@ class Settings:
     max_subscriptions: int = 50
     # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent.
     keepalive_interval: float = 25.0
+    # Push channels (docs/push.md). Off: nothing is queued for push channels.
+    push_enabled: bool = True
+    # Extra CA certificates (PEM file) trusted for push services, e.g. a private relay.
+    push_ca_file: str = ""
+    # VAPID `sub` claim (mailto: or https: URL); empty = public_url if https, else a mailto.
+    push_vapid_subject: str = ""
+    push_apns_production_url: str = "https://api.push.apple.com"
+    push_apns_development_url: str = "https://api.sandbox.push.apple.com"
+    push_fcm_url: str = "https://fcm.googleapis.com"
+    push_wns_token_url: str = "https://login.live.com/accesstoken.srf"
+    # Hosts a WNS channel URI may name (comma-separated; "*." matches subdomains): WNS access
+    # tokens are sent to channel URIs, so only to these.
+    push_wns_hosts: str = "*.notify.windows.com"
+    # Seconds per push request; requests in flight per provider; attempts per push; retry
+    # backoff base and cap (s); how long a claimed push is leased to a node (s).
+    push_timeout: float = 10.0
+    push_concurrency: int = 64
+    push_max_attempts: int = 10
+    push_backoff_base: float = 2.0
+    push_backoff_max: float = 3600.0
+    push_lease: float = 60.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -87,6 +108,14 @@ class Settings:
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def vapid_subject(self) -> str:
+        if self.push_vapid_subject:
+            return self.push_vapid_subject
+        if self.public_url.startswith("https://"):
+            return self.public_url.rstrip("/")
+        return "mailto:herald@localhost"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
@@ -187,9 +216,20 @@ def _check(s: Settings) -> None:
         "sweep_interval",
         "max_subscriptions",
         "keepalive_interval",
+        "push_timeout",
+        "push_concurrency",
+        "push_max_attempts",
+        "push_backoff_base",
+        "push_backoff_max",
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.push_lease <= s.push_timeout:
+        problems.append("push_lease must be longer than push_timeout")
+    if s.push_ca_file and not Path(s.push_ca_file).is_file():
+        problems.append(f"push_ca_file {s.push_ca_file!r} is not a file")
+    if s.push_vapid_subject and not s.push_vapid_subject.startswith(("mailto:", "https://")):
+        problems.append("push_vapid_subject must be a mailto: or https: URL")
     if not 0 < s.default_page_size <= s.max_page_size:
         problems.append("default_page_size must be > 0 and <= max_page_size")
     if s.store_url and not s.store_url.startswith(("sqlite:", "postgresql:", "postgres:")):

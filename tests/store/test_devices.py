@@ -572,7 +572,8 @@ async def _create_schema_1(backend: Backend) -> None:
         async with store._acquire() as conn:
             await conn.execute(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
-                " idempotency, schema_version; DROP FUNCTION herald_put_batch"
+                " idempotency, deliveries, push_credentials, schema_version;"
+                " DROP FUNCTION herald_put_batch"
             )
             await conn.execute(script)
             await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")

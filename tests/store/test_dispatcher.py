@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from herald.dispatcher import Dispatcher
 from herald.errors import Unavailable
 from herald.metrics import Metrics
-from herald.model import Change
+from herald.model import ApnsChannel, Change, DevicePlatform, NewDelivery, Provider, Subscription
 from herald.store import Store
 from tests.store.test_contract import APP, content, new_id
 
@@ -77,10 +77,10 @@ class FailingRemovals:
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
 
-    async def dispatched(self, seqs: Sequence[int]) -> None:
+    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
         if self.failing:
             raise Unavailable("the database went away")
-        await self.store.dispatched(seqs)
+        await self.store.dispatched(seqs, deliveries)
 
 
 async def test_a_change_whose_removal_failed_is_published_again(store: Store) -> None:
@@ -98,5 +98,48 @@ async def test_a_change_whose_removal_failed_is_published_again(store: Store) ->
         count = len(broker.published)
         await asyncio.sleep(0.2)  # several polls: nothing more once it is gone
         assert len(broker.published) == count
+    finally:
+        await dispatcher.close()
+
+
+async def test_pushes_are_queued_once_however_often_a_change_is_published(store: Store) -> None:
+    """The pushes of a change are queued with its outbox removal: a failed removal (the change
+    is published again) queues nothing, and 300 changes queue exactly 300 pushes."""
+    now = datetime.now().astimezone()
+    for user in ("u0", "u1", "u2"):
+        sub = Subscription(
+            id=f"sub-{user}",
+            user_id=user,
+            app=APP,
+            platform=DevicePlatform.IOS,
+            display_name=None,
+            push_channel=ApnsChannel(user.encode().hex() * 20),
+            expiration_date_time=now + timedelta(days=1),
+            created_date_time=now,
+            last_modified_date_time=now,
+        )
+        await store.add_subscription(sub, 10, now)
+    flaky = FailingRemovals(store)
+    woken: list[Provider] = []
+    dispatcher = Dispatcher(
+        flaky,  # type: ignore[arg-type]
+        Recorder(),  # type: ignore[arg-type]
+        Metrics(),
+        poll=0.01,
+        pushed=woken.extend,
+    )
+    await dispatcher.start()
+    try:
+        await store.put("u0", APP, content(), new_id(), now)
+        await asyncio.sleep(0.2)  # removals keep failing: published again and again
+        assert await store.count_deliveries() == 0
+        flaky.failing = False
+        await asyncio.gather(
+            *(store.put(f"u{i % 3}", APP, content(), new_id(), now) for i in range(299))
+        )
+        await until(lambda: dispatcher.dispatched == 300 and not dispatcher.removing, "all")
+        assert await store.pending(10) == []
+        assert await store.count_deliveries(Provider.APNS) == 300
+        assert set(woken) == {Provider.APNS}
     finally:
         await dispatcher.close()

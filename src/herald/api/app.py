@@ -37,12 +37,14 @@ from herald.api.ingest import Ingest, match
 from herald.auth.issuer import LocalIssuer
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
+from herald.delivery import Keyring, channels
 from herald.dispatcher import Dispatcher
 from herald.errors import HeraldError
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, RateLimits
 from herald.logs import redact_tokens
 from herald.metrics import Metrics, MetricsMiddleware
+from herald.push import Pusher
 from herald.settings import Settings
 from herald.store import Store, open_store
 
@@ -63,8 +65,12 @@ class Services:
     token_limiter: Limiter
     broker: Broker
     dispatcher: Dispatcher
+    keyring: Keyring
+    pusher: Pusher | None
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
+    # Positions iOS devices received over live streams, not yet stored (see Streams.tick).
+    fetched: dict[str, int] = field(default_factory=dict)
     # The whole application, for $batch to dispatch inner requests through.
     asgi: ASGIApp | None = None
 
@@ -96,6 +102,10 @@ def build_services(
     )
     broker = MemoryBroker()
     metrics = Metrics()
+    keyring = Keyring(store)
+    pusher = None
+    if settings.push_enabled:
+        pusher = Pusher(store, channels(settings, keyring), settings, metrics, clock)
     limiter = RateLimits(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
@@ -117,7 +127,11 @@ def build_services(
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl),
         token_limiter=Limiter(settings.token_rate, settings.token_burst),
         broker=broker,
-        dispatcher=Dispatcher(store, broker, metrics),
+        dispatcher=Dispatcher(
+            store, broker, metrics, pushed=pusher.wake if pusher else None, clock=clock
+        ),
+        keyring=keyring,
+        pusher=pusher,
     )
 
 
@@ -166,12 +180,16 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
         await services.broker.start()
         await services.dispatcher.start()
+        if services.pusher is not None:
+            await services.pusher.start()
         streams.start()
         try:
             yield
         finally:
             await streams.stop()
             await services.dispatcher.close()
+            if services.pusher is not None:
+                await services.pusher.close()
             await services.broker.close()
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

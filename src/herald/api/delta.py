@@ -24,6 +24,9 @@ from herald.model import Change
 from herald.query import Comparison, Order, Query
 
 OPTIONS = {"$deltatoken", "$skiptoken"}
+# Where a page leaves the device in the change log (not sent): its subscription's seen position,
+# which the iOS fallback checks (docs/push.md).
+REACHED = "\0reached"
 MAX_POSITION = 2**63 - 1
 # First-sync cursors: "<position>.<last id seen>"; change cursors: "<position>".
 SNAPSHOT_TOKEN = re.compile(r"([0-9]{1,19})\.([0-9a-fA-F-]{1,64})")
@@ -66,6 +69,7 @@ async def delta(request: Request) -> Response:
     c = await caller(request)
     options = _options(request)
     size, preferred = _page_size(request)
+    body: dict[str, Any]
     if "$deltatoken" in options:
         body = await _changes(request, c, _position(options["$deltatoken"], "$deltatoken"), size)
     elif "$skiptoken" in options:
@@ -80,6 +84,9 @@ async def delta(request: Request) -> Response:
     else:
         _, head = await services(request).store.horizon(c.user_id)
         body = await _snapshot(request, c, head, None, size)
+    reached = body.pop(REACHED, None)
+    if c.device is not None and reached:  # the device has fetched everything up to here
+        await services(request).store.seen(c.device, reached)
     headers = {"Preference-Applied": f"odata.maxpagesize={size}"} if preferred else None
     return json_response(schemas.encode(body), headers=headers)
 
@@ -101,6 +108,7 @@ async def _snapshot(
         body["@odata.nextLink"] = _link(request, "$skiptoken", f"{position}.{items[-1].id}")
     else:
         body["@odata.deltaLink"] = _link(request, "$deltatoken", str(position))
+        body[REACHED] = position
     return body
 
 
@@ -122,10 +130,12 @@ async def _changes(request: Request, c: Caller, after: int, size: int) -> dict[s
     body = _body(request, c, items)
     if len(changes) == size:
         body["@odata.nextLink"] = _link(request, "$skiptoken", str(changes[-1].position))
+        body[REACHED] = changes[-1].position
     else:
         # Everything up to `head` (read before the log) has been seen, whichever app it was.
         last = max(head, changes[-1].position if changes else after)
         body["@odata.deltaLink"] = _link(request, "$deltatoken", str(last))
+        body[REACHED] = last
     return body
 
 

@@ -307,6 +307,9 @@ class Session:
         if self.wanted(change):
             await self.sink.message(render(change), change.kind.value, change.position)
             self.quiet_since = time.monotonic()
+            if self.subscription.platform is DevicePlatform.IOS:
+                # The device fetched it: its iOS fallback push is not needed (docs/push.md).
+                self.services.fetched[self.subscription.id] = change.position
 
     async def on_time(self) -> bool:
         """Deadlines: keep-alive, token and subscription expiry. False when nothing is due."""
@@ -380,6 +383,7 @@ class Streams:
         keepalive = self.services.settings.keepalive_interval
         while True:
             await asyncio.sleep(TICK_SECONDS)
+            await self.record_fetched()
             sessions = list(self.sessions)
             for start in range(0, len(sessions), TICK_SLICE):
                 wall, mono = time.time(), time.monotonic()
@@ -387,6 +391,15 @@ class Streams:
                     if session.live and session.due(wall, mono, keepalive):
                         session.kick()
                 await asyncio.sleep(0)  # let requests in between slices
+
+    async def record_fetched(self) -> None:
+        """Store the positions iOS devices received over their streams since the last tick."""
+        fetched, self.services.fetched = self.services.fetched, {}
+        for subscription_id, position in fetched.items():
+            try:
+                await self.services.store.seen(subscription_id, position)
+            except HeraldError as exc:  # only the fallback's precision suffers
+                log.warning("could not record a fetched position", extra={"error": exc.message})
 
     def close_all(self) -> None:
         """Server shutdown: tell every stream why it ends (each then closes itself)."""

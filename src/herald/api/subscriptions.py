@@ -19,9 +19,11 @@ from starlette.routing import BaseRoute, Route
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.notifications import json_response, read_body, services, version
+from herald.delivery import webpush, wns
 from herald.errors import AccessDenied, InvalidRequest, NotFound
 from herald.model import (
     ApnsChannel,
+    DeliveryState,
     DevicePlatform,
     FcmChannel,
     PushChannel,
@@ -36,7 +38,7 @@ MAX_URL = 2048
 MAX_TOKEN = 4096
 APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64,200}")
 PLATFORMS: dict[str, DevicePlatform] = {p.value.lower(): p for p in DevicePlatform}
-READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime")
+READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime", "deliveryState")
 
 
 class SubscriptionIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -51,6 +53,7 @@ class SubscriptionIn(msgspec.Struct, forbid_unknown_fields=True):
     id: Any = None
     createdDateTime: Any = None
     lastModifiedDateTime: Any = None
+    deliveryState: Any = None
     odata_type: Any = msgspec.field(default=None, name="@odata.type")
 
 
@@ -67,6 +70,7 @@ class SubscriptionOut(msgspec.Struct, rename="camel"):
     expiration_date_time: datetime
     created_date_time: datetime
     last_modified_date_time: datetime
+    delivery_state: DeliveryState
 
 
 # -- input -------------------------------------------------------------------------------------
@@ -107,8 +111,9 @@ def _object(value: Any, field: str, keys: set[str]) -> dict[str, Any]:
     return value
 
 
-def push_channel(value: Any, platform: DevicePlatform) -> PushChannel | None:
-    """The push channel a platform needs, checked for shape (not for reachability)."""
+def push_channel(value: Any, platform: DevicePlatform, wns_hosts: str) -> PushChannel | None:
+    """The push channel a platform needs, checked for shape (not for reachability). A WNS
+    channel URI must name a WNS host: Herald sends its access token there."""
     if value is None:
         return None
     f = "pushChannel"
@@ -142,7 +147,13 @@ def push_channel(value: Any, platform: DevicePlatform) -> PushChannel | None:
             raise InvalidRequest(f"'{name}' is not a registration token.", target=name)
         return FcmChannel(token)
     body = _object(value, f, {"channelUri"})
-    return WnsChannel(_https_url(body.get("channelUri"), f"{f}.channelUri"))
+    uri = _https_url(body.get("channelUri"), f"{f}.channelUri")
+    if not wns.allowed(uri, wns_hosts):
+        raise InvalidRequest(
+            f"'{f}.channelUri' must be a WNS channel URI (a host matching {wns_hosts}).",
+            target=f"{f}.channelUri",
+        )
+    return WnsChannel(uri)
 
 
 def _channel_out(channel: PushChannel | None) -> dict[str, Any] | None:
@@ -208,6 +219,7 @@ def _out(request: Request, sub: Subscription) -> SubscriptionOut:
         expiration_date_time=sub.expiration_date_time,
         created_date_time=sub.created_date_time,
         last_modified_date_time=sub.last_modified_date_time,
+        delivery_state=sub.delivery,
     )
 
 
@@ -256,7 +268,7 @@ async def create(request: Request) -> Response:
         app=c.app.host_name,
         platform=platform,
         display_name=schemas.string(_given(data.displayName), "displayName", MAX_DISPLAY_NAME),
-        push_channel=push_channel(_given(data.pushChannel), platform),
+        push_channel=push_channel(_given(data.pushChannel), platform, s.settings.push_wns_hosts),
         expiration_date_time=expires or now + timedelta(seconds=s.settings.subscription_ttl),
         created_date_time=now,
         last_modified_date_time=now,
@@ -309,7 +321,9 @@ async def patch_one(request: Request) -> Response:
     if data.displayName is not msgspec.UNSET:
         changes["display_name"] = schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
     if data.pushChannel is not msgspec.UNSET:  # null: the device goes live-only
-        changes["push_channel"] = push_channel(data.pushChannel, sub.platform)
+        changes["push_channel"] = push_channel(
+            data.pushChannel, sub.platform, s.settings.push_wns_hosts
+        )
     if not changes:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
     updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
@@ -328,9 +342,23 @@ async def delete_one(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def web_push_key(request: Request) -> Response:
+    """The calling app's VAPID public key: a browser's `applicationServerKey` (docs/push.md).
+    Any token of the app will do; the key is generated on first use."""
+    s = services(request)
+    principal = await s.access.principal(request.headers.get("authorization"))
+    app = await s.access.apps.get(principal.client_id)
+    if app is None:
+        raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
+    pem = await s.keyring.ensure(app.host_name, webpush.KIND, webpush.generate_key)
+    body = {"application": app.host_name, "applicationServerKey": webpush.public_key(pem)}
+    return json_response(schemas.encode(body))
+
+
 def routes() -> list[BaseRoute]:
     base = "/me/notificationSubscriptions"
     return [
+        Route("/webPushKey", web_push_key, methods=["GET"]),
         Route(base, create, methods=["POST"]),
         Route(base, list_all, methods=["GET"]),
         Route(f"{base}/{{id}}", get_one, methods=["GET"]),

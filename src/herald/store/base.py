@@ -16,6 +16,9 @@ Guarantees every implementation keeps (the contract suite in tests/store checks 
   returns entries oldest first; an entry stays until `dispatched` removes it, so a crash between
   commit and dispatch loses nothing (the dispatcher re-reads it on restart). For one user, entries
   come out in position order.
+* Deliveries: a push enqueued by `dispatched` lives in the store until it is settled, so
+  retries survive restarts. `claim` leases what it returns (moves its due time), so two nodes
+  never send the same delivery at once, and a crashed node's claims come back after the lease.
 * Errors: only `herald.errors` exceptions escape (driver errors are translated at the boundary).
 """
 
@@ -28,7 +31,19 @@ from typing import Protocol
 
 import msgspec
 
-from herald.model import App, Change, Content, Notification, Pending, StatePatch, Subscription
+from herald.model import (
+    App,
+    Change,
+    Content,
+    Delivery,
+    NewDelivery,
+    Notification,
+    Pending,
+    Provider,
+    Settlement,
+    StatePatch,
+    Subscription,
+)
 from herald.query import Filter, Page, Query
 
 
@@ -146,8 +161,9 @@ class Store(Protocol):
         """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
         notification as it is now, like `changes`."""
 
-    async def dispatched(self, seqs: Sequence[int]) -> None:
-        """Remove these outbox entries (unknown seqs are ignored)."""
+    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+        """Remove these outbox entries (unknown seqs are ignored) and enqueue `deliveries`, in
+        one transaction: a crash leaves either both or neither."""
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop after every commit that added outbox entries, so the
@@ -188,6 +204,61 @@ class Store(Protocol):
 
     async def delete_subscription(self, user_id: str, app: str, id: str) -> None:
         """`NotFound` if (user, app) has no such subscription (expired ones count as absent)."""
+
+    async def push_targets(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> builtins.list[Subscription]:
+        """The subscriptions of these (user_id, app) pairs that have a push channel, are
+        unexpired and not gone; ordered by (user_id, app, created_date_time)."""
+
+    async def seen(self, subscription_id: str, position: int) -> None:
+        """Raise the subscription's `seen_position` to `position` (never lowers it; an unknown
+        id is ignored)."""
+
+    # -- deliveries -----------------------------------------------------------------------------
+    async def claim(
+        self, provider: Provider, now: datetime, lease: float, limit: int
+    ) -> builtins.list[Delivery]:
+        """Up to `limit` deliveries of `provider` with due <= now, earliest due first (then id).
+
+        Each returned one has its due moved to now + `lease` seconds and attempts + 1, committed
+        before this returns. Deliveries that can no longer be sent are deleted in the same
+        transaction and not returned: their subscription is deleted, expired or gone, no longer
+        has a channel of this provider, or their message expired (expires <= now).
+        """
+
+    async def settle(self, outcomes: Sequence[Settlement], now: datetime) -> None:
+        """Record outcomes in one transaction (unknown delivery ids are ignored):
+
+        * DONE: delete the delivery. If `sent`: the subscription's last_delivered = now,
+          consecutive_failures = 0, last_error = None.
+        * RETRY: set its due to `due`; the subscription's consecutive_failures + 1, last_error.
+        * DROP: delete it; consecutive_failures + 1, last_error.
+        * GONE: delete it and every other delivery of that subscription; gone_date_time = now,
+          consecutive_failures + 1, last_error.
+        A subscription whose channel changes (`add_subscription`/`update_subscription` with a
+        different channel) gets a fresh DeliveryState.
+        """
+
+    async def next_due(self, provider: Provider) -> datetime | None:
+        """The earliest due time among `provider`'s deliveries, None if there are none."""
+
+    async def count_deliveries(self, provider: Provider | None = None) -> int:
+        """How many deliveries are queued (of one provider, or all)."""
+
+    # -- push credentials -----------------------------------------------------------------------
+    async def get_push_credentials(self, app: str) -> dict[str, bytes]:
+        """The stored push credentials of the app (host name), by kind ("vapid", "apns", "fcm",
+        "wns"). Opaque bytes: each channel owns its format."""
+
+    async def put_push_credentials(
+        self, app: str, kind: str, secret: bytes, replace: bool = True
+    ) -> bytes:
+        """Store a credential; with `replace=False` an existing one is kept. Returns the one now
+        stored (so concurrent first-time generation agrees on one key)."""
+
+    async def delete_push_credentials(self, app: str, kind: str) -> bool:
+        """Remove a credential; False if there was none."""
 
     # -- idempotency ----------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:

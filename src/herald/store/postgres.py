@@ -20,7 +20,7 @@ import builtins
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -32,8 +32,12 @@ from herald.model import (
     Change,
     ChangeKind,
     Content,
+    Delivery,
+    NewDelivery,
     Notification,
     Pending,
+    Provider,
+    Settlement,
     StatePatch,
     Subscription,
 )
@@ -41,6 +45,8 @@ from herald.query import Filter, Page, Query
 from herald.store.base import Remembered
 from herald.store.sql import (
     CHANGE_COLUMNS,
+    CHANNEL_TAG,
+    LIVE_KINDS,
     NOTIFICATION_COLUMNS,
     POSTGRES,
     SUBSCRIPTION_COLUMNS,
@@ -49,14 +55,18 @@ from herald.store.sql import (
     channel_key,
     check_etag,
     check_version,
+    decode_channel,
+    decode_message,
     encode_channel,
     encode_content,
+    encode_message,
     feed_where,
     migrations,
     new_notification,
     notification_from_row,
     order_by,
     pending_from_row,
+    settle_plan,
     stored_subscription,
     subscription_from_row,
 )
@@ -68,6 +78,9 @@ MAX_BATCH = 4096
 WRITERS = 2
 # A writer finding this many calls waiting and another writer idle takes half, so that both work.
 SPLIT_AT = 32
+# Rounds of a claim that purged undeliverable rows and so returned fewer than asked for: each
+# round claims again for the rest (bounded, so a claim's latency is too).
+CLAIM_ROUNDS = 8
 _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
@@ -209,6 +222,10 @@ class PostgresStore:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
+        # The `seen` calls waiting for the writer (subscription id -> highest position), and the
+        # write that will record them.
+        self._seen: dict[str, int] | None = None
+        self._seen_done: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -510,13 +527,28 @@ class PostgresStore:
             rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
         return [pending_from_row(tuple(r), _identity) for r in rows]
 
-    async def dispatched(self, seqs: Sequence[int]) -> None:
-        if not seqs:
+    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+        if not seqs and not deliveries:
             return
         keys = list(seqs)
+        created = datetime.now(UTC)
+        columns: list[list[object]] = [[] for _ in range(7)]
+        for d in deliveries:
+            values = (
+                d.subscription_id,
+                d.user_id,
+                d.app,
+                d.provider.value,
+                encode_message(d.message),
+                d.message.expires,
+                d.due,
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
 
         async def run(tx: Tx) -> None:
-            await tx.conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", keys)
+            # One statement: the outbox rows go and the deliveries come in one round trip.
+            await tx.conn.execute(_DISPATCHED_SQL, keys, *columns, created)
 
         await self._submit(Op(None, run))
 
@@ -575,8 +607,10 @@ class PostgresStore:
 
         async def run(tx: Tx) -> None:
             deleted = await tx.conn.fetchval(
-                "DELETE FROM subscriptions WHERE id = $1 AND user_id = $2 AND app = $3"
-                " AND expiration_date_time > $4 RETURNING id",
+                "WITH s AS (DELETE FROM subscriptions WHERE id = $1 AND user_id = $2"
+                " AND app = $3 AND expiration_date_time > $4 RETURNING id),"
+                " d AS (DELETE FROM deliveries WHERE subscription_id IN (SELECT id FROM s))"
+                " SELECT id FROM s",
                 id,
                 user_id,
                 app,
@@ -586,6 +620,178 @@ class PostgresStore:
                 raise NotFound(f"subscription {id} not found")
 
         await self._submit(Op(None, run))
+
+    async def push_targets(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> builtins.list[Subscription]:
+        if not pairs:
+            return []
+        keys = sorted(set(pairs))
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(
+                _PUSH_TARGETS_SQL, [k[0] for k in keys], [k[1] for k in keys], now
+            )
+        return [subscription_from_row(r, _identity) for r in rows]
+
+    async def seen(self, subscription_id: str, position: int) -> None:
+        """Calls that arrive while one is waiting for the writer join it: one statement and one
+        commit for all (live streams call this for every change they deliver)."""
+        batch, done = self._seen, self._seen_done
+        if batch is None or done is None:
+            batch = self._seen = {}
+
+            def detach(_: object = None) -> None:
+                if self._seen is batch:
+                    self._seen = None  # later calls start the next batch
+
+            async def run(tx: Tx) -> None:
+                detach()
+                keys = sorted(batch)
+                await tx.conn.execute(_SEEN_SQL, keys, [batch[k] for k in keys])
+
+            done = self._seen_done = asyncio.ensure_future(self._submit(Op(None, run)))
+            done.add_done_callback(detach)  # also if it failed before it ran
+        batch[subscription_id] = max(position, batch.get(subscription_id, position))
+        # Shielded: one caller cancelled must not cancel the write the others wait for.
+        await asyncio.shield(done)
+
+    # -- deliveries ----------------------------------------------------------------------------
+    async def claim(
+        self, provider: Provider, now: datetime, lease: float, limit: int
+    ) -> builtins.list[Delivery]:
+        """One statement per round, outside the writer (autocommit): it locks what it picks with
+        SKIP LOCKED, so it never waits for another claim or a settle and never deadlocks."""
+        until = now + timedelta(seconds=lease)
+        claimed: list[Delivery] = []
+        async with translated(), self._acquire() as conn:
+            for _ in range(CLAIM_ROUNDS):
+                if len(claimed) >= limit:
+                    break
+                rows = await conn.fetch(
+                    _CLAIM_SQL,
+                    provider.value,
+                    now,
+                    until,
+                    limit - len(claimed),
+                    CHANNEL_TAG[provider],
+                    [d.id for d in claimed],  # with a lease <= 0 they would be due still
+                )
+                purged = 0
+                for r in rows:
+                    if not r["ok"]:
+                        purged += 1
+                        continue
+                    claimed.append(
+                        Delivery(
+                            id=r["id"],
+                            subscription_id=r["subscription_id"],
+                            user_id=r["user_id"],
+                            app=r["app"],
+                            provider=provider,
+                            channel=decode_channel(r["push_channel"]),
+                            message=decode_message(r["message"]),
+                            attempts=r["attempts"],
+                            seen_position=r["seen_position"],
+                            created=r["created"],
+                        )
+                    )
+                if not purged:
+                    break
+        return claimed
+
+    async def settle(self, outcomes: Sequence[Settlement], now: datetime) -> None:
+        if not outcomes:
+            return
+        ids = sorted({o.id for o in outcomes})
+
+        async def run(tx: Tx) -> None:
+            # Lock the deliveries first, in id order; a stale or duplicate settle waits here.
+            found = await tx.conn.fetch(
+                "SELECT id, subscription_id FROM deliveries WHERE id = ANY($1::bigint[])"
+                " ORDER BY id FOR UPDATE",
+                ids,
+            )
+            plan = settle_plan(outcomes, {r[0]: r[1] for r in found})
+            subs = plan.subscriptions
+            await tx.conn.execute(
+                _SETTLE_SQL,
+                list(plan.retry),
+                list(plan.retry.values()),
+                plan.delete,
+                plan.gone,
+                [s.id for s in subs],
+                [s.delivered for s in subs],
+                [s.failures for s in subs],
+                [s.error for s in subs],
+                [s.gone for s in subs],
+                now,
+            )
+
+        await self._submit(Op(None, run))
+
+    async def next_due(self, provider: Provider) -> datetime | None:
+        async with translated(), self._acquire() as conn:
+            due: datetime | None = await conn.fetchval(
+                "SELECT min(due) FROM deliveries WHERE provider = $1", provider.value
+            )
+        return due
+
+    async def count_deliveries(self, provider: Provider | None = None) -> int:
+        async with translated(), self._acquire() as conn:
+            if provider is None:
+                count = await conn.fetchval("SELECT count(*) FROM deliveries")
+            else:
+                count = await conn.fetchval(
+                    "SELECT count(*) FROM deliveries WHERE provider = $1", provider.value
+                )
+        return int(count)
+
+    # -- push credentials ----------------------------------------------------------------------
+    async def get_push_credentials(self, app: str) -> dict[str, bytes]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch("SELECT kind, secret FROM push_credentials WHERE app = $1", app)
+        return {r[0]: bytes(r[1]) for r in rows}
+
+    async def put_push_credentials(
+        self, app: str, kind: str, secret: bytes, replace: bool = True
+    ) -> bytes:
+        updated = datetime.now(UTC)
+        conflict = (
+            "DO UPDATE SET secret = excluded.secret, updated = excluded.updated"
+            if replace
+            else "DO NOTHING"
+        )
+
+        async def run(tx: Tx) -> bytes:
+            await tx.conn.execute(
+                "INSERT INTO push_credentials (app, kind, secret, updated)"
+                f" VALUES ($1, $2, $3, $4) ON CONFLICT (app, kind) {conflict}",
+                app,
+                kind,
+                secret,
+                updated,
+            )
+            # A statement of its own, so a new snapshot: it sees a row another transaction
+            # committed while the insert waited for it (a same-statement read would not).
+            stored = await tx.conn.fetchval(
+                "SELECT secret FROM push_credentials WHERE app = $1 AND kind = $2", app, kind
+            )
+            return bytes(stored)
+
+        result: bytes = await self._submit(Op(None, run))
+        return result
+
+    async def delete_push_credentials(self, app: str, kind: str) -> bool:
+        async def run(tx: Tx) -> bool:
+            deleted = await tx.conn.fetchval(
+                "DELETE FROM push_credentials WHERE app = $1 AND kind = $2 RETURNING kind",
+                app,
+                kind,
+            )
+            return deleted is not None
+
+        result: bool = await self._submit(Op(None, run))
+        return result
 
     # -- idempotency ---------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
@@ -854,8 +1060,9 @@ async def _sweep(
             positions,
         )
     await conn.execute(
-        "DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
-        " WHERE expiration_date_time <= $1 ORDER BY expiration_date_time LIMIT $2)",
+        "WITH s AS (DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
+        " WHERE expiration_date_time <= $1 ORDER BY expiration_date_time LIMIT $2) RETURNING id)"
+        f" {_DELETE_DELIVERIES_OF_S}",
         now,
         limit,
     )
@@ -873,7 +1080,7 @@ async def _add_subscription(
     holder = None if key is None else await _channel_holder(conn, sub.app, key)
     if holder is not None and holder.user_id == sub.user_id and holder.expiration_date_time > now:
         stored = stored_subscription(sub, holder)  # the same device again: update it in place
-        await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored))
+        await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored), True)
         return stored, False
     # Checked before any write: an op that raises after writing would abort its batch.
     live = await conn.fetchval(
@@ -886,7 +1093,11 @@ async def _add_subscription(
     if live >= limit:
         raise QuotaExceeded(f"at most {limit} subscriptions per user and app")
     if holder is not None:  # another user's, or expired: the channel now belongs to `sub`
-        await conn.execute("DELETE FROM subscriptions WHERE id = $1", holder.id)
+        await conn.execute(
+            "WITH s AS (DELETE FROM subscriptions WHERE id = $1 RETURNING id)"
+            f" {_DELETE_DELIVERIES_OF_S}",
+            holder.id,
+        )
     stored = stored_subscription(sub)
     await conn.execute(_SUBSCRIPTION_INSERT_SQL, *_subscription_row(stored))
     return stored, True
@@ -901,13 +1112,16 @@ async def _update_subscription(
     key = channel_key(sub)
     if key is not None:
         await conn.execute(
-            "DELETE FROM subscriptions WHERE app = $1 AND channel_key = $2 AND id <> $3",
+            "WITH s AS (DELETE FROM subscriptions WHERE app = $1 AND channel_key = $2"
+            f" AND id <> $3 RETURNING id) {_DELETE_DELIVERIES_OF_S}",
             sub.app,
             key,
             sub.id,
         )
-    stored = stored_subscription(sub, old)
-    await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored))
+    # A new channel starts with a fresh delivery state; the same one keeps its history.
+    reset = key != channel_key(old)
+    stored = stored_subscription(sub, old, reset)
+    await conn.execute(_SUBSCRIPTION_UPDATE_SQL, *_subscription_update(stored), reset)
     return stored
 
 
@@ -965,10 +1179,74 @@ _SUBSCRIPTION_INSERT_SQL = (
     " channel_key, expiration_date_time, created_date_time, last_modified_date_time)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
-# Owner, app and creation time are never changed.
+# Owner, app, creation time and seen position are never changed; $8: reset the DeliveryState.
 _SUBSCRIPTION_UPDATE_SQL = (
     "UPDATE subscriptions SET (platform, display_name, push_channel, channel_key,"
-    " expiration_date_time, last_modified_date_time) = ($2, $3, $4, $5, $6, $7) WHERE id = $1"
+    " expiration_date_time, last_modified_date_time) = ($2, $3, $4, $5, $6, $7),"
+    " last_delivered = CASE WHEN $8 THEN NULL ELSE last_delivered END,"
+    " consecutive_failures = CASE WHEN $8 THEN 0 ELSE consecutive_failures END,"
+    " last_error = CASE WHEN $8 THEN NULL ELSE last_error END,"
+    " gone = CASE WHEN $8 THEN NULL ELSE gone END"
+    " WHERE id = $1"
+)
+# After a CTE `s` that deleted subscriptions (RETURNING id): their deliveries go too.
+_DELETE_DELIVERIES_OF_S = "DELETE FROM deliveries WHERE subscription_id IN (SELECT id FROM s)"
+
+
+# -- deliveries --------------------------------------------------------------------------------
+
+_PUSH_TARGETS_SQL = (
+    f"SELECT {', '.join('s.' + col.strip() for col in SUBSCRIPTION_COLUMNS.split(','))}"
+    " FROM subscriptions s JOIN unnest($1::text[], $2::text[]) AS k(u, a)"
+    " ON s.user_id = k.u AND s.app = k.a"
+    " WHERE s.push_channel IS NOT NULL AND s.expiration_date_time > $3 AND s.gone IS NULL"
+    " ORDER BY s.user_id, s.app, s.created_date_time, s.id"
+)
+# Sorted ids: rows are locked in id order, as `settle` locks them.
+_SEEN_SQL = (
+    "UPDATE subscriptions s SET seen_position = t.p"
+    " FROM unnest($1::text[], $2::bigint[]) AS t(id, p)"
+    " WHERE s.id = t.id AND s.seen_position < t.p"
+)
+_DISPATCHED_SQL = (
+    "WITH o AS (DELETE FROM outbox WHERE seq = ANY($1::bigint[]))"
+    " INSERT INTO deliveries (subscription_id, user_id, app, provider, message, expires, due,"
+    " created) SELECT t.*, $9 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::timestamptz[], $8::timestamptz[]) AS t"
+)
+# One claim round. `cand`: the first due rows of the provider that no other transaction holds
+# (SKIP LOCKED), each with whether it can still be sent; the others are purged, these leased.
+# Every row of `cand` comes back (ok false: purged) so the caller knows to claim again.
+_CLAIM_SQL = (
+    "WITH cand AS (SELECT d.id, d.due, s.push_channel, s.seen_position,"
+    " coalesce(s.expiration_date_time > $2 AND s.gone IS NULL AND d.expires > $2"
+    " AND (s.push_channel::json ->> 'type') = $5, false) AS ok"
+    " FROM deliveries d LEFT JOIN subscriptions s ON s.id = d.subscription_id"
+    " WHERE d.provider = $1 AND d.due <= $2 AND d.id <> ALL($6::bigint[])"
+    " ORDER BY d.due, d.id LIMIT $4 FOR UPDATE OF d SKIP LOCKED),"
+    " purged AS (DELETE FROM deliveries d USING cand WHERE d.id = cand.id AND NOT cand.ok),"
+    " leased AS (UPDATE deliveries d SET due = $3, attempts = d.attempts + 1 FROM cand"
+    " WHERE d.id = cand.id AND cand.ok"
+    " RETURNING d.id, d.subscription_id, d.user_id, d.app, d.message, d.attempts, d.created)"
+    " SELECT cand.ok, l.id, l.subscription_id, l.user_id, l.app, l.message, l.attempts,"
+    " l.created, cand.push_channel, cand.seen_position"
+    " FROM cand LEFT JOIN leased l ON l.id = cand.id ORDER BY cand.due, cand.id"
+)
+# A settle plan (see sql.settle_plan) in one statement; the rows each part touches are disjoint.
+_SETTLE_SQL = (
+    "WITH retried AS (UPDATE deliveries d SET due = t.due"
+    " FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, due) WHERE d.id = t.id),"
+    " removed AS (DELETE FROM deliveries"
+    " WHERE id = ANY($3::bigint[]) OR subscription_id = ANY($4::text[]))"
+    " UPDATE subscriptions s SET"
+    " consecutive_failures = CASE WHEN t.delivered THEN 0 ELSE s.consecutive_failures END"
+    " + t.failures,"
+    " last_error = CASE WHEN t.failures > 0 THEN t.error WHEN t.delivered THEN NULL"
+    " ELSE s.last_error END,"
+    " last_delivered = CASE WHEN t.delivered THEN $10 ELSE s.last_delivered END,"
+    " gone = CASE WHEN t.gone THEN $10 ELSE s.gone END"
+    " FROM unnest($5::text[], $6::bool[], $7::int[], $8::text[], $9::bool[])"
+    " AS t(id, delivered, failures, error, gone) WHERE s.id = t.id"
 )
 
 
@@ -980,7 +1258,7 @@ _APP_SELECT = "SELECT client_id, host_name, display_name, secret_hash, created_d
 _CHANGE_FIELDS = ", ".join(f"c.{col}" for col in CHANGE_COLUMNS) + ", " + _prefixed("n")
 _NOW_JOIN = (
     " LEFT JOIN notifications n ON n.id = c.notification_id"
-    " AND n.user_id = c.user_id AND c.kind IN ('created', 'updated')"
+    f" AND n.user_id = c.user_id AND c.kind IN {LIVE_KINDS}"
     " AND n.expiration_date_time > $1"
 )
 _CHANGES_SQL = (

@@ -6,27 +6,33 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from herald.errors import HeraldError, PreconditionFailed
 from herald.model import (
+    PROVIDER_OF,
     App,
     Change,
     ChangeKind,
     Content,
+    DeliveryState,
     DevicePlatform,
     FallbackPolicy,
+    Message,
     Notification,
     Payload,
     Pending,
     Priority,
+    Provider,
     PushChannel,
     ReadState,
+    Settle,
+    Settlement,
     Subscription,
     TargetPolicy,
     UserActionState,
@@ -280,15 +286,22 @@ def new_notification(
 
 # Column order of a change row as `change_from_row` reads it (then the notification's columns).
 CHANGE_COLUMNS = ("position", "kind", "app", "notification_id", "at", "origin")
+# The stored kind of an UPDATED change made by a put that replaced a live notification (read back
+# as UPDATED with `replaced`). Every other change is stored as its ChangeKind's value.
+REPLACED = "replaced"
+# The stored kinds whose change carries the notification as it is now.
+LIVE_KINDS = f"('{ChangeKind.CREATED.value}', '{ChangeKind.UPDATED.value}', '{REPLACED}')"
 
 
 def change_from_row(user_id: str, r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Change:
     """A change-log row (position, kind, app, notification id, at, origin, *notification
     columns)."""
+    replaced = r[1] == REPLACED
     return Change(
         user_id=user_id,
         position=r[0],
-        kind=ChangeKind(r[1]),
+        kind=ChangeKind.UPDATED if replaced else ChangeKind(r[1]),
+        replaced=replaced,
         app=r[2],
         notification_id=r[3],
         at=to_dt(r[4]),
@@ -307,7 +320,8 @@ def pending_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Pend
 # Column order of every `SELECT {SUBSCRIPTION_COLUMNS}`; `subscription_from_row` relies on it.
 SUBSCRIPTION_COLUMNS = (
     "id, user_id, app, platform, display_name, push_channel, expiration_date_time,"
-    " created_date_time, last_modified_date_time"
+    " created_date_time, last_modified_date_time, last_delivered, consecutive_failures,"
+    " last_error, gone, seen_position"
 )
 _channel_decoder = msgspec.json.Decoder(PushChannel)
 
@@ -332,18 +346,30 @@ def subscription_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) 
         expiration_date_time=to_dt(row[6]),
         created_date_time=to_dt(row[7]),
         last_modified_date_time=to_dt(row[8]),
+        delivery=DeliveryState(
+            last_delivered_date_time=None if row[9] is None else to_dt(row[9]),
+            consecutive_failures=row[10],
+            last_error=row[11],
+            gone_date_time=None if row[12] is None else to_dt(row[12]),
+        ),
+        seen_position=row[13],
     )
 
 
-def stored_subscription(sub: Subscription, kept: Subscription | None = None) -> Subscription:
+def stored_subscription(
+    sub: Subscription, kept: Subscription | None = None, reset: bool = True
+) -> Subscription:
     """`sub` as a read returns it (datetimes in UTC); `kept`: the row it updates in place, whose
-    id and creation time it keeps."""
+    id, creation time and seen position it keeps, and its delivery state unless `reset`. A new
+    row starts with a fresh delivery state and seen position 0."""
     return msgspec.structs.replace(
         sub,
         id=sub.id if kept is None else kept.id,
         created_date_time=(sub if kept is None else kept).created_date_time.astimezone(UTC),
         expiration_date_time=sub.expiration_date_time.astimezone(UTC),
         last_modified_date_time=sub.last_modified_date_time.astimezone(UTC),
+        delivery=DeliveryState() if kept is None or reset else kept.delivery,
+        seen_position=0 if kept is None else kept.seen_position,
     )
 
 
@@ -355,3 +381,100 @@ def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
         secret_hash=r[3],
         created_date_time=to_dt(r[4]),
     )
+
+
+# -- deliveries --------------------------------------------------------------------------------
+
+# A delivery's message is stored as msgspec JSON: exact (datetimes keep their offset) and readable
+# with any SQL tool, like the push channel.
+_message_decoder = msgspec.json.Decoder(Message)
+
+
+def encode_message(message: Message) -> str:
+    return msgspec.json.encode(message).decode()
+
+
+def decode_message(data: str | bytes) -> Message:
+    return _message_decoder.decode(data)
+
+
+def decode_channel(data: str) -> PushChannel:
+    channel: PushChannel = _channel_decoder.decode(data)
+    return channel
+
+
+# The push channel's JSON tag ("type") of each provider, for SQL that checks a channel's provider.
+CHANNEL_TAG: dict[Provider, str] = {
+    provider: str(cast(type[msgspec.Struct], cls).__struct_config__.tag)
+    for cls, provider in PROVIDER_OF.items()
+}
+
+
+def provider_of(channel: PushChannel | None) -> Provider | None:
+    return None if channel is None else PROVIDER_OF[type(channel)]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOutcome:
+    """What a settle does to one subscription's DeliveryState, as one update:
+
+    consecutive_failures = (0 if delivered else consecutive_failures) + failures;
+    last_error = error if failures else (None if delivered else last_error);
+    last_delivered = now if delivered; gone = now if gone."""
+
+    id: str
+    delivered: bool
+    failures: int
+    error: str | None
+    gone: bool
+
+
+@dataclass(slots=True)
+class SettlePlan:
+    """The writes of one `settle`, in outcome order folded into set-wise statements."""
+
+    delete: list[int] = field(default_factory=list)  # delivery ids
+    retry: dict[int, datetime] = field(default_factory=dict)  # delivery id -> new due
+    gone: list[str] = field(default_factory=list)  # subscriptions losing every delivery
+    subscriptions: list[SubscriptionOutcome] = field(default_factory=list)  # sorted by id
+
+
+def settle_plan(outcomes: Sequence[Settlement], found: dict[int, str]) -> SettlePlan:
+    """Apply `outcomes` in order to the deliveries `found` (id -> subscription id; ids not there
+    are unknown and ignored, as are outcomes for a delivery an earlier outcome removed)."""
+    alive = dict(found)
+    plan = SettlePlan()
+    # Per subscription: [delivered, failures since the last delivery, last error, gone].
+    state: dict[str, list[Any]] = {}
+    for o in outcomes:
+        sub = alive.get(o.id)
+        if sub is None:
+            continue
+        s = state.setdefault(sub, [False, 0, None, False])
+        if o.settle is Settle.RETRY:
+            if o.due is not None:
+                plan.retry[o.id] = o.due
+            s[1] += 1
+            s[2] = o.error
+            continue
+        del alive[o.id]
+        plan.retry.pop(o.id, None)
+        plan.delete.append(o.id)
+        if o.settle is Settle.DONE:
+            if o.sent:
+                s[0], s[1], s[2] = True, 0, None
+            continue
+        s[1] += 1
+        s[2] = o.error
+        if o.settle is Settle.GONE:
+            s[3] = True
+            plan.gone.append(sub)
+            for other in [i for i, owner in alive.items() if owner == sub]:
+                del alive[other]
+                plan.retry.pop(other, None)
+    plan.subscriptions = [
+        SubscriptionOutcome(sub, s[0], s[1], s[2], s[3])
+        for sub, s in sorted(state.items())
+        if s[0] or s[1] or s[3]
+    ]
+    return plan

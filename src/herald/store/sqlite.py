@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,8 +26,12 @@ from herald.model import (
     Change,
     ChangeKind,
     Content,
+    Delivery,
+    NewDelivery,
     Notification,
     Pending,
+    Provider,
+    Settlement,
     StatePatch,
     Subscription,
 )
@@ -35,7 +39,9 @@ from herald.query import Filter, Page, Query
 from herald.store.base import Remembered
 from herald.store.sql import (
     CHANGE_COLUMNS,
+    LIVE_KINDS,
     NOTIFICATION_COLUMNS,
+    REPLACED,
     SQLITE,
     SUBSCRIPTION_COLUMNS,
     CommitHooks,
@@ -44,8 +50,11 @@ from herald.store.sql import (
     channel_key,
     check_etag,
     check_version,
+    decode_channel,
+    decode_message,
     encode_channel,
     encode_content,
+    encode_message,
     feed_where,
     from_micros,
     migrations,
@@ -53,6 +62,8 @@ from herald.store.sql import (
     notification_from_row,
     order_by,
     pending_from_row,
+    provider_of,
+    settle_plan,
     stored_subscription,
     subscription_from_row,
     to_micros,
@@ -70,6 +81,9 @@ T = TypeVar("T")
 Job = Callable[[Connection], Any]
 
 CHUNK = 200  # keys per lookup statement in set-wise writes
+# Undeliverable deliveries a claim may purge beyond what it returns: bounds one claim's work when
+# many are left over (say, from a deleted subscription whose deliveries were queued meanwhile).
+PURGE_MAX = 10_000
 MAX_HOPS = 4  # loop turns a flush may wait for its batch to stop growing
 CHECKPOINT_SECONDS = 1.0  # how often the WAL is copied back into the database file
 CACHE_KIB = 64 * 1024
@@ -473,13 +487,28 @@ class SqliteStore:
         )
         return [pending_from_row(r, from_micros) for r in rows]
 
-    async def dispatched(self, seqs: Sequence[int]) -> None:
-        if not seqs:
+    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+        if not seqs and not deliveries:
             return
         keys = [(seq,) for seq in seqs]
+        created = to_micros(datetime.now(UTC))
+        rows = [
+            (
+                d.subscription_id,
+                d.user_id,
+                d.app,
+                d.provider,
+                encode_message(d.message),
+                to_micros(d.message.expires),
+                to_micros(d.due),
+                created,
+            )
+            for d in deliveries
+        ]
 
         def job(c: Connection) -> None:
             c.executemany("DELETE FROM outbox WHERE seq = ?", keys)
+            c.executemany(_DELIVERY_INSERT_SQL, rows)
 
         await self._write(job)
 
@@ -532,8 +561,103 @@ class SqliteStore:
             ).rowcount
             if not deleted:
                 raise NotFound(f"subscription {id} not found")
+            c.execute("DELETE FROM deliveries WHERE subscription_id = ?", (id,))
 
         await self._write(job)
+
+    async def push_targets(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> builtins.list[Subscription]:
+        if not pairs:
+            return []
+        keys = json.dumps(sorted(set(pairs)))
+        rows = await self._read(
+            lambda c: c.execute(_PUSH_TARGETS_SQL, (keys, to_micros(now))).fetchall()
+        )
+        return [subscription_from_row(r, from_micros) for r in rows]
+
+    async def seen(self, subscription_id: str, position: int) -> None:
+        def job(c: Connection) -> None:
+            c.execute(
+                "UPDATE subscriptions SET seen_position = ?2 WHERE id = ?1 AND seen_position < ?2",
+                (subscription_id, position),
+            )
+
+        await self._write(job)
+
+    # -- deliveries ----------------------------------------------------------------------------
+    async def claim(
+        self, provider: Provider, now: datetime, lease: float, limit: int
+    ) -> builtins.list[Delivery]:
+        if limit <= 0:
+            return []
+        at = to_micros(now)
+        until = to_micros(now + timedelta(seconds=lease))
+        return await self._write(lambda c: _claim(c, provider, at, until, limit))
+
+    async def settle(self, outcomes: Sequence[Settlement], now: datetime) -> None:
+        if not outcomes:
+            return
+        at = to_micros(now)
+        await self._write(lambda c: _settle(c, outcomes, at))
+
+    async def next_due(self, provider: Provider) -> datetime | None:
+        (due,) = await self._read(
+            lambda c: c.execute(
+                "SELECT min(due) FROM deliveries WHERE provider = ?", (provider,)
+            ).fetchone()
+        )
+        return None if due is None else from_micros(due)
+
+    async def count_deliveries(self, provider: Provider | None = None) -> int:
+        sql = "SELECT count(*) FROM deliveries"
+        params: tuple[str, ...] = ()
+        if provider is not None:
+            sql, params = f"{sql} WHERE provider = ?", (provider,)
+        (count,) = await self._read(lambda c: c.execute(sql, params).fetchone())
+        return int(count)
+
+    # -- push credentials ----------------------------------------------------------------------
+    async def get_push_credentials(self, app: str) -> dict[str, bytes]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT kind, secret FROM push_credentials WHERE app = ?", (app,)
+            ).fetchall()
+        )
+        return {kind: bytes(secret) for kind, secret in rows}
+
+    async def put_push_credentials(
+        self, app: str, kind: str, secret: bytes, replace: bool = True
+    ) -> bytes:
+        updated = to_micros(datetime.now(UTC))
+        conflict = (
+            "DO UPDATE SET secret = excluded.secret, updated = excluded.updated"
+            if replace
+            else "DO NOTHING"
+        )
+
+        def job(c: Connection) -> bytes:
+            c.execute(
+                "INSERT INTO push_credentials (app, kind, secret, updated) VALUES (?, ?, ?, ?)"
+                f" ON CONFLICT (app, kind) {conflict}",
+                (app, kind, secret, updated),
+            )
+            (stored,) = c.execute(
+                "SELECT secret FROM push_credentials WHERE app = ? AND kind = ?", (app, kind)
+            ).fetchone()
+            return bytes(stored)
+
+        return await self._write(job)
+
+    async def delete_push_credentials(self, app: str, kind: str) -> bool:
+        def job(c: Connection) -> bool:
+            return bool(
+                c.execute(
+                    "DELETE FROM push_credentials WHERE app = ? AND kind = ?", (app, kind)
+                ).rowcount
+            )
+
+        return await self._write(job)
 
     # -- idempotency ---------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
@@ -635,15 +759,16 @@ def _in_savepoint(conn: Connection, job: Job) -> tuple[bool, Any]:
 def _append(
     c: Connection,
     user_id: str,
-    kind: ChangeKind,
+    kind: str,
     app: str,
     nid: str,
     at: int,
     origin: str | None = None,
 ) -> None:
-    """Append one change at the user's next position (the writer holds the database lock)."""
+    """Append one change at the user's next position (the writer holds the database lock).
+    `kind`: a ChangeKind, or REPLACED."""
     (position,) = c.execute(
-        _APPEND_SQL, (user_id, user_id, user_id, kind.value, app, nid, at, origin)
+        _APPEND_SQL, (user_id, user_id, user_id, str(kind), app, nid, at, origin)
     ).fetchone()
     _outbox(c, [(user_id, position)])
 
@@ -702,11 +827,11 @@ def _put_many(c: Connection, puts: builtins.list[_Put]) -> builtins.list[Any]:
     results: builtins.list[Any] = []
 
     def log(
-        user_id: str, kind: ChangeKind, app: str, nid: str, at: int, origin: str | None = None
+        user_id: str, kind: str, app: str, nid: str, at: int, origin: str | None = None
     ) -> None:
         position = next_position[user_id]
         next_position[user_id] = position + 1
-        changes.append((user_id, position, kind.value, app, nid, at, origin))
+        changes.append((user_id, position, str(kind), app, nid, at, origin))
 
     for p in puts:
         now = p.now.astimezone(UTC)
@@ -719,7 +844,7 @@ def _put_many(c: Connection, puts: builtins.list[_Put]) -> builtins.list[Any]:
             old = None
         n = new_notification(p.user_id, p.app, p.content, p.new_id, now, old)
         (inserts if old is None else updates).append(_row(n))
-        kind = ChangeKind.CREATED if old is None else ChangeKind.UPDATED
+        kind = ChangeKind.CREATED if old is None else REPLACED
         log(p.user_id, kind, p.app, n.id, at, p.origin)
         live[key] = n
         results.append((n, old is None))
@@ -804,7 +929,7 @@ def _put(
     n = new_notification(user_id, app, content, new_id, now, old)
     # A plain INSERT for a new row: a colliding id must fail, not overwrite another row.
     c.execute(_INSERT_SQL if old is None else _UPDATE_SQL, _row(n))
-    kind = ChangeKind.CREATED if old is None else ChangeKind.UPDATED
+    kind = ChangeKind.CREATED if old is None else REPLACED
     _append(c, user_id, kind, app, n.id, at, origin)
     return n, old is None
 
@@ -865,11 +990,12 @@ def _sweep(c: Connection, now: datetime, retain_until: datetime, limit: int) -> 
             "DELETE FROM outbox WHERE NOT EXISTS (SELECT 1 FROM changes c"
             " WHERE c.user_id = outbox.user_id AND c.position = outbox.position)"
         )
-    c.execute(
+    swept = c.execute(
         "DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
-        " WHERE expiration_date_time <= ? ORDER BY expiration_date_time LIMIT ?)",
+        " WHERE expiration_date_time <= ? ORDER BY expiration_date_time LIMIT ?) RETURNING id",
         (at, limit),
-    )
+    ).fetchall()
+    _delete_deliveries_of(c, swept)
     c.execute("DELETE FROM idempotency WHERE expires <= ?", (at,))
     return len(expired)
 
@@ -888,7 +1014,7 @@ def _add_subscription(
         and to_micros(holder.expiration_date_time) > at
     ):
         stored = stored_subscription(sub, holder)  # the same device again: update it in place
-        c.execute(_SUBSCRIPTION_UPDATE_SQL, _subscription_row(stored))
+        c.execute(_SUBSCRIPTION_UPDATE_SQL, (*_subscription_row(stored), True))
         return stored, False
     # Checked before any write, so a refused call leaves nothing to roll back.
     (live,) = c.execute(
@@ -900,6 +1026,7 @@ def _add_subscription(
         raise QuotaExceeded(f"at most {limit} subscriptions per user and app")
     if holder is not None:  # another user's, or expired: the channel now belongs to `sub`
         c.execute("DELETE FROM subscriptions WHERE id = ?", (holder.id,))
+        _delete_deliveries_of(c, [(holder.id,)])
     stored = stored_subscription(sub)
     c.execute(_SUBSCRIPTION_INSERT_SQL, _subscription_row(stored))
     return stored, True
@@ -911,13 +1038,21 @@ def _update_subscription(c: Connection, sub: Subscription, at: int) -> Subscript
         raise NotFound(f"subscription {sub.id} not found")
     key = channel_key(sub)
     if key is not None:
-        c.execute(
-            "DELETE FROM subscriptions WHERE app = ? AND channel_key = ? AND id <> ?",
+        released = c.execute(
+            "DELETE FROM subscriptions WHERE app = ? AND channel_key = ? AND id <> ? RETURNING id",
             (sub.app, key, sub.id),
-        )
-    stored = stored_subscription(sub, old)
-    c.execute(_SUBSCRIPTION_UPDATE_SQL, _subscription_row(stored))
+        ).fetchall()
+        _delete_deliveries_of(c, released)
+    # A new channel starts with a fresh delivery state; the same one keeps its history.
+    reset = key != channel_key(old)
+    stored = stored_subscription(sub, old, reset)
+    c.execute(_SUBSCRIPTION_UPDATE_SQL, (*_subscription_row(stored), reset))
     return stored
+
+
+def _delete_deliveries_of(c: Connection, subscriptions: builtins.list[Any]) -> None:
+    """Delete the deliveries of these subscriptions (rows of one column: the id)."""
+    c.executemany("DELETE FROM deliveries WHERE subscription_id = ?", subscriptions)
 
 
 def _channel_holder(c: Connection, app: str, key: str) -> Subscription | None:
@@ -958,11 +1093,114 @@ _SUBSCRIPTION_INSERT_SQL = (
     " channel_key, expiration_date_time, created_date_time, last_modified_date_time)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Same parameters as the insert; owner, app and creation time are not changed.
+# The insert's parameters and then `reset` (a fresh DeliveryState); owner, app, creation time and
+# seen position are not changed.
 _SUBSCRIPTION_UPDATE_SQL = (
     "UPDATE subscriptions SET (platform, display_name, push_channel, channel_key,"
-    " expiration_date_time, last_modified_date_time) = (?4, ?5, ?6, ?7, ?8, ?10) WHERE id = ?1"
+    " expiration_date_time, last_modified_date_time) = (?4, ?5, ?6, ?7, ?8, ?10),"
+    " last_delivered = CASE WHEN ?11 THEN NULL ELSE last_delivered END,"
+    " consecutive_failures = CASE WHEN ?11 THEN 0 ELSE consecutive_failures END,"
+    " last_error = CASE WHEN ?11 THEN NULL ELSE last_error END,"
+    " gone = CASE WHEN ?11 THEN NULL ELSE gone END"
+    " WHERE id = ?1"
 )
+_PUSH_TARGETS_SQL = (
+    f"SELECT {', '.join('s.' + col.strip() for col in SUBSCRIPTION_COLUMNS.split(','))}"
+    " FROM json_each(?1) AS k JOIN subscriptions s"
+    " ON s.user_id = json_extract(k.value, '$[0]') AND s.app = json_extract(k.value, '$[1]')"
+    " WHERE s.push_channel IS NOT NULL AND s.expiration_date_time > ?2 AND s.gone IS NULL"
+    " ORDER BY s.user_id, s.app, s.created_date_time, s.id"
+)
+
+
+# -- delivery jobs -----------------------------------------------------------------------------
+
+_DELIVERY_INSERT_SQL = (
+    "INSERT INTO deliveries (subscription_id, user_id, app, provider, message, expires, due,"
+    " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Due deliveries in claim order, with what decides whether they can still be sent. No LIMIT: the
+# caller reads until it has enough sendable ones (purging the others on the way).
+_CLAIM_SQL = (
+    "SELECT d.id, d.subscription_id, d.user_id, d.app, d.message, d.expires, d.attempts,"
+    " d.created, s.push_channel, s.seen_position, s.expiration_date_time, s.gone"
+    " FROM deliveries d LEFT JOIN subscriptions s ON s.id = d.subscription_id"
+    " WHERE d.provider = ? AND d.due <= ? ORDER BY d.due, d.id"
+)
+
+
+def _claim(c: Connection, provider: Provider, at: int, until: int, limit: int) -> list[Delivery]:
+    claimed: list[Delivery] = []
+    purge: list[tuple[int]] = []
+    cursor = c.execute(_CLAIM_SQL, (provider, at))
+    try:
+        while len(claimed) < limit and len(purge) < PURGE_MAX:
+            row = cursor.fetchone()
+            if row is None:
+                break
+            id, sub, user_id, app, message, expires, attempts, created = row[:8]
+            push_channel, seen_position, sub_expires, gone = row[8:]
+            channel = None if push_channel is None else decode_channel(push_channel)
+            if (
+                sub_expires is None  # the subscription was deleted
+                or sub_expires <= at
+                or gone is not None
+                or provider_of(channel) != provider
+                or expires <= at
+            ):
+                purge.append((id,))
+                continue
+            assert channel is not None
+            claimed.append(
+                Delivery(
+                    id=id,
+                    subscription_id=sub,
+                    user_id=user_id,
+                    app=app,
+                    provider=provider,
+                    channel=channel,
+                    message=decode_message(message),
+                    attempts=attempts + 1,
+                    seen_position=seen_position,
+                    created=from_micros(created),
+                )
+            )
+    finally:
+        cursor.close()
+    # Written once the read is done: changing rows under an open cursor is undefined in SQLite.
+    c.executemany("DELETE FROM deliveries WHERE id = ?", purge)
+    c.executemany(
+        "UPDATE deliveries SET due = ?, attempts = attempts + 1 WHERE id = ?",
+        [(until, d.id) for d in claimed],
+    )
+    return claimed
+
+
+def _settle(c: Connection, outcomes: Sequence[Settlement], at: int) -> None:
+    ids = json.dumps(sorted({o.id for o in outcomes}))
+    found = dict(
+        c.execute(
+            "SELECT d.id, d.subscription_id FROM json_each(?) AS k"
+            " JOIN deliveries d ON d.id = k.value",
+            (ids,),
+        ).fetchall()
+    )
+    plan = settle_plan(outcomes, found)
+    c.executemany(
+        "UPDATE deliveries SET due = ? WHERE id = ?",
+        [(to_micros(due), id) for id, due in plan.retry.items()],
+    )
+    c.executemany("DELETE FROM deliveries WHERE id = ?", [(id,) for id in plan.delete])
+    _delete_deliveries_of(c, [(sub,) for sub in plan.gone])
+    c.executemany(
+        "UPDATE subscriptions SET"
+        " consecutive_failures = CASE WHEN ?2 THEN 0 ELSE consecutive_failures END + ?3,"
+        " last_error = CASE WHEN ?3 > 0 THEN ?4 WHEN ?2 THEN NULL ELSE last_error END,"
+        " last_delivered = CASE WHEN ?2 THEN ?6 ELSE last_delivered END,"
+        " gone = CASE WHEN ?5 THEN ?6 ELSE gone END"
+        " WHERE id = ?1",
+        [(s.id, s.delivered, s.failures, s.error, s.gone, at) for s in plan.subscriptions],
+    )
 
 
 # -- row mapping -------------------------------------------------------------------------------
@@ -985,7 +1223,7 @@ _CHANGE_FIELDS = ", ".join(
 )
 _NOW_JOIN = (
     " LEFT JOIN notifications n ON n.id = c.notification_id"
-    " AND n.user_id = c.user_id AND c.kind IN ('created', 'updated')"
+    f" AND n.user_id = c.user_id AND c.kind IN {LIVE_KINDS}"
     " AND n.expiration_date_time > ?"
 )
 _CHANGES_SQL = (

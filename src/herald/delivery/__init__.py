@@ -1,0 +1,30 @@
+"""Push channels: one module per push service, each a `Channel` (see `base.py`)."""
+
+from herald.delivery.apns import Apns
+from herald.delivery.base import Channel, Keyring, Outcome, Result, client
+from herald.delivery.fcm import Fcm
+from herald.delivery.webpush import WebPush
+from herald.delivery.wns import Wns
+from herald.model import Provider
+from herald.settings import Settings
+
+
+def channels(settings: Settings, keyring: Keyring) -> dict[Provider, Channel]:
+    """One channel per provider, each with its own HTTP client (APNs speaks only HTTP/2)."""
+    ca, timeout = settings.push_ca_file, settings.push_timeout
+    return {
+        Provider.WEBPUSH: WebPush(keyring, client(ca, timeout), settings.vapid_subject),
+        Provider.APNS: Apns(
+            keyring,
+            client(ca, timeout, http2=True),
+            settings.push_apns_production_url,
+            settings.push_apns_development_url,
+        ),
+        Provider.FCM: Fcm(keyring, client(ca, timeout), settings.push_fcm_url, ca),
+        Provider.WNS: Wns(
+            keyring, client(ca, timeout), settings.push_wns_token_url, settings.push_wns_hosts
+        ),
+    }
+
+
+__all__ = ["Channel", "Keyring", "Outcome", "Result", "channels"]

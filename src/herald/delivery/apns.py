@@ -1,0 +1,161 @@
+"""APNs: HTTP/2 with token authentication (an ES256 JWT from the app's `.p8` key).
+
+Visual alerts are `alert` pushes; raw content, state syncs and removals are `background` pushes
+(`content-available`, priority 5, as Apple requires). The JWT is renewed every 40 minutes (Apple
+refuses tokens older than an hour, and renewing more often than every 20 minutes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import httpx
+import msgspec
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey
+
+from herald.delivery.base import (
+    Keyring,
+    Outcome,
+    Result,
+    by_status,
+    document,
+    failure,
+    retry_after,
+)
+from herald.model import ApnsChannel, Message, Priority, Provider, PushChannel, PushKind
+
+KIND = "apns"
+LIMIT = 4096
+TOKEN_LIFETIME = 40 * 60
+GONE_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"}
+
+
+class ApnsCredentials(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    team_id: str
+    private_key: str  # the .p8 file: a PKCS#8 PEM P-256 key
+    topic: str  # the app's bundle id
+    environment: str = "production"  # or "development" (the sandbox host)
+
+
+def check(creds: ApnsCredentials) -> None:
+    """Raise ValueError if the key cannot sign (caught by the CLI before it is stored)."""
+    if creds.environment not in ("production", "development"):
+        raise ValueError("environment must be production or development")
+    ECKey.import_key(creds.private_key)
+
+
+def render(message: Message) -> tuple[dict[str, str], bytes]:
+    """(headers, body) for one message (pure: no credentials, no clock)."""
+    alert = message.kind in (PushKind.ALERT, PushKind.FALLBACK) and (
+        message.payload is not None and message.payload.visual_content is not None
+    )
+    headers = {
+        "apns-push-type": "alert" if alert else "background",
+        "apns-priority": "5" if not alert or message.priority is Priority.LOW else "10",
+        "apns-expiration": str(int(message.expires.timestamp())),
+        "apns-collapse-id": _collapse(message.notification_id),
+    }
+    body = _body(message, alert, truncated=False)
+    if len(body) > LIMIT:  # a shoulder tap; a visual alert keeps its text in `aps`
+        body = _body(message, alert, truncated=True)
+    if len(body) > LIMIT:  # the alert text alone is too long: shorten its body
+        body = _body(message, alert, truncated=True, cut=len(body) - LIMIT)
+    return headers, body
+
+
+def _body(message: Message, alert: bool, truncated: bool, cut: int = 0) -> bytes:
+    aps: dict[str, Any]
+    if alert and message.payload is not None and message.payload.visual_content is not None:
+        visual = message.payload.visual_content
+        content: dict[str, str] = {"title": visual.title}
+        if visual.body is not None:
+            text = visual.body.encode()
+            content["body"] = text[: max(0, len(text) - cut - 8)].decode(errors="ignore")
+        aps = {"alert": content, "sound": "default"}
+        if message.group_name is not None:
+            aps["thread-id"] = message.group_name
+    else:
+        aps = {"content-available": 1}
+    return msgspec.json.encode({"aps": aps, "herald": document(message, truncated=truncated)})
+
+
+def _collapse(notification_id: str) -> str:
+    raw = notification_id.encode()
+    return notification_id if len(raw) <= 64 else hashlib.sha256(raw).hexdigest()
+
+
+class Apns:
+    provider = Provider.APNS
+
+    def __init__(
+        self, keyring: Keyring, http: httpx.AsyncClient, production: str, development: str
+    ) -> None:
+        self.keyring = keyring
+        self.http = http  # HTTP/2
+        self.hosts = {"production": production.rstrip("/"), "development": development.rstrip("/")}
+        self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, jwt, creds)
+
+    async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome:
+        if not isinstance(channel, ApnsChannel):
+            return Outcome(Result.REJECTED, "not an APNs channel")
+        raw = await self.keyring.get(app, KIND)
+        if raw is None:
+            return Outcome(Result.RETRY, f"no APNs credentials for {app}", credentials=True)
+        try:
+            creds = msgspec.json.decode(raw, type=ApnsCredentials)
+            token = self.token(app, creds, raw)
+        except (msgspec.DecodeError, JoseError, ValueError) as exc:
+            return Outcome(
+                Result.RETRY, f"unusable APNs key: {type(exc).__name__}", credentials=True
+            )
+        headers, body = render(message)
+        headers["authorization"] = f"bearer {token}"
+        headers["apns-topic"] = creds.topic
+        url = f"{self.hosts[creds.environment]}/3/device/{channel.device_token}"
+        try:
+            response = await self.http.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return failure(exc)
+        await response.aread()
+        return self.outcome(app, response)
+
+    def outcome(self, app: str, response: httpx.Response) -> Outcome:
+        status = response.status_code
+        if status == 200:
+            return by_status(status, response.headers, "")
+        try:
+            reason = str(msgspec.json.decode(response.content).get("reason", ""))
+        except (msgspec.DecodeError, AttributeError):
+            reason = ""
+        text = f"HTTP {status}" + (f": {reason}" if reason else "")
+        if reason in GONE_REASONS or status == 410:
+            return Outcome(Result.GONE, text, status=status)
+        if reason == "ExpiredProviderToken":  # renew the token and try again soon
+            self.tokens.pop(app, None)
+            return Outcome(Result.RETRY, text, retry_after(response.headers), status=status)
+        if status == 403:
+            self.tokens.pop(app, None)
+            self.keyring.forget(app)
+        if reason == "PayloadTooLarge":
+            return Outcome(Result.REJECTED, text, status=status)
+        return by_status(status, response.headers, text)
+
+    def token(self, app: str, creds: ApnsCredentials, raw: bytes) -> str:
+        now = time.time()
+        cached = self.tokens.get(app)
+        if cached is not None and cached[0] > now and cached[2] == raw:
+            return cached[1]
+        key = ECKey.import_key(creds.private_key)
+        token = jwt.encode(
+            {"alg": "ES256", "kid": creds.key_id}, {"iss": creds.team_id, "iat": int(now)}, key
+        )
+        self.tokens[app] = (now + TOKEN_LIFETIME, token, raw)
+        return token
+
+    async def close(self) -> None:
+        await self.http.aclose()

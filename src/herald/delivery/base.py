@@ -1,0 +1,196 @@
+"""The Channel protocol, the outcome of one push, and what every channel shares: the message a
+device is sent, its size limit, the HTTP client and the keyring of app credentials."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+
+from herald.model import Message, Provider, PushChannel, PushKind
+from herald.store import Store
+
+
+class Result(enum.StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"  # a transient failure: try again later (after `retry_after` if given)
+    GONE = "gone"  # the channel no longer exists
+    REJECTED = "rejected"  # the push service refused this message: never retried
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to. `credentials`: the provider refused Herald's credentials (or
+    none are configured): an operator has to act, so it is reported loudly."""
+
+    result: Result
+    reason: str = ""
+    retry_after: float | None = None
+    credentials: bool = False
+    status: int | None = None
+
+
+DELIVERED = Outcome(Result.DELIVERED)
+
+
+class Channel(Protocol):
+    """Sends messages to one push service. Guarantees:
+
+    * `send` renders `message` for its platform (a pure function of the message) and makes one
+      request (plus a token request when its cached access token needs renewing).
+    * It returns an Outcome for everything the service answers, and for timeouts and connection
+      failures (RETRY); it never raises for the service's behaviour.
+    * It never logs or returns a credential or token.
+    """
+
+    provider: Provider
+
+    async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
+    """An HTTP client trusting the system CAs plus `ca_file` (a private relay, a test)."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    return httpx.AsyncClient(
+        verify=context,
+        http2=http2,
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        follow_redirects=False,
+    )
+
+
+def failure(exc: Exception) -> Outcome:
+    """The outcome of a request that got no answer."""
+    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+    return Outcome(Result.RETRY, f"{kind}: {type(exc).__name__}")
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), None if absent/bad."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def by_status(status: int, headers: Mapping[str, str], reason: str) -> Outcome:
+    """The usual reading of a push service's status (each channel refines it first)."""
+    if 200 <= status < 300:
+        return DELIVERED
+    if status in (404, 410):
+        return Outcome(Result.GONE, reason, status=status)
+    if status in (401, 403):
+        return Outcome(Result.RETRY, reason, retry_after(headers), credentials=True, status=status)
+    if status == 429 or status >= 500:
+        return Outcome(Result.RETRY, reason, retry_after(headers), status=status)
+    return Outcome(Result.REJECTED, reason, status=status)
+
+
+# -- the message ---------------------------------------------------------------------------------
+
+
+def document(message: Message, truncated: bool = False) -> dict[str, Any]:
+    """The JSON object every channel carries (docs/push.md). `truncated`: content dropped."""
+    out: dict[str, Any] = {
+        "type": message.kind.value,
+        "position": message.position,
+        "id": message.notification_id,
+    }
+    if message.kind is not PushKind.REMOVE:
+        out["appNotificationId"] = message.app_notification_id
+        if message.group_name is not None:
+            out["groupName"] = message.group_name
+        payload = message.payload
+        if payload is not None and not truncated:
+            if payload.visual_content is not None:
+                out["title"] = payload.visual_content.title
+                if payload.visual_content.body is not None:
+                    out["body"] = payload.visual_content.body
+            if payload.raw_content is not None:
+                out["rawContent"] = payload.raw_content
+        out["priority"] = message.priority.value
+        out["readState"] = message.read_state.value
+        out["userActionState"] = message.user_action_state.value
+        if message.display_time_to_live is not None:
+            out["displayTimeToLive"] = message.display_time_to_live
+        out["expirationDateTime"] = iso(message.expires)
+    if truncated:
+        out["truncated"] = True
+    return out
+
+
+def fitted(message: Message, limit: int, overhead: int = 0) -> bytes:
+    """The message as JSON, truncated (a shoulder tap) if it is longer than `limit - overhead`."""
+    body = msgspec.json.encode(document(message))
+    if len(body) + overhead <= limit:
+        return body
+    return msgspec.json.encode(document(message, truncated=True))
+
+
+def iso(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def seconds_left(expires: datetime, cap: int) -> int:
+    return max(0, min(cap, int(expires.timestamp() - time.time())))
+
+
+def collapse_key(notification_id: str, size: int) -> str:
+    """A collapse key/tag of at most `size` base64url characters for a notification: its id
+    (a replace keeps the id) if it fits, else a digest of it."""
+    if len(notification_id) <= size and all(c.isalnum() or c in "-_" for c in notification_id):
+        return notification_id
+    digest = base64.urlsafe_b64encode(hashlib.sha256(notification_id.encode()).digest())
+    return digest.decode().rstrip("=")[:size]
+
+
+# -- credentials ---------------------------------------------------------------------------------
+
+
+class Keyring:
+    """App push credentials from the store, cached briefly: `herald app push-set` (another
+    process) takes effect within `ttl` seconds, or at once after a credentials failure."""
+
+    def __init__(self, store: Store, ttl: float = 30.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.cache: dict[str, tuple[float, dict[str, bytes]]] = {}
+
+    async def get(self, app: str, kind: str) -> bytes | None:
+        hit = self.cache.get(app)
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            hit = (time.monotonic(), await self.store.get_push_credentials(app))
+            self.cache[app] = hit
+        return hit[1].get(kind)
+
+    async def ensure(self, app: str, kind: str, make: Any) -> bytes:
+        """The credential, created with `make()` if the app has none (first writer wins)."""
+        found = await self.get(app, kind)
+        if found is not None:
+            return found
+        stored = await self.store.put_push_credentials(app, kind, make(), replace=False)
+        self.forget(app)
+        return stored
+
+    def forget(self, app: str) -> None:
+        self.cache.pop(app, None)

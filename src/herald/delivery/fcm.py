@@ -1,0 +1,185 @@
+"""FCM HTTP v1: `messages:send` with an OAuth 2.0 access token from the app's service account.
+
+google-auth does the OAuth part (the JWT bearer grant against the account's `token_uri`); its
+transport is synchronous, so a refresh (about once an hour per app) runs in a thread. Visual
+alerts are notification messages; everything else is a data message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC
+from typing import Any
+
+import google.auth.exceptions
+import google.auth.transport.requests
+import httpx
+import msgspec
+import requests
+from google.oauth2 import service_account
+
+from herald.delivery.base import (
+    Keyring,
+    Outcome,
+    Result,
+    by_status,
+    document,
+    failure,
+    seconds_left,
+)
+from herald.model import FcmChannel, Message, Priority, Provider, PushChannel, PushKind
+
+KIND = "fcm"
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+LIMIT = 4096  # bytes of data + notification
+MAX_TTL = 28 * 86_400
+RENEW_BEFORE = 300.0  # seconds before expiry
+GONE_CODES = {"UNREGISTERED", "SENDER_ID_MISMATCH"}
+
+
+def check(info: dict[str, Any]) -> None:
+    """Raise ValueError if `info` is not a usable service account (before it is stored)."""
+    if info.get("type") != "service_account" or not info.get("project_id"):
+        raise ValueError("not a service account JSON (type, project_id)")
+    service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+        info, scopes=[SCOPE]
+    )
+
+
+def render(message: Message, token: str) -> dict[str, Any]:
+    """The `message` object of a send request (pure)."""
+    body = _message(message, token, truncated=False)
+    if len(msgspec.json.encode(body)) > LIMIT:
+        body = _message(message, token, truncated=True)
+    return body
+
+
+def _message(message: Message, token: str, truncated: bool) -> dict[str, Any]:
+    data = {
+        k: v if isinstance(v, str) else msgspec.json.encode(v).decode()
+        for k, v in document(message, truncated=truncated).items()
+    }
+    android: dict[str, Any] = {
+        "priority": "HIGH" if message.priority is Priority.HIGH else "NORMAL",
+        "ttl": f"{seconds_left(message.expires, MAX_TTL)}s",
+        "collapse_key": message.notification_id,
+    }
+    out: dict[str, Any] = {"token": token, "data": data, "android": android}
+    visual = message.payload.visual_content if message.payload is not None else None
+    if message.kind in (PushKind.ALERT, PushKind.FALLBACK) and visual is not None:
+        note = {"title": visual.title}
+        if visual.body is not None:
+            note["body"] = visual.body
+        out["notification"] = note
+        android["notification"] = {"tag": message.notification_id}
+    return out
+
+
+class Fcm:
+    provider = Provider.FCM
+
+    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, base: str, ca_file: str):
+        self.keyring = keyring
+        self.http = http
+        self.base = base.rstrip("/")
+        self.ca_file = ca_file
+        self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, token, creds)
+        self.refreshing: dict[str, asyncio.Future[str]] = {}
+
+    async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome:
+        if not isinstance(channel, FcmChannel):
+            return Outcome(Result.REJECTED, "not an FCM channel")
+        raw = await self.keyring.get(app, KIND)
+        if raw is None:
+            return Outcome(Result.RETRY, f"no FCM credentials for {app}", credentials=True)
+        try:
+            info = msgspec.json.decode(raw)
+            token = await self.token(app, info, raw)
+        except google.auth.exceptions.TransportError as exc:
+            return Outcome(Result.RETRY, f"FCM token endpoint: {type(exc).__name__}")
+        except (google.auth.exceptions.GoogleAuthError, msgspec.DecodeError, ValueError) as exc:
+            self.keyring.forget(app)
+            return Outcome(Result.RETRY, f"FCM token refused: {_short(exc)}", credentials=True)
+        url = f"{self.base}/v1/projects/{info['project_id']}/messages:send"
+        body = {"message": render(message, channel.registration_token)}
+        try:
+            response = await self.http.post(
+                url, content=msgspec.json.encode(body), headers=_headers(token)
+            )
+        except httpx.HTTPError as exc:
+            return failure(exc)
+        await response.aread()
+        return self.outcome(app, response)
+
+    def outcome(self, app: str, response: httpx.Response) -> Outcome:
+        status = response.status_code
+        if status == 200:
+            return by_status(status, response.headers, "")
+        code, text = _error(response)
+        if code in GONE_CODES or status == 404:
+            return Outcome(Result.GONE, text, status=status)
+        if status in (401, 403):  # the token was refused: get a new one next time
+            self.tokens.pop(app, None)
+            self.keyring.forget(app)
+        return by_status(status, response.headers, text)
+
+    async def token(self, app: str, info: dict[str, Any], raw: bytes) -> str:
+        cached = self.tokens.get(app)
+        if cached is not None and cached[0] > time.time() and cached[2] == raw:
+            return cached[1]
+        running = self.refreshing.get(app)
+        if running is not None:  # one refresh per app at a time; the others wait for it
+            return await asyncio.shield(running)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.refreshing[app] = future
+        try:
+            token, expiry = await asyncio.to_thread(self._refresh, info)
+            self.tokens[app] = (expiry - RENEW_BEFORE, token, raw)
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it; nobody else need
+            raise
+        finally:
+            del self.refreshing[app]
+
+    def _refresh(self, info: dict[str, Any]) -> tuple[str, float]:
+        creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            info, scopes=[SCOPE]
+        )
+        with requests.Session() as session:
+            if self.ca_file:
+                session.verify = self.ca_file
+            creds.refresh(google.auth.transport.requests.Request(session))
+        expiry = creds.expiry
+        if expiry is None:
+            return str(creds.token), time.time() + 3600
+        # google-auth keeps naive UTC datetimes
+        return str(creds.token), expiry.replace(tzinfo=expiry.tzinfo or UTC).timestamp()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def _error(response: httpx.Response) -> tuple[str, str]:
+    """(FCM error code, a short description) from Google's error body."""
+    try:
+        error = msgspec.json.decode(response.content)["error"]
+        code = next(
+            (d.get("errorCode", "") for d in error.get("details", []) if "errorCode" in d),
+            error.get("status", ""),
+        )
+        return str(code), f"HTTP {response.status_code}: {code or error.get('message', '')}"
+    except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+        return "", f"HTTP {response.status_code}"
+
+
+def _short(exc: Exception) -> str:
+    # google-auth puts the token endpoint's answer in the message; never a credential.
+    return str(exc).replace("\n", " ")[:200]

@@ -1,0 +1,147 @@
+"""Web Push: RFC 8030 delivery, RFC 8291 `aes128gcm` payload encryption, RFC 8292 VAPID.
+
+The crypto is the web-push-libs' own: `http_ece` encrypts, `py_vapid` signs; both wrap
+`cryptography`. Each app has its own VAPID key pair (generated on first use, kept in the store);
+browsers subscribe with its public key as `applicationServerKey`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from urllib.parse import urlsplit
+
+import http_ece
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from py_vapid import Vapid02
+
+from herald.delivery.base import (
+    Keyring,
+    Outcome,
+    Result,
+    by_status,
+    failure,
+    fitted,
+    seconds_left,
+)
+from herald.model import Message, Priority, Provider, PushChannel, PushKind, WebPushChannel
+
+KIND = "vapid"
+LIMIT = 4096  # bytes of encrypted body every push service accepts
+# aes128gcm with one record: salt 16 + rs 4 + idlen 1 + key 65 header, 16 tag, 1 delimiter.
+OVERHEAD = 86 + 16 + 1
+MAX_TTL = 28 * 86_400
+JWT_LIFETIME = 12 * 3600  # RFC 8292 allows up to 24 h; renewed at half-life
+URGENCY = {Priority.HIGH: "high", Priority.NONE: "normal", Priority.LOW: "low"}
+
+
+def generate_key() -> bytes:
+    """A new VAPID private key (PKCS#8 PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_key(pem: bytes) -> str:
+    """The browser's `applicationServerKey`: the uncompressed point, base64url, no padding."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return base64.urlsafe_b64encode(point).decode().rstrip("=")
+
+
+def topic(notification_id: str) -> str:
+    """`Topic` (at most 32 base64url characters): a replace keeps the id, so it collapses."""
+    digest = hashlib.sha256(notification_id.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
+
+
+def _b64(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
+    """RFC 8291: a fresh ECDH key and salt per message."""
+    return bytes(
+        http_ece.encrypt(
+            body,
+            salt=os.urandom(16),
+            private_key=ec.generate_private_key(ec.SECP256R1()),
+            dh=_b64(channel.keys.p256dh),
+            auth_secret=_b64(channel.keys.auth),
+            version="aes128gcm",
+        )
+    )
+
+
+class WebPush:
+    provider = Provider.WEBPUSH
+
+    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, subject: str) -> None:
+        self.keyring = keyring
+        self.http = http
+        self.subject = subject
+        # (app, audience) -> (renew at, Authorization header)
+        self.tokens: dict[tuple[str, str], tuple[float, str]] = {}
+        self.signers: dict[bytes, Vapid02] = {}
+
+    async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome:
+        if not isinstance(channel, WebPushChannel):
+            return Outcome(Result.REJECTED, "not a Web Push channel")
+        if message.kind is not PushKind.ALERT:
+            return Outcome(Result.REJECTED, f"Web Push does not carry {message.kind} messages")
+        headers = {
+            "TTL": str(seconds_left(message.expires, MAX_TTL)),
+            "Urgency": URGENCY[message.priority],
+            "Topic": topic(message.notification_id),
+            "Content-Encoding": "aes128gcm",
+            "Content-Type": "application/octet-stream",
+            "Authorization": await self.authorization(app, channel.endpoint),
+        }
+        body = encrypt(fitted(message, LIMIT, OVERHEAD), channel)
+        try:
+            response = await self.http.post(channel.endpoint, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return failure(exc)
+        await response.aread()
+        if response.status_code in (401, 403):
+            self.tokens.pop((app, _audience(channel.endpoint)), None)
+            self.keyring.forget(app)
+        return by_status(response.status_code, response.headers, _reason(response))
+
+    async def authorization(self, app: str, endpoint: str) -> str:
+        audience = _audience(endpoint)
+        now = time.time()
+        cached = self.tokens.get((app, audience))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        pem = await self.keyring.ensure(app, KIND, generate_key)
+        signer = self.signers.get(pem)
+        if signer is None:
+            signer = self.signers[pem] = Vapid02.from_pem(pem)
+        claims = {"aud": audience, "exp": int(now) + JWT_LIFETIME, "sub": self.subject}
+        header = str(signer.sign(claims)["Authorization"])
+        self.tokens[(app, audience)] = (now + JWT_LIFETIME / 2, header)
+        return header
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def _audience(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _reason(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")[:200]
+    return f"HTTP {response.status_code}" + (f": {text}" if text else "")

@@ -1,0 +1,203 @@
+"""WNS: an OAuth client-credentials access token, then one request to the device's channel URI.
+
+Visual alerts are toasts (XML built with ElementTree, so every text is escaped); raw content and
+content syncs are raw notifications. A notification that was read, dismissed, activated or
+deleted elsewhere has its toast deleted from Action Center (`DELETE` with `X-WNS-Match`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import time
+from typing import Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
+
+import httpx
+import msgspec
+
+from herald.delivery.base import (
+    Keyring,
+    Outcome,
+    Result,
+    by_status,
+    collapse_key,
+    document,
+    failure,
+    fitted,
+    seconds_left,
+)
+from herald.model import (
+    Message,
+    Priority,
+    Provider,
+    PushChannel,
+    PushKind,
+    UserActionState,
+    WnsChannel,
+)
+
+KIND = "wns"
+LIMIT = 5000  # bytes of body
+MAX_TTL = 28 * 86_400
+RENEW_BEFORE = 300.0
+PRIORITY = {Priority.HIGH: "1", Priority.NONE: "2", Priority.LOW: "3"}
+
+
+class WnsCredentials(msgspec.Struct, frozen=True, kw_only=True):
+    client_id: str  # the package SID, ms-app://…
+    client_secret: str
+
+
+def allowed(uri: str, hosts: str) -> bool:
+    """Whether a channel URI names one of `hosts` ("a.b, *.c"): tokens only go there."""
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+    except ValueError:
+        return False
+    patterns = [h.strip().lower() for h in hosts.split(",") if h.strip()]
+    return parts.scheme == "https" and any(fnmatch.fnmatchcase(host, p) for p in patterns)
+
+
+def settled(message: Message) -> bool:
+    """Whether the toast should leave Action Center: deleted, or dealt with on another device."""
+    return message.kind is PushKind.REMOVE or (
+        message.kind is PushKind.SYNC
+        and (
+            message.read_state.value == "read"
+            or message.user_action_state in (UserActionState.DISMISSED, UserActionState.ACTIVATED)
+        )
+    )
+
+
+def render(message: Message) -> tuple[str, dict[str, str], bytes]:
+    """(method, headers, body) for one message (pure)."""
+    tag = collapse_key(message.notification_id, 16)
+    if settled(message):
+        return "DELETE", {"X-WNS-Match": f"type:wns/toast;tag={tag}"}, b""
+    headers = {
+        "X-WNS-TTL": str(seconds_left(message.expires, MAX_TTL)),
+        "X-WNS-Priority": PRIORITY[message.priority],
+    }
+    visual = message.payload.visual_content if message.payload is not None else None
+    if message.kind in (PushKind.ALERT, PushKind.FALLBACK) and visual is not None:
+        headers |= {"X-WNS-Type": "wns/toast", "Content-Type": "text/xml", "X-WNS-Tag": tag}
+        return "POST", headers, toast(message)
+    headers |= {"X-WNS-Type": "wns/raw", "Content-Type": "application/octet-stream"}
+    return "POST", headers, fitted(message, LIMIT)
+
+
+def toast(message: Message) -> bytes:
+    assert message.payload is not None and message.payload.visual_content is not None
+    visual = message.payload.visual_content
+    launch = msgspec.json.encode(document(message, truncated=True)).decode()
+    root = ElementTree.Element("toast", launch=launch)
+    binding = ElementTree.SubElement(
+        ElementTree.SubElement(root, "visual"), "binding", template="ToastGeneric"
+    )
+    ElementTree.SubElement(binding, "text").text = visual.title
+    if visual.body is not None:
+        ElementTree.SubElement(binding, "text").text = visual.body
+    return bytes(ElementTree.tostring(root, encoding="utf-8", xml_declaration=False))
+
+
+class Wns:
+    provider = Provider.WNS
+
+    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, token_url: str, hosts: str):
+        self.keyring = keyring
+        self.http = http
+        self.token_url = token_url
+        self.hosts = hosts
+        self.tokens: dict[str, tuple[float, str, bytes]] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome:
+        if not isinstance(channel, WnsChannel):
+            return Outcome(Result.REJECTED, "not a WNS channel")
+        if not allowed(channel.channel_uri, self.hosts):
+            return Outcome(Result.REJECTED, "channel URI host is not a WNS host")
+        raw = await self.keyring.get(app, KIND)
+        if raw is None:
+            return Outcome(Result.RETRY, f"no WNS credentials for {app}", credentials=True)
+        try:
+            token = await self.token(app, raw)
+        except _Refused as exc:
+            self.keyring.forget(app)
+            return Outcome(Result.RETRY, str(exc), exc.retry_after, credentials=exc.credentials)
+        except httpx.HTTPError as exc:
+            return failure(exc)
+        method, headers, body = render(message)
+        headers["Authorization"] = f"Bearer {token}"
+        try:
+            response = await self.http.request(
+                method, channel.channel_uri, content=body, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            return failure(exc)
+        await response.aread()
+        status = response.status_code
+        text = f"HTTP {status}"
+        described = response.headers.get("x-wns-error-description")
+        if described:
+            text += f": {described[:200]}"
+        if status in (401, 403):
+            self.tokens.pop(app, None)
+            self.keyring.forget(app)
+        if status == 406:  # WNS's throttle
+            return Outcome(Result.RETRY, text, 60.0, status=status)
+        return by_status(status, response.headers, text)
+
+    async def token(self, app: str, raw: bytes) -> str:
+        cached = self.tokens.get(app)
+        if cached is not None and cached[0] > time.time() and cached[2] == raw:
+            return cached[1]
+        async with self.locks.setdefault(app, asyncio.Lock()):
+            cached = self.tokens.get(app)
+            if cached is not None and cached[0] > time.time() and cached[2] == raw:
+                return cached[1]
+            try:
+                creds = msgspec.json.decode(raw, type=WnsCredentials)
+            except msgspec.DecodeError as exc:
+                raise _Refused("unusable WNS credentials", credentials=True) from exc
+            response = await self.http.post(
+                self.token_url,
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": creds.client_id,
+                    "client_secret": creds.client_secret,
+                    "scope": "notify.windows.com",
+                },
+            )
+            body: Any = None
+            with contextlib.suppress(ValueError):
+                body = response.json()
+            if (
+                response.status_code != 200
+                or not isinstance(body, dict)
+                or not isinstance(body.get("access_token"), str)
+            ):
+                status = response.status_code
+                error = body.get("error", "") if isinstance(body, dict) else ""
+                transient = status == 429 or status >= 500
+                raise _Refused(
+                    f"WNS token endpoint: HTTP {status} {error}".strip(),
+                    credentials=not transient,
+                )
+            token = str(body["access_token"])
+            lifetime = float(body.get("expires_in", 3600))
+            self.tokens[app] = (time.time() + lifetime - RENEW_BEFORE, token, raw)
+            return token
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, credentials: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.credentials = credentials
+        self.retry_after = retry_after

@@ -1,0 +1,269 @@
+"""The push engine: sends queued deliveries through their channels and records each outcome.
+
+One lane per provider: it claims due deliveries from the store (leased, so another node or a
+restart does not send them at the same time), sends up to `push_concurrency` at once, and hands
+the outcomes to a settler that records them in batches. Lanes share nothing, so a provider that
+is slow or down holds up only its own queue. Retries are rows with a later due time: they
+survive restarts, back off exponentially with full jitter, honour Retry-After, and stop at the
+attempt limit or the notification's expiration (docs/push.md, "Delivery engine").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from herald.delivery import Channel, Outcome, Result
+from herald.errors import HeraldError
+from herald.feed import Clock, utcnow
+from herald.metrics import Metrics
+from herald.model import Delivery, Provider, PushKind, Settle, Settlement
+from herald.settings import Settings
+from herald.store import Store
+
+log = logging.getLogger("herald.push")
+
+CLAIM_BATCH = 256
+POLL_SECONDS = 1.0
+GAUGE_SECONDS = 10.0
+LOUD_EVERY = 60.0  # seconds between ERROR lines for one app's refused credentials
+
+
+class Pusher:
+    def __init__(
+        self,
+        store: Store,
+        channels: dict[Provider, Channel],
+        settings: Settings,
+        metrics: Metrics,
+        clock: Clock = utcnow,
+        poll: float = POLL_SECONDS,
+    ) -> None:
+        self.store = store
+        self.channels = channels
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.settler = Settler(store, clock)
+        self.lanes = {
+            provider: Lane(self, provider, channel, poll) for provider, channel in channels.items()
+        }
+        self.loud: dict[tuple[str, Provider], float] = {}
+
+    async def start(self) -> None:
+        self.settler.start()
+        for lane in self.lanes.values():
+            lane.start()
+
+    def wake(self, providers: Iterable[Provider]) -> None:
+        """New deliveries were queued for these providers."""
+        for provider in providers:
+            lane = self.lanes.get(provider)
+            if lane is not None:
+                lane.wake.set()
+
+    async def close(self) -> None:
+        """Stop claiming, let sends in flight finish (within the push timeout), record them."""
+        await asyncio.gather(*(lane.close() for lane in self.lanes.values()))
+        await self.settler.close()
+        for channel in self.channels.values():
+            await channel.close()
+
+    def settlement(self, d: Delivery, outcome: Outcome, now: datetime) -> Settlement:
+        """What to record for an attempt's outcome (the retry policy lives here)."""
+        if outcome.result is Result.DELIVERED:
+            return Settlement(
+                id=d.id, subscription_id=d.subscription_id, settle=Settle.DONE, sent=True
+            )
+        if outcome.result is Result.GONE:
+            return _settle(d, Settle.GONE, outcome.reason)
+        if outcome.result is Result.REJECTED:
+            return _settle(d, Settle.DROP, outcome.reason)
+        s = self.settings
+        if d.attempts >= s.push_max_attempts:
+            return _settle(d, Settle.DROP, f"gave up after {d.attempts} attempts: {outcome.reason}")
+        wait = random.uniform(0.0, min(s.push_backoff_max, s.push_backoff_base * 2**d.attempts))
+        wait = max(wait, outcome.retry_after or 0.0, 0.1)
+        due = now + timedelta(seconds=wait)
+        if due >= d.message.expires:
+            return _settle(d, Settle.DROP, f"expired before delivery: {outcome.reason}")
+        return Settlement(
+            id=d.id,
+            subscription_id=d.subscription_id,
+            settle=Settle.RETRY,
+            due=due,
+            error=outcome.reason,
+        )
+
+    def report(self, d: Delivery, outcome: Outcome, seconds: float) -> None:
+        provider = d.provider.value
+        self.metrics.push_attempts.labels(provider, outcome.result.value).inc()
+        self.metrics.push_seconds.labels(provider).observe(seconds)
+        if outcome.credentials:
+            self.metrics.push_credential_failures.labels(provider).inc()
+            key = (d.app, d.provider)
+            now = time.monotonic()
+            if now - self.loud.get(key, -LOUD_EVERY) >= LOUD_EVERY:
+                self.loud[key] = now
+                log.error(
+                    "push credentials refused: deliveries are being retried until the "
+                    "credentials are fixed (herald app push-set) or their attempts run out",
+                    extra={"app": d.app, "provider": provider, "reason": outcome.reason},
+                )
+        elif outcome.result is Result.GONE:
+            log.info(
+                "push channel gone",
+                extra={"subscription": d.subscription_id, "reason": outcome.reason},
+            )
+        elif outcome.result is Result.REJECTED:
+            log.warning(
+                "push rejected",
+                extra={
+                    "subscription": d.subscription_id,
+                    "provider": provider,
+                    "reason": outcome.reason,
+                },
+            )
+
+
+def _settle(d: Delivery, settle: Settle, error: str) -> Settlement:
+    return Settlement(id=d.id, subscription_id=d.subscription_id, settle=settle, error=error[:300])
+
+
+class Lane:
+    """One provider's queue: claims due deliveries while it has free slots, sends them."""
+
+    def __init__(self, pusher: Pusher, provider: Provider, channel: Channel, poll: float) -> None:
+        self.pusher = pusher
+        self.provider = provider
+        self.channel = channel
+        self.poll = poll
+        self.limit = pusher.settings.push_concurrency
+        self.wake = asyncio.Event()
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.full = False
+        self.gauge_at = 0.0
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"herald-push-{self.provider}")
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.inflight:
+            await asyncio.wait(self.inflight, timeout=self.pusher.settings.push_timeout + 1)
+
+    async def run(self) -> None:
+        store = self.pusher.store
+        lease = self.pusher.settings.push_lease
+        while True:
+            self.wake.clear()
+            try:
+                free = self.limit - len(self.inflight)
+                if free > 0:
+                    want = min(free, CLAIM_BATCH)
+                    claimed = await store.claim(self.provider, self.pusher.clock(), lease, want)
+                    for delivery in claimed:
+                        task = asyncio.create_task(self.attempt(delivery))
+                        self.inflight.add(task)
+                        task.add_done_callback(self.done)
+                    self.full = len(claimed) == want
+                    if self.full and len(self.inflight) < self.limit:
+                        continue  # more may be due
+                else:
+                    self.full = True
+                await self.update_gauge()
+            except HeraldError as exc:  # the store is unavailable: back off, try again
+                log.warning("push claim failed", extra={"error": exc.message})
+                await asyncio.sleep(self.poll)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll):
+                    await self.wake.wait()
+
+    def done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        if self.full and len(self.inflight) <= self.limit // 2:
+            self.wake.set()  # room for a batch again
+
+    async def attempt(self, d: Delivery) -> None:
+        pusher = self.pusher
+        if d.message.kind is PushKind.FALLBACK and d.seen_position >= d.message.position:
+            pusher.settler.add(  # the device fetched it: no fallback needed
+                Settlement(id=d.id, subscription_id=d.subscription_id, settle=Settle.DONE)
+            )
+            return
+        start = time.perf_counter()
+        try:
+            outcome = await self.channel.send(d.app, d.channel, d.message)
+        except Exception as exc:  # a bug in a channel must not lose the delivery
+            log.exception("push channel failed", extra={"provider": self.provider.value})
+            outcome = Outcome(Result.RETRY, f"internal error: {type(exc).__name__}")
+        pusher.report(d, outcome, time.perf_counter() - start)
+        pusher.settler.add(pusher.settlement(d, outcome, pusher.clock()))
+
+    async def update_gauge(self) -> None:
+        now = time.monotonic()
+        if now - self.gauge_at < GAUGE_SECONDS:
+            return
+        self.gauge_at = now
+        queued = await self.pusher.store.count_deliveries(self.provider)
+        self.pusher.metrics.push_queued.labels(self.provider.value).set(queued)
+
+
+class Settler:
+    """Records outcomes in batches (one transaction for whatever has accumulated). If the store
+    is unavailable they are kept and recorded later; until then their leases keep them from
+    being sent again, and a crash before recording means at most a repeated push."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self.pending: list[Settlement] = []
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+        self.settled = 0
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="herald-push-settler")
+
+    def add(self, settlement: Settlement) -> None:
+        self.pending.append(settlement)
+        self.ready.set()
+
+    async def run(self) -> None:
+        while not self.closing:
+            await self.ready.wait()
+            self.ready.clear()
+            await self.flush()
+            if self.pending and not self.closing:  # the store failed: wait, try again
+                await asyncio.sleep(1.0)
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            await self.store.settle(batch, self.clock())
+            self.settled += len(batch)
+        except HeraldError as exc:
+            log.warning("push settle failed", extra={"error": exc.message})
+            self.pending = batch + self.pending
+            self.ready.set()
+
+    async def close(self) -> None:
+        """Record everything still pending (a flush in progress is awaited, not cancelled)."""
+        self.closing = True
+        self.ready.set()
+        if self.task is not None:
+            await self.task
+        await self.flush()
