@@ -147,6 +147,18 @@ def _device_paths(err: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
                 "responses": {"200": {"description": "text/event-stream"}, "4XX": err},
             },
         },
+        "/beta/webPushKey": {
+            "get": {
+                "summary": "The calling app's VAPID public key (applicationServerKey)",
+                "responses": {
+                    "200": {
+                        "description": "application and applicationServerKey (base64url)",
+                        "content": _json({"type": "object"}),
+                    },
+                    "4XX": err,
+                },
+            },
+        },
         "/beta/me/notifications/delta": {
             "get": {
                 "summary": "Graph delta query (@odata.deltaLink, @removed)",

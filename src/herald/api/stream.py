@@ -395,11 +395,17 @@ class Streams:
     async def record_fetched(self) -> None:
         """Store the positions iOS devices received over their streams since the last tick."""
         fetched, self.services.fetched = self.services.fetched, {}
-        for subscription_id, position in fetched.items():
-            try:
-                await self.services.store.seen(subscription_id, position)
-            except HeraldError as exc:  # only the fallback's precision suffers
-                log.warning("could not record a fetched position", extra={"error": exc.message})
+        store = self.services.store
+        # Together, so the store can write them in one statement.
+        results = await asyncio.gather(
+            *(store.seen(sub_id, position) for sub_id, position in fetched.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, HeraldError):  # only the fallback's precision suffers
+                log.warning("could not record a fetched position", extra={"error": result.message})
+            elif isinstance(result, BaseException):
+                raise result
 
     def close_all(self) -> None:
         """Server shutdown: tell every stream why it ends (each then closes itself)."""

@@ -60,13 +60,20 @@ class Channel(Protocol):
     async def close(self) -> None: ...
 
 
-def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
-    """An HTTP client trusting the system CAs plus `ca_file` (a private relay, a test)."""
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The system's CAs plus `ca_file` (a private relay, a test), whatever SSL_CERT_FILE or
+    REQUESTS_CA_BUNDLE say (clients are built with trust_env=False)."""
     context = ssl.create_default_context()
     if ca_file:
         context.load_verify_locations(ca_file)
+    return context
+
+
+def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
+    """An HTTP client for one push service (no proxies or CAs from the environment)."""
     return httpx.AsyncClient(
-        verify=context,
+        verify=tls_context(ca_file),
+        trust_env=False,
         http2=http2,
         timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),

@@ -1,8 +1,10 @@
 """FCM HTTP v1: `messages:send` with an OAuth 2.0 access token from the app's service account.
 
-google-auth does the OAuth part (the JWT bearer grant against the account's `token_uri`); its
-transport is synchronous, so a refresh (about once an hour per app) runs in a thread. Visual
-alerts are notification messages; everything else is a data message.
+google-auth does the OAuth part (the JWT bearer grant against the account's `token_uri`) over
+its transport interface, which `_Transport` implements with a synchronous httpx client trusting
+the same CAs as every push request (the system's plus `push_ca_file`); a refresh, about once an
+hour per app, runs in a thread. Visual alerts are notification messages; everything else is a
+data message.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from datetime import UTC
 from typing import Any
 
 import google.auth.exceptions
-import google.auth.transport.requests
+import google.auth.transport
 import httpx
 import msgspec
-import requests
 from google.oauth2 import service_account
 
 from herald.delivery.base import (
@@ -27,6 +28,7 @@ from herald.delivery.base import (
     document,
     failure,
     seconds_left,
+    tls_context,
 )
 from herald.model import FcmChannel, Message, Priority, Provider, PushChannel, PushKind
 
@@ -83,7 +85,7 @@ class Fcm:
         self.keyring = keyring
         self.http = http
         self.base = base.rstrip("/")
-        self.ca_file = ca_file
+        self.oauth = httpx.Client(verify=tls_context(ca_file), timeout=30.0, trust_env=False)
         self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, token, creds)
         self.refreshing: dict[str, asyncio.Future[str]] = {}
 
@@ -149,10 +151,7 @@ class Fcm:
         creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
             info, scopes=[SCOPE]
         )
-        with requests.Session() as session:
-            if self.ca_file:
-                session.verify = self.ca_file
-            creds.refresh(google.auth.transport.requests.Request(session))
+        creds.refresh(_Transport(self.oauth))
         expiry = creds.expiry
         if expiry is None:
             return str(creds.token), time.time() + 3600
@@ -161,6 +160,50 @@ class Fcm:
 
     async def close(self) -> None:
         await self.http.aclose()
+        self.oauth.close()
+
+
+class _Response(google.auth.transport.Response):
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.response.headers)
+
+    @property
+    def data(self) -> bytes:
+        return self.response.content
+
+
+class _Transport(google.auth.transport.Request):
+    """google-auth's transport interface over an httpx client."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _Response:
+        try:
+            response = self.client.request(
+                method, url, content=body, headers=headers, timeout=timeout or 30.0
+            )
+        except httpx.HTTPError as exc:
+            raise google.auth.exceptions.TransportError(  # type: ignore[no-untyped-call]
+                type(exc).__name__
+            ) from exc
+        return _Response(response)
 
 
 def _headers(token: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fnmatch
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -91,16 +92,41 @@ def render(message: Message) -> tuple[str, dict[str, str], bytes]:
 
 
 def toast(message: Message) -> bytes:
+    """The toast XML; its texts are shortened if escaping makes it longer than WNS takes."""
     assert message.payload is not None and message.payload.visual_content is not None
     visual = message.payload.visual_content
+    title, body = visual.title, visual.body or ""
+    xml = _toast(message, title, body)
+    if len(xml) <= LIMIT:
+        return xml
+    if len(_toast(message, title, "")) > LIMIT:
+        body, title = "", title[: _longest(lambda n: _toast(message, title[:n], ""), len(title))]
+    else:
+        body = body[: _longest(lambda n: _toast(message, title, body[:n]), len(body))]
+    return _toast(message, title, body)
+
+
+def _longest(render: Callable[[int], bytes], size: int) -> int:
+    """The largest n <= size whose rendering fits in LIMIT (render(0) must fit)."""
+    lo, hi = 0, size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(render(mid)) <= LIMIT:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _toast(message: Message, title: str, body: str) -> bytes:
     launch = msgspec.json.encode(document(message, truncated=True)).decode()
     root = ElementTree.Element("toast", launch=launch)
     binding = ElementTree.SubElement(
         ElementTree.SubElement(root, "visual"), "binding", template="ToastGeneric"
     )
-    ElementTree.SubElement(binding, "text").text = visual.title
-    if visual.body is not None:
-        ElementTree.SubElement(binding, "text").text = visual.body
+    ElementTree.SubElement(binding, "text").text = title
+    if body:
+        ElementTree.SubElement(binding, "text").text = body
     return bytes(ElementTree.tostring(root, encoding="utf-8", xml_declaration=False))
 
 
