@@ -131,6 +131,8 @@ def make_settings(data: Path, **overrides: object) -> Settings:
         "app_burst": 100_000,
         "user_rate": 100_000.0,
         "user_burst": 100_000,
+        # The push stand-ins listen on 127.0.0.1 (tests/test_push.py checks the default).
+        "push_allow_private_endpoints": True,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

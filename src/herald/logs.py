@@ -43,6 +43,9 @@ def redact_tokens() -> None:
         for kind in (RedactTokens, QuietRefusals):
             if not any(isinstance(f, kind) for f in logger.filters):
                 logger.addFilter(kind())
+    # httpx logs every request's URL at INFO: push endpoints and WNS channel URIs are secrets
+    # (whoever has one can push to the device), so only its warnings get through.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class JsonFormatter(logging.Formatter):

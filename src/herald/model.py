@@ -343,12 +343,18 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
 
     `sent`: DONE because the push service accepted it (updates last_delivered; a DONE without
     sending, e.g. a fallback the device no longer needs, leaves the subscription as it is).
-    `error` is a short reason recorded on the subscription (DROP, GONE, RETRY).
+    `error` is a short reason recorded on the subscription (DROP, GONE, RETRY): printable text
+    only, at most 300 characters.
     """
 
     id: int
     subscription_id: str
     settle: Settle
+    # The claim this settles (the delivery's `attempts` when claimed) and the channel it was
+    # sent to: a settlement for an older claim, or for a channel the device has since replaced,
+    # must not undo newer state.
+    attempts: int
+    channel_key: str
     sent: bool = False
     due: datetime | None = None
     error: str | None = None

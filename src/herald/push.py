@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from herald.delivery import Channel, Outcome, Result
-from herald.errors import HeraldError
+from herald.errors import HeraldError, Unavailable
 from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
 from herald.model import Delivery, Provider, PushKind, Settle, Settlement
@@ -77,9 +77,7 @@ class Pusher:
     def settlement(self, d: Delivery, outcome: Outcome, now: datetime) -> Settlement:
         """What to record for an attempt's outcome (the retry policy lives here)."""
         if outcome.result is Result.DELIVERED:
-            return Settlement(
-                id=d.id, subscription_id=d.subscription_id, settle=Settle.DONE, sent=True
-            )
+            return _settle(d, Settle.DONE, sent=True)
         if outcome.result is Result.GONE:
             return _settle(d, Settle.GONE, outcome.reason)
         if outcome.result is Result.REJECTED:
@@ -88,17 +86,12 @@ class Pusher:
         if d.attempts >= s.push_max_attempts:
             return _settle(d, Settle.DROP, f"gave up after {d.attempts} attempts: {outcome.reason}")
         wait = random.uniform(0.0, min(s.push_backoff_max, s.push_backoff_base * 2**d.attempts))
-        wait = max(wait, outcome.retry_after or 0.0, 0.1)
+        # A provider's Retry-After is honoured, up to the backoff cap (not years).
+        wait = max(wait, min(outcome.retry_after or 0.0, s.push_backoff_max), 0.1)
         due = now + timedelta(seconds=wait)
         if due >= d.message.expires:
             return _settle(d, Settle.DROP, f"expired before delivery: {outcome.reason}")
-        return Settlement(
-            id=d.id,
-            subscription_id=d.subscription_id,
-            settle=Settle.RETRY,
-            due=due,
-            error=outcome.reason,
-        )
+        return _settle(d, Settle.RETRY, outcome.reason, due=due)
 
     def report(self, d: Delivery, outcome: Outcome, seconds: float) -> None:
         provider = d.provider.value
@@ -131,8 +124,29 @@ class Pusher:
             )
 
 
-def _settle(d: Delivery, settle: Settle, error: str) -> Settlement:
-    return Settlement(id=d.id, subscription_id=d.subscription_id, settle=settle, error=error[:300])
+def _settle(
+    d: Delivery,
+    settle: Settle,
+    error: str | None = None,
+    sent: bool = False,
+    due: datetime | None = None,
+) -> Settlement:
+    return Settlement(
+        id=d.id,
+        subscription_id=d.subscription_id,
+        settle=settle,
+        attempts=d.attempts,
+        channel_key=d.channel.key,
+        sent=sent,
+        due=due,
+        error=None if error is None else printable(error),
+    )
+
+
+def printable(text: str) -> str:
+    """A reason fit to store and show: no control characters (a push service's answer may
+    carry anything), at most 300 characters."""
+    return "".join(c if c.isprintable() else " " for c in text[:300])
 
 
 class Lane:
@@ -185,6 +199,10 @@ class Lane:
                 log.warning("push claim failed", extra={"error": exc.message})
                 await asyncio.sleep(self.poll)
                 continue
+            except Exception:  # a bug: log it, keep the lane alive
+                log.exception("push lane failed", extra={"provider": self.provider.value})
+                await asyncio.sleep(self.poll)
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll):
                     await self.wake.wait()
@@ -197,18 +215,26 @@ class Lane:
     async def attempt(self, d: Delivery) -> None:
         pusher = self.pusher
         if d.message.kind is PushKind.FALLBACK and d.seen_position >= d.message.position:
-            pusher.settler.add(  # the device fetched it: no fallback needed
-                Settlement(id=d.id, subscription_id=d.subscription_id, settle=Settle.DONE)
-            )
+            pusher.settler.add(_settle(d, Settle.DONE))  # the device fetched it: not needed
             return
         start = time.perf_counter()
         try:
-            outcome = await self.channel.send(d.app, d.channel, d.message)
+            # The whole attempt, token requests included, within push_timeout: httpx's timeout
+            # bounds each read, not a server that drips its answer.
+            async with asyncio.timeout(pusher.settings.push_timeout):
+                outcome = await self.channel.send(d.app, d.channel, d.message)
+        except TimeoutError:
+            outcome = Outcome(Result.RETRY, "timeout")
         except Exception as exc:  # a bug in a channel must not lose the delivery
             log.exception("push channel failed", extra={"provider": self.provider.value})
             outcome = Outcome(Result.RETRY, f"internal error: {type(exc).__name__}")
         pusher.report(d, outcome, time.perf_counter() - start)
-        pusher.settler.add(pusher.settlement(d, outcome, pusher.clock()))
+        try:
+            settlement = pusher.settlement(d, outcome, pusher.clock())
+        except (OverflowError, ValueError):  # defensive: never leave a claim unsettled
+            log.exception("push settlement failed", extra={"provider": self.provider.value})
+            settlement = _settle(d, Settle.DROP, "internal error")
+        pusher.settler.add(settlement)
 
     async def update_gauge(self) -> None:
         now = time.monotonic()
@@ -255,10 +281,24 @@ class Settler:
         try:
             await self.store.settle(batch, self.clock())
             self.settled += len(batch)
-        except HeraldError as exc:
+        except Unavailable as exc:  # keep them for the next try
             log.warning("push settle failed", extra={"error": exc.message})
             self.pending = batch + self.pending
             self.ready.set()
+        except Exception:  # one bad settlement must not hold up the others: one by one
+            log.exception("push settle failed; settling one by one")
+            await self.one_by_one(batch)
+
+    async def one_by_one(self, batch: list[Settlement]) -> None:
+        for settlement in batch:
+            try:
+                await self.store.settle([settlement], self.clock())
+                self.settled += 1
+            except Unavailable:
+                self.pending.append(settlement)
+                self.ready.set()
+            except Exception:  # dropped: its lease runs out and it is claimed again
+                log.exception("push settlement dropped", extra={"delivery": settlement.id})
 
     async def close(self) -> None:
         """Record everything still pending (a flush in progress is awaited, not cancelled)."""

@@ -19,6 +19,8 @@ from typing import Any
 from herald.errors import HeraldError
 
 DAY = 86_400
+# A placeholder: Apple's Web Push service refuses it (the server warns at start-up).
+DEFAULT_VAPID_SUBJECT = "mailto:herald@localhost"
 
 
 class ConfigError(HeraldError):
@@ -86,6 +88,9 @@ class Settings:
     # Hosts a WNS channel URI may name (comma-separated; "*." matches subdomains): WNS access
     # tokens are sent to channel URIs, so only to these.
     push_wns_hosts: str = "*.notify.windows.com"
+    # Web Push endpoints on loopback or private networks are refused (Herald would otherwise
+    # POST wherever a device points it); allow them for a relay on the LAN, or a test.
+    push_allow_private_endpoints: bool = False
     # Seconds per push request; requests in flight per provider; attempts per push; retry
     # backoff base and cap (s); how long a claimed push is leased to a node (s).
     push_timeout: float = 10.0
@@ -115,7 +120,7 @@ class Settings:
             return self.push_vapid_subject
         if self.public_url.startswith("https://"):
             return self.public_url.rstrip("/")
-        return "mailto:herald@localhost"
+        return DEFAULT_VAPID_SUBJECT
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}

@@ -20,6 +20,7 @@ from herald.model import (
     Message,
     NewDelivery,
     Payload,
+    Pending,
     Priority,
     Provider,
     PushKind,
@@ -32,7 +33,8 @@ from herald.model import (
     VisualContent,
 )
 from herald.store import Store
-from herald.store.sql import migrations
+from herald.store.sql import MAX_ERROR, clean_error, migrations
+from herald.store.sqlite import SqliteStore
 
 from .conftest import Backend
 from .test_contract import APP, OTHER_APP, T0, put
@@ -82,8 +84,31 @@ async def web_sub(
     return stored
 
 
+async def outbox_entries(store: Store, keys: list[tuple[str, int]]) -> list[int]:
+    """Outbox entries for these (user_id, position) pairs, written behind the store's back and
+    without changes behind them (so `pending` skips them and they supersede nothing): the
+    queue tests choose any positions they like, again and again."""
+    if isinstance(store, SqliteStore):
+        assert store._conn is not None
+        sql = "INSERT INTO outbox (user_id, position) VALUES (?, ?) RETURNING seq"
+        return [store._conn.execute(sql, key).fetchall()[0][0] for key in keys]
+    from herald.store.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    async with store._acquire() as conn:
+        rows = await conn.fetch(
+            "INSERT INTO outbox (user_id, position)"
+            " SELECT * FROM unnest($1::text[], $2::bigint[]) RETURNING seq",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+    return [r[0] for r in rows]
+
+
 async def enqueue(store: Store, *deliveries: NewDelivery) -> None:
-    await store.dispatched([], deliveries)
+    """Queue these deliveries, whatever their positions (see `outbox_entries`)."""
+    keys = sorted({(d.user_id, d.message.position) for d in deliveries})
+    await store.dispatched(await outbox_entries(store, keys), deliveries)
 
 
 async def state(store: Store, sub: Subscription) -> DeliveryState:
@@ -123,7 +148,7 @@ async def test_dispatched_is_one_transaction(store: Store) -> None:
     await put(store, "a")
     await put(store, "b")
     pending = await store.pending(10)
-    broken = replace(new_delivery(sub, 2), user_id=None)  # violates NOT NULL
+    broken = replace(new_delivery(sub, 2), subscription_id=None)  # violates NOT NULL
     with pytest.raises(HeraldError):
         await store.dispatched([p.seq for p in pending], [new_delivery(sub, 1), broken])
     assert await store.pending(10) == pending
@@ -151,6 +176,243 @@ async def test_concurrent_dispatches_each_commit_whole(store: Store) -> None:
     assert await store.pending(100) == []
     claimed = await store.claim(Provider.WEBPUSH, T0, LEASE, 100)
     assert sorted(positions(claimed)) == list(range(1, 41))
+
+
+async def test_dispatched_queues_only_the_deliveries_of_entries_it_removes(store: Store) -> None:
+    sub = await web_sub(store)
+    laptop = await web_sub(store, endpoint="https://push.example.net/laptop")
+    stranger = await web_sub(store, user="u2", endpoint="https://push.example.net/u2")
+    for i in range(3):
+        await put(store, f"k{i}")
+    p1, p2, p3 = await store.pending(10)
+    # A delivery of a change whose entry the call does not remove is not queued ...
+    await store.dispatched([p1.seq], [new_delivery(sub, 1), new_delivery(sub, 2)])
+    assert positions(await claim_all(store)) == [1]
+    # ... nor one of an entry already removed (the same batch dispatched again) ...
+    await store.dispatched([p1.seq], [new_delivery(sub, 1)])
+    # ... nor one without any entry.
+    await store.dispatched([], [new_delivery(sub, 2)])
+    assert await store.count_deliveries() == 1
+    assert await store.pending(10) == [p2, p3]
+    # A change is (user, position): the same position of another user is another change.
+    await store.dispatched(
+        [p2.seq, p3.seq, 10**12],
+        [
+            new_delivery(sub, 2),
+            new_delivery(laptop, 2),
+            new_delivery(stranger, 2),
+            new_delivery(sub, 3),
+        ],
+    )
+    assert await store.pending(10) == []
+    queued = await claim_all(store, SOON)
+    assert sorted((d.message.position, d.subscription_id) for d in queued) == sorted(
+        [(1, sub.id), (2, sub.id), (2, laptop.id), (3, sub.id)]
+    )
+    # Two entries for one change (the store never writes that; still): queued once.
+    await store.dispatched(await outbox_entries(store, [("u1", 9)] * 2), [new_delivery(sub, 9)])
+    assert await store.count_deliveries() == 5
+
+
+async def test_two_nodes_dispatching_one_entry_queue_its_deliveries_once(
+    durable_backend: Backend,
+) -> None:
+    a, b = durable_backend.make(), durable_backend.make()
+    await a.open()
+    await b.open()
+    try:
+        sub = await web_sub(a)
+        # The reviewer's case: both read the entry, both dispatch it.
+        await put(a, "x")
+        (entry,) = await a.pending(10)
+        assert await b.pending(10) == [entry]
+        for node in (a, b):
+            await node.dispatched([entry.seq], [new_delivery(sub, entry.change.position)])
+        assert await b.count_deliveries() == 1
+        # Racing: both drain the same entries at once, in batches (each node's batches commit
+        # together, so on PostgreSQL one node waits for the other's locks, then skips).
+        await asyncio.gather(*(put(a, f"k{i}") for i in range(200)))
+        entries = await a.pending(1000)
+        assert len(entries) == 200 and await b.pending(1000) == entries
+        calls = [
+            node.dispatched(
+                [p.seq for p in chunk], [new_delivery(sub, p.change.position) for p in chunk]
+            )
+            for node in (a, b)
+            for chunk in (entries[i : i + 20] for i in range(0, 200, 20))
+        ]
+        await asyncio.gather(*calls)
+        assert await a.pending(1000) == []
+        claimed = await b.claim(Provider.WEBPUSH, T0, LEASE, 1000)
+        assert sorted(positions(claimed)) == list(range(1, 202))
+    finally:
+        await a.close()
+        await b.close()
+
+
+def delivery_for(change: Pending, sub: Subscription) -> NewDelivery:
+    """A delivery of the pending entry's change, as the engine builds it."""
+    c = change.change
+    return replace(
+        new_delivery(sub, c.position),
+        message=message(c.position, notification_id=c.notification_id),
+    )
+
+
+async def test_a_dispatched_change_supersedes_older_deliveries_of_its_notification(
+    store: Store,
+) -> None:
+    phone = await web_sub(store, endpoint="https://push.example.net/phone")
+    laptop = await web_sub(store, endpoint="https://push.example.net/laptop")
+    stranger = await web_sub(store, user="u2", endpoint="https://push.example.net/u2")
+
+    async def dispatch(*subs: Subscription) -> Pending:
+        """Dispatch the one pending entry, with a delivery to each of `subs`."""
+        (entry,) = await store.pending(10)
+        await store.dispatched([entry.seq], [delivery_for(entry, s) for s in subs])
+        return entry
+
+    def queued(deliveries: list[Delivery]) -> list[tuple[str, int, str]]:
+        return sorted(
+            (d.message.notification_id, d.message.position, d.subscription_id) for d in deliveries
+        )
+
+    a, _ = await put(store, "a")
+    await dispatch(phone, laptop)  # position 1
+    b, _ = await put(store, "b")
+    await dispatch(phone)  # 2: another notification
+    # Another user's delivery naming the same notification id, and one of b with a later
+    # position than b's next change (neither is superseded).
+    await enqueue(
+        store,
+        replace(new_delivery(stranger, 1), message=message(1, notification_id=a)),
+        replace(new_delivery(phone, 10), message=message(10, notification_id=b)),
+    )
+    (in_flight,) = await store.claim(Provider.WEBPUSH, T0, LEASE, 1)
+    assert (in_flight.message.notification_id, in_flight.subscription_id) == (a, phone.id)
+
+    # A state patch with no push of its own (say, a Web Push-only user) still supersedes
+    # a's alerts, on every subscription, the claimed one too.
+    await store.update("u1", APP, a, StatePatch(read_state=ReadState.READ), None, T0)
+    await dispatch()  # 3
+    later = T0 + timedelta(days=1)
+    assert queued(await store.claim(Provider.WEBPUSH, later, 0, 100)) == sorted(
+        [
+            (a, 1, stranger.id),
+            (b, 2, phone.id),
+            (b, 10, phone.id),
+        ]
+    )
+    # The claimed one was sent anyway; its late outcome is ignored.
+    await store.settle([outcome(in_flight, Settle.DONE, sent=True)], T0)
+    assert await state(store, phone) == DeliveryState()
+
+    # A replace queues again; the delete's tombstone supersedes that.
+    await put(store, "a")
+    await dispatch(phone, laptop)  # 4
+    await store.delete("u1", APP, a, None, T0)
+    await dispatch()  # 5
+    # Of b: the change at 6 supersedes 2, not 10.
+    await store.update("u1", APP, b, StatePatch(read_state=ReadState.READ), None, T0)
+    entry = await dispatch(laptop)  # 6
+    assert queued(await store.claim(Provider.WEBPUSH, later, 0, 100)) == sorted(
+        [
+            (a, 1, stranger.id),
+            (b, 6, laptop.id),
+            (b, 10, phone.id),
+        ]
+    )
+    assert entry.change.position == 6
+
+    # Changes of one notification dispatched in one batch transaction: each supersedes what the
+    # earlier calls queued.
+    await store.update("u1", APP, b, StatePatch(read_state=ReadState.UNREAD), None, T0)
+    await store.update("u1", APP, b, StatePatch(read_state=ReadState.READ), None, T0)
+    e7, e8 = await store.pending(10)
+    await asyncio.gather(
+        store.dispatched([e7.seq], [delivery_for(e7, phone)]),
+        store.dispatched([e8.seq], [delivery_for(e8, laptop)]),
+    )
+    assert queued(await store.claim(Provider.WEBPUSH, later, 0, 100)) == sorted(
+        [
+            (a, 1, stranger.id),
+            (b, 8, laptop.id),
+            (b, 10, phone.id),
+        ]
+    )
+
+
+async def test_an_expiry_supersedes(store: Store) -> None:
+    sub = await web_sub(store)
+    await put(store, "e", expiration_date_time=T0 + timedelta(minutes=1))
+    (created,) = await store.pending(10)
+    await store.dispatched([created.seq], [delivery_for(created, sub)])
+    assert await store.count_deliveries() == 1
+    assert await store.sweep(T0 + timedelta(minutes=2), T0 - timedelta(days=1), 10) == 1
+    (expired,) = await store.pending(10)
+    assert expired.change.kind is ChangeKind.EXPIRED
+    await store.dispatched([expired.seq])
+    assert await store.count_deliveries() == 0
+
+
+async def test_superseding_reaches_across_nodes(durable_backend: Backend) -> None:
+    a, b = durable_backend.make(), durable_backend.make()
+    await a.open()
+    await b.open()
+    try:
+        sub = await web_sub(a)
+        n, _ = await put(a, "n")
+        (first,) = await a.pending(10)
+        await a.dispatched([first.seq], [delivery_for(first, sub)])
+        await b.update("u1", APP, n, StatePatch(read_state=ReadState.READ), None, T0)
+        (second,) = await b.pending(10)
+        await b.dispatched([second.seq], [delivery_for(second, sub)])
+        assert positions(await a.claim(Provider.WEBPUSH, T0, LEASE, 10)) == [2]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.postgres
+async def test_superseding_sees_what_a_racing_node_queued(postgres: Backend) -> None:
+    """Node A removes entry 1 and queues its delivery; node B, dispatching entries 1 and 2,
+    waits for A's lock on entry 1, skips it, and supersedes A's delivery (which committed after
+    B's call began) by 2."""
+    import asyncpg
+
+    from herald.store.postgres import PostgresStore
+
+    b = postgres.make()
+    assert isinstance(b, PostgresStore)
+    await b.open()
+    a = await asyncpg.connect(b.url, server_settings=b._server_settings)
+    try:
+        sub = await web_sub(b)
+        n, _ = await put(b, "n")
+        await b.update("u1", APP, n, StatePatch(read_state=ReadState.READ), None, T0)
+        e1, e2 = await b.pending(10)
+        d1, d2 = delivery_for(e1, sub), delivery_for(e2, sub)
+        async with a.transaction():
+            await a.execute("DELETE FROM outbox WHERE seq = $1", e1.seq)
+            await a.execute(
+                "INSERT INTO deliveries (subscription_id, user_id, app, provider, message,"
+                " notification_id, position, expires, due, created)"
+                " VALUES ($1, 'u1', $2, 'webPush', $3, $4, 1, $5, $6, $6)",
+                sub.id,
+                APP,
+                msgspec.json.encode(d1.message).decode(),
+                n,
+                d1.message.expires,
+                T0,
+            )
+            racing = asyncio.ensure_future(b.dispatched([e1.seq, e2.seq], [d1, d2]))
+            await asyncio.sleep(0.3)
+            assert not racing.done()  # waiting for A's lock on entry 1
+        await racing
+        assert positions(await b.claim(Provider.WEBPUSH, T0, LEASE, 10)) == [2]
+    finally:
+        await a.close()
+        await b.close()
 
 
 # -- claim -------------------------------------------------------------------------------------
@@ -230,8 +492,7 @@ async def test_claim_purges_what_can_no_longer_be_sent(store: Store, case: str) 
     elif case == "gone":
         claimed = await store.claim(Provider.WEBPUSH, T0, 0, 1)
         assert claimed[0].subscription_id == doomed.id
-        await store.settle([Settlement(id=claimed[0].id, subscription_id=doomed.id,
-                                       settle=Settle.GONE)], T0)  # fmt: skip
+        await store.settle([outcome(claimed[0], Settle.GONE)], T0)
         assert await store.count_deliveries() == 3
         await enqueue(store, new_delivery(doomed, 1, T0 - timedelta(seconds=10)))  # a race
     elif case == "other_provider":
@@ -382,7 +643,15 @@ async def claim_all(store: Store, now: datetime = T0) -> list[Delivery]:
 
 
 def outcome(d: Delivery, settle: Settle, **kw: object) -> Settlement:
-    return Settlement(id=d.id, subscription_id=d.subscription_id, settle=settle, **kw)  # type: ignore[arg-type]
+    fields: dict[str, object] = {
+        "id": d.id,
+        "subscription_id": d.subscription_id,
+        "settle": settle,
+        "attempts": d.attempts,
+        "channel_key": d.channel.key,
+    }
+    fields.update(kw)
+    return Settlement(**fields)  # type: ignore[arg-type]
 
 
 async def test_settle_done(store: Store) -> None:
@@ -479,7 +748,7 @@ async def test_settle_applies_outcomes_in_order_in_one_call(store: Store) -> Non
             outcome(c1, Settle.RETRY, due=later, error="e3"),
             outcome(c2, Settle.GONE, error="e4"),  # takes c1 with it
             outcome(c1, Settle.DONE, sent=True),  # c1 is gone: ignored
-            Settlement(id=10**12, subscription_id=a.id, settle=Settle.DROP, error="unknown"),
+            replace(outcome(a2, Settle.DROP, error="unknown"), id=10**12),
         ],
         T0,
     )
@@ -497,13 +766,16 @@ async def test_settle_applies_outcomes_in_order_in_one_call(store: Store) -> Non
 async def test_settle_ignores_unknown_deliveries(store: Store) -> None:
     sub = await web_sub(store)
     await store.settle([], T0)
-    await store.settle(
-        [
-            Settlement(id=10**12, subscription_id=sub.id, settle=s, error="x", due=T0)
-            for s in Settle
-        ],
-        T0,
-    )
+    assert sub.push_channel is not None
+    key = sub.push_channel.key
+    unknown = [
+        Settlement(
+            id=id, subscription_id=sub.id, settle=s, attempts=1, channel_key=key, error="x", due=T0
+        )
+        for s in Settle
+        for id in (10**12, -1, 2**63, 2**80)  # not even a 64-bit integer: no row has it
+    ]
+    await store.settle(unknown, T0)
     assert await state(store, sub) == DeliveryState()
 
 
@@ -525,6 +797,111 @@ async def test_many_settles_at_once(store: Store) -> None:
         delivery = await state(store, s)
         assert delivery.last_delivered_date_time == T0
         assert delivery.consecutive_failures <= 10
+
+
+async def test_a_settlement_applies_only_to_the_claim_it_answers(store: Store) -> None:
+    sub = await web_sub(store)
+    await enqueue(store, new_delivery(sub, 1))
+    (first,) = await store.claim(Provider.WEBPUSH, T0, 0, 1)  # its lease ends at once ...
+    (second,) = await store.claim(Provider.WEBPUSH, T0, LEASE, 1)  # ... and it is claimed again
+    assert (second.id, first.attempts, second.attempts) == (first.id, 1, 2)
+    # The first claim's outcomes come late: each is ignored.
+    for settle in Settle:
+        await store.settle([outcome(first, settle, due=T0, error="late", sent=True)], T0)
+    assert await state(store, sub) == DeliveryState()
+    assert await store.count_deliveries() == 1
+    assert await store.claim(Provider.WEBPUSH, T0, LEASE, 1) == []  # still leased
+    await store.settle(
+        [
+            outcome(second, Settle.RETRY, due=T0, error="503"),
+            outcome(first, Settle.GONE, error="late"),  # in the same call too
+        ],
+        T0,
+    )
+    assert await state(store, sub) == DeliveryState(consecutive_failures=1, last_error="503")
+    (third,) = await store.claim(Provider.WEBPUSH, T0, LEASE, 1)
+    await store.settle([outcome(second, Settle.DONE, sent=True)], T0)
+    assert await state(store, sub) == DeliveryState(consecutive_failures=1, last_error="503")
+    await store.settle([outcome(third, Settle.DONE, sent=True)], T0)
+    assert await state(store, sub) == DeliveryState(last_delivered_date_time=T0)
+    assert await store.count_deliveries() == 0
+
+
+@pytest.mark.parametrize("settle", list(Settle))
+async def test_a_settlement_for_a_replaced_channel_leaves_the_subscription_alone(
+    store: Store, settle: Settle
+) -> None:
+    sub = await web_sub(store)
+    await enqueue(store, new_delivery(sub, 1), new_delivery(sub, 2))
+    old, other = await claim_all(store)
+    moved = replace(sub, push_channel=web_push("https://push.example.net/new"))
+    await store.update_subscription(moved, T0)
+    await store.settle([outcome(old, settle, due=SOON, error="410", sent=True)], T0)
+    # The device's fresh state stays as it is; the delivery itself is settled as its claim says.
+    assert await state(store, sub) == DeliveryState()
+    assert await store.count_deliveries() == (2 if settle is Settle.RETRY else 1)
+    # A GONE for the old channel neither marks the subscription gone nor takes its others.
+    assert [s.id for s in await store.push_targets([("u1", APP)], T0)] == [sub.id]
+    assert other.id in [d.id for d in await claim_all(store, SOON)]
+    # Outcomes for the channel it has now count.
+    assert moved.push_channel is not None
+    late = replace(outcome(other, Settle.DROP, error="400"), attempts=2)
+    await store.settle([replace(late, channel_key=moved.push_channel.key)], T0)
+    assert await state(store, sub) == DeliveryState(consecutive_failures=1, last_error="400")
+
+
+async def test_a_late_settlement_from_another_node_is_ignored(durable_backend: Backend) -> None:
+    a, b = durable_backend.make(), durable_backend.make()
+    await a.open()
+    await b.open()
+    try:
+        sub = await web_sub(a)
+        await enqueue(a, new_delivery(sub, 1), new_delivery(sub, 2))
+        stalled = await a.claim(Provider.WEBPUSH, T0, LEASE, 10)
+        retaken = await b.claim(Provider.WEBPUSH, SOON, LEASE, 10)  # a's lease ran out
+        assert [d.id for d in retaken] == [d.id for d in stalled]
+        await a.settle([outcome(d, Settle.GONE, error="410") for d in stalled], SOON)
+        assert await state(b, sub) == DeliveryState()
+        assert await b.count_deliveries() == 2
+        await b.settle([outcome(d, Settle.DONE, sent=True) for d in retaken], SOON)
+        assert await state(a, sub) == DeliveryState(last_delivered_date_time=SOON)
+        assert await a.count_deliveries() == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_settle_stores_any_error_text_safely(store: Store) -> None:
+    """PostgreSQL rejects NUL in text: one odd error must not fail the settle (or its batch)."""
+    errors = [
+        "nul\x00in\x00it",
+        "line\nbreak\ttab\x1b[31mred\x7f",
+        "x" * 1000,
+        "lone \ud800 surrogate",
+        "caf\u00e9 \u2603 ok",
+    ]
+    subs = [await web_sub(store, endpoint=f"https://push.example.net/{i}") for i in range(5)]
+    await enqueue(store, *(new_delivery(s, 1) for s in subs))
+    claimed = {d.subscription_id: d for d in await claim_all(store)}
+    settles = [Settle.RETRY, Settle.DROP, Settle.GONE, Settle.RETRY, Settle.DROP]
+    await asyncio.gather(
+        *(
+            store.settle([outcome(claimed[s.id], settle, due=SOON, error=error)], T0)
+            for s, settle, error in zip(subs, settles, errors, strict=True)
+        ),
+        store.settle([outcome(claimed[subs[0].id], Settle.RETRY, due=SOON, error="\x00")], T0),
+    )
+    got = [(await state(store, s)).last_error for s in subs]
+    assert got == ["", "line break tab[31mred", "x" * MAX_ERROR, "lone  surrogate", errors[4]]
+    assert [(await state(store, s)).consecutive_failures for s in subs] == [2, 1, 1, 1, 1]
+
+
+def test_clean_error() -> None:
+    assert clean_error(None) is None
+    assert clean_error("HTTP 503: try later") == "HTTP 503: try later"
+    assert clean_error("a\r\nb\x00c\u200bd") == "a  bcd"  # U+200B is a format character
+    assert clean_error(ValueError("bad")) == "bad"
+    assert len(clean_error("\u00e9" * 400) or "") == MAX_ERROR
 
 
 # -- delivery state and seen position ---------------------------------------------------------

@@ -362,6 +362,7 @@ class Streams:
         self.idle = asyncio.Event()  # set while no stream is open
         self.idle.set()
         self.ticker: asyncio.Task[None] | None = None
+        self.recorder: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.ticker = asyncio.create_task(self.tick(), name="herald-stream-deadlines")
@@ -383,7 +384,9 @@ class Streams:
         keepalive = self.services.settings.keepalive_interval
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            await self.record_fetched()
+            if self.services.fetched and (self.recorder is None or self.recorder.done()):
+                # Its own task: a slow store must not hold up keep-alives and expiry closes.
+                self.recorder = asyncio.create_task(self.record_fetched())
             sessions = list(self.sessions)
             for start in range(0, len(sessions), TICK_SLICE):
                 wall, mono = time.time(), time.monotonic()
@@ -402,10 +405,8 @@ class Streams:
             return_exceptions=True,
         )
         for result in results:
-            if isinstance(result, HeraldError):  # only the fallback's precision suffers
-                log.warning("could not record a fetched position", extra={"error": result.message})
-            elif isinstance(result, BaseException):
-                raise result
+            if isinstance(result, BaseException):  # only the fallback's precision suffers
+                log.warning("could not record a fetched position", extra={"error": str(result)})
 
     def close_all(self) -> None:
         """Server shutdown: tell every stream why it ends (each then closes itself)."""

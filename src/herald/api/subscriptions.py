@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -19,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.notifications import json_response, read_body, services, version
-from herald.delivery import webpush, wns
+from herald.delivery import guard, webpush, wns
 from herald.errors import AccessDenied, InvalidRequest, NotFound
 from herald.model import (
     ApnsChannel,
@@ -32,6 +33,7 @@ from herald.model import (
     WebPushKeys,
     WnsChannel,
 )
+from herald.settings import Settings
 
 MAX_DISPLAY_NAME = 256
 MAX_URL = 2048
@@ -111,9 +113,10 @@ def _object(value: Any, field: str, keys: set[str]) -> dict[str, Any]:
     return value
 
 
-def push_channel(value: Any, platform: DevicePlatform, wns_hosts: str) -> PushChannel | None:
+def push_channel(value: Any, platform: DevicePlatform, settings: Settings) -> PushChannel | None:
     """The push channel a platform needs, checked for shape (not for reachability). A WNS
-    channel URI must name a WNS host: Herald sends its access token there."""
+    channel URI must name a WNS host: Herald sends its access token there. A Web Push endpoint
+    must not be an address on a private network (see `delivery/guard.py`)."""
     if value is None:
         return None
     f = "pushChannel"
@@ -123,14 +126,25 @@ def push_channel(value: Any, platform: DevicePlatform, wns_hosts: str) -> PushCh
         body = _object(value, f, {"endpoint", "keys", "expirationTime"})
         keys = _object(body.get("keys"), f"{f}.keys", {"p256dh", "auth"})
         p256dh = _base64url(keys.get("p256dh"), f"{f}.keys.p256dh", 65)
-        if base64.urlsafe_b64decode(p256dh + "=" * (-len(p256dh) % 4))[0] != 4:
+        point = base64.urlsafe_b64decode(p256dh + "=" * (-len(p256dh) % 4))
+        try:  # a point off the curve could never be encrypted to
+            if point[0] != 4:
+                raise ValueError("compressed")
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+        except ValueError:
             raise InvalidRequest(
                 f"'{f}.keys.p256dh' must be an uncompressed P-256 point.", target=f"{f}.keys.p256dh"
-            )
+            ) from None
         auth = _base64url(keys.get("auth"), f"{f}.keys.auth", 16)
-        return WebPushChannel(
-            _https_url(body.get("endpoint"), f"{f}.endpoint"), WebPushKeys(p256dh, auth)
-        )
+        endpoint = _https_url(body.get("endpoint"), f"{f}.endpoint")
+        literal = guard.literal_host(endpoint)
+        private = literal is not None and not guard.public_address(literal)
+        if private and not settings.push_allow_private_endpoints:
+            raise InvalidRequest(
+                f"'{f}.endpoint' must be a public push service, not a private address.",
+                target=f"{f}.endpoint",
+            )
+        return WebPushChannel(endpoint, WebPushKeys(p256dh, auth))
     if platform is DevicePlatform.IOS:
         body = _object(value, f, {"deviceToken"})
         token = schemas.string(body.get("deviceToken"), f"{f}.deviceToken", 200, required=True)
@@ -148,9 +162,10 @@ def push_channel(value: Any, platform: DevicePlatform, wns_hosts: str) -> PushCh
         return FcmChannel(token)
     body = _object(value, f, {"channelUri"})
     uri = _https_url(body.get("channelUri"), f"{f}.channelUri")
-    if not wns.allowed(uri, wns_hosts):
+    if not wns.allowed(uri, settings.push_wns_hosts):
         raise InvalidRequest(
-            f"'{f}.channelUri' must be a WNS channel URI (a host matching {wns_hosts}).",
+            f"'{f}.channelUri' must be a WNS channel URI (a host matching "
+            f"{settings.push_wns_hosts}).",
             target=f"{f}.channelUri",
         )
     return WnsChannel(uri)
@@ -268,7 +283,7 @@ async def create(request: Request) -> Response:
         app=c.app.host_name,
         platform=platform,
         display_name=schemas.string(_given(data.displayName), "displayName", MAX_DISPLAY_NAME),
-        push_channel=push_channel(_given(data.pushChannel), platform, s.settings.push_wns_hosts),
+        push_channel=push_channel(_given(data.pushChannel), platform, s.settings),
         expiration_date_time=expires or now + timedelta(seconds=s.settings.subscription_ttl),
         created_date_time=now,
         last_modified_date_time=now,
@@ -321,9 +336,7 @@ async def patch_one(request: Request) -> Response:
     if data.displayName is not msgspec.UNSET:
         changes["display_name"] = schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
     if data.pushChannel is not msgspec.UNSET:  # null: the device goes live-only
-        changes["push_channel"] = push_channel(
-            data.pushChannel, sub.platform, s.settings.push_wns_hosts
-        )
+        changes["push_channel"] = push_channel(data.pushChannel, sub.platform, s.settings)
     if not changes:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
     updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
@@ -350,6 +363,7 @@ async def web_push_key(request: Request) -> Response:
     app = await s.access.apps.get(principal.client_id)
     if app is None:
         raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
+    s.access.limits.check(principal.client_id, principal.user_id or principal.client_id)
     pem = await s.keyring.ensure(app.host_name, webpush.KIND, webpush.generate_key)
     body = {"application": app.host_name, "applicationServerKey": webpush.public_key(pem)}
     return json_response(schemas.encode(body))

@@ -3,6 +3,7 @@
 from herald.delivery.apns import Apns
 from herald.delivery.base import Channel, Keyring, Outcome, Result, client
 from herald.delivery.fcm import Fcm
+from herald.delivery.guard import Guard
 from herald.delivery.webpush import WebPush
 from herald.delivery.wns import Wns
 from herald.model import Provider
@@ -13,7 +14,12 @@ def channels(settings: Settings, keyring: Keyring) -> dict[Provider, Channel]:
     """One channel per provider, each with its own HTTP client (APNs speaks only HTTP/2)."""
     ca, timeout = settings.push_ca_file, settings.push_timeout
     return {
-        Provider.WEBPUSH: WebPush(keyring, client(ca, timeout), settings.vapid_subject),
+        Provider.WEBPUSH: WebPush(
+            keyring,
+            client(ca, timeout),
+            settings.vapid_subject,
+            Guard(settings.push_allow_private_endpoints),
+        ),
         Provider.APNS: Apns(
             keyring,
             client(ca, timeout, http2=True),

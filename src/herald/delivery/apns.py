@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
@@ -22,16 +24,19 @@ from herald.delivery.base import (
     Outcome,
     Result,
     by_status,
-    document,
+    exchange,
     failure,
     retry_after,
+    shortened,
 )
 from herald.model import ApnsChannel, Message, Priority, Provider, PushChannel, PushKind
 
 KIND = "apns"
 LIMIT = 4096
 TOKEN_LIFETIME = 40 * 60
-GONE_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"}
+# Answers that mean Herald's configuration is wrong for the app (its topic, its environment, the
+# URL), not that the device went away: reported loudly and retried, never marking devices gone.
+CONFIGURATION_REASONS = {"DeviceTokenNotForTopic", "TopicDisallowed", "BadTopic", "MissingTopic"}
 
 
 class ApnsCredentials(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,7 +51,12 @@ def check(creds: ApnsCredentials) -> None:
     """Raise ValueError if the key cannot sign (caught by the CLI before it is stored)."""
     if creds.environment not in ("production", "development"):
         raise ValueError("environment must be production or development")
-    ECKey.import_key(creds.private_key)
+    try:
+        key = serialization.load_pem_private_key(creds.private_key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not an unencrypted PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("APNs keys are P-256 (ES256) private keys")
 
 
 def render(message: Message) -> tuple[dict[str, str], bytes]:
@@ -60,28 +70,30 @@ def render(message: Message) -> tuple[dict[str, str], bytes]:
         "apns-expiration": str(int(message.expires.timestamp())),
         "apns-collapse-id": _collapse(message.notification_id),
     }
-    body = _body(message, alert, truncated=False)
-    if len(body) > LIMIT:  # a shoulder tap; a visual alert keeps its text in `aps`
-        body = _body(message, alert, truncated=True)
-    if len(body) > LIMIT:  # the alert text alone is too long: shorten its body
-        body = _body(message, alert, truncated=True, cut=len(body) - LIMIT)
-    return headers, body
+    for doc in shortened(message):  # down to a shoulder tap; a visual alert keeps `aps`
+        body = _body(message, alert, doc)
+        if len(body) <= LIMIT:
+            return headers, body
+    # The alert text alone is too long: shorten its body.
+    return headers, _body(message, alert, doc, cut=len(body) - LIMIT)
 
 
-def _body(message: Message, alert: bool, truncated: bool, cut: int = 0) -> bytes:
+def _body(message: Message, alert: bool, doc: dict[str, Any], cut: int = 0) -> bytes:
     aps: dict[str, Any]
     if alert and message.payload is not None and message.payload.visual_content is not None:
         visual = message.payload.visual_content
         content: dict[str, str] = {"title": visual.title}
         if visual.body is not None:
-            text = visual.body.encode()
-            content["body"] = text[: max(0, len(text) - cut - 8)].decode(errors="ignore")
+            content["body"] = visual.body
+            if cut:  # a few bytes more: a cut character's JSON escape may be longer than it
+                text = visual.body.encode()
+                content["body"] = text[: max(0, len(text) - cut - 8)].decode(errors="ignore")
         aps = {"alert": content, "sound": "default"}
         if message.group_name is not None:
             aps["thread-id"] = message.group_name
     else:
         aps = {"content-available": 1}
-    return msgspec.json.encode({"aps": aps, "herald": document(message, truncated=truncated)})
+    return msgspec.json.encode({"aps": aps, "herald": doc})
 
 
 def _collapse(notification_id: str) -> str:
@@ -104,12 +116,14 @@ class Apns:
         if not isinstance(channel, ApnsChannel):
             return Outcome(Result.REJECTED, "not an APNs channel")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:
+        if raw is None:  # read them again next time: `herald app push-set` may come any moment
+            self.keyring.forget(app)
             return Outcome(Result.RETRY, f"no APNs credentials for {app}", credentials=True)
         try:
             creds = msgspec.json.decode(raw, type=ApnsCredentials)
             token = self.token(app, creds, raw)
         except (msgspec.DecodeError, JoseError, ValueError) as exc:
+            self.keyring.forget(app)
             return Outcome(
                 Result.RETRY, f"unusable APNs key: {type(exc).__name__}", credentials=True
             )
@@ -118,10 +132,9 @@ class Apns:
         headers["apns-topic"] = creds.topic
         url = f"{self.hosts[creds.environment]}/3/device/{channel.device_token}"
         try:
-            response = await self.http.post(url, content=body, headers=headers)
+            response = await exchange(self.http, "POST", url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             return failure(exc)
-        await response.aread()
         return self.outcome(app, response)
 
     def outcome(self, app: str, response: httpx.Response) -> Outcome:
@@ -133,8 +146,12 @@ class Apns:
         except (msgspec.DecodeError, AttributeError):
             reason = ""
         text = f"HTTP {status}" + (f": {reason}" if reason else "")
-        if reason in GONE_REASONS or status == 410:
+        if reason == "Unregistered" or status == 410:
             return Outcome(Result.GONE, text, status=status)
+        if reason == "BadDeviceToken":  # also what a sandbox token sent to production gets
+            return Outcome(Result.REJECTED, f"{text} (or a token of the other environment)")
+        if reason in CONFIGURATION_REASONS or status == 404:
+            return Outcome(Result.RETRY, text, credentials=True, status=status)
         if reason == "ExpiredProviderToken":  # renew the token and try again soon
             self.tokens.pop(app, None)
             return Outcome(Result.RETRY, text, retry_after(response.headers), status=status)

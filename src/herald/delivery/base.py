@@ -8,7 +8,7 @@ import enum
 import hashlib
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -41,6 +41,7 @@ class Outcome:
 
 
 DELIVERED = Outcome(Result.DELIVERED)
+MAX_RETRY_AFTER = 86_400.0  # a provider asking for longer is treated as asking for a day
 
 
 class Channel(Protocol):
@@ -70,15 +71,38 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
 
 
 def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
-    """An HTTP client for one push service (no proxies or CAs from the environment)."""
+    """An HTTP client for one push service (no proxies or CAs from the environment; answers
+    uncompressed, so `exchange` can bound them by their size on the wire)."""
     return httpx.AsyncClient(
         verify=tls_context(ca_file),
         trust_env=False,
+        headers={"Accept-Encoding": "identity"},
         http2=http2,
         timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         follow_redirects=False,
     )
+
+
+MAX_ANSWER = 16_384  # bytes of a push service's answer that are read; the rest is ignored
+
+
+async def exchange(http: httpx.AsyncClient, method: str, url: str, **kw: Any) -> httpx.Response:
+    """One request, its answer read up to MAX_ANSWER bytes: a Web Push endpoint is the
+    device's choice, and must not be able to make Herald read gigabytes."""
+    async with http.stream(method, url, **kw) as streamed:
+        body = bytearray()
+        async for chunk in streamed.aiter_raw():
+            body += chunk
+            if len(body) >= MAX_ANSWER:
+                break
+        headers = [(k, v) for k, v in streamed.headers.multi_items() if k != "content-encoding"]
+        return httpx.Response(
+            streamed.status_code,
+            headers=headers,
+            content=bytes(body[:MAX_ANSWER]),
+            request=streamed.request,
+        )
 
 
 def failure(exc: Exception) -> Outcome:
@@ -89,15 +113,16 @@ def failure(exc: Exception) -> Outcome:
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), None if absent/bad."""
-    value = headers.get("retry-after")
+    value = (headers.get("retry-after") or "").strip()
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    if value.isascii() and value.isdigit():
+        return min(float(value[:12]), MAX_RETRY_AFTER)
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def by_status(status: int, headers: Mapping[str, str], reason: str) -> Outcome:
@@ -116,8 +141,9 @@ def by_status(status: int, headers: Mapping[str, str], reason: str) -> Outcome:
 # -- the message ---------------------------------------------------------------------------------
 
 
-def document(message: Message, truncated: bool = False) -> dict[str, Any]:
-    """The JSON object every channel carries (docs/push.md). `truncated`: content dropped."""
+def document(message: Message, truncated: bool = False, visual: bool = False) -> dict[str, Any]:
+    """The JSON object every channel carries (docs/push.md). `truncated`: content dropped (with
+    `visual`: only rawContent; the title and body stay)."""
     out: dict[str, Any] = {
         "type": message.kind.value,
         "position": message.position,
@@ -128,12 +154,12 @@ def document(message: Message, truncated: bool = False) -> dict[str, Any]:
         if message.group_name is not None:
             out["groupName"] = message.group_name
         payload = message.payload
-        if payload is not None and not truncated:
-            if payload.visual_content is not None:
+        if payload is not None:
+            if payload.visual_content is not None and (visual or not truncated):
                 out["title"] = payload.visual_content.title
                 if payload.visual_content.body is not None:
                     out["body"] = payload.visual_content.body
-            if payload.raw_content is not None:
+            if payload.raw_content is not None and not truncated:
                 out["rawContent"] = payload.raw_content
         out["priority"] = message.priority.value
         out["readState"] = message.read_state.value
@@ -146,12 +172,23 @@ def document(message: Message, truncated: bool = False) -> dict[str, Any]:
     return out
 
 
+def shortened(message: Message) -> Iterator[dict[str, Any]]:
+    """The message from whole to shoulder tap, for a channel to send the first that fits: whole;
+    without rawContent, if it also has a title and body to keep; without any content."""
+    yield document(message)
+    payload = message.payload
+    if payload is not None and payload.raw_content is not None and payload.visual_content:
+        yield document(message, truncated=True, visual=True)
+    yield document(message, truncated=True)
+
+
 def fitted(message: Message, limit: int, overhead: int = 0) -> bytes:
-    """The message as JSON, truncated (a shoulder tap) if it is longer than `limit - overhead`."""
-    body = msgspec.json.encode(document(message))
-    if len(body) + overhead <= limit:
-        return body
-    return msgspec.json.encode(document(message, truncated=True))
+    """The message as JSON, shortened (docs/push.md) if it is longer than `limit - overhead`."""
+    for doc in shortened(message):
+        body = msgspec.json.encode(doc)
+        if len(body) + overhead <= limit:
+            break
+    return body
 
 
 def iso(at: datetime) -> str:

@@ -25,9 +25,10 @@ from herald.delivery.base import (
     Outcome,
     Result,
     by_status,
-    document,
+    exchange,
     failure,
     seconds_left,
+    shortened,
     tls_context,
 )
 from herald.model import FcmChannel, Message, Priority, Provider, PushChannel, PushKind
@@ -37,12 +38,19 @@ SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 LIMIT = 4096  # bytes of data + notification
 MAX_TTL = 28 * 86_400
 RENEW_BEFORE = 300.0  # seconds before expiry
-GONE_CODES = {"UNREGISTERED", "SENDER_ID_MISMATCH"}
+GONE_CODE = "UNREGISTERED"
+# The token belongs to another Firebase project than the service account's: a configuration
+# mistake for the whole app, not a device that went away.
+MISMATCH_CODE = "SENDER_ID_MISMATCH"
 
 
-def check(info: dict[str, Any]) -> None:
+def check(info: Any) -> None:
     """Raise ValueError if `info` is not a usable service account (before it is stored)."""
-    if info.get("type") != "service_account" or not info.get("project_id"):
+    if (
+        not isinstance(info, dict)
+        or info.get("type") != "service_account"
+        or not info.get("project_id")
+    ):
         raise ValueError("not a service account JSON (type, project_id)")
     service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
         info, scopes=[SCOPE]
@@ -50,18 +58,25 @@ def check(info: dict[str, Any]) -> None:
 
 
 def render(message: Message, token: str) -> dict[str, Any]:
-    """The `message` object of a send request (pure)."""
-    body = _message(message, token, truncated=False)
-    if len(msgspec.json.encode(body)) > LIMIT:
-        body = _message(message, token, truncated=True)
+    """The `message` object of a send request (pure), shortened to fit if need be."""
+    for doc in shortened(message):
+        body = _message(message, token, doc)
+        if len(msgspec.json.encode(body)) <= LIMIT:
+            return body
+    note = body.get("notification")
+    while note is not None and len(msgspec.json.encode(body)) > LIMIT:
+        # The alert's own text is too long: shorten its body, then its title.
+        excess = len(msgspec.json.encode(body)) - LIMIT
+        field = "body" if note.get("body") else "title"
+        text = note[field].encode()
+        note[field] = text[: max(0, len(text) - excess - 8)].decode(errors="ignore")
+        if not note[field] and field == "title":
+            break
     return body
 
 
-def _message(message: Message, token: str, truncated: bool) -> dict[str, Any]:
-    data = {
-        k: v if isinstance(v, str) else msgspec.json.encode(v).decode()
-        for k, v in document(message, truncated=truncated).items()
-    }
+def _message(message: Message, token: str, doc: dict[str, Any]) -> dict[str, Any]:
+    data = {k: v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in doc.items()}
     android: dict[str, Any] = {
         "priority": "HIGH" if message.priority is Priority.HIGH else "NORMAL",
         "ttl": f"{seconds_left(message.expires, MAX_TTL)}s",
@@ -93,7 +108,8 @@ class Fcm:
         if not isinstance(channel, FcmChannel):
             return Outcome(Result.REJECTED, "not an FCM channel")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:
+        if raw is None:  # read them again next time: `herald app push-set` may come any moment
+            self.keyring.forget(app)
             return Outcome(Result.RETRY, f"no FCM credentials for {app}", credentials=True)
         try:
             info = msgspec.json.decode(raw)
@@ -106,12 +122,11 @@ class Fcm:
         url = f"{self.base}/v1/projects/{info['project_id']}/messages:send"
         body = {"message": render(message, channel.registration_token)}
         try:
-            response = await self.http.post(
-                url, content=msgspec.json.encode(body), headers=_headers(token)
+            response = await exchange(
+                self.http, "POST", url, content=msgspec.json.encode(body), headers=_headers(token)
             )
         except httpx.HTTPError as exc:
             return failure(exc)
-        await response.aread()
         return self.outcome(app, response)
 
     def outcome(self, app: str, response: httpx.Response) -> Outcome:
@@ -119,8 +134,10 @@ class Fcm:
         if status == 200:
             return by_status(status, response.headers, "")
         code, text = _error(response)
-        if code in GONE_CODES or status == 404:
+        if code == GONE_CODE:
             return Outcome(Result.GONE, text, status=status)
+        if code == MISMATCH_CODE or status == 404:  # 404 without UNREGISTERED: a wrong URL
+            return Outcome(Result.RETRY, text, credentials=True, status=status)
         if status in (401, 403):  # the token was refused: get a new one next time
             self.tokens.pop(app, None)
             self.keyring.forget(app)

@@ -24,10 +24,12 @@ from herald.delivery.base import (
     Outcome,
     Result,
     by_status,
+    exchange,
     failure,
     fitted,
     seconds_left,
 )
+from herald.delivery.guard import Guard
 from herald.model import Message, Priority, Provider, PushChannel, PushKind, WebPushChannel
 
 KIND = "vapid"
@@ -86,10 +88,13 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
 class WebPush:
     provider = Provider.WEBPUSH
 
-    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, subject: str) -> None:
+    def __init__(
+        self, keyring: Keyring, http: httpx.AsyncClient, subject: str, guard: Guard
+    ) -> None:
         self.keyring = keyring
         self.http = http
         self.subject = subject
+        self.guard = guard
         # (app, audience) -> (renew at, Authorization header)
         self.tokens: dict[tuple[str, str], tuple[float, str]] = {}
         self.signers: dict[bytes, Vapid02] = {}
@@ -99,6 +104,8 @@ class WebPush:
             return Outcome(Result.REJECTED, "not a Web Push channel")
         if message.kind is not PushKind.ALERT:
             return Outcome(Result.REJECTED, f"Web Push does not carry {message.kind} messages")
+        if not await self.guard.allowed(channel.endpoint):
+            return Outcome(Result.REJECTED, "the endpoint resolves to a private address")
         headers = {
             "TTL": str(seconds_left(message.expires, MAX_TTL)),
             "Urgency": URGENCY[message.priority],
@@ -107,16 +114,24 @@ class WebPush:
             "Content-Type": "application/octet-stream",
             "Authorization": await self.authorization(app, channel.endpoint),
         }
-        body = encrypt(fitted(message, LIMIT, OVERHEAD), channel)
         try:
-            response = await self.http.post(channel.endpoint, content=body, headers=headers)
+            body = encrypt(fitted(message, LIMIT, OVERHEAD), channel)
+        except ValueError:  # registered before the API checked points
+            return Outcome(Result.REJECTED, "the subscription's p256dh key is not a P-256 point")
+        try:
+            response = await exchange(
+                self.http, "POST", channel.endpoint, content=body, headers=headers
+            )
         except httpx.HTTPError as exc:
             return failure(exc)
-        await response.aread()
         if response.status_code in (401, 403):
             self.tokens.pop((app, _audience(channel.endpoint)), None)
             self.keyring.forget(app)
-        return by_status(response.status_code, response.headers, _reason(response))
+        status = response.status_code
+        if status == 403:  # this subscription was made with another key (RFC 8292 §4.2)
+            return Outcome(Result.REJECTED, "HTTP 403: VAPID key refused for this subscription")
+        # Only the status: the endpoint is the device's choice, and its answer is shown back.
+        return by_status(status, response.headers, f"HTTP {status}")
 
     async def authorization(self, app: str, endpoint: str) -> str:
         audience = _audience(endpoint)
@@ -140,8 +155,3 @@ class WebPush:
 def _audience(endpoint: str) -> str:
     parts = urlsplit(endpoint)
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def _reason(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")[:200]
-    return f"HTTP {response.status_code}" + (f": {text}" if text else "")

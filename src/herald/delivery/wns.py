@@ -25,10 +25,11 @@ from herald.delivery.base import (
     Result,
     by_status,
     collapse_key,
-    document,
+    exchange,
     failure,
     fitted,
     seconds_left,
+    shortened,
 )
 from herald.model import (
     Message,
@@ -96,14 +97,15 @@ def toast(message: Message) -> bytes:
     assert message.payload is not None and message.payload.visual_content is not None
     visual = message.payload.visual_content
     title, body = visual.title, visual.body or ""
-    xml = _toast(message, title, body)
-    if len(xml) <= LIMIT:
-        return xml
-    if len(_toast(message, title, "")) > LIMIT:
-        body, title = "", title[: _longest(lambda n: _toast(message, title[:n], ""), len(title))]
+    for launch in shortened(message):  # the message in `launch`, shortened if need be
+        xml = _toast(launch, title, body)
+        if len(xml) <= LIMIT:
+            return xml
+    if len(_toast(launch, title, "")) > LIMIT:
+        body, title = "", title[: _longest(lambda n: _toast(launch, title[:n], ""), len(title))]
     else:
-        body = body[: _longest(lambda n: _toast(message, title, body[:n]), len(body))]
-    return _toast(message, title, body)
+        body = body[: _longest(lambda n: _toast(launch, title, body[:n]), len(body))]
+    return _toast(launch, title, body)
 
 
 def _longest(render: Callable[[int], bytes], size: int) -> int:
@@ -118,16 +120,20 @@ def _longest(render: Callable[[int], bytes], size: int) -> int:
     return lo
 
 
-def _toast(message: Message, title: str, body: str) -> bytes:
-    launch = msgspec.json.encode(document(message, truncated=True)).decode()
-    root = ElementTree.Element("toast", launch=launch)
+def _toast(launch: dict[str, Any], title: str, body: str) -> bytes:
+    root = ElementTree.Element("toast", launch=msgspec.json.encode(launch).decode())
     binding = ElementTree.SubElement(
         ElementTree.SubElement(root, "visual"), "binding", template="ToastGeneric"
     )
-    ElementTree.SubElement(binding, "text").text = title
+    ElementTree.SubElement(binding, "text").text = _xml_text(title)
     if body:
-        ElementTree.SubElement(binding, "text").text = body
+        ElementTree.SubElement(binding, "text").text = _xml_text(body)
     return bytes(ElementTree.tostring(root, encoding="utf-8", xml_declaration=False))
+
+
+def _xml_text(text: str) -> str:
+    """Without the characters XML 1.0 cannot carry at all (escaping does not help them)."""
+    return "".join(c for c in text if c >= " " or c in "\t\n\r")
 
 
 class Wns:
@@ -147,7 +153,8 @@ class Wns:
         if not allowed(channel.channel_uri, self.hosts):
             return Outcome(Result.REJECTED, "channel URI host is not a WNS host")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:
+        if raw is None:  # read them again next time: `herald app push-set` may come any moment
+            self.keyring.forget(app)
             return Outcome(Result.RETRY, f"no WNS credentials for {app}", credentials=True)
         try:
             token = await self.token(app, raw)
@@ -159,12 +166,11 @@ class Wns:
         method, headers, body = render(message)
         headers["Authorization"] = f"Bearer {token}"
         try:
-            response = await self.http.request(
-                method, channel.channel_uri, content=body, headers=headers
+            response = await exchange(
+                self.http, method, channel.channel_uri, content=body, headers=headers
             )
         except httpx.HTTPError as exc:
             return failure(exc)
-        await response.aread()
         status = response.status_code
         text = f"HTTP {status}"
         described = response.headers.get("x-wns-error-description")
@@ -189,7 +195,9 @@ class Wns:
                 creds = msgspec.json.decode(raw, type=WnsCredentials)
             except msgspec.DecodeError as exc:
                 raise _Refused("unusable WNS credentials", credentials=True) from exc
-            response = await self.http.post(
+            response = await exchange(
+                self.http,
+                "POST",
                 self.token_url,
                 data={
                     "grant_type": "client_credentials",

@@ -163,7 +163,17 @@ class Store(Protocol):
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
         """Remove these outbox entries (unknown seqs are ignored) and enqueue `deliveries`, in
-        one transaction: a crash leaves either both or neither."""
+        one transaction: a crash leaves either both or neither.
+
+        Exactly once, across processes: a delivery is inserted only if the outbox entry of its
+        change (user_id, message.position) was removed by *this* call (two nodes draining one
+        outbox queue nothing twice).
+
+        Superseding: for every outbox entry this call removes, queued deliveries of the same
+        user and notification with a smaller message.position are deleted first (whatever their
+        subscription): a later change carries the current state, so an older alert waiting for a
+        retry, or an iOS fallback waiting for its delay, must not arrive after it. (A claimed
+        one already in flight is not stopped.)"""
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop after every commit that added outbox entries, so the
@@ -228,7 +238,14 @@ class Store(Protocol):
         """
 
     async def settle(self, outcomes: Sequence[Settlement], now: datetime) -> None:
-        """Record outcomes in one transaction (unknown delivery ids are ignored):
+        """Record outcomes in one transaction.
+
+        A settlement applies only to the claim it answers: if the delivery no longer exists or
+        its `attempts` differs from the settlement's (it was claimed again after its lease ran
+        out), the settlement is ignored entirely. The subscription's DeliveryState is changed
+        only if its current channel key equals the settlement's `channel_key` (a device that
+        registered a new channel meanwhile keeps its fresh state; a GONE for the old channel
+        does not mark the new one gone, and deletes no delivery but this one).
 
         * DONE: delete the delivery. If `sent`: the subscription's last_delivered = now,
           consecutive_failures = 0, last_error = None.

@@ -50,6 +50,7 @@ from herald.store.sql import (
     NOTIFICATION_COLUMNS,
     POSTGRES,
     SUBSCRIPTION_COLUMNS,
+    Claimed,
     CommitHooks,
     change_from_row,
     channel_key,
@@ -66,6 +67,7 @@ from herald.store.sql import (
     notification_from_row,
     order_by,
     pending_from_row,
+    settle_ids,
     settle_plan,
     stored_subscription,
     subscription_from_row,
@@ -528,27 +530,51 @@ class PostgresStore:
         return [pending_from_row(tuple(r), _identity) for r in rows]
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
-        if not seqs and not deliveries:
-            return
+        """Two statements in one transaction. The first removes the entries and answers which
+        ones it removed: another node removing one of them at the same time makes it wait for
+        that node's commit, then skip the entry. The second, with a snapshot taken after that
+        commit (so it sees the deliveries the other node queued), supersedes for the removed
+        entries and queues the deliveries of those only."""
+        if not seqs:
+            return  # no entry removed: no delivery may be queued
         keys = list(seqs)
         created = datetime.now(UTC)
-        columns: list[list[object]] = [[] for _ in range(7)]
+        changes = [(d.user_id, d.message.position) for d in deliveries]
+        columns: list[list[object]] = [[] for _ in range(9)]
         for d in deliveries:
+            m = d.message
             values = (
                 d.subscription_id,
                 d.user_id,
                 d.app,
                 d.provider.value,
-                encode_message(d.message),
-                d.message.expires,
+                encode_message(m),
+                m.notification_id,
+                m.position,
+                m.expires,
                 d.due,
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
 
         async def run(tx: Tx) -> None:
-            # One statement: the outbox rows go and the deliveries come in one round trip.
-            await tx.conn.execute(_DISPATCHED_SQL, keys, *columns, created)
+            removed = await tx.conn.fetch(_OUTBOX_REMOVE_SQL, keys)
+            if not removed:
+                return
+            mine = {(r[0], r[1]) for r in removed}
+            rows = columns
+            if not mine.issuperset(changes):  # some entries were gone: queue for the rest only
+                keep = [i for i, change in enumerate(changes) if change in mine]
+                rows = [[column[i] for i in keep] for column in columns]
+            superseding = [r for r in removed if r[2] is not None]
+            await tx.conn.execute(
+                _DISPATCHED_SQL,
+                [r[0] for r in superseding],
+                [r[2] for r in superseding],
+                [r[1] for r in superseding],
+                *rows,
+                created,
+            )
 
         await self._submit(Op(None, run))
 
@@ -700,26 +726,24 @@ class PostgresStore:
         return claimed
 
     async def settle(self, outcomes: Sequence[Settlement], now: datetime) -> None:
-        if not outcomes:
+        ids = settle_ids(outcomes)
+        if not ids:
             return
-        ids = sorted({o.id for o in outcomes})
 
         async def run(tx: Tx) -> None:
             # Lock the deliveries first, in id order; a stale or duplicate settle waits here.
-            found = await tx.conn.fetch(
-                "SELECT id, subscription_id FROM deliveries WHERE id = ANY($1::bigint[])"
-                " ORDER BY id FOR UPDATE",
-                ids,
-            )
-            plan = settle_plan(outcomes, {r[0]: r[1] for r in found})
+            found = await tx.conn.fetch(_SETTLE_LOCK_SQL, ids)
+            plan = settle_plan(outcomes, {r[0]: Claimed(r[1], r[2], r[3]) for r in found})
+            if not plan.delete and not plan.retry and not plan.subscriptions:
+                return
             subs = plan.subscriptions
             await tx.conn.execute(
                 _SETTLE_SQL,
                 list(plan.retry),
                 list(plan.retry.values()),
                 plan.delete,
-                plan.gone,
                 [s.id for s in subs],
+                [s.key for s in subs],
                 [s.delivered for s in subs],
                 [s.failures for s in subs],
                 [s.error for s in subs],
@@ -1208,11 +1232,33 @@ _SEEN_SQL = (
     " FROM unnest($1::text[], $2::bigint[]) AS t(id, p)"
     " WHERE s.id = t.id AND s.seen_position < t.p"
 )
+# Removes outbox entries; answers, of those that were still there, (user_id, position) and the
+# notification whose queued deliveries the change supersedes (a subquery: one primary key probe
+# per entry, never a scan of the change log). NULL if there can be none: the change was pruned,
+# or it created the notification (a new id: nothing was queued for it before).
+_OUTBOX_REMOVE_SQL = (
+    "DELETE FROM outbox o WHERE o.seq = ANY($1::bigint[]) RETURNING o.user_id, o.position,"
+    " (SELECT c.notification_id FROM changes c WHERE c.user_id = o.user_id"
+    f" AND c.position = o.position AND c.kind <> '{ChangeKind.CREATED.value}')"
+)
+# For the superseding entries ($1-$3): delete the queued deliveries of each one's notification
+# with an older position, then queue the new deliveries (all of them of removed entries).
+# `found`: per entry, the index probes of (subscription_id, notification_id) for the user's
+# subscriptions (see deliveries_subscription in 0003_push.sql); OFFSET 0 keeps the subquery per
+# entry, so it stays probes whatever the table sizes and statistics (never a scan of the queue).
+# `doomed`: those rows locked in id order, as `settle` locks them.
 _DISPATCHED_SQL = (
-    "WITH o AS (DELETE FROM outbox WHERE seq = ANY($1::bigint[]))"
-    " INSERT INTO deliveries (subscription_id, user_id, app, provider, message, expires, due,"
-    " created) SELECT t.*, $9 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::text[], $7::timestamptz[], $8::timestamptz[]) AS t"
+    "WITH found AS (SELECT f.id FROM unnest($1::text[], $2::text[], $3::bigint[]) AS o(u, n, p)"
+    " CROSS JOIN LATERAL (SELECT d.id FROM deliveries d WHERE d.subscription_id ="
+    " ANY(ARRAY(SELECT s.id FROM subscriptions s WHERE s.user_id = o.u))"
+    " AND d.notification_id = o.n AND d.position < o.p AND d.user_id = o.u OFFSET 0) AS f),"
+    " doomed AS (SELECT d.id FROM deliveries d WHERE d.id = ANY(ARRAY(SELECT id FROM found))"
+    " ORDER BY d.id FOR UPDATE),"
+    " superseded AS (DELETE FROM deliveries WHERE id = ANY(ARRAY(SELECT id FROM doomed)))"
+    " INSERT INTO deliveries (subscription_id, user_id, app, provider, message, notification_id,"
+    " position, expires, due, created)"
+    " SELECT t.*, $13 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
+    " $9::text[], $10::bigint[], $11::timestamptz[], $12::timestamptz[]) AS t"
 )
 # One claim round. `cand`: the first due rows of the provider that no other transaction holds
 # (SKIP LOCKED), each with whether it can still be sent; the others are purged, these leased.
@@ -1232,21 +1278,32 @@ _CLAIM_SQL = (
     " l.created, cand.push_channel, cand.seen_position"
     " FROM cand LEFT JOIN leased l ON l.id = cand.id ORDER BY cand.due, cand.id"
 )
+# The deliveries a settle names, locked, with their subscription's current channel key.
+# (A subquery: one primary key probe per delivery, never a scan of the subscriptions.)
+_SETTLE_LOCK_SQL = (
+    "SELECT d.id, d.subscription_id, d.attempts,"
+    " (SELECT s.channel_key FROM subscriptions s WHERE s.id = d.subscription_id)"
+    " FROM deliveries d WHERE d.id = ANY($1::bigint[]) ORDER BY d.id FOR UPDATE"
+)
 # A settle plan (see sql.settle_plan) in one statement; the rows each part touches are disjoint.
+# A subscription is updated only if its channel key is still the one the plan saw (re-checked on
+# the row as locked); only then does its GONE take its other deliveries (ARRAY(): computed once,
+# so both sides of the OR are index scans).
 _SETTLE_SQL = (
-    "WITH retried AS (UPDATE deliveries d SET due = t.due"
-    " FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, due) WHERE d.id = t.id),"
-    " removed AS (DELETE FROM deliveries"
-    " WHERE id = ANY($3::bigint[]) OR subscription_id = ANY($4::text[]))"
-    " UPDATE subscriptions s SET"
+    "WITH subs AS (UPDATE subscriptions s SET"
     " consecutive_failures = CASE WHEN t.delivered THEN 0 ELSE s.consecutive_failures END"
     " + t.failures,"
     " last_error = CASE WHEN t.failures > 0 THEN t.error WHEN t.delivered THEN NULL"
     " ELSE s.last_error END,"
     " last_delivered = CASE WHEN t.delivered THEN $10 ELSE s.last_delivered END,"
     " gone = CASE WHEN t.gone THEN $10 ELSE s.gone END"
-    " FROM unnest($5::text[], $6::bool[], $7::int[], $8::text[], $9::bool[])"
-    " AS t(id, delivered, failures, error, gone) WHERE s.id = t.id"
+    " FROM unnest($4::text[], $5::text[], $6::bool[], $7::int[], $8::text[], $9::bool[])"
+    " AS t(id, key, delivered, failures, error, gone)"
+    " WHERE s.id = t.id AND s.channel_key = t.key RETURNING s.id, t.gone),"
+    " retried AS (UPDATE deliveries d SET due = t.due"
+    " FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, due) WHERE d.id = t.id)"
+    " DELETE FROM deliveries WHERE id = ANY($3::bigint[])"
+    " OR subscription_id = ANY(ARRAY(SELECT id FROM subs WHERE gone))"
 )
 
 

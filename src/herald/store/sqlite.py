@@ -44,6 +44,7 @@ from herald.store.sql import (
     REPLACED,
     SQLITE,
     SUBSCRIPTION_COLUMNS,
+    Claimed,
     CommitHooks,
     app_from_row,
     change_from_row,
@@ -63,6 +64,7 @@ from herald.store.sql import (
     order_by,
     pending_from_row,
     provider_of,
+    settle_ids,
     settle_plan,
     stored_subscription,
     subscription_from_row,
@@ -488,9 +490,12 @@ class SqliteStore:
         return [pending_from_row(r, from_micros) for r in rows]
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
-        if not seqs and not deliveries:
-            return
-        keys = [(seq,) for seq in seqs]
+        """In the write transaction (which excludes every other writer, other processes on the
+        file included): see which entries are still there, remove them, supersede for those,
+        and queue only the deliveries of those."""
+        if not seqs:
+            return  # no entry removed: no delivery may be queued
+        keys = json.dumps(list(seqs))
         created = to_micros(datetime.now(UTC))
         rows = [
             (
@@ -499,16 +504,27 @@ class SqliteStore:
                 d.app,
                 d.provider,
                 encode_message(d.message),
+                d.message.notification_id,
+                d.message.position,
                 to_micros(d.message.expires),
                 to_micros(d.due),
                 created,
             )
             for d in deliveries
         ]
+        changes = [(r[1], r[6]) for r in rows]
 
         def job(c: Connection) -> None:
-            c.executemany("DELETE FROM outbox WHERE seq = ?", keys)
-            c.executemany(_DELIVERY_INSERT_SQL, rows)
+            removed = c.execute(_OUTBOX_FIND_SQL, (keys,)).fetchall()
+            if not removed:
+                return
+            c.execute(_OUTBOX_REMOVE_SQL, (keys,))
+            c.executemany(_SUPERSEDE_SQL, [r for r in removed if r[2] is not None])
+            mine = {(r[0], r[1]) for r in removed}
+            if mine.issuperset(changes):
+                c.executemany(_DELIVERY_INSERT_SQL, rows)
+            else:  # some entries were gone: queue for the rest only
+                c.executemany(_DELIVERY_INSERT_SQL, [r for r in rows if (r[1], r[6]) in mine])
 
         await self._write(job)
 
@@ -1115,9 +1131,27 @@ _PUSH_TARGETS_SQL = (
 
 # -- delivery jobs -----------------------------------------------------------------------------
 
+# The outbox entries still there of these seqs: (user_id, position) and the notification whose
+# queued deliveries the change supersedes. NULL if there can be none: the change was pruned, or it
+# created the notification (a new id: nothing was queued for it before). Read in the write
+# transaction that then deletes them (no other writer can come between).
+_OUTBOX_FIND_SQL = (
+    "SELECT o.user_id, o.position, c.notification_id FROM json_each(?) AS k"
+    " JOIN outbox o ON o.seq = k.value LEFT JOIN changes c ON c.user_id = o.user_id"
+    f" AND c.position = o.position AND c.kind <> '{ChangeKind.CREATED.value}'"
+)
+_OUTBOX_REMOVE_SQL = "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))"
+# For one superseding entry (user_id, position, notification_id): the queued deliveries of the
+# notification with an older position, found through the user's subscriptions (see
+# deliveries_subscription in 0003_push.sql).
+_SUPERSEDE_SQL = (
+    "DELETE FROM deliveries WHERE subscription_id IN"
+    " (SELECT id FROM subscriptions WHERE user_id = ?1) AND notification_id = ?3"
+    " AND position < ?2 AND user_id = ?1"
+)
 _DELIVERY_INSERT_SQL = (
-    "INSERT INTO deliveries (subscription_id, user_id, app, provider, message, expires, due,"
-    " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO deliveries (subscription_id, user_id, app, provider, message, notification_id,"
+    " position, expires, due, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Due deliveries in claim order, with what decides whether they can still be sent. No LIMIT: the
 # caller reads until it has enough sendable ones (purging the others on the way).
@@ -1177,14 +1211,16 @@ def _claim(c: Connection, provider: Provider, at: int, until: int, limit: int) -
 
 
 def _settle(c: Connection, outcomes: Sequence[Settlement], at: int) -> None:
-    ids = json.dumps(sorted({o.id for o in outcomes}))
-    found = dict(
-        c.execute(
-            "SELECT d.id, d.subscription_id FROM json_each(?) AS k"
-            " JOIN deliveries d ON d.id = k.value",
+    ids = json.dumps(settle_ids(outcomes))
+    found = {
+        r[0]: Claimed._make(r[1:])
+        for r in c.execute(
+            "SELECT d.id, d.subscription_id, d.attempts, s.channel_key FROM json_each(?) AS k"
+            " JOIN deliveries d ON d.id = k.value LEFT JOIN subscriptions s"
+            " ON s.id = d.subscription_id",
             (ids,),
-        ).fetchall()
-    )
+        )
+    }
     plan = settle_plan(outcomes, found)
     c.executemany(
         "UPDATE deliveries SET due = ? WHERE id = ?",
