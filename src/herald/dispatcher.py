@@ -122,7 +122,15 @@ class Dispatcher:
             subs = targets.get((e.change.user_id, e.change.app))
             if subs:
                 out.extend(routing.deliveries(e.change, subs, now))
-        return out
+        # As the store does across batches: a later change of a notification in this batch
+        # supersedes the earlier ones' pushes (they would only arrive after it on a retry).
+        latest: dict[tuple[str, str], int] = {}
+        for e in entries:
+            key = (e.change.user_id, e.change.notification_id)
+            latest[key] = max(latest.get(key, 0), e.change.position)
+        return [
+            d for d in out if d.message.position >= latest[(d.user_id, d.message.notification_id)]
+        ]
 
     async def remove(self, seqs: list[int], deliveries: list[NewDelivery]) -> None:
         """Delete published entries and queue their pushes. If that fails the entries stay, and

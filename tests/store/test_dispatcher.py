@@ -10,7 +10,17 @@ from datetime import datetime, timedelta
 from herald.dispatcher import Dispatcher
 from herald.errors import Unavailable
 from herald.metrics import Metrics
-from herald.model import ApnsChannel, Change, DevicePlatform, NewDelivery, Provider, Subscription
+from herald.model import (
+    ApnsChannel,
+    Change,
+    DevicePlatform,
+    NewDelivery,
+    Provider,
+    PushKind,
+    ReadState,
+    StatePatch,
+    Subscription,
+)
 from herald.store import Store
 from tests.store.test_contract import APP, content, new_id
 
@@ -143,3 +153,38 @@ async def test_pushes_are_queued_once_however_often_a_change_is_published(store:
         assert set(woken) == {Provider.APNS}
     finally:
         await dispatcher.close()
+
+
+async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store: Store) -> None:
+    """Created and then read before the dispatcher ran: the device gets one push, for the later
+    change (an earlier one retried later must never arrive after it)."""
+    now = datetime.now().astimezone()
+    sub = Subscription(
+        id="sub-batch",
+        user_id="u9",
+        app=APP,
+        platform=DevicePlatform.IOS,
+        display_name=None,
+        push_channel=ApnsChannel("ab" * 32),
+        expiration_date_time=now + timedelta(days=1),
+        created_date_time=now,
+        last_modified_date_time=now,
+    )
+    await store.add_subscription(sub, 10, now)
+    n, _ = await store.put("u9", APP, content(), new_id(), now)
+    await store.update("u9", APP, n.id, StatePatch(read_state=ReadState.READ), None, now)
+    dispatcher = Dispatcher(
+        store,
+        Recorder(),  # type: ignore[arg-type]
+        Metrics(),
+        poll=0.01,
+        pushed=lambda providers: None,
+    )
+    await dispatcher.start()
+    try:
+        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "both")
+    finally:
+        await dispatcher.close()
+    [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
+    assert claimed.message.kind is PushKind.SYNC and claimed.message.notification_id == n.id
+    assert claimed.message.position == 2 and claimed.message.read_state is ReadState.READ

@@ -158,7 +158,14 @@ class Fcm:
             future.set_result(token)
             return token
         except BaseException as exc:
-            future.set_exception(exc)
+            # Waiters must not see the refresher's own cancellation (its attempt timed out) as
+            # theirs: they get a transport error, a retry.
+            shared = (
+                google.auth.exceptions.TransportError("token refresh interrupted")  # type: ignore[no-untyped-call]
+                if isinstance(exc, asyncio.CancelledError)
+                else exc
+            )
+            future.set_exception(shared)
             future.exception()  # retrieved: waiters re-raise it; nobody else need
             raise
         finally:

@@ -37,6 +37,7 @@ LIMIT = 4096  # bytes of encrypted body every push service accepts
 # aes128gcm with one record: salt 16 + rs 4 + idlen 1 + key 65 header, 16 tag, 1 delimiter.
 OVERHEAD = 86 + 16 + 1
 MAX_TTL = 28 * 86_400
+MAX_TOKENS = 10_000  # cached VAPID headers, one per (app, push service origin)
 JWT_LIFETIME = 12 * 3600  # RFC 8292 allows up to 24 h; renewed at half-life
 URGENCY = {Priority.HIGH: "high", Priority.NONE: "normal", Priority.LOW: "low"}
 
@@ -145,6 +146,8 @@ class WebPush:
             signer = self.signers[pem] = Vapid02.from_pem(pem)
         claims = {"aud": audience, "exp": int(now) + JWT_LIFETIME, "sub": self.subject}
         header = str(signer.sign(claims)["Authorization"])
+        if len(self.tokens) >= MAX_TOKENS:  # audiences are the devices' choice: keep it bounded
+            self.tokens.clear()
         self.tokens[(app, audience)] = (now + JWT_LIFETIME / 2, header)
         return header
 
