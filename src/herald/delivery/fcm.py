@@ -21,6 +21,7 @@ import msgspec
 from google.oauth2 import service_account
 
 from herald.delivery.base import (
+    Http1,
     Keyring,
     Outcome,
     Result,
@@ -96,7 +97,7 @@ def _message(message: Message, token: str, doc: dict[str, Any]) -> dict[str, Any
 class Fcm:
     provider = Provider.FCM
 
-    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, base: str, ca_file: str):
+    def __init__(self, keyring: Keyring, http: Http1, base: str, ca_file: str):
         self.keyring = keyring
         self.http = http
         self.base = base.rstrip("/")

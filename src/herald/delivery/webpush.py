@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02
 
 from herald.delivery.base import (
+    Http1,
     Keyring,
     Outcome,
     Result,
@@ -89,9 +90,7 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
 class WebPush:
     provider = Provider.WEBPUSH
 
-    def __init__(
-        self, keyring: Keyring, http: httpx.AsyncClient, subject: str, guard: Guard
-    ) -> None:
+    def __init__(self, keyring: Keyring, http: Http1, subject: str, guard: Guard) -> None:
         self.keyring = keyring
         self.http = http
         self.subject = subject

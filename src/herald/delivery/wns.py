@@ -20,6 +20,7 @@ import httpx
 import msgspec
 
 from herald.delivery.base import (
+    Http1,
     Keyring,
     Outcome,
     Result,
@@ -139,7 +140,7 @@ def _xml_text(text: str) -> str:
 class Wns:
     provider = Provider.WNS
 
-    def __init__(self, keyring: Keyring, http: httpx.AsyncClient, token_url: str, hosts: str):
+    def __init__(self, keyring: Keyring, http: Http1, token_url: str, hosts: str):
         self.keyring = keyring
         self.http = http
         self.token_url = token_url
