@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -66,8 +66,6 @@ CONNECT_TIMEOUT = 30.0
 IN_FLIGHT_HANDSHAKES = 64  # per worker: opening stays gradual even when the server is slow
 POST_CONNECTIONS = 64  # the poster's keep-alive pool; a POST waiting for one is still timed
 SETTLE_S = 3.0  # idle time before the "after" memory reading
-QUIET_CORES = 0.15  # --wait-quiet: "idle" is other processes using less CPU than this
-QUIET_S = 5.0  # for this long
 NOISY_OTHER_PCT = 15.0
 # --gc-log: the server runs its own module (uvicorn, herald) under this wrapper, which prints
 # every cyclic-GC pause of at least GC_LOG_MIN_MS with its CLOCK_MONOTONIC start. SIGUSR1 makes
@@ -549,23 +547,6 @@ async def warm_up(target: Target) -> None:
     await asyncio.sleep(0.5)
 
 
-def wait_quiet(max_s: float, ours: Callable[[], float]) -> None:
-    """Wait (up to max_s) until the rest of the machine has been idle for QUIET_S: it has 2
-    cores, and anything else running there shows up directly in the latency figures. `ours`
-    is the CPU time of this run's own processes (idle connections still cost a little)."""
-    deadline = time.monotonic() + max_s
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline:
-        busy0, ours0 = ingest.system_busy_seconds(), ours()
-        time.sleep(1.0)
-        if (ingest.system_busy_seconds() - busy0) - (ours() - ours0) >= QUIET_CORES:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= QUIET_S:
-            return
-    if max_s > 0:
-        log(f"the machine is still busy after {max_s:g} s; measuring anyway")
-
-
 def drain(workers: Workers, expected: int, quiet_s: float) -> None:
     """Wait until every expected delivery arrived, or nothing new came for `quiet_s`."""
     last, last_change = -1, time.monotonic()
@@ -664,18 +645,24 @@ def measure_with(
     result.rss_after_kb = rss_kb(server_pid)
     if args.gc_freeze:  # move everything alive now out of the collector's reach
         os.kill(server_pid, signal.SIGUSR1)
-    wait_quiet(
+    ingest.wait_quiet(
         args.wait_quiet,
-        lambda: ingest.proc_cpu_seconds(server_pid) + workers.cpu_seconds() + own_cpu(),
+        lambda: ingest.proc_cpu_seconds(server_pid) + workers.cpu_seconds() + ingest.own_cpu(),
+        log,
     )
     log(f"{target.name}: {result.connected:,} connected, posting {args.rate:g}/s")
-    cpu0 = (ingest.proc_cpu_seconds(server_pid), workers.cpu_seconds(), own_cpu(), db_cpu(args))
+    cpu0 = (
+        ingest.proc_cpu_seconds(server_pid),
+        workers.cpu_seconds(),
+        ingest.own_cpu(),
+        db_cpu(args),
+    )
     busy0, wall0 = ingest.system_busy_seconds(), time.monotonic()
     posts = asyncio.run(post_all(target, args.devices // 2, args.rate, args.duration, args.seed))
     summarise_posts(result, posts)
     result.window_ns = (min(posts.sent_ns), max(posts.ack_ns))
     server_cpu = ingest.proc_cpu_seconds(server_pid) - cpu0[0]
-    devices_cpu, poster_cpu = workers.cpu_seconds() - cpu0[1], own_cpu() - cpu0[2]
+    devices_cpu, poster_cpu = workers.cpu_seconds() - cpu0[1], ingest.own_cpu() - cpu0[2]
     database_cpu = db_cpu(args) - cpu0[3] if target.name == "herald" else 0.0
     wall = time.monotonic() - wall0
     other = ingest.system_busy_seconds() - busy0 - server_cpu - devices_cpu - poster_cpu
@@ -711,11 +698,6 @@ def dump(work: Path, name: str, posts: Posts, replies: list[Any]) -> None:
 def db_cpu(args: argparse.Namespace) -> float:
     """PostgreSQL's processes: part of the system under test, not "everything else"."""
     return ingest.postgres_cpu_seconds() if args.store == "postgres" else 0.0
-
-
-def own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def python_module(gc_log: bool, module: str) -> list[str]:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -224,6 +224,33 @@ def system_busy_seconds() -> float:
     idle = parts[3] + parts[4]  # idle + iowait
     total = sum(parts[:8])  # guest time is already counted in user
     return (total - idle) / CLK_TCK
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+QUIET_CORES = 0.15  # --wait-quiet: "idle" is other processes using less CPU than this
+QUIET_S = 5.0  # for this long
+
+
+def wait_quiet(max_s: float, ours: Callable[[], float], log: Callable[[str], None]) -> None:
+    """Wait (up to max_s) until the rest of the machine has been idle for QUIET_S: it has 2
+    cores, and anything else running there shows up directly in the figures. `ours` is the CPU
+    time of the run's own processes (idle connections still cost a little)."""
+    deadline = time.monotonic() + max_s
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        busy0, ours0 = system_busy_seconds(), ours()
+        time.sleep(1.0)
+        if (system_busy_seconds() - busy0) - (ours() - ours0) >= QUIET_CORES:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_S:
+            return
+    if max_s > 0:
+        log(f"the machine is still busy after {max_s:g} s; measuring anyway")
 
 
 def children_cpu_seconds() -> float:

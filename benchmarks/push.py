@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -72,8 +71,6 @@ WARMUP_POSTS = 20
 SAMPLE_S = 0.2  # CPU/RSS sampler period
 POLL_S = 0.25  # stand-in stats while waiting for the pushes
 NOISY_OTHER_PCT = 15.0
-QUIET_CORES = 0.15  # --wait-quiet: "idle" is other processes using less CPU than this
-QUIET_S = 5.0  # for this long
 EXTRA_ENV = {"HERALD_TOKEN_RATE": "1000000000", "HERALD_TOKEN_BURST": "1000000000"}
 TITLE = "Your order shipped"
 PUSH_ATTEMPTS = "herald_push_attempts_total"
@@ -92,11 +89,6 @@ def percentile(sorted_xs: Sequence[float], p: float) -> float:
     if not sorted_xs:
         return float("nan")
     return sorted_xs[min(len(sorted_xs) - 1, int(p / 100 * len(sorted_xs)))]
-
-
-def own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def rss_kb(pid: int) -> tuple[int, int]:
@@ -174,7 +166,7 @@ class Rate:
 def measure_rate(name: str, fn: Callable[[], object], seconds: float, note: str = "") -> Rate:
     for _ in range(50):  # warm: first-use costs (imports, OpenSSL tables)
         fn()
-    count, cpu0, t0 = 0, own_cpu(), time.perf_counter()
+    count, cpu0, t0 = 0, ingest.own_cpu(), time.perf_counter()
     deadline = t0 + seconds
     while True:
         for _ in range(64):
@@ -182,7 +174,7 @@ def measure_rate(name: str, fn: Callable[[], object], seconds: float, note: str 
         count += 64
         if time.perf_counter() >= deadline:
             break
-    wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
+    wall, cpu = time.perf_counter() - t0, ingest.own_cpu() - cpu0
     return Rate(name, count / wall, 1e6 * cpu / count, count, note)
 
 
@@ -306,7 +298,7 @@ class Sampler(threading.Thread):
                 row[name] = ingest.proc_cpu_seconds(pid)
         with contextlib.suppress(OSError):  # the event loop's own thread (tid = pid)
             row["herald_loop"] = thread_cpu_seconds(self.pids["herald"], self.pids["herald"])
-        row["harness"] = own_cpu()
+        row["harness"] = ingest.own_cpu()
         row["busy"] = ingest.system_busy_seconds()
         if self.with_postgres:
             row["postgres"] = ingest.postgres_cpu_seconds()
@@ -690,29 +682,20 @@ def measure(
 
 
 def wait_quiet(max_s: float, pids: list[int]) -> None:
-    """Wait (up to max_s) until the rest of the machine has been idle for QUIET_S: it has 2
-    cores, and anything else running there shows up in the rates and the latency."""
+    """Wait (up to max_s) until the rest of the machine is quiet (`ingest.wait_quiet`); our
+    own CPU is this process plus `pids`."""
     if max_s <= 0:
         return
     log(f"waiting up to {max_s:g} s for the machine to be quiet")
 
     def ours() -> float:
-        total = own_cpu()
+        total = ingest.own_cpu()
         for pid in pids:
             with contextlib.suppress(OSError):
                 total += ingest.proc_cpu_seconds(pid)
         return total
 
-    deadline = time.monotonic() + max_s
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline:
-        busy0, ours0 = ingest.system_busy_seconds(), ours()
-        time.sleep(1.0)
-        if (ingest.system_busy_seconds() - busy0) - (ours() - ours0) >= QUIET_CORES:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= QUIET_S:
-            return
-    log(f"the machine is still busy after {max_s:g} s; measuring anyway")
+    ingest.wait_quiet(max_s, ours, log)
 
 
 def wait_pushes(ctl: ControlClient, expected: int, quiet_s: float, hold_until: float) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,10 +45,8 @@ from herald.limits import Limiter, RateLimits
 from herald.logs import redact_tokens
 from herald.metrics import Metrics, MetricsMiddleware
 from herald.push import Pusher
-from herald.settings import DEFAULT_VAPID_SUBJECT, Settings
+from herald.settings import Settings
 from herald.store import Store, open_store
-
-log = logging.getLogger("herald")
 
 
 @dataclass
@@ -184,12 +181,6 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         await services.broker.start()
         await services.dispatcher.start()
         if services.pusher is not None:
-            if settings.vapid_subject == DEFAULT_VAPID_SUBJECT:
-                log.warning(
-                    "push_vapid_subject is not set: Web Push uses %s, which Apple's push "
-                    "service refuses; set it to a mailto: or https: URL that reaches you",
-                    DEFAULT_VAPID_SUBJECT,
-                )
             await services.pusher.start()
         streams.start()
         try:

@@ -26,6 +26,7 @@ from herald.delivery.base import (
     by_status,
     exchange,
     failure,
+    missing,
     retry_after,
     shortened,
 )
@@ -116,9 +117,8 @@ class Apns:
         if not isinstance(channel, ApnsChannel):
             return Outcome(Result.REJECTED, "not an APNs channel")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:  # read them again next time: `herald app push-set` may come any moment
-            self.keyring.forget(app)
-            return Outcome(Result.RETRY, f"no APNs credentials for {app}", credentials=True)
+        if raw is None:
+            return missing("APNs", app)
         try:
             creds = msgspec.json.decode(raw, type=ApnsCredentials)
             token = self.token(app, creds, raw)

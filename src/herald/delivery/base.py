@@ -175,6 +175,11 @@ async def _exchange1(
         raise httpx.ConnectError(type(exc).__name__, request=request) from exc
 
 
+def missing(service: str, app: str) -> Outcome:
+    """The app has no credentials for this push service: an operator must act."""
+    return Outcome(Result.RETRY, f"no {service} credentials for {app}", credentials=True)
+
+
 def failure(exc: Exception) -> Outcome:
     """The outcome of a request that got no answer."""
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection failed"
@@ -295,7 +300,10 @@ class Keyring:
         if hit is None or time.monotonic() - hit[0] > self.ttl:
             hit = (time.monotonic(), await self.store.get_push_credentials(app))
             self.cache[app] = hit
-        return hit[1].get(kind)
+        found = hit[1].get(kind)
+        if found is None:  # read again next time: `herald app push-set` may come any moment
+            self.forget(app)
+        return found
 
     async def ensure(self, app: str, kind: str, make: Any) -> bytes:
         """The credential, created with `make()` if the app has none (first writer wins)."""

@@ -28,6 +28,7 @@ from herald.delivery.base import (
     by_status,
     exchange,
     failure,
+    missing,
     seconds_left,
     shortened,
     tls_context,
@@ -109,9 +110,8 @@ class Fcm:
         if not isinstance(channel, FcmChannel):
             return Outcome(Result.REJECTED, "not an FCM channel")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:  # read them again next time: `herald app push-set` may come any moment
-            self.keyring.forget(app)
-            return Outcome(Result.RETRY, f"no FCM credentials for {app}", credentials=True)
+        if raw is None:
+            return missing("FCM", app)
         try:
             info = msgspec.json.decode(raw)
             token = await self.token(app, info, raw)

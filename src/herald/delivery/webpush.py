@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import time
 from urllib.parse import urlsplit
@@ -32,6 +33,9 @@ from herald.delivery.base import (
 )
 from herald.delivery.guard import Guard
 from herald.model import Message, Priority, Provider, PushChannel, PushKind, WebPushChannel
+from herald.settings import DEFAULT_VAPID_SUBJECT
+
+log = logging.getLogger("herald.push")
 
 KIND = "vapid"
 LIMIT = 4096  # bytes of encrypted body every push service accepts
@@ -95,6 +99,7 @@ class WebPush:
         self.http = http
         self.subject = subject
         self.guard = guard
+        self.warned = False  # about the default VAPID subject, once
         # (app, audience) -> (renew at, Authorization header)
         self.tokens: dict[tuple[str, str], tuple[float, str]] = {}
         self.signers: dict[bytes, Vapid02] = {}
@@ -139,6 +144,13 @@ class WebPush:
         cached = self.tokens.get((app, audience))
         if cached is not None and cached[0] > now:
             return cached[1]
+        if self.subject == DEFAULT_VAPID_SUBJECT and not self.warned:
+            self.warned = True
+            log.warning(
+                "push_vapid_subject is not set: Web Push uses %s, which Apple's push service "
+                "refuses; set it to a mailto: or https: URL that reaches you",
+                DEFAULT_VAPID_SUBJECT,
+            )
         pem = await self.keyring.ensure(app, KIND, generate_key)
         signer = self.signers.get(pem)
         if signer is None:

@@ -29,6 +29,7 @@ from herald.delivery.base import (
     exchange,
     failure,
     fitted,
+    missing,
     seconds_left,
     shortened,
 )
@@ -154,9 +155,8 @@ class Wns:
         if not allowed(channel.channel_uri, self.hosts):
             return Outcome(Result.REJECTED, "channel URI host is not a WNS host")
         raw = await self.keyring.get(app, KIND)
-        if raw is None:  # read them again next time: `herald app push-set` may come any moment
-            self.keyring.forget(app)
-            return Outcome(Result.RETRY, f"no WNS credentials for {app}", credentials=True)
+        if raw is None:
+            return missing("WNS", app)
         try:
             token = await self.token(app, raw)
         except _Refused as exc:
