@@ -699,6 +699,22 @@ def test_rejected_push_is_not_retried(alice: User, stand: Providers) -> None:
     assert refused["id"] != accepted["id"]
 
 
+def test_a_web_push_redirect_is_not_followed(alice: User, stand: Providers) -> None:
+    """An endpoint answering 307 towards another endpoint: Herald does not follow it (a redirect
+    could point anywhere, a private address too); the push is rejected, nothing arrives."""
+    browser = alice.webpush(stand.webpush)
+    elsewhere = alice.webpush(stand.webpush)
+    assert browser.channel is not None and elsewhere.channel is not None
+    location = elsewhere.channel["endpoint"]
+    stand.webpush.fault(307, 1, headers={"Location": location}, target=browser.target)
+    alice.notify(targetPolicy={"platformTypes": ["webPush"]})
+    arrived(elsewhere, 1)  # the barrier: the same notification reached the other device
+    state = alice.wait_state(browser, lambda s: s["lastError"] is not None, "rejected")
+    assert state["lastError"] == "HTTP 307", state
+    assert stand.webpush.accepted(browser.target) == []
+    assert len(stand.webpush.accepted(elsewhere.target)) == 1  # its own push, not a redirected one
+
+
 # -- metrics and credentials --------------------------------------------------------------------
 
 

@@ -154,7 +154,11 @@ async def _exchange1(
     request = httpx.Request(method, url)
     try:
         async with http.open().request(
-            method, url, data=content if content is not None else data, headers=headers
+            method,
+            url,
+            data=content if content is not None else data,
+            headers=headers,
+            allow_redirects=False,  # a redirect could lead anywhere, a private address too
         ) as answer:
             body = bytearray()
             async for chunk in answer.content.iter_chunked(MAX_ANSWER):
