@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def test_the_vapid_key_needs_a_token(strict: Server) -> None:
         "https://[::1]/push",
         "https://[fd00::1]/push",
         "https://[::ffff:127.0.0.1]/push",
+        "https://[64:ff9b::a00:1]/push",  # NAT64 of 10.0.0.1
+        "https://[2002:a00:1::]/push",  # 6to4 of 10.0.0.1
+        "https://[fec0::1]/push",
+        "https://user:secret@push.example.net/push",  # user info is never sent
     ],
 )
 def test_a_web_push_endpoint_on_a_private_address_is_refused(
@@ -83,6 +88,43 @@ def test_a_web_push_endpoint_on_a_private_address_is_refused(
     body = subscription_body(app.host_name, "webPush", pushChannel=_webpush(endpoint))
     assert_graph_error(c.post(SUBS, json=body), 400, "invalidRequest", "pushChannel.endpoint")
     assert c.get(SUBS).json()["value"] == []
+
+
+def test_a_name_resolving_to_a_private_address_is_never_sent_to(
+    strict: Server, app: RegisteredApp
+) -> None:
+    """A host name is accepted at registration (it may resolve anywhere later), but Herald
+    checks the addresses before it connects: `localhost` is refused at send time."""
+    c = strict.client(strict.token(app, "erin"))
+    channel = _webpush("https://localhost:9/push/x")
+    r = c.post(SUBS, json=subscription_body(app.host_name, "webPush", pushChannel=channel))
+    assert r.status_code == 201, r.text
+    sub_id = r.json()["id"]
+    app_token = strict.token(app, None)
+    post = strict.client(app_token).post(
+        "/beta/users/erin/notifications",
+        json={"targetHostName": app.host_name, "payload": {"visualContent": {"title": "x"}}},
+    )
+    assert post.status_code == 201, post.text
+    deadline = time.monotonic() + 15
+    state = c.get(f"{SUBS}/{sub_id}").json()["deliveryState"]
+    while state["lastError"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        state = c.get(f"{SUBS}/{sub_id}").json()["deliveryState"]
+    assert state["lastError"] == "the endpoint resolves to a private address", state
+    assert state["consecutiveFailures"] == 1 and state["lastDeliveredDateTime"] is None
+
+
+async def test_the_connection_resolver_refuses_private_addresses() -> None:
+    """The second line of defence (DNS rebinding): the resolver the Web Push connections use."""
+    from herald.delivery.base import PublicResolver
+
+    resolver = PublicResolver()
+    try:
+        with pytest.raises(OSError, match="private address"):
+            await resolver.resolve("localhost", 443)
+    finally:
+        await resolver.close()
 
 
 def test_a_p256dh_key_off_the_curve_is_refused(strict: Server, app: RegisteredApp) -> None:

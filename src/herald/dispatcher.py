@@ -19,12 +19,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+import msgspec
+
 from herald import routing
 from herald.broker import Broker
 from herald.errors import HeraldError
 from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
-from herald.model import NewDelivery, Pending, Provider, Subscription
+from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
 from herald.store import Store
 
 log = logging.getLogger("herald.dispatcher")
@@ -117,20 +119,27 @@ class Dispatcher:
         targets: dict[tuple[str, str], list[Subscription]] = {}
         for sub in await self.store.push_targets(pairs, now):
             targets.setdefault((sub.user_id, sub.app), []).append(sub)
-        out: list[NewDelivery] = []
-        for e in entries:
-            subs = targets.get((e.change.user_id, e.change.app))
-            if subs:
-                out.extend(routing.deliveries(e.change, subs, now))
-        # As the store does across batches: a later change of a notification in this batch
-        # supersedes the earlier ones' pushes (they would only arrive after it on a retry).
+        # As the store does across batches, a later change of a notification in this batch
+        # supersedes the earlier ones (their pushes would only arrive after it on a retry);
+        # if one of those made it new to the devices, the later one still alerts.
         latest: dict[tuple[str, str], int] = {}
+        fresh: set[tuple[str, str]] = set()
         for e in entries:
             key = (e.change.user_id, e.change.notification_id)
             latest[key] = max(latest.get(key, 0), e.change.position)
-        return [
-            d for d in out if d.message.position >= latest[(d.user_id, d.message.notification_id)]
-        ]
+            if e.change.kind is ChangeKind.CREATED or e.change.replaced:
+                fresh.add(key)
+        out: list[NewDelivery] = []
+        for e in entries:
+            key = (e.change.user_id, e.change.notification_id)
+            subs = targets.get((e.change.user_id, e.change.app))
+            if not subs or e.change.position < latest[key]:
+                continue
+            change = e.change
+            if key in fresh and change.kind is ChangeKind.UPDATED:
+                change = msgspec.structs.replace(change, replaced=True)
+            out.extend(routing.deliveries(change, subs, now))
+        return out
 
     async def remove(self, seqs: list[int], deliveries: list[NewDelivery]) -> None:
         """Delete published entries and queue their pushes. If that fails the entries stay, and

@@ -31,6 +31,7 @@ log = logging.getLogger("herald.push")
 CLAIM_BATCH = 256
 POLL_SECONDS = 1.0
 GAUGE_SECONDS = 10.0
+ROUNDS_BEFORE_ONE_BY_ONE = 5  # failed flushes of a batch before its settlements go one by one
 LOUD_EVERY = 60.0  # seconds between ERROR lines for one app's refused credentials
 
 
@@ -258,6 +259,7 @@ class Settler:
         self.task: asyncio.Task[None] | None = None
         self.closing = False
         self.settled = 0
+        self.failures = 0  # consecutive failed flushes
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name="herald-push-settler")
@@ -281,11 +283,16 @@ class Settler:
         try:
             await self.store.settle(batch, self.clock())
             self.settled += len(batch)
-        except Unavailable as exc:  # keep them for the next try
+            self.failures = 0
+        except HeraldError as exc:  # e.g. the database is failing over: keep them, try again
+            self.failures += 1
             log.warning("push settle failed", extra={"error": exc.message})
-            self.pending = batch + self.pending
-            self.ready.set()
-        except Exception:  # one bad settlement must not hold up the others: one by one
+            if self.failures < ROUNDS_BEFORE_ONE_BY_ONE or isinstance(exc, Unavailable):
+                self.pending = batch + self.pending
+                self.ready.set()
+            else:  # the same batch keeps failing: one bad settlement must not hold up the rest
+                await self.one_by_one(batch)
+        except Exception:
             log.exception("push settle failed; settling one by one")
             await self.one_by_one(batch)
 

@@ -15,6 +15,7 @@ from herald.model import (
     Change,
     DevicePlatform,
     NewDelivery,
+    Priority,
     Provider,
     PushKind,
     ReadState,
@@ -188,3 +189,38 @@ async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store:
     [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
     assert claimed.message.kind is PushKind.SYNC and claimed.message.notification_id == n.id
     assert claimed.message.position == 2 and claimed.message.read_state is ReadState.READ
+
+
+async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: Store) -> None:
+    """Created and then re-prioritised (still unread) before the dispatcher ran: one push, the
+    later state, and still an alert (the device has never been told of it)."""
+    now = datetime.now().astimezone()
+    sub = Subscription(
+        id="sub-patched",
+        user_id="u8",
+        app=APP,
+        platform=DevicePlatform.IOS,
+        display_name=None,
+        push_channel=ApnsChannel("cd" * 32),
+        expiration_date_time=now + timedelta(days=1),
+        created_date_time=now,
+        last_modified_date_time=now,
+    )
+    await store.add_subscription(sub, 10, now)
+    n, _ = await store.put("u8", APP, content(), new_id(), now)
+    await store.update("u8", APP, n.id, StatePatch(priority=Priority.LOW), None, now)
+    dispatcher = Dispatcher(
+        store,
+        Recorder(),  # type: ignore[arg-type]
+        Metrics(),
+        poll=0.01,
+        pushed=lambda providers: None,
+    )
+    await dispatcher.start()
+    try:
+        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "both")
+    finally:
+        await dispatcher.close()
+    [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
+    assert claimed.message.kind is PushKind.ALERT and claimed.message.position == 2
+    assert claimed.message.priority is Priority.LOW

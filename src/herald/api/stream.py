@@ -373,6 +373,9 @@ class Streams:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.ticker
             self.ticker = None
+        if self.recorder is not None:
+            await self.recorder
+        await self.record_fetched()  # what the last second's deliveries fetched
 
     async def tick(self) -> None:
         """Once a second, kick the sessions with a keep-alive or an expiry due.

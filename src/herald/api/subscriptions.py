@@ -83,7 +83,12 @@ def _https_url(value: Any, field: str) -> str:
     assert url is not None
     try:
         parts = urlsplit(url)
-        valid = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
+        valid = (
+            parts.scheme == "https"
+            and bool(parts.hostname)
+            and parts.port != 0
+            and parts.username is None  # user info: never sent (and it would be a secret)
+        )
     except ValueError:  # e.g. "https://[::1/x" or a port out of range
         valid = False
     if not valid or not url.isprintable() or any(c.isspace() for c in url):

@@ -17,7 +17,7 @@ def channels(settings: Settings, keyring: Keyring) -> dict[Provider, Channel]:
     return {
         Provider.WEBPUSH: WebPush(
             keyring,
-            Http1(ca, timeout),
+            Http1(ca, timeout, public_only=not settings.push_allow_private_endpoints),
             settings.vapid_subject,
             Guard(settings.push_allow_private_endpoints),
         ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import socket
 import ssl
 import time
 from collections.abc import Iterator, Mapping
@@ -17,7 +18,9 @@ from typing import Any, Protocol
 import aiohttp
 import httpx
 import msgspec
+from aiohttp.abc import ResolveResult
 
+from herald.delivery import guard
 from herald.model import Message, Provider, PushChannel, PushKind
 from herald.store import Store
 
@@ -98,15 +101,21 @@ class Http1:
     multiplexed connection, so no pool to walk).
     """
 
-    def __init__(self, ca_file: str, timeout: float) -> None:
+    def __init__(self, ca_file: str, timeout: float, public_only: bool = False) -> None:
         self.context = tls_context(ca_file)
         self.timeout = timeout
+        # Connect to public addresses only: checked on the addresses the connection is made
+        # to, so a name that resolves differently a second time (DNS rebinding) gains nothing.
+        self.public_only = public_only
         self.session: aiohttp.ClientSession | None = None
 
     def open(self) -> aiohttp.ClientSession:
         if self.session is None:  # on first use: a session belongs to the running loop
+            resolver = PublicResolver() if self.public_only else None
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.context, limit=0, ttl_dns_cache=60),
+                connector=aiohttp.TCPConnector(
+                    ssl=self.context, limit=0, ttl_dns_cache=60, resolver=resolver
+                ),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 auto_decompress=False,
                 trust_env=False,
@@ -151,7 +160,10 @@ async def _exchange1(
     data: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
-    request = httpx.Request(method, url)
+    try:
+        request = httpx.Request(method, url)
+    except httpx.InvalidURL as exc:  # registered before a stricter check: it can never work
+        raise httpx.UnsupportedProtocol(f"invalid URL: {exc}") from exc
     try:
         async with http.open().request(
             method,
@@ -168,7 +180,9 @@ async def _exchange1(
             return httpx.Response(
                 answer.status,
                 headers=[
-                    (k, v) for k, v in answer.headers.items() if k.lower() != "content-encoding"
+                    (k, v)
+                    for k, v in answer.headers.items()
+                    if k.lower() != "content-encoding" and v.isascii()  # httpx takes only ASCII
                 ],
                 content=bytes(body[:MAX_ANSWER]),
                 request=request,
@@ -179,13 +193,27 @@ async def _exchange1(
         raise httpx.ConnectError(type(exc).__name__, request=request) from exc
 
 
+class PublicResolver(aiohttp.ThreadedResolver):
+    """Resolves names, refusing any that resolve to a non-public address (see guard.py)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        if any(not guard.public_address(r["host"]) for r in found):
+            raise OSError(f"{host} resolves to a private address")
+        return found
+
+
 def missing(service: str, app: str) -> Outcome:
     """The app has no credentials for this push service: an operator must act."""
     return Outcome(Result.RETRY, f"no {service} credentials for {app}", credentials=True)
 
 
 def failure(exc: Exception) -> Outcome:
-    """The outcome of a request that got no answer."""
+    """The outcome of a request that got no answer (an unusable URL: rejected)."""
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return Outcome(Result.REJECTED, str(exc)[:200])
     kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection failed"
     return Outcome(Result.RETRY, f"{kind}: {type(exc).__name__}")
 
@@ -290,6 +318,9 @@ def collapse_key(notification_id: str, size: int) -> str:
 # -- credentials ---------------------------------------------------------------------------------
 
 
+MISS_TTL = 2.0  # seconds a missing credential is remembered
+
+
 class Keyring:
     """App push credentials from the store, cached briefly: `herald app push-set` (another
     process) takes effect within `ttl` seconds, or at once after a credentials failure."""
@@ -301,13 +332,13 @@ class Keyring:
 
     async def get(self, app: str, kind: str) -> bytes | None:
         hit = self.cache.get(app)
-        if hit is None or time.monotonic() - hit[0] > self.ttl:
+        age = time.monotonic() - hit[0] if hit is not None else 0.0
+        # A missing credential is looked for again sooner: `herald app push-set` may come any
+        # moment, and the retries waiting for it should not wait out the whole ttl.
+        if hit is None or age > self.ttl or (kind not in hit[1] and age > MISS_TTL):
             hit = (time.monotonic(), await self.store.get_push_credentials(app))
             self.cache[app] = hit
-        found = hit[1].get(kind)
-        if found is None:  # read again next time: `herald app push-set` may come any moment
-            self.forget(app)
-        return found
+        return hit[1].get(kind)
 
     async def ensure(self, app: str, kind: str, make: Any) -> bytes:
         """The credential, created with `make()` if the app has none (first writer wins)."""

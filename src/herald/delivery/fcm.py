@@ -148,29 +148,25 @@ class Fcm:
         cached = self.tokens.get(app)
         if cached is not None and cached[0] > time.time() and cached[2] == raw:
             return cached[1]
+        # One refresh per app at a time, in a task of its own: an attempt that times out
+        # stops waiting for it, but the refresh goes on and its token is kept for the next.
         running = self.refreshing.get(app)
-        if running is not None:  # one refresh per app at a time; the others wait for it
-            return await asyncio.shield(running)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.refreshing[app] = future
-        try:
-            token, expiry = await asyncio.to_thread(self._refresh, info)
-            self.tokens[app] = (expiry - RENEW_BEFORE, token, raw)
-            future.set_result(token)
-            return token
-        except BaseException as exc:
-            # Waiters must not see the refresher's own cancellation (its attempt timed out) as
-            # theirs: they get a transport error, a retry.
-            shared = (
-                google.auth.exceptions.TransportError("token refresh interrupted")  # type: ignore[no-untyped-call]
-                if isinstance(exc, asyncio.CancelledError)
-                else exc
-            )
-            future.set_exception(shared)
-            future.exception()  # retrieved: waiters re-raise it; nobody else need
-            raise
-        finally:
+        if running is None:
+            running = asyncio.create_task(self._renew(app, info, raw))
+            self.refreshing[app] = running
+            running.add_done_callback(lambda task: self._renewed(app, task))
+        return await asyncio.shield(running)
+
+    async def _renew(self, app: str, info: dict[str, Any], raw: bytes) -> str:
+        token, expiry = await asyncio.to_thread(self._refresh, info)
+        self.tokens[app] = (expiry - RENEW_BEFORE, token, raw)
+        return token
+
+    def _renewed(self, app: str, task: asyncio.Task[str]) -> None:
+        if self.refreshing.get(app) is task:
             del self.refreshing[app]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters (if any) got it
 
     def _refresh(self, info: dict[str, Any]) -> tuple[str, float]:
         creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]

@@ -16,11 +16,27 @@ RESOLVED_TTL = 60.0  # seconds a host's verdict is cached
 MAX_CACHED = 10_000
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible,
+# IPv4-mapped, SIIT): the embedded address is what gets reached.
+EMBEDDING = tuple(
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0/96")
+)
+SIIT = ipaddress.ip_network("::ffff:0:0:0/96")
+SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+
+
 def public_address(address: str) -> bool:
-    """Whether an IP address is on the public internet."""
+    """Whether an IP address is on the public internet (IPv6 forms of an IPv4 address judged
+    by the IPv4 address)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in SITE_LOCAL:
+            return False
+        if ip in SIX_TO_FOUR:
+            return public_address(str(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)))
+        if ip in SIIT or any(ip in net for net in EMBEDDING):
+            return public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
     return ip.is_global and not ip.is_multicast
 
 

@@ -135,6 +135,8 @@ class WebPush:
         status = response.status_code
         if status == 403:  # this subscription was made with another key (RFC 8292 §4.2)
             return Outcome(Result.REJECTED, "HTTP 403: VAPID key refused for this subscription")
+        if status == 401:  # the endpoint is the device's choice: no alarm for the operator
+            return Outcome(Result.REJECTED, "HTTP 401: VAPID token refused")
         # Only the status: the endpoint is the device's choice, and its answer is shown back.
         return by_status(status, response.headers, f"HTTP {status}")
 
@@ -168,4 +170,5 @@ class WebPush:
 
 def _audience(endpoint: str) -> str:
     parts = urlsplit(endpoint)
-    return f"{parts.scheme}://{parts.netloc}"
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")

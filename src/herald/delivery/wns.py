@@ -123,7 +123,7 @@ def _longest(render: Callable[[int], bytes], size: int) -> int:
 
 
 def _toast(launch: dict[str, Any], title: str, body: str) -> bytes:
-    root = ElementTree.Element("toast", launch=msgspec.json.encode(launch).decode())
+    root = ElementTree.Element("toast", launch=_xml_text(msgspec.json.encode(launch).decode()))
     binding = ElementTree.SubElement(
         ElementTree.SubElement(root, "visual"), "binding", template="ToastGeneric"
     )
@@ -135,7 +135,7 @@ def _toast(launch: dict[str, Any], title: str, body: str) -> bytes:
 
 def _xml_text(text: str) -> str:
     """Without the characters XML 1.0 cannot carry at all (escaping does not help them)."""
-    return "".join(c for c in text if c >= " " or c in "\t\n\r")
+    return "".join(c for c in text if (c >= " " or c in "\t\n\r") and c not in "\ufffe\uffff")
 
 
 class Wns:
