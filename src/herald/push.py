@@ -86,7 +86,9 @@ class Pusher:
         s = self.settings
         if d.attempts >= s.push_max_attempts:
             return _settle(d, Settle.DROP, f"gave up after {d.attempts} attempts: {outcome.reason}")
-        wait = random.uniform(0.0, min(s.push_backoff_max, s.push_backoff_base * 2**d.attempts))
+        wait = random.uniform(
+            0.0, min(s.push_backoff_max, s.push_backoff_base * 2 ** min(d.attempts, 60))
+        )
         # A provider's Retry-After is honoured, up to the backoff cap (not years).
         wait = max(wait, min(outcome.retry_after or 0.0, s.push_backoff_max), 0.1)
         due = now + timedelta(seconds=wait)
