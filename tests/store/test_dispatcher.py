@@ -113,23 +113,28 @@ async def test_a_change_whose_removal_failed_is_published_again(store: Store) ->
         await dispatcher.close()
 
 
+async def add_phone(store: Store, user: str, token: str, now: datetime) -> None:
+    """An iOS subscription of `user` with an APNs channel."""
+    sub = Subscription(
+        id=f"sub-{user}",
+        user_id=user,
+        app=APP,
+        platform=DevicePlatform.IOS,
+        display_name=None,
+        push_channel=ApnsChannel(token),
+        expiration_date_time=now + timedelta(days=1),
+        created_date_time=now,
+        last_modified_date_time=now,
+    )
+    await store.add_subscription(sub, 10, now)
+
+
 async def test_pushes_are_queued_once_however_often_a_change_is_published(store: Store) -> None:
     """The pushes of a change are queued with its outbox removal: a failed removal (the change
     is published again) queues nothing, and 300 changes queue exactly 300 pushes."""
     now = datetime.now().astimezone()
     for user in ("u0", "u1", "u2"):
-        sub = Subscription(
-            id=f"sub-{user}",
-            user_id=user,
-            app=APP,
-            platform=DevicePlatform.IOS,
-            display_name=None,
-            push_channel=ApnsChannel(user.encode().hex() * 20),
-            expiration_date_time=now + timedelta(days=1),
-            created_date_time=now,
-            last_modified_date_time=now,
-        )
-        await store.add_subscription(sub, 10, now)
+        await add_phone(store, user, user.encode().hex() * 20, now)
     flaky = FailingRemovals(store)
     woken: list[Provider] = []
     dispatcher = Dispatcher(
@@ -160,18 +165,7 @@ async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store:
     """Created and then read before the dispatcher ran: the device gets one push, for the later
     change (an earlier one retried later must never arrive after it)."""
     now = datetime.now().astimezone()
-    sub = Subscription(
-        id="sub-batch",
-        user_id="u9",
-        app=APP,
-        platform=DevicePlatform.IOS,
-        display_name=None,
-        push_channel=ApnsChannel("ab" * 32),
-        expiration_date_time=now + timedelta(days=1),
-        created_date_time=now,
-        last_modified_date_time=now,
-    )
-    await store.add_subscription(sub, 10, now)
+    await add_phone(store, "u9", "ab" * 32, now)
     n, _ = await store.put("u9", APP, content(), new_id(), now)
     await store.update("u9", APP, n.id, StatePatch(read_state=ReadState.READ), None, now)
     dispatcher = Dispatcher(
@@ -195,18 +189,7 @@ async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: 
     """Created and then re-prioritised (still unread) before the dispatcher ran: one push, the
     later state, and still an alert (the device has never been told of it)."""
     now = datetime.now().astimezone()
-    sub = Subscription(
-        id="sub-patched",
-        user_id="u8",
-        app=APP,
-        platform=DevicePlatform.IOS,
-        display_name=None,
-        push_channel=ApnsChannel("cd" * 32),
-        expiration_date_time=now + timedelta(days=1),
-        created_date_time=now,
-        last_modified_date_time=now,
-    )
-    await store.add_subscription(sub, 10, now)
+    await add_phone(store, "u8", "cd" * 32, now)
     n, _ = await store.put("u8", APP, content(), new_id(), now)
     await store.update("u8", APP, n.id, StatePatch(priority=Priority.LOW), None, now)
     dispatcher = Dispatcher(
