@@ -161,13 +161,9 @@ async def test_pushes_are_queued_once_however_often_a_change_is_published(store:
         await dispatcher.close()
 
 
-async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store: Store) -> None:
-    """Created and then read before the dispatcher ran: the device gets one push, for the later
-    change (an earlier one retried later must never arrive after it)."""
-    now = datetime.now().astimezone()
-    await add_phone(store, "u9", "ab" * 32, now)
-    n, _ = await store.put("u9", APP, content(), new_id(), now)
-    await store.update("u9", APP, n.id, StatePatch(read_state=ReadState.READ), None, now)
+async def dispatch(store: Store, changes: int) -> None:
+    """Run a dispatcher (with push on) until it has dispatched `changes` changes, in one batch
+    when they were all committed before it started."""
     dispatcher = Dispatcher(
         store,
         Recorder(),  # type: ignore[arg-type]
@@ -177,9 +173,21 @@ async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store:
     )
     await dispatcher.start()
     try:
-        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "both")
+        await until(
+            lambda: dispatcher.dispatched == changes and not dispatcher.removing, "dispatched"
+        )
     finally:
         await dispatcher.close()
+
+
+async def test_a_later_change_in_the_same_batch_supersedes_earlier_pushes(store: Store) -> None:
+    """Created and then read before the dispatcher ran: the device gets one push, for the later
+    change (an earlier one retried later must never arrive after it)."""
+    now = datetime.now().astimezone()
+    await add_phone(store, "u9", "ab" * 32, now)
+    n, _ = await store.put("u9", APP, content(), new_id(), now)
+    await store.update("u9", APP, n.id, StatePatch(read_state=ReadState.READ), None, now)
+    await dispatch(store, 2)
     [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
     assert claimed.message.kind is PushKind.SYNC and claimed.message.notification_id == n.id
     assert claimed.message.position == 2 and claimed.message.read_state is ReadState.READ
@@ -192,18 +200,7 @@ async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: 
     await add_phone(store, "u8", "cd" * 32, now)
     n, _ = await store.put("u8", APP, content(), new_id(), now)
     await store.update("u8", APP, n.id, StatePatch(priority=Priority.LOW), None, now)
-    dispatcher = Dispatcher(
-        store,
-        Recorder(),  # type: ignore[arg-type]
-        Metrics(),
-        poll=0.01,
-        pushed=lambda providers: None,
-    )
-    await dispatcher.start()
-    try:
-        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "both")
-    finally:
-        await dispatcher.close()
+    await dispatch(store, 2)
     [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
     assert claimed.message.kind is PushKind.ALERT and claimed.message.position == 2
     assert claimed.message.priority is Priority.LOW
