@@ -44,6 +44,13 @@ class Settings:
     local_issuer: bool = True
     audience: str = "api://herald"
     token_ttl: int = 3600
+    # Web inbox sessions (docs/inbox.md): how long a sign-in lasts (refresh tokens end with it).
+    session_ttl: int = 14 * DAY
+    # The web inbox signs people in at this OIDC issuer (authorization code + PKCE) with this
+    # public client id and scope; empty: with the embedded issuer's sign-in links.
+    inbox_issuer: str = ""
+    inbox_client_id: str = ""
+    inbox_scope: str = "openid offline_access"
     # External issuers as a JSON list (env) or TOML array of tables:
     # [{issuer, audience, jwks_url | discovery_url}]
     issuers: tuple[Mapping[str, str], ...] = ()
@@ -216,6 +223,7 @@ def _check(s: Settings) -> None:
         problems.append("subscription_ttl must be > 0 and <= max_subscription_ttl")
     for name in (
         "token_ttl",
+        "session_ttl",
         "max_payload_bytes",
         "max_body_bytes",
         "sweep_interval",
@@ -249,6 +257,10 @@ def _check(s: Settings) -> None:
             )
         elif issuer.keys() - known:
             problems.append(f"issuers entry has unknown keys {sorted(issuer.keys() - known)}")
+    if s.inbox_issuer and not (
+        s.inbox_issuer.startswith(("https://", "http://")) and s.inbox_client_id
+    ):
+        problems.append("inbox_issuer must be an http(s) URL, and needs inbox_client_id")
     if not s.local_issuer and not s.issuers:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:

@@ -19,6 +19,7 @@ from herald import expiry
 from herald.api import (
     batch,
     delta,
+    inbox,
     notifications,
     operations,
     schemas,
@@ -35,6 +36,7 @@ from herald.api.errors import (
 )
 from herald.api.ingest import Ingest, match
 from herald.auth.issuer import LocalIssuer
+from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
 from herald.delivery import Keyring, channels
@@ -58,6 +60,7 @@ class Services:
     feed: Feed
     access: Access
     issuer: LocalIssuer | None
+    sessions: Sessions | None
     verifier: TokenVerifier
     metrics: Metrics
     limits: schemas.Limits
@@ -116,6 +119,7 @@ def build_services(
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock),
         issuer=issuer,
+        sessions=Sessions(issuer) if issuer else None,
         verifier=verifier,
         metrics=metrics,
         limits=schemas.Limits(
@@ -203,6 +207,7 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
             Mount("/v1.0", routes=api_routes()),
             *operations.routes(),
             *token.routes(),
+            *inbox.routes(settings),
         ],
         middleware=[
             Middleware(RequestIdMiddleware),

@@ -2,7 +2,8 @@
 
 * `POST /oauth2/v2.0/token` (alias `/oauth2/token`): RFC 6749 §4.4 client credentials. The client
   authenticates with HTTP Basic (`client_secret_basic`) or form fields (`client_secret_post`), not
-  both (§2.3). Errors use the OAuth shape of §5.2, not the Graph one, because OAuth clients
+  both (§2.3). Also the web inbox's session grants (docs/inbox.md): a sign-in code, then refresh
+  tokens (§6). Errors use the OAuth shape of §5.2, not the Graph one, because OAuth clients
   (MSAL, azure-identity, oauthlib...) parse that shape.
 * `GET /.well-known/openid-configuration` and `GET /discovery/v2.0/keys`: so that another Herald,
   or any JWT library, can trust this Herald as an issuer (the paths mirror Entra ID's).
@@ -15,6 +16,7 @@ import binascii
 import functools
 import logging
 import math
+import time
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
@@ -26,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 from herald.auth.credentials import hash_secret, verify_secret
 from herald.auth.issuer import ALGORITHM, LocalIssuer
+from herald.auth.sessions import SIGNIN_GRANT, InvalidGrant, Sessions
 from herald.auth.tokens import SCOPE
 from herald.errors import NotFound
 
@@ -84,7 +87,7 @@ async def openid_configuration(request: Request) -> Response:
         "issuer": issuer.issuer,
         "token_endpoint": base + TOKEN_PATH,
         "jwks_uri": base + KEYS_PATH,
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["client_credentials", "refresh_token", SIGNIN_GRANT],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
@@ -115,10 +118,20 @@ async def _issue(request: Request) -> Response:
     grant_type = form.get("grant_type")
     if not grant_type:
         raise OAuthError("invalid_request", "grant_type is required.")
-    if grant_type != "client_credentials":
-        raise OAuthError(
-            "unsupported_grant_type", f"Only client_credentials is supported, not {grant_type!r}."
-        )
+    if grant_type == "client_credentials":
+        return await _client_credentials_grant(request, issuer, form)
+    if grant_type in (SIGNIN_GRANT, "refresh_token"):
+        return await _session_grant(request, issuer, form, grant_type)
+    raise OAuthError(
+        "unsupported_grant_type",
+        f"Supported grant types: client_credentials, refresh_token and {SIGNIN_GRANT}; "
+        f"not {grant_type!r}.",
+    )
+
+
+async def _client_credentials_grant(
+    request: Request, issuer: LocalIssuer, form: dict[str, str]
+) -> Response:
     client_id, secret = _client_credentials(request, form)
     await _authenticate(request, client_id, secret)
     _check_scope(form.get("scope"), issuer.audience)
@@ -126,6 +139,45 @@ async def _issue(request: Request) -> Response:
     token = issuer.mint(client_id=client_id, user_id=None, ttl_seconds=ttl, roles=(SCOPE,))
     log.info("issued an app-only token to client %s", client_id)
     body = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
+    return _json(body, headers=_NO_STORE)
+
+
+async def _session_grant(
+    request: Request, issuer: LocalIssuer, form: dict[str, str], grant_type: str
+) -> Response:
+    """A web session's tokens (docs/inbox.md): public clients, so no client secret; the code or
+    refresh token is the credential, bound to its client id."""
+    services = request.app.state.services
+    client_id = form.get("client_id", "")
+    if not client_id:
+        raise OAuthError("invalid_request", "client_id is required.")
+    field = "code" if grant_type == SIGNIN_GRANT else "refresh_token"
+    credential = form.get(field, "")
+    if not credential:
+        raise OAuthError("invalid_request", f"{field} is required.")
+    sessions: Sessions = services.sessions
+    try:
+        if grant_type == SIGNIN_GRANT:
+            grant = sessions.redeem(credential, client_id, int(services.settings.session_ttl))
+        else:
+            grant = sessions.refresh(credential, client_id)
+    except InvalidGrant as exc:
+        raise OAuthError("invalid_grant", str(exc)) from None
+    if await services.store.get_app(client_id) is None:
+        raise OAuthError("invalid_grant", "The app of this session is no longer registered.")
+    now = int(time.time())
+    ttl = max(1, min(int(services.settings.token_ttl), grant.session_end - now))
+    token = issuer.mint(client_id=client_id, user_id=grant.user_id, ttl_seconds=ttl)
+    if grant_type == SIGNIN_GRANT:
+        log.info("client %s: a sign-in code started a session", client_id)
+    body = {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "refresh_token": sessions.refresh_token(grant),
+        "refresh_token_expires_in": grant.session_end - now,
+        "scope": SCOPE,
+    }
     return _json(body, headers=_NO_STORE)
 
 

@@ -18,6 +18,8 @@ from herald.store import open_store
 HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
+# Client ids of external IdPs: GUIDs (Entra), names (Keycloak), Auth0's random strings, URIs.
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 @click.group("app")
@@ -28,17 +30,28 @@ def app_group() -> None:
 @app_group.command("create")
 @click.option("--host-name", required=True, help="The app's host name (its targetHostName).")
 @click.option("--display-name", help="A name for people; defaults to the host name.")
+@click.option(
+    "--client-id",
+    help="Use this client id (the app's id at an external identity provider, whose tokens name "
+    "it in azp/appid); default: a new GUID.",
+)
 @common_options
-def create(host_name: str, display_name: str | None, **options: str | None) -> None:
+def create(
+    host_name: str, display_name: str | None, client_id: str | None, **options: str | None
+) -> None:
     """Register an app; prints its clientId and clientSecret (shown once) as JSON."""
     if not HOST_NAME.match(host_name):
         raise click.BadParameter(
             f"{host_name!r} is not a valid host name", param_hint="--host-name"
         )
+    if client_id is not None and not CLIENT_ID.fullmatch(client_id):
+        raise click.BadParameter(
+            "use 1-128 letters, digits and . _ - : /", param_hint="--client-id"
+        )
     settings = load_settings(**options)
     secret = new_client_secret()
     app = App(
-        client_id=new_client_id(),
+        client_id=client_id or new_client_id(),
         host_name=host_name.lower(),
         display_name=display_name or host_name,
         secret_hash=hash_secret(secret),

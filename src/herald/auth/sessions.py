@@ -1,0 +1,111 @@
+"""Web sessions of the embedded issuer: sign-in codes and refresh tokens (docs/inbox.md).
+
+A person opens the web inbox through a sign-in link that the operator's CLI prints
+(`herald signin`). The link's code is exchanged once for an access token and a refresh token; the
+refresh token renews the access token until the session ends (`session_ttl` after sign-in).
+
+Both are JWTs signed with the issuer's key, each with an audience of its own, so neither passes as
+an access token (whose audience is Herald's) nor as the other. They are stateless, so a refresh
+token cannot be revoked before its session ends except by rotating the issuer's key; codes are
+single-use within one process (the embedded issuer serves single-node set-ups).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+
+from herald.auth.issuer import ALGORITHM, LocalIssuer
+
+SIGNIN_GRANT = "urn:herald:params:oauth:grant-type:signin-code"
+SIGNIN_AUDIENCE = "urn:herald:signin"
+REFRESH_AUDIENCE = "urn:herald:refresh"
+SIGNIN_TTL = 600
+
+
+class InvalidGrant(Exception):
+    """The code or refresh token cannot be used (RFC 6749 §5.2 `invalid_grant`)."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Who signed in, through which app, and when the session ends (Unix time)."""
+
+    client_id: str
+    user_id: str
+    session_end: int
+
+
+class Sessions:
+    """Mints and redeems sign-in codes and refresh tokens with the embedded issuer's key."""
+
+    def __init__(self, issuer: LocalIssuer, clock: Callable[[], float] = time.time) -> None:
+        self.issuer = issuer
+        self.clock = clock
+        self._used: dict[str, int] = {}  # redeemed code id -> its expiry
+
+    def signin_code(self, client_id: str, user_id: str, ttl: int = SIGNIN_TTL) -> str:
+        """A single-use code that signs `user_id` in to the app `client_id` within `ttl` s."""
+        return self._mint(SIGNIN_AUDIENCE, client_id, user_id, int(self.clock()) + ttl, {})
+
+    def refresh_token(self, grant: Grant) -> str:
+        """A refresh token of the session `grant`; it expires when the session ends."""
+        return self._mint(REFRESH_AUDIENCE, grant.client_id, grant.user_id, grant.session_end, {})
+
+    def redeem(self, code: str, client_id: str, session_ttl: int) -> Grant:
+        """The session a sign-in code starts; the code cannot be redeemed again."""
+        claims = self._verify(code, SIGNIN_AUDIENCE, client_id, "sign-in code")
+        jti, exp = str(claims.get("jti", "")), int(claims["exp"])
+        now = int(self.clock())
+        self._used = {k: v for k, v in self._used.items() if v >= now}
+        if not jti or jti in self._used:
+            raise InvalidGrant("The sign-in code has already been used.")
+        self._used[jti] = exp
+        return Grant(client_id, str(claims["sub"]), now + session_ttl)
+
+    def refresh(self, token: str, client_id: str) -> Grant:
+        """The session a refresh token belongs to."""
+        claims = self._verify(token, REFRESH_AUDIENCE, client_id, "refresh token")
+        return Grant(client_id, str(claims["sub"]), int(claims["exp"]))
+
+    def _mint(
+        self, audience: str, client_id: str, user_id: str, exp: int, extra: dict[str, Any]
+    ) -> str:
+        now = int(self.clock())
+        claims = {
+            "iss": self.issuer.issuer,
+            "aud": audience,
+            "iat": now,
+            "exp": exp,
+            "jti": str(uuid.uuid4()),
+            "azp": client_id,
+            "sub": user_id,
+            **extra,
+        }
+        header = {"alg": ALGORITHM, "typ": "JWT", "kid": self.issuer.kid}
+        return jwt.encode(header, claims, self.issuer.key, algorithms=[ALGORITHM])
+
+    def _verify(self, token: str, audience: str, client_id: str, what: str) -> dict[str, Any]:
+        try:
+            claims = dict(jwt.decode(token, self.issuer.public_key, algorithms=[ALGORITHM]).claims)
+        except (JoseError, ValueError, TypeError):
+            raise InvalidGrant(f"The {what} is not valid.") from None
+        valid = (
+            claims.get("iss") == self.issuer.issuer
+            and claims.get("aud") == audience
+            and isinstance(claims.get("exp"), int)
+            and isinstance(claims.get("sub"), str)
+        )
+        if not valid:
+            raise InvalidGrant(f"The {what} is not valid.")
+        if claims["exp"] <= self.clock():
+            raise InvalidGrant(f"The {what} has expired.")
+        if claims.get("azp") != client_id:
+            raise InvalidGrant(f"The {what} was issued to another client.")
+        return claims
