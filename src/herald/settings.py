@@ -51,6 +51,9 @@ class Settings:
     inbox_issuer: str = ""
     inbox_client_id: str = ""
     inbox_scope: str = "openid offline_access"
+    # Origins whose web pages may call the API from the browser (CORS), comma-separated; "*" for
+    # any (safe with bearer tokens: browsers send none by themselves); empty for none.
+    cors_origins: str = "*"
     # External issuers as a JSON list (env) or TOML array of tables:
     # [{issuer, audience, jwks_url | discovery_url}]
     issuers: tuple[Mapping[str, str], ...] = ()

@@ -12,6 +12,7 @@ from datetime import timedelta
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -147,15 +148,35 @@ def api_routes() -> list[BaseRoute]:
 class Herald:
     """The ASGI application: `POST …/notifications` goes straight to the ingest handler (the hot
     path) and live streams to their handler (thousands stay open), everything else through the
-    Starlette app (routing, middleware, lifespan)."""
+    Starlette app (routing, middleware, lifespan). CORS wraps all three, so web apps on other
+    origins can use the API, its streams and `herald.js` (docs/inbox.md)."""
 
-    def __init__(self, router: Starlette, ingest: Ingest, streams: stream.Streams) -> None:
+    def __init__(
+        self,
+        router: Starlette,
+        ingest: Ingest,
+        streams: stream.Streams,
+        cors_origins: list[str] | None = None,
+    ) -> None:
         self.router = router
         self.ingest = ingest
         self.streams = streams
         self.state = router.state
+        self.handle: ASGIApp = self.route
+        if cors_origins:
+            self.handle = CORSMiddleware(
+                self.route,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_RESPONSE_HEADERS,
+                max_age=3600,
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handle(scope, receive, send)
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
             target = match(scope) if kind == "http" else None
@@ -167,6 +188,29 @@ class Herald:
                 await self.streams(scope, receive, send, subscription)
                 return
         await self.router(scope, receive, send)
+
+
+# What a browser on another origin may send and read (Authorization: tokens are bearer tokens,
+# never cookies, so allowing an origin grants it nothing a server-side caller couldn't do).
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "If-Match",
+    "If-None-Match",
+    "Idempotency-Key",
+    "Prefer",
+    "X-UNS-ID",
+    "client-request-id",
+    "Last-Event-ID",
+]
+CORS_RESPONSE_HEADERS = [
+    "request-id",
+    "client-request-id",
+    "ETag",
+    "Location",
+    "Retry-After",
+    "Preference-Applied",
+]
 
 
 def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
@@ -221,6 +265,7 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         lifespan=lifespan,
     )
     app.state.services = services
-    herald = Herald(app, Ingest(services), streams)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    herald = Herald(app, Ingest(services), streams, origins)
     services.asgi = herald
     return herald
