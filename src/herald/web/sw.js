@@ -1,0 +1,63 @@
+// The inbox's service worker (scope /inbox/, docs/inbox.md step 9): shows Herald's Web Push
+// messages (docs/push.md "The message") and opens the inbox when one is clicked.
+
+const ICON = "/inbox/icon.svg";
+
+self.addEventListener("install", () => self.skipWaiting());
+self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
+
+self.addEventListener("push", (event) => event.waitUntil(show(event.data)));
+
+async function appName() {
+  // Stored by the page: a message without a title names the app instead.
+  try {
+    const cache = await caches.open("herald-inbox");
+    return (await (await cache.match("/inbox/app-name"))?.text()) || "";
+  } catch {
+    return "";
+  }
+}
+
+async function show(data) {
+  let m = {};
+  try {
+    m = data?.json() ?? {};
+  } catch {
+    // not JSON: still show something, browsers require a notification for every push
+  }
+  const app = await appName();
+  const visual = (m.type === "alert" || m.type === "fallback") && m.title;
+  // A truncated message (or one with only raw content) lost its title: fetch-free shoulder tap.
+  const title = visual ? m.title : m.type === "alert" || m.type === "fallback" ? "New notification" : app || "Inbox";
+  const body = visual ? (m.body ?? "") : m.type === "alert" || m.type === "fallback" ? app : "Something changed in your inbox.";
+  const id = typeof m.id === "string" ? m.id : "";
+  await self.registration.showNotification(title, {
+    body,
+    tag: id || "herald",
+    icon: ICON,
+    data: { id },
+    timestamp: Date.now(),
+  });
+}
+
+self.addEventListener("notificationclick", (event) => {
+  event.notification.close();
+  event.waitUntil(open(event.notification.data?.id ?? ""));
+});
+
+async function open(id) {
+  const scope = self.registration.scope; // e.g. https://herald.example/inbox/
+  const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
+  const inboxes = windows.filter((c) => c.url.startsWith(scope));
+  const inbox = inboxes.find((c) => c.focused) ?? inboxes.find((c) => c.visibilityState === "visible") ?? inboxes[0];
+  if (inbox) {
+    try {
+      await inbox.focus();
+    } catch {
+      // focusing needs a user activation the browser may not grant: the message still goes
+    }
+    if (id) inbox.postMessage({ type: "activate", id });
+    return;
+  }
+  await self.clients.openWindow(id ? `/inbox/?activate=${encodeURIComponent(id)}` : "/inbox/");
+}
