@@ -39,6 +39,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.processes import start
+from tests.pushes import wait_for
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -105,19 +106,6 @@ def clean_environment() -> Iterator[None]:
 
 def _developer_setting(key: str) -> bool:
     return key.startswith("HERALD_") and not key.startswith("HERALD_TEST_")
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    """Poll `probe` (a Herald API read, say) until it gives something true; fail after
-    `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- Herald -------------------------------------------------------------------------------------

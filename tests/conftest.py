@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -189,6 +190,29 @@ def app(server: Server) -> Iterator[RegisteredApp]:
 @pytest.fixture
 def user() -> str:
     return f"user-{uuid.uuid4()}"
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Any]:
+    """Playwright's driver, for a module's browser tests (tests/browser.py)."""
+    from tests.browser import launch_playwright
+
+    yield from launch_playwright()
+
+
+@pytest.fixture
+def browser(
+    playwright: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """This test's browser profiles (tests/browser.py `Browser`), closed afterwards. Each test
+    ends with `browser.check()`: no unexpected console error or uncaught exception."""
+    from tests.browser import Browser
+
+    made = Browser(playwright, tmp_path_factory.mktemp("profiles"), request.node.name)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 @pytest.fixture(autouse=True)

@@ -39,7 +39,6 @@ from tests.browser import (
     deliver_push,
     expect,
     http_error,
-    launch_playwright,
     missing,
     poll_page,
     push_standin_script,
@@ -57,24 +56,6 @@ def in_seconds(seconds: float) -> str:
     """An expirationDateTime `seconds` from now (whole seconds, UTC)."""
     at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Any]:
-    yield from launch_playwright()
-
-
-@pytest.fixture
-def browser(
-    playwright: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Browser]:
-    """This test's browsers (profiles), closed afterwards. Each test ends with
-    `browser.check()`: no unexpected console errors or uncaught exceptions."""
-    made = Browser(playwright, tmp_path_factory.mktemp("profiles"), request.node.name)
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import WAIT_MS, Api, Browser, Herald, expect, launch_playwright
+from tests.browser import WAIT_MS, Api, Browser, Herald, expect
 
 # The app's page: its own markup, the library from Herald, a token from "its IdP" (here: handed
 # over in the fragment, as the app's sign-in would have stored it).
@@ -81,18 +81,12 @@ def app_origin(tmp_path: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Any]:
-    yield from launch_playwright()
-
-
 def test_a_web_app_on_another_origin_uses_herald_js(
-    playwright: Any, tmp_path: Path, app_origin: str, user: str
+    browser: Browser, tmp_path: Path, app_origin: str, user: str
 ) -> None:
     herald = Herald(tmp_path / "herald")
     herald.data.mkdir()
     herald.start()
-    browser = Browser(playwright, tmp_path / "profiles", "library")
     try:
         app = herald.register()
         api = Api(herald, app, user)
@@ -123,5 +117,4 @@ def test_a_web_app_on_another_origin_uses_herald_js(
         api.close()
         browser.check()
     finally:
-        browser.close()
         herald.stop()

@@ -31,13 +31,12 @@ from tests.browser import (
     Browser,
     Herald,
     Inbox,
-    launch_playwright,
     require_browser,
 )
 from tests.standins.idp import IdpStandIn
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page, Playwright
+    from playwright.sync_api import Page
 
 try:
     from playwright.sync_api import expect
@@ -93,24 +92,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         herald.stop()
         idp.stop()
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    yield from launch_playwright()
-
-
-@pytest.fixture
-def browser(
-    playwright: Playwright, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Browser]:
-    """This test's browser profiles, closed afterwards; each test ends with `browser.check()`
-    (no console error, no uncaught exception, in the inbox or at the IdP)."""
-    made = Browser(playwright, tmp_path_factory.mktemp("profiles"), request.node.name)
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture
