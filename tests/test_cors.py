@@ -53,6 +53,13 @@ def test_any_origin_may_call_the_api_by_default(
     )
     library = httpx.get(server.base_url + "/inbox/herald.js", headers={"Origin": ORIGIN})
     assert library.headers["access-control-allow-origin"] == "*"
+    token_endpoint = preflight(server.base_url, "/oauth2/v2.0/token", "POST", "content-type")
+    assert token_endpoint.headers["access-control-allow-origin"] == "*"
+
+    # Operational endpoints are for the operator's tools, not for web pages of other origins.
+    for path in ("/metrics", "/readyz", "/healthz", "/openapi.json", "/inbox/"):
+        answer = httpx.get(server.base_url + path, headers={"Origin": ORIGIN})
+        assert "access-control-allow-origin" not in answer.headers, path
 
 
 def test_origins_can_be_limited_or_turned_off(tmp_path: Path) -> None:

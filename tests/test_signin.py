@@ -4,6 +4,8 @@ inbox is served from. Real HTTP against a running Herald (SQLite and PostgreSQL)
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import time
 from pathlib import Path
@@ -131,6 +133,15 @@ def test_codes_and_refresh_tokens_are_not_interchangeable(
     assert feed(server, body["refresh_token"]).status_code == 401
     invalid_grant(refresh(server, app, body["access_token"]), "not valid")
     invalid_grant(redeem(server, app, body["refresh_token"]), "not valid")
+    # Each carries a JWT type of its own (RFC 8725 §3.11).
+    assert jwt_type(code) == "herald-signin+jwt"
+    assert jwt_type(body["refresh_token"]) == "herald-refresh+jwt"
+    assert jwt_type(body["access_token"]) == "JWT"
+
+
+def jwt_type(token: str) -> str:
+    head = token.split(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["typ"])
 
 
 def test_tokens_are_bound_to_their_client(server: Server, user: str) -> None:
@@ -275,15 +286,32 @@ def test_inbox_files_are_served_with_a_strict_policy(server: Server, name: str, 
     assert response.headers["x-content-type-options"] == "nosniff"
     etag = response.headers["etag"]
     assert get(server, "/inbox/" + name, **{"If-None-Match": etag}).status_code == 304
-    if name == "sw.js":
-        assert response.headers["service-worker-allowed"] == "/inbox/"
 
 
-def test_inbox_unknown_files_are_graph_errors(server: Server) -> None:
-    for path in ("/inbox/nope.js", "/inbox/../pyproject.toml", "/inbox/%2e%2e/settings.py"):
-        response = get(server, path)
-        assert response.status_code == 404, path
-        assert response.json()["error"]["code"] == "itemNotFound"
+def raw_get(server: Server, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written (httpx would normalise dot segments away)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.settings.port, timeout=10)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def test_inbox_serves_only_its_own_files(server: Server) -> None:
+    # The handler looks names up among the files it loaded; nothing reaches the file system.
+    for path in (
+        "/inbox/nope.js",
+        "/inbox/../pyproject.toml",
+        "/inbox/%2e%2e/settings.py",
+        "/inbox/..%2fsettings.py",
+        "/inbox/__init__.py",
+        "/inbox/%2e%2e%2fapi%2finbox.py",
+    ):
+        status, body = raw_get(server, path)
+        assert status == 404, path
+        assert json.loads(body)["error"]["code"] == "itemNotFound", path
 
 
 def test_inbox_without_slash_redirects_with_its_query(server: Server) -> None:
@@ -317,9 +345,15 @@ def test_inbox_config_says_how_to_sign_in(tmp_path: Path) -> None:
         "clientId": "herald-inbox",
         "scope": oidc["inbox_scope"],
     }
-    # The page may talk to the IdP (token endpoint) and post its login form there.
+    # The page may talk to the IdP (discovery, token endpoint), and nowhere else.
     assert "connect-src 'self' https://login.example.com;" in policy
-    assert "form-action 'self' https://login.example.com;" in policy
+    assert "form-action 'self';" in policy
+    elsewhere = {**oidc, "inbox_origins": "https://oauth2.idp.example https://b.example:8443"}
+    _, policy = config_json(tmp_path / "elsewhere", **elsewhere)
+    assert (
+        "connect-src 'self' https://login.example.com https://oauth2.idp.example "
+        "https://b.example:8443;" in policy
+    )
 
     issuers = ({"issuer": "https://idp.example", "audience": "x", "jwks_url": "https://k"},)
     config, _ = config_json(tmp_path / "none", local_issuer=False, issuers=issuers)

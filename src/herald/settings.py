@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from herald.errors import HeraldError
 
@@ -51,6 +52,9 @@ class Settings:
     inbox_issuer: str = ""
     inbox_client_id: str = ""
     inbox_scope: str = "openid offline_access"
+    # Further origins the inbox may connect to, space-separated: an IdP whose token endpoint is
+    # not on its issuer's origin (the page's Content-Security-Policy allows only those).
+    inbox_origins: str = ""
     # Origins whose web pages may call the API from the browser (CORS), comma-separated; "*" for
     # any (safe with bearer tokens: browsers send none by themselves); empty for none.
     cors_origins: str = "*"
@@ -264,6 +268,10 @@ def _check(s: Settings) -> None:
         s.inbox_issuer.startswith(("https://", "http://")) and s.inbox_client_id
     ):
         problems.append("inbox_issuer must be an http(s) URL, and needs inbox_client_id")
+    for origin in s.inbox_origins.split():
+        parts = urlsplit(origin)
+        if parts.scheme not in ("https", "http") or not parts.netloc or parts.path or parts.query:
+            problems.append(f"inbox_origins: {origin!r} is not an origin (scheme://host[:port])")
     if not s.local_issuer and not s.issuers:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:

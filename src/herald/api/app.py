@@ -174,7 +174,10 @@ class Herald:
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handle(scope, receive, send)
+        if scope.get("path", "").startswith(CORS_PATHS):
+            await self.handle(scope, receive, send)
+        else:
+            await self.route(scope, receive, send)
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -190,6 +193,16 @@ class Herald:
         await self.router(scope, receive, send)
 
 
+# Where CORS applies: the API, the token endpoint and discovery, and the client library; not the
+# operational endpoints (/metrics, /readyz…), which no web page of another origin needs to read.
+CORS_PATHS = (
+    "/beta/",
+    "/v1.0/",
+    "/oauth2/",
+    "/.well-known/",
+    "/discovery/",
+    "/inbox/herald.js",
+)
 # What a browser on another origin may send and read (Authorization: tokens are bearer tokens,
 # never cookies, so allowing an origin grants it nothing a server-side caller couldn't do).
 CORS_REQUEST_HEADERS = [

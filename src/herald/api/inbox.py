@@ -56,18 +56,17 @@ def sign_in(settings: Settings) -> dict[str, str]:
 
 
 def policy(settings: Settings) -> str:
-    """The Content-Security-Policy of every inbox answer."""
-    connect = "'self'"
-    form = "'self'"
+    """The Content-Security-Policy of every inbox answer: the page talks to this origin, and to
+    the sign-in IdP (its issuer's origin, plus `inbox_origins` for a token endpoint elsewhere)."""
+    connect = ["'self'"]
     if settings.inbox_issuer:
         parts = urlsplit(settings.inbox_issuer)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        connect += f" {origin}"
-        form += f" {origin}"
+        connect.append(f"{parts.scheme}://{parts.netloc}")
+        connect += settings.inbox_origins.split()
     return (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        f"connect-src {connect}; worker-src 'self'; manifest-src 'self'; form-action {form}; "
-        "base-uri 'none'; frame-ancestors 'none'"
+        f"connect-src {' '.join(connect)}; worker-src 'self'; manifest-src 'self'; "
+        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
     )
 
 
@@ -96,8 +95,6 @@ class Inbox:
         if asset is None:
             raise NotFound(f"There is no inbox file '{name}'.")
         headers = {**self.headers, "ETag": asset.etag}
-        if name == "sw.js":
-            headers["Service-Worker-Allowed"] = PATH
         if asset.etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
         return Response(asset.body, media_type=asset.media_type, headers=headers)

@@ -16,7 +16,6 @@ import binascii
 import functools
 import logging
 import math
-import time
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
@@ -165,7 +164,7 @@ async def _session_grant(
         raise OAuthError("invalid_grant", str(exc)) from None
     if await services.store.get_app(client_id) is None:
         raise OAuthError("invalid_grant", "The app of this session is no longer registered.")
-    now = int(time.time())
+    now = int(sessions.clock())
     ttl = max(1, min(int(services.settings.token_ttl), grant.session_end - now))
     token = issuer.mint(client_id=client_id, user_id=grant.user_id, ttl_seconds=ttl)
     if grant_type == SIGNIN_GRANT:

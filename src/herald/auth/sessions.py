@@ -6,8 +6,9 @@ refresh token renews the access token until the session ends (`session_ttl` afte
 
 Both are JWTs signed with the issuer's key, each with an audience of its own, so neither passes as
 an access token (whose audience is Herald's) nor as the other. They are stateless, so a refresh
-token cannot be revoked before its session ends except by rotating the issuer's key; codes are
-single-use within one process (the embedded issuer serves single-node set-ups).
+token cannot be revoked before its session ends except by rotating the issuer's key. Codes are
+single-use within one process, remembered in memory (the embedded issuer serves single-node
+set-ups): after a restart, or on another node, an unexpired code would be accepted once more.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SIGNIN_GRANT = "urn:herald:params:oauth:grant-type:signin-code"
 SIGNIN_AUDIENCE = "urn:herald:signin"
 REFRESH_AUDIENCE = "urn:herald:refresh"
 SIGNIN_TTL = 600
+# Their own JWT types too (RFC 8725 §3.11), for relying parties that ignore the audience.
+_TYPES = {SIGNIN_AUDIENCE: "herald-signin+jwt", REFRESH_AUDIENCE: "herald-refresh+jwt"}
 
 
 class InvalidGrant(Exception):
@@ -52,11 +55,11 @@ class Sessions:
 
     def signin_code(self, client_id: str, user_id: str, ttl: int = SIGNIN_TTL) -> str:
         """A single-use code that signs `user_id` in to the app `client_id` within `ttl` s."""
-        return self._mint(SIGNIN_AUDIENCE, client_id, user_id, int(self.clock()) + ttl, {})
+        return self._mint(SIGNIN_AUDIENCE, client_id, user_id, int(self.clock()) + ttl)
 
     def refresh_token(self, grant: Grant) -> str:
         """A refresh token of the session `grant`; it expires when the session ends."""
-        return self._mint(REFRESH_AUDIENCE, grant.client_id, grant.user_id, grant.session_end, {})
+        return self._mint(REFRESH_AUDIENCE, grant.client_id, grant.user_id, grant.session_end)
 
     def redeem(self, code: str, client_id: str, session_ttl: int) -> Grant:
         """The session a sign-in code starts; the code cannot be redeemed again."""
@@ -74,9 +77,7 @@ class Sessions:
         claims = self._verify(token, REFRESH_AUDIENCE, client_id, "refresh token")
         return Grant(client_id, str(claims["sub"]), int(claims["exp"]))
 
-    def _mint(
-        self, audience: str, client_id: str, user_id: str, exp: int, extra: dict[str, Any]
-    ) -> str:
+    def _mint(self, audience: str, client_id: str, user_id: str, exp: int) -> str:
         now = int(self.clock())
         claims = {
             "iss": self.issuer.issuer,
@@ -86,18 +87,19 @@ class Sessions:
             "jti": str(uuid.uuid4()),
             "azp": client_id,
             "sub": user_id,
-            **extra,
         }
-        header = {"alg": ALGORITHM, "typ": "JWT", "kid": self.issuer.kid}
+        header = {"alg": ALGORITHM, "typ": _TYPES[audience], "kid": self.issuer.kid}
         return jwt.encode(header, claims, self.issuer.key, algorithms=[ALGORITHM])
 
     def _verify(self, token: str, audience: str, client_id: str, what: str) -> dict[str, Any]:
         try:
-            claims = dict(jwt.decode(token, self.issuer.public_key, algorithms=[ALGORITHM]).claims)
+            decoded = jwt.decode(token, self.issuer.public_key, algorithms=[ALGORITHM])
         except (JoseError, ValueError, TypeError):
             raise InvalidGrant(f"The {what} is not valid.") from None
+        claims = dict(decoded.claims)
         valid = (
-            claims.get("iss") == self.issuer.issuer
+            decoded.header.get("typ") == _TYPES[audience]
+            and claims.get("iss") == self.issuer.issuer
             and claims.get("aud") == audience
             and isinstance(claims.get("exp"), int)
             and isinstance(claims.get("sub"), str)
