@@ -286,6 +286,11 @@ def test_inbox_files_are_served_with_a_strict_policy(server: Server, name: str, 
     assert response.headers["x-content-type-options"] == "nosniff"
     etag = response.headers["etag"]
     assert get(server, "/inbox/" + name, **{"If-None-Match": etag}).status_code == 304
+    # Compressed for browsers (httpx asks for gzip and decodes it), plain for who doesn't ask.
+    assert response.headers["content-encoding"] == "gzip"
+    plain = get(server, "/inbox/" + name, **{"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    assert plain.content == response.content
 
 
 def raw_get(server: Server, path: str) -> tuple[int, bytes]:

@@ -8,6 +8,7 @@ URL can carry a sign-in code in its fragment and its stream URLs carry access to
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,13 +35,15 @@ _TYPES = {
 @dataclass(frozen=True)
 class Asset:
     body: bytes
+    gzipped: bytes  # gzip -9, once at start: the files shrink to about 30 %
     media_type: str
     etag: str
 
 
 def _asset(body: bytes, name: str) -> Asset:
     suffix = name[name.rfind(".") :]
-    return Asset(body, _TYPES[suffix], '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return Asset(body, gzip.compress(body, 9, mtime=0), _TYPES[suffix], etag)
 
 
 def sign_in(settings: Settings) -> dict[str, str]:
@@ -94,9 +97,12 @@ class Inbox:
         asset = self.assets.get(name)
         if asset is None:
             raise NotFound(f"There is no inbox file '{name}'.")
-        headers = {**self.headers, "ETag": asset.etag}
+        headers = {**self.headers, "ETag": asset.etag, "Vary": "Accept-Encoding"}
         if asset.etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            return Response(asset.gzipped, media_type=asset.media_type, headers=headers)
         return Response(asset.body, media_type=asset.media_type, headers=headers)
 
 
