@@ -622,7 +622,9 @@ def capture_inbox(herald: Herald) -> dict[str, Served]:
             r = client.get(f"/inbox/{name}")
             if r.status_code != 200:
                 continue
-            headers = {k: v for k, v in r.headers.items() if k.lower() != "content-length"}
+            # httpx hands back the decoded body: drop what described the encoded one.
+            encoded = ("content-length", "content-encoding")
+            headers = {k: v for k, v in r.headers.items() if k.lower() not in encoded}
             out[f"/inbox/{name}"] = Served(r.status_code, headers, r.content)
     out["/inbox/"] = out["/inbox/index.html"]
     return out
