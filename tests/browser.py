@@ -542,7 +542,16 @@ def push_standin_script(subscription: dict[str, Any]) -> str:
 
 def deliver_push(page: Page, origin: str, data: str) -> None:
     """Deliver a push message (the decrypted text) to the service worker registered for
-    `<origin>/inbox/`, as the push service would: CDP ServiceWorker.deliverPushMessage."""
+    `<origin>/inbox/`, as the push service would: CDP ServiceWorker.deliverPushMessage. Only to
+    an activated worker: one still activating (slow on a loaded machine) drops the message."""
+    poll_page(
+        page,
+        lambda: page.evaluate(
+            """async () => (await navigator.serviceWorker.getRegistration("/inbox/"))
+                ?.active?.state === "activated" """
+        ),
+        "the service worker to be activated",
+    )
     cdp: CDPSession = page.context.new_cdp_session(page)
     registrations: dict[str, dict[str, Any]] = {}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -467,6 +468,22 @@ def test_desktop_notifications_through_web_push(
     browser.check()
 
 
+def show_push(page: Any, origin: str, data: str) -> list[dict[str, Any]]:
+    """Deliver a push to the service worker and wait for what it shows. On a loaded machine
+    Chromium now and then drops a message handed over by CDP before the worker's push event
+    (the same message delivered again is shown; the tag makes a repeat replace, not add): one
+    delivery more is allowed, and said on stderr."""
+    for attempt in range(2):
+        deliver_push(page, origin, data)
+        try:
+            return poll_page(page, lambda: shown_notifications(page), "a desktop notification", 7)
+        except AssertionError:
+            if attempt:
+                raise
+            print("CDP push delivery not shown within 7 s; delivering it again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def _web_push(herald: Herald, api: Api, browser: Browser, push_service: WebPushStandIn) -> None:
     vapid = herald.push_key(api.app)
     r = api.me.get("/beta/webPushKey")
@@ -515,8 +532,7 @@ def _web_push(herald: Herald, api: Api, browser: Browser, push_service: WebPushS
     a.expect_feed([n["id"]])
 
     # The push service hands the message to the browser: the service worker shows it.
-    deliver_push(a.page, herald.origin, json.dumps(delivery.payload))
-    shown = poll_page(a.page, lambda: shown_notifications(a.page), "a desktop notification")
+    shown = show_push(a.page, herald.origin, json.dumps(delivery.payload))
     assert shown == [
         {"title": "Your order shipped", "body": "It arrives on Tuesday.", "tag": n["id"]}
     ]

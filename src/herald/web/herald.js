@@ -43,19 +43,30 @@ const IMMEDIATE_RETRIES = 3; // reconnects without delay in a row before backing
 const SILENCE_MS = 90_000;
 const REMOTE_PENDING_MS = 15_000; // another tab's unconfirmed change is shown at most this long
 const SIGNIN_GRANT = "urn:herald:params:oauth:grant-type:signin-code";
+const THROTTLE_RETRIES = 3; // a 429 from a token endpoint is retried this often (Retry-After)
+const THROTTLE_MAX_WAIT_MS = 10_000;
+const DELETE_RETRIES = 3; // signing out retries deleting the subscription this often (backoff)
+// A client id as `herald app create` accepts it (src/herald/cli/apps.py).
+const CLIENT_ID = /^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$/;
 const CLOSE_REASONS = { 4401: "tokenExpired", 4404: "subscriptionGone", 4408: "tooSlow", 1012: "shutdown" };
 
 // -- errors --------------------------------------------------------------------------------------
 
 /**
  * The session is over: the refresh token was refused (`invalid_grant`), its session ended, or
- * the user signed out (here or in another tab). Sign in again to go on.
+ * the user signed out (here or in another tab; then `signedOut` is true). Sign in again to go on.
  */
 export class SessionExpired extends Error {
-  /** @param {string} [message] */
-  constructor(message = "The session has expired; sign in again.") {
+  /**
+   * @param {string} [message]
+   * @param {{signedOut?: boolean}} [options] `signedOut`: the user signed out (or another user
+   *   signed in), as opposed to the session running out.
+   */
+  constructor(message = "The session has expired; sign in again.", { signedOut = false } = {}) {
     super(message);
     this.name = "SessionExpired";
+    /** Whether the session ended by signing out rather than by expiry. */
+    this.signedOut = signedOut;
   }
 }
 
@@ -127,7 +138,14 @@ function base64url(bytes) {
   return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-function fromBase64url(text) {
+/**
+ * Decode base64url (RFC 4648 §5, padding optional), e.g. a VAPID key for
+ * `pushManager.subscribe({applicationServerKey})` or a part of a JWT.
+ * @param {string} text
+ * @returns {Uint8Array}
+ * @throws {DOMException} `InvalidCharacterError` when it is not base64url.
+ */
+export function fromBase64url(text) {
   const raw = atob(text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat(-text.length & 3));
   return Uint8Array.from(raw, (c) => c.charCodeAt(0));
 }
@@ -137,9 +155,13 @@ function randomString(bytes) {
 }
 
 /**
- * The claims of a JWT, decoded without verification (the server verifies; the client only
- * needs to know who it is for and when it ends).
- * @param {string} token
+ * The claims (payload) of a JWT, decoded **without verifying** its signature: for decisions of
+ * the user interface only (who a token or sign-in code is for, when it ends), never for
+ * authorization: the server verifies every token it is given.
+ * ```js
+ * tokenClaims(accessToken)?.exp; // seconds since the epoch
+ * ```
+ * @param {string} token a JWT (`header.payload.signature`).
  * @returns {Record<string, any> | null} null when it is not a JWT.
  */
 export function tokenClaims(token) {
@@ -209,20 +231,37 @@ class DeviceStore {
   }
 }
 
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * POST a form to a token endpoint. A 429 (too many requests) is retried after its
+ * `Retry-After` (1 s if absent, at most 10 s), up to 3 times: a sign-in code is not lost to a
+ * busy server.
+ */
 async function postForm(url, params) {
-  let res;
-  try {
-    res = await fetch(url, {
-      method: "POST",
-      body: new URLSearchParams(params),
-      cache: "no-store",
-      credentials: "omit",
-    });
-  } catch (e) {
-    throw new NetworkError(`Could not reach ${url}.`, { cause: e });
+  for (let attempt = 0; ; attempt++) {
+    let res;
+    try {
+      res = await fetch(url, {
+        method: "POST",
+        body: new URLSearchParams(params),
+        cache: "no-store",
+        credentials: "omit",
+      });
+    } catch (e) {
+      throw new NetworkError(`Could not reach ${url}.`, { cause: e });
+    }
+    if (res.status === 429 && attempt < THROTTLE_RETRIES) {
+      const seconds = Number(res.headers.get("Retry-After"));
+      const wait = Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 1000;
+      await sleep(Math.min(wait, THROTTLE_MAX_WAIT_MS));
+      continue;
+    }
+    if (!res.ok) throw await HttpError.from(res);
+    return res.json();
   }
-  if (!res.ok) throw await HttpError.from(res);
-  return res.json();
 }
 
 function version(notification) {
@@ -269,6 +308,8 @@ function deviceName() {
 export class Session extends EventTarget {
   #key;
   #storage;
+  #shared;
+  #written = Promise.resolve();
   #refreshing = null;
   #user;
   #ended = false;
@@ -283,6 +324,7 @@ export class Session extends EventTarget {
     /** Settles when sign-in work begun by the constructor (a code exchange) is done. */
     this.ready = Promise.resolve();
     this.#storage = storage;
+    this.#shared = new DeviceStore(storage);
     this.#key = this.clientId ? `herald.session.${this.clientId}` : null;
     this.#user = userOf(this.#load()?.accessToken);
     globalThis.addEventListener?.("storage", (e) => this.#onStorage(e));
@@ -312,6 +354,10 @@ export class Session extends EventTarget {
     await this.ready.catch(() => {});
     const s = this.#load();
     if (s === null) throw this.#end("You are not signed in.");
+    if (this.#user && userOf(s.accessToken) !== this.#user) {
+      // Another user signed in (in another tab): this one never acts with their token.
+      throw this.#end("Another user signed in.", { signedOut: true, write: false });
+    }
     if (this.#fresh(s)) return s.accessToken;
     return this.#refresh(s.accessToken);
   }
@@ -328,9 +374,12 @@ export class Session extends EventTarget {
     return this.#refresh(rejected, true);
   }
 
-  /** Forget the session in every tab (the server keeps no session state to revoke). */
+  /**
+   * Forget the session in every tab (the server keeps no session state to revoke). The other
+   * tabs' sessions end with a {@link SessionExpired} whose `signedOut` is true.
+   */
   signOut() {
-    this.#end("You signed out.");
+    this.#end("You signed out.", { signedOut: true });
   }
 
   /**
@@ -357,6 +406,7 @@ export class Session extends EventTarget {
       refreshExpiresAt: refreshIn ? now + refreshIn * 1000 : previous?.refreshExpiresAt ?? null,
     };
     this.#storage.setItem(this.#key, JSON.stringify(session));
+    this.#written = this.#shared.set(this.#key, JSON.stringify(session)).catch(() => {});
     this.#user = userOf(session.accessToken);
     this.#ended = false;
     return session;
@@ -383,6 +433,28 @@ export class Session extends EventTarget {
     }
   }
 
+  /**
+   * The session as the token lock's holder must see it: the newer of IndexedDB's copy and
+   * localStorage's. Another tab's refresh reaches this tab's localStorage only some time after
+   * it released the lock, and a refresh token used twice ends the session at IdPs that rotate
+   * them; IndexedDB has the write at once. A sign-out mark counts as the newest word.
+   */
+  async #loadLatest() {
+    const parse = (raw) => {
+      try {
+        return JSON.parse(raw);
+      } catch {
+        return null;
+      }
+    };
+    const shared = parse(await this.#shared.get(this.#key).catch(() => null));
+    const local = parse(this.#storage.getItem(this.#key));
+    const stamp = (x) => x?.signedOutAt ?? x?.issuedAt ?? 0;
+    const newest = stamp(shared) >= stamp(local) ? shared : local;
+    const valid = typeof newest?.accessToken === "string" && typeof newest.expiresAt === "number";
+    return valid ? newest : null;
+  }
+
   #fresh(s, now = Date.now()) {
     const life = s.expiresAt - (s.issuedAt ?? s.expiresAt - 2 * REFRESH_MARGIN_MS);
     return s.expiresAt - now > Math.min(REFRESH_MARGIN_MS, life / 2);
@@ -398,7 +470,7 @@ export class Session extends EventTarget {
 
   #refresh(stale, force = false) {
     this.#refreshing ??= withLock(`herald.session.${this.clientId}`, async () => {
-      const s = this.#load();
+      const s = await this.#loadLatest();
       if (s === null) throw this.#end();
       const left = s.expiresAt - Date.now();
       if (s.accessToken !== stale && (force ? left > 0 : this.#fresh(s))) {
@@ -409,7 +481,9 @@ export class Session extends EventTarget {
         throw this.#end();
       }
       try {
-        return this._store(await this._refreshGrant(s.refreshToken), s).accessToken;
+        const next = this._store(await this._refreshGrant(s.refreshToken), s);
+        await this.#written; // before the lock goes: the next tab in it reads IndexedDB
+        return next.accessToken;
       } catch (e) {
         if (e instanceof HttpError && (e.status === 400 || e.status === 401)) throw this.#end();
         if (!force && left > 5_000) return s.accessToken; // still good for a while: retry later
@@ -421,9 +495,23 @@ export class Session extends EventTarget {
     return this.#refreshing;
   }
 
-  #end(message) {
-    const error = new SessionExpired(message);
-    if (this.#key) this.#storage.removeItem(this.#key);
+  /**
+   * End the session here: `signedOut` leaves a mark (`{signedOutAt}`) in place of the tokens so
+   * that the other tabs can tell a sign-out from an expiry; `write: false` only ends this tab.
+   */
+  #end(message, { signedOut = false, write = true } = {}) {
+    if (!signedOut && this.#signedOutMark()) {
+      signedOut = true; // signed out in another tab (before this tab heard of it): keep the mark
+      write = false;
+      message = "You signed out in another tab.";
+    }
+    const error = new SessionExpired(message, { signedOut });
+    if (this.#key && write) {
+      const mark = signedOut ? JSON.stringify({ signedOutAt: Date.now() }) : null;
+      if (mark) this.#storage.setItem(this.#key, mark);
+      else this.#storage.removeItem(this.#key);
+      this.#written = this.#shared.set(this.#key, mark).catch(() => {});
+    }
     if (!this.#ended && this.#user) {
       this.#ended = true;
       this.dispatchEvent(new CustomEvent("expired", { detail: { error } }));
@@ -431,16 +519,28 @@ export class Session extends EventTarget {
     return error;
   }
 
+  #signedOutMark() {
+    try {
+      return this.#key ? Boolean(JSON.parse(this.#storage.getItem(this.#key))?.signedOutAt) : false;
+    } catch {
+      return false;
+    }
+  }
+
   #onStorage(e) {
     if (e.key !== this.#key || (e.storageArea && e.storageArea !== this.#storage)) return;
     let user = null;
+    let signedOut = false;
     try {
-      user = userOf(JSON.parse(e.newValue)?.accessToken);
+      const value = JSON.parse(e.newValue);
+      user = userOf(value?.accessToken);
+      signedOut = Boolean(value?.signedOutAt);
     } catch {
       // removed or garbled: no session
     }
     if (user === null) {
-      this.#end("You signed out in another tab.");
+      this.#end(signedOut ? "You signed out in another tab." : "The session has ended.",
+        { signedOut, write: false });
     } else if (user !== this.#user || this.#ended) {
       this.dispatchEvent(new CustomEvent("signedin", { detail: { user } }));
     }
@@ -454,24 +554,54 @@ export class Session extends EventTarget {
  */
 export class LinkSession extends Session {
   #tokenEndpoint;
+  #storage;
+  #pending;
 
   /**
-   * @param {{clientId: string | null, storage?: Storage, tokenEndpoint?: string}} options
-   *   `tokenEndpoint` defaults to Herald's `/oauth2/v2.0/token`.
+   * @param {{clientId: string | null, storage?: Storage, pending?: Storage,
+   *   tokenEndpoint?: string}} options `tokenEndpoint` defaults to Herald's
+   *   `/oauth2/v2.0/token`; `pending` (default `sessionStorage`) keeps a sign-in code until its
+   *   exchange succeeded or was refused, so a reload retries one that failed for a while.
    */
-  constructor({ clientId, storage, tokenEndpoint = "/oauth2/v2.0/token" }) {
+  constructor({ clientId, storage = globalThis.localStorage, pending, tokenEndpoint = "/oauth2/v2.0/token" }) {
     super({ clientId, storage });
     this.#tokenEndpoint = tokenEndpoint;
+    this.#storage = storage;
+    this.#pending = pending ?? globalThis.sessionStorage ?? null;
+    /**
+     * True when the URL's `?app=` is not a valid client id: it was ignored (never show it).
+     * @type {boolean}
+     */
+    this.invalidApp = false;
+    /**
+     * A sign-in link for another user than the one signed in: `{code, user}` (`user` read from
+     * the code, unverified; null if unreadable). The code is not exchanged until the page
+     * asks the person and calls {@link LinkSession#signIn} (after signing the current user
+     * out) or {@link LinkSession#discardSignIn}. Null otherwise.
+     * @type {{code: string, user: string | null} | null}
+     */
+    this.pendingSignIn = null;
+  }
+
+  /**
+   * Whether `id` is a client id as Herald accepts it (`^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$`).
+   * @param {unknown} id
+   * @returns {boolean}
+   */
+  static isClientId(id) {
+    return typeof id === "string" && CLIENT_ID.test(id);
   }
 
   /**
    * The session for the page's URL. The app is `clientId`, else `?app=`, else the last app
-   * this browser used (`localStorage` `herald.app`, so `/inbox/` opened from a desktop
-   * notification works). A `#signin=<code>` fragment is removed from the address bar at once
-   * (keeping `?app=`) and exchanged; `ready` settles when that is done and rejects with a
-   * {@link SignInError} if the code is refused (a session stored before stays usable).
+   * this browser signed in to (`localStorage` `herald.app`, so `/inbox/` opened from a desktop
+   * notification works); an app that is not a valid client id is ignored (`invalidApp`). A
+   * `#signin=<code>` fragment is removed from the address bar at once (keeping `?app=`) and
+   * exchanged; `ready` settles when that is done and rejects with a {@link SignInError} if the
+   * code is refused (a session stored before stays usable). A code for another user than the
+   * one signed in is not exchanged: it waits in `pendingSignIn` for the page to ask.
    * @param {{clientId?: string, location?: Location, history?: History, storage?: Storage,
-   *   tokenEndpoint?: string}} [options]
+   *   pending?: Storage, tokenEndpoint?: string}} [options]
    * @returns {LinkSession}
    */
   static fromLocation({
@@ -479,27 +609,63 @@ export class LinkSession extends Session {
     location = globalThis.location,
     history = globalThis.history,
     storage = globalThis.localStorage,
+    pending,
     tokenEndpoint,
   } = {}) {
     const url = new URL(location.href);
-    const app = clientId || url.searchParams.get("app") || storage.getItem("herald.app");
-    const code = new URLSearchParams(url.hash.slice(1)).get("signin");
+    const given = clientId || url.searchParams.get("app") || null;
+    let app = given ?? storage.getItem("herald.app");
+    const invalidApp = !LinkSession.isClientId(app) && given !== null;
+    if (!LinkSession.isClientId(app)) app = null;
+    let code = new URLSearchParams(url.hash.slice(1)).get("signin");
     if (code !== null) history.replaceState(history.state, "", url.pathname + url.search);
-    if (app) storage.setItem("herald.app", app);
-    const session = new LinkSession({ clientId: app, storage, tokenEndpoint });
-    if (code !== null) session.ready = session.signIn(code);
+    const session = new LinkSession({ clientId: app, storage, pending, tokenEndpoint });
+    session.invalidApp = invalidApp;
+    if (app) {
+      const key = `herald.signin.${app}`;
+      try {
+        if (code !== null) session.#pending?.setItem(key, code);
+        else code = session.#pending?.getItem(key) ?? null;
+      } catch {
+        // no sessionStorage: the code lives in this page only
+      }
+    }
+    if (code === null) return session;
+    const next = userOf(code);
+    if (app && session.signedIn && next !== session.user) {
+      session.pendingSignIn = { code, user: next };
+    } else {
+      session.ready = session.signIn(code);
+    }
     return session;
   }
 
+  /** Forget the sign-in code waiting in `pendingSignIn` (the person stays as they are). */
+  discardSignIn() {
+    this.pendingSignIn = null;
+    this.#forgetCode();
+  }
+
+  #forgetCode() {
+    try {
+      if (this.clientId) this.#pending?.removeItem(`herald.signin.${this.clientId}`);
+    } catch {
+      // nothing kept
+    }
+  }
+
   /**
-   * Exchange a sign-in code for a session (replacing any stored one).
+   * Exchange a sign-in code for a session (replacing any stored one). A throttled exchange
+   * (429) is retried after `Retry-After`; the code is kept (`pending`) until the exchange
+   * succeeded or was refused. On success the app is remembered (`herald.app`).
    * @param {string} code
    * @returns {Promise<void>}
    * @throws {SignInError} refused (`invalid_grant`: unknown, expired, used, or for another
-   *   app), unreachable server, or no app.
+   *   app), still throttled (`slow_down`), unreachable server, or no app.
    */
   async signIn(code) {
     if (!this.clientId) throw new SignInError("no_app", "The sign-in link names no app (?app=).");
+    this.pendingSignIn = null;
     try {
       const body = await postForm(this.#tokenEndpoint, {
         grant_type: SIGNIN_GRANT,
@@ -507,7 +673,10 @@ export class LinkSession extends Session {
         client_id: this.clientId,
       });
       this._store(body);
+      this.#forgetCode();
+      this.#storage.setItem("herald.app", this.clientId);
     } catch (e) {
+      if (e instanceof HttpError && e.status !== 429 && e.status < 500) this.#forgetCode();
       if (e instanceof HttpError) throw new SignInError(e.code || "invalid_grant", e.message);
       if (e instanceof NetworkError) throw new SignInError("unreachable", e.message);
       throw e;
@@ -735,7 +904,7 @@ export class HeraldClient extends EventTarget {
   #tab = randomString(6);
   #seq = 0;
   #onOnline = () => this.reconnect();
-  #onExpired = () => this.#expire();
+  #onExpired = (e) => this.#expire(e?.detail?.error);
 
   /**
    * @param {{baseUrl?: string, session: Session, storage?: Storage}} options `baseUrl` is the
@@ -827,20 +996,51 @@ export class HeraldClient extends EventTarget {
   }
 
   /**
-   * Sign out: stop, delete this browser's subscription (best effort, so its push channel stops
-   * getting pushes), and end the session in every tab.
+   * Sign out: take an access token, end the session in every tab (they stop and never
+   * register again), stop, run `cleanup` (e.g. unsubscribe the browser's `PushSubscription`),
+   * then delete this browser's subscription with that token (best effort: retried with backoff
+   * while the server cannot be reached) and forget its id. The status is `signed-out` at once;
+   * the promise settles when the deletion is done or given up.
+   * @param {{cleanup?: () => (void | Promise<void>)}} [options]
    * @returns {Promise<void>}
    */
-  async signOut() {
-    const sub = this.#subscription;
-    this.stop();
-    if (sub) {
-      await this.#request("DELETE", `/me/notificationSubscriptions/${encodeURIComponent(sub.id)}`)
-        .catch(() => {});
-      await this.#device.set(this.#subscriptionKey(), null).catch(() => {});
+  async signOut({ cleanup } = {}) {
+    let token = null;
+    try {
+      token = await this.#session.token();
+    } catch {
+      // over already, or not renewable now: nothing to delete the subscription with
     }
+    const key = this.#subscriptionKey();
+    const id = this.#subscription?.id ?? (await this.#device.get(key).catch(() => null));
+    this.stop();
     this.#session.signOut();
     this.#setStatus("signed-out");
+    try {
+      await cleanup?.();
+    } catch {
+      // best effort
+    }
+    if (id && token) await this.#deleteSubscription(id, token);
+    await this.#device.set(key, null).catch(() => {});
+  }
+
+  async #deleteSubscription(id, token) {
+    const url = `${this.#base}/me/notificationSubscriptions/${encodeURIComponent(id)}`;
+    for (let attempt = 0; attempt <= DELETE_RETRIES; attempt++) {
+      if (attempt) await sleep(BACKOFF_MIN_MS * 2 ** (attempt - 1));
+      try {
+        const res = await fetch(url, {
+          method: "DELETE",
+          headers: { Authorization: `Bearer ${token}` },
+          cache: "no-store",
+        });
+        // Gone (204, 404) or not ours to delete any more (401, 403): done. Retry 429 and 5xx.
+        if (res.status !== 429 && res.status < 500) return;
+      } catch {
+        // unreachable: retry
+      }
+    }
   }
 
   /**
@@ -980,7 +1180,8 @@ export class HeraldClient extends EventTarget {
           now = await this.#diagnose(end.token);
         }
       } catch (e) {
-        if (e instanceof SessionExpired) return this.#expire();
+        if (!this.#running) return;
+        if (e instanceof SessionExpired) return this.#expire(e);
         if (!(e instanceof NetworkError) && !(e instanceof HttpError && e.status >= 500)) {
           this.dispatchEvent(new CustomEvent("error", { detail: { error: e } }));
         }
@@ -1026,6 +1227,9 @@ export class HeraldClient extends EventTarget {
   async #register(gone) {
     const key = this.#subscriptionKey();
     this.#subscription = await withLock("herald-register", async () => {
+      // A client stopped meanwhile (signed out in any tab) never registers again.
+      if (!this.#running) throw new SessionExpired("The client was stopped.", { signedOut: true });
+      await this.#session.token(); // throws once the session is over, as stored now
       const id = await this.#device.get(key);
       let sub = null;
       if (id && id !== gone) {
@@ -1044,6 +1248,7 @@ export class HeraldClient extends EventTarget {
         });
       }
       if (!sub) {
+        if (!this.#running) throw new SessionExpired("The client was stopped.", { signedOut: true });
         const body = { application: this.#app.application, platform: "webPush", displayName: deviceName() };
         if (this.#pushChannel) body.pushChannel = this.#pushChannel;
         sub = await this.#request("POST", "/me/notificationSubscriptions", body);
@@ -1169,7 +1374,12 @@ export class HeraldClient extends EventTarget {
       if (!revive) return;
       this.#removed.delete(n.id);
     }
-    if (Date.parse(n.expirationDateTime) <= Date.now() || !forBrowsers(n)) return this.#drop(n.id);
+    if (Date.parse(n.expirationDateTime) <= Date.now()) return this.#drop(n.id);
+    if (!forBrowsers(n)) {
+      // Not for browsers (now): not shown, but not removed either: an update may target them.
+      if (this.#server.delete(n.id)) this.#emit(n.id);
+      return;
+    }
     const old = this.#server.get(n.id);
     if (old && version(old) > version(n)) return;
     this.#server.set(n.id, n);
@@ -1313,8 +1523,8 @@ export class HeraldClient extends EventTarget {
     this.dispatchEvent(new CustomEvent("status", { detail }));
   }
 
-  #expire() {
-    this.#halt(new SessionExpired());
-    this.#setStatus("expired");
+  #expire(error) {
+    this.#halt(error ?? new SessionExpired());
+    this.#setStatus(error?.signedOut ? "signed-out" : "expired");
   }
 }

@@ -1,7 +1,7 @@
 // The inbox page (docs/inbox.md): sign-in, the feed, desktop notifications. Everything that
 // talks to Herald is in herald.js; this file only renders and wires the page.
 
-import { HeraldClient, LinkSession, NetworkError, OidcSession } from "./herald.js";
+import { HeraldClient, LinkSession, NetworkError, OidcSession, fromBase64url } from "./herald.js";
 
 const $ = (id) => document.getElementById(id);
 const PUSH_TIMEOUT_MS = 20_000;
@@ -83,7 +83,9 @@ function clearAlert() {
 
 function describe(error) {
   if (error instanceof NetworkError) return "Herald can't be reached right now.";
-  if (error?.name === "SessionExpired") return "your session has expired.";
+  if (error?.name === "SessionExpired") {
+    return error.signedOut ? "you are signed out." : "your session has expired.";
+  }
   return error?.message || String(error);
 }
 
@@ -186,13 +188,14 @@ function createItem(id) {
 function updateItem(li, n) {
   li.dataset.readState = n.readState;
   li.dataset.actionState = n.userActionState;
+  // Raw content is data for the app, not text for people: it is never shown.
   const visual = n.payload?.visualContent;
   li.querySelector(".title").textContent = visual?.title || "Notification";
   const body = li.querySelector(".body");
-  const raw = !visual && n.payload?.rawContent;
-  body.textContent = visual?.body ?? (raw || "");
-  body.classList.toggle("raw", Boolean(raw));
-  li.querySelector(".priority-badge").hidden = n.priority !== "High";
+  body.textContent = visual?.body ?? "";
+  body.hidden = !visual?.body;
+  // Graph makes visual notifications High by default, so only Low is worth a mark.
+  li.querySelector(".priority-badge").hidden = n.priority !== "Low";
   const action = li.querySelector(".action-badge");
   const label = { activated: "Opened", snoozed: "Snoozed" }[n.userActionState];
   action.hidden = !label;
@@ -220,7 +223,6 @@ function render() {
   const wanted = new Set(items.map((n) => n.id));
   const focused = document.activeElement;
   const focusedItem = feed.contains(focused) ? focused.closest("li") : null;
-  const focusedAction = focused?.dataset?.action;
   const focusedIndex = focusedItem ? [...feed.children].indexOf(focusedItem) : -1;
 
   const existing = new Map();
@@ -231,15 +233,22 @@ function render() {
   let cursor = feed.firstElementChild;
   for (const n of items) {
     const li = existing.get(n.id) ?? createItem(n.id);
-    updateItem(li, n);
+    // Only what changed is rewritten: rewriting every item made each message cost style and
+    // layout of the whole feed (benchmarks/inbox.py).
+    const version = `${n["@odata.etag"] ?? n.lastModifiedDateTime}|${n.readState}|${n.userActionState}`;
+    if (li.dataset.version !== version) {
+      updateItem(li, n);
+      li.dataset.version = version;
+    }
     if (li === cursor) cursor = cursor.nextElementSibling;
     else feed.insertBefore(li, cursor);
   }
 
   if (focusedItem && !focusedItem.isConnected) {
-    // The focused notification went away (dismissed, deleted): keep focus nearby.
+    // The focused notification went away (dismissed, deleted): keep focus nearby, on the next
+    // item's first button, never on the same action (Enter pressed again must not delete on).
     const next = feed.children[Math.min(focusedIndex, feed.children.length - 1)];
-    const target = next?.querySelector(`[data-action="${focusedAction}"]`) ?? next ?? $("empty");
+    const target = next?.querySelector("button") ?? next ?? $("empty");
     target.focus();
   }
 
@@ -311,16 +320,11 @@ function appInfo() {
   return new Promise((resolve) => client.addEventListener("app", (e) => resolve(e.detail), { once: true }));
 }
 
-function keyBytes(base64url) {
-  const raw = atob(base64url.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat(-base64url.length & 3));
-  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
-}
-
 function sameKey(subscription, key) {
   const current = subscription.options?.applicationServerKey;
   if (!current) return true;
   const a = new Uint8Array(current);
-  const b = keyBytes(key);
+  const b = fromBase64url(key);
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
@@ -332,6 +336,12 @@ function withTimeout(promise, ms) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
+// Who turned desktop notifications on for this app in this browser: the push channel is sent
+// again automatically only for that user (never for whoever a sign-in link signed in).
+function pushOwnerKey() {
+  return `herald.push.${session.clientId}`;
+}
+
 async function initPush() {
   if (!pushSupported) return setPush("unsupported");
   if (Notification.permission === "denied") return setPush("denied");
@@ -340,9 +350,11 @@ async function initPush() {
   try {
     const registration = await registerWorker();
     const sub = await registration.pushManager.getSubscription();
-    const { applicationServerKey } = await appInfo();
+    const { application, applicationServerKey } = await appInfo();
     if (!sub || !sameKey(sub, applicationServerKey)) return; // none, or another app's
+    if (localStorage.getItem(pushOwnerKey()) !== session.user) return; // another user's
     setPush("subscribed");
+    rememberPushApp(application);
     await client.setPushChannel(sub.toJSON());
   } catch (error) {
     if (!["connecting", "live", "reconnecting"].includes(client.state)) return; // ended meanwhile
@@ -352,6 +364,7 @@ async function initPush() {
 
 async function enablePush() {
   setPush("subscribing");
+  const owner = session.user;
   let permission;
   try {
     permission = await Notification.requestPermission();
@@ -366,7 +379,7 @@ async function enablePush() {
     const registration = await navigator.serviceWorker.ready;
     const old = await registration.pushManager.getSubscription();
     if (old && !sameKey(old, key)) await old.unsubscribe(); // one push subscription per scope
-    return registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: keyBytes(key) });
+    return registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: fromBase64url(key) });
   })();
   let sub;
   try {
@@ -374,15 +387,18 @@ async function enablePush() {
   } catch {
     setPush("unavailable");
     // A push service that answers after all still gets the channel registered.
-    subscribing.then((late) => $("push-state").dataset.state === "unavailable" && finishPush(late), () => {});
+    subscribing.then((late) => $("push-state").dataset.state === "unavailable" && finishPush(late, owner), () => {});
     return;
   }
-  await finishPush(sub);
+  await finishPush(sub, owner);
 }
 
-async function finishPush(sub) {
+async function finishPush(sub, owner) {
   try {
+    if (session.user !== owner || !session.signedIn) return; // signed out or switched meanwhile
     await client.setPushChannel(sub.toJSON());
+    localStorage.setItem(pushOwnerKey(), owner);
+    rememberPushApp(client.application);
     setPush("subscribed");
   } catch (error) {
     setPush("unavailable", `Herald did not take this browser's push channel: ${describe(error)}`);
@@ -392,6 +408,7 @@ async function finishPush(sub) {
 async function disablePush() {
   try {
     await client.setPushChannel(null);
+    localStorage.removeItem(pushOwnerKey());
     const registration = await navigator.serviceWorker.getRegistration("/inbox/");
     await (await registration?.pushManager.getSubscription())?.unsubscribe();
     setPush("default");
@@ -423,18 +440,35 @@ async function flushClose() {
   }
 }
 
+/**
+ * Signing out (HeraldClient#signOut's cleanup): this browser's push subscription goes too, if it
+ * is this app's (one push subscription per scope: it may be another app's).
+ */
+async function unsubscribePush() {
+  const owned = localStorage.getItem(pushOwnerKey()) !== null;
+  localStorage.removeItem(pushOwnerKey());
+  if (!pushSupported) return;
+  const registration = await navigator.serviceWorker.getRegistration("/inbox/");
+  const sub = await registration?.pushManager.getSubscription();
+  const key = client?.applicationServerKey;
+  if (sub && (key ? sameKey(sub, key) : owned)) await sub.unsubscribe();
+  setPush(Notification.permission === "denied" ? "denied" : "default");
+}
+
 function onWorkerMessage(event) {
   const m = event.data;
   if (m?.type !== "activate" || typeof m.id !== "string") return;
+  if (m.clientId && m.clientId !== session?.clientId) return; // another app's notification
   if (loaded) activate(m.id);
   else activateId = m.id;
 }
 
-async function rememberAppName(application) {
-  // The service worker names the app on a push that lost its title (docs/push.md).
+async function rememberPushApp(application) {
+  // The app that has the desktop notifications, for the service worker: it names the app on a
+  // push that lost its title (docs/push.md), and a click opens that app's inbox.
   try {
     const cache = await caches.open("herald-inbox");
-    await cache.put("/inbox/app-name", new Response(application));
+    await cache.put("/inbox/push-app", new Response(JSON.stringify({ clientId: session.clientId, application })));
   } catch {
     // no Cache Storage (insecure context): the worker shows a generic title
   }
@@ -453,7 +487,6 @@ function startClient() {
     document.title = `Inbox — ${detail.application}`;
     $("app-name").textContent = detail.application;
     $("app-name").hidden = false;
-    rememberAppName(detail.application);
   });
   client.addEventListener("error", (e) => showAlert("error", para(`Herald answered: ${describe(e.detail.error)}`)));
   $("signin").hidden = true;
@@ -478,20 +511,74 @@ function startClient() {
   initPush();
 }
 
+function signInFailed(error) {
+  const what = {
+    invalid_grant: "This sign-in link has expired or has already been used.",
+    unreachable: "Herald could not be reached to finish signing in. Reload the page to try again.",
+    slow_down: "Herald is busy. Reload the page in a moment to finish signing in.",
+  }[error.code] ?? `Signing in did not work: ${describe(error)}`;
+  const next = session.signedIn
+    ? para(`You are still signed in as ${session.user}.`)
+    : para("Ask for a new one: ", signinCommand());
+  showAlert("signin", para(what), next);
+}
+
+/**
+ * A sign-in link for another user than the one signed in (maybe sent by someone else to take
+ * over this browser): ask in the page before switching; switching signs the current user out
+ * properly first (their subscription and desktop notifications go).
+ */
+function askSwitch({ code, user }) {
+  const current = session.user;
+  const next = user ?? "another user";
+  const panel = $("switch-user");
+  $("switch-text").replaceChildren(
+    para("This sign-in link is for ", strong(next), ", but you are signed in as ", strong(current), "."),
+    para("Only switch if you asked for this link yourself."),
+  );
+  const yes = $("switch-yes");
+  const no = $("switch-no");
+  yes.textContent = `Switch to ${next}`;
+  no.textContent = `Stay signed in as ${current}`;
+  const close = () => {
+    panel.hidden = true;
+    yes.onclick = no.onclick = null;
+  };
+  no.onclick = () => {
+    session.discardSignIn();
+    close();
+  };
+  yes.onclick = async () => {
+    close();
+    await client?.signOut({ cleanup: unsubscribePush });
+    try {
+      await session.signIn(code);
+    } catch (error) {
+      signInFailed(error);
+      return;
+    }
+    location.reload();
+  };
+  panel.hidden = false;
+  $("switch-title").focus();
+}
+
+function strong(text) {
+  const el = document.createElement("strong");
+  el.textContent = text;
+  return el;
+}
+
 async function signIn() {
   if (config.signIn === "link") {
     session = LinkSession.fromLocation();
+    if (session.invalidApp) {
+      showAlert("signin", para("This link names no valid app."), para("Ask for a new one: ", signinCommand()));
+    }
     try {
       await session.ready;
     } catch (error) {
-      const what = {
-        invalid_grant: "This sign-in link has expired or has already been used.",
-        unreachable: "Herald could not be reached to finish signing in. Open the link again.",
-      }[error.code] ?? `Signing in did not work: ${describe(error)}`;
-      const next = session.signedIn
-        ? para(`You are still signed in as ${session.user}.`)
-        : para("Ask for a new one: ", signinCommand());
-      showAlert("signin", para(what), next);
+      if (!session.invalidApp) signInFailed(error);
     }
   } else if (config.signIn === "oidc") {
     session = await OidcSession.load(config);
@@ -552,8 +639,10 @@ async function main() {
   $("enable-push").addEventListener("click", enablePush);
   $("disable-push").addEventListener("click", disablePush);
   $("sign-out").addEventListener("click", async () => {
-    await client?.signOut();
+    $("switch-user").hidden = true;
+    const signingOut = client?.signOut({ cleanup: unsubscribePush });
     showSignedOut();
+    await signingOut;
   });
   config = await loadConfig();
   await signIn();
@@ -563,8 +652,10 @@ async function main() {
     url.searchParams.delete("activate");
     history.replaceState(history.state, "", url.pathname + url.search + url.hash);
   }
-  if (session?.signedIn) startClient();
-  else showSignedOut();
+  if (session?.signedIn) {
+    startClient();
+    if (session.pendingSignIn) askSwitch(session.pendingSignIn);
+  } else showSignedOut();
 }
 
 main().catch((error) => showAlert("error", para(`The inbox could not start: ${describe(error)}`)));

@@ -8,13 +8,21 @@ self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim(
 
 self.addEventListener("push", (event) => event.waitUntil(show(event.data)));
 
-async function appName() {
-  // Stored by the page: a message without a title names the app instead.
+/**
+ * The app whose desktop notifications these are, `{clientId, application}`, stored by the page
+ * when they were turned on: a message without a title names the app, and a click opens that
+ * app's inbox.
+ */
+async function pushApp() {
   try {
     const cache = await caches.open("herald-inbox");
-    return (await (await cache.match("/inbox/app-name"))?.text()) || "";
+    const app = JSON.parse((await (await cache.match("/inbox/push-app"))?.text()) || "{}");
+    return {
+      clientId: typeof app?.clientId === "string" ? app.clientId : "",
+      application: typeof app?.application === "string" ? app.application : "",
+    };
   } catch {
-    return "";
+    return { clientId: "", application: "" };
   }
 }
 
@@ -25,7 +33,7 @@ async function show(data) {
   } catch {
     // not JSON: still show something, browsers require a notification for every push
   }
-  const app = await appName();
+  const app = (await pushApp()).application;
   const visual = (m.type === "alert" || m.type === "fallback") && m.title;
   // A truncated message (or one with only raw content) lost its title: fetch-free shoulder tap.
   const title = visual ? m.title : m.type === "alert" || m.type === "fallback" ? "New notification" : app || "Inbox";
@@ -47,8 +55,11 @@ self.addEventListener("notificationclick", (event) => {
 
 async function open(id) {
   const scope = self.registration.scope; // e.g. https://herald.example/inbox/
+  const { clientId } = await pushApp();
   const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
-  const inboxes = windows.filter((c) => c.url.startsWith(scope));
+  // Only an inbox of the app these notifications are for (its URL names it with ?app=).
+  const appOf = (url) => new URL(url).searchParams.get("app");
+  const inboxes = windows.filter((c) => c.url.startsWith(scope) && (!clientId || appOf(c.url) === clientId));
   const inbox = inboxes.find((c) => c.focused) ?? inboxes.find((c) => c.visibilityState === "visible") ?? inboxes[0];
   if (inbox) {
     try {
@@ -56,8 +67,11 @@ async function open(id) {
     } catch {
       // focusing needs a user activation the browser may not grant: the message still goes
     }
-    if (id) inbox.postMessage({ type: "activate", id });
+    if (id) inbox.postMessage({ type: "activate", id, clientId });
     return;
   }
-  await self.clients.openWindow(id ? `/inbox/?activate=${encodeURIComponent(id)}` : "/inbox/");
+  const query = new URLSearchParams();
+  if (clientId) query.set("app", clientId);
+  if (id) query.set("activate", id);
+  await self.clients.openWindow(`/inbox/${query.size ? `?${query}` : ""}`);
 }
