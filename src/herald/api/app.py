@@ -148,8 +148,9 @@ def api_routes() -> list[BaseRoute]:
 class Herald:
     """The ASGI application: `POST …/notifications` goes straight to the ingest handler (the hot
     path) and live streams to their handler (thousands stay open), everything else through the
-    Starlette app (routing, middleware, lifespan). CORS wraps all three, so web apps on other
-    origins can use the API, its streams and `herald.js` (docs/inbox.md)."""
+    Starlette app (routing, middleware, lifespan). CORS wraps all three for the paths web apps on
+    other origins use (`CORS_PATHS`: the API, the token endpoint, `herald.js`; docs/inbox.md); it
+    costs a request without an `Origin` header about 2 µs."""
 
     def __init__(
         self,
