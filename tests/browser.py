@@ -402,6 +402,15 @@ class Device:
             self.context.close()
 
 
+def signed_in(device: Device, herald: Herald, app: App, user: str, **kw: Any) -> Inbox:
+    """Open a fresh `herald signin` link in `device`: the page exchanges the code, takes it out of
+    the address bar and goes live."""
+    inbox = device.open(herald.signin(app, user), **kw)
+    inbox.expect_live()
+    assert "signin=" not in inbox.page.url, inbox.page.url
+    return inbox
+
+
 class Inbox:
     """The inbox page in one tab, through the structure docs/inbox.md promises."""
 

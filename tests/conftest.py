@@ -215,6 +215,40 @@ def browser(
         made.close()
 
 
+@pytest.fixture
+def heralds(tmp_path: Path) -> Iterator[Any]:
+    """A browser test's own `herald serve` (tests/browser.py `Herald`):
+    `heralds(store_url=None, HERALD_X="…")` starts one; all are stopped afterwards."""
+    from tests.browser import Herald
+
+    made: list[Herald] = []
+
+    def make(store_url: str | None = None, **env: str) -> Herald:
+        data = tmp_path / f"herald-{len(made)}"
+        data.mkdir()
+        server = Herald(data, store_url, env)
+        made.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
+def api(herald: Any, user: str) -> Iterator[Any]:
+    """The API (tests/browser.py `Api`) of a new app of the module's `herald`, for `user`."""
+    from tests.browser import Api
+
+    made = Api(herald, herald.register(), user)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 @pytest.fixture(autouse=True)
 def _no_herald_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CLI reads HERALD_* variables; keep a developer's environment out of the tests.

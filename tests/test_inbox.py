@@ -30,7 +30,6 @@ from tests.browser import (
     WAIT,
     WAIT_MS,
     Api,
-    App,
     Browser,
     Device,
     Herald,
@@ -44,6 +43,7 @@ from tests.browser import (
     poll_page,
     push_standin_script,
     shown_notifications,
+    signed_in,
     wait_for,
 )
 from tests.standins import WebPushStandIn, make_tls
@@ -71,25 +71,6 @@ def herald(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Herald]:
         server.stop()
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., Herald]]:
-    """A test's own server: `servers(store_url, HERALD_X="…")`, started; stopped afterwards."""
-    made: list[Herald] = []
-
-    def make(store_url: str | None = None, **env: str) -> Herald:
-        data = tmp_path / f"herald-{len(made)}"
-        data.mkdir()
-        server = Herald(data, store_url, env)
-        made.append(server)
-        return server.start()
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.stop()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """None (SQLite), then a fresh PostgreSQL schema, as conftest's `store_url`; but the schema
@@ -107,25 +88,6 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
             yield url
         finally:
             pool.submit(schemas.close).result()
-
-
-@pytest.fixture
-def api(herald: Herald, user: str) -> Iterator[Api]:
-    made = Api(herald, herald.register(), user)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
-def signed_in(device: Device, herald: Herald, app: App, user: str, **kw: Any) -> Inbox:
-    """Open a fresh `herald signin` link in `device`: the page exchanges the code, takes it out of
-    the address bar and goes live."""
-    link = herald.signin(app, user)
-    inbox = device.open(link, **kw)
-    inbox.expect_live()
-    assert "signin=" not in inbox.page.url, inbox.page.url
-    return inbox
 
 
 # -- two devices --------------------------------------------------------------------------------
@@ -274,12 +236,12 @@ def test_expired_notification_leaves_the_page(herald: Herald, api: Api, browser:
 
 
 def test_devices_catch_up_after_a_server_restart(
-    store_url: str | None, servers: Callable[..., Herald], browser: Browser, user: str
+    store_url: str | None, heralds: Callable[..., Herald], browser: Browser, user: str
 ) -> None:
     """SIGKILL: both pages say they are reconnecting and keep the feed; the server restarts on
     the same port and data and the app server posts at once; both pages reconnect and show every
     notification, each once."""
-    herald = servers(store_url, HERALD_KEEPALIVE_INTERVAL="2")
+    herald = heralds(store_url, HERALD_KEEPALIVE_INTERVAL="2")
     api = Api(herald, herald.register(), user)
     try:
         a = signed_in(browser.device("laptop"), herald, api.app, user)
@@ -319,11 +281,11 @@ def test_devices_catch_up_after_a_server_restart(
 
 
 def test_session_survives_token_expiry_then_ends(
-    servers: Callable[..., Herald], browser: Browser, user: str
+    heralds: Callable[..., Herald], browser: Browser, user: str
 ) -> None:
     """Access tokens live 3 s, the session 12 s: the stream is closed with tokenExpired, the page
     renews and resumes (what is posted after arrives); when the session ends the page says so."""
-    herald = servers(HERALD_TOKEN_TTL=str(TOKEN_TTL), HERALD_SESSION_TTL=str(SESSION_TTL))
+    herald = heralds(HERALD_TOKEN_TTL=str(TOKEN_TTL), HERALD_SESSION_TTL=str(SESSION_TTL))
     api = Api(herald, herald.register(), user)
     messages: list[tuple[int, dict[str, Any]]] = []  # (socket number, message) as received
     sockets: list[str] = []
@@ -448,11 +410,11 @@ def test_accessibility(herald: Herald, api: Api, browser: Browser) -> None:
 
 
 def test_desktop_notifications_through_web_push(
-    servers: Callable[..., Herald], browser: Browser, user: str, tmp_path: Path
+    heralds: Callable[..., Herald], browser: Browser, user: str, tmp_path: Path
 ) -> None:
     tls = make_tls(tmp_path / "tls")
     with WebPushStandIn(tls) as push_service:
-        herald = servers(
+        herald = heralds(
             HERALD_PUSH_CA_FILE=str(tls.ca_file),
             HERALD_PUSH_ALLOW_PRIVATE_ENDPOINTS="true",  # the stand-in is on 127.0.0.1
             HERALD_PUSH_VAPID_SUBJECT="mailto:inbox-tests@example.com",
@@ -583,12 +545,12 @@ def serve_while_down(device: Device, herald: Herald, files: dict[str, Served]) -
 
 
 def test_page_loaded_while_the_server_is_down_goes_live_when_it_starts(
-    servers: Callable[..., Herald], browser: Browser, user: str
+    heralds: Callable[..., Herald], browser: Browser, user: str
 ) -> None:
     """A signed-in browser opens the inbox while Herald is down (its files, config.json too,
     from the cache): the page says it is reconnecting, throws nothing, and goes live with the
     feed once Herald is back on its port."""
-    herald = servers()
+    herald = heralds()
     api = Api(herald, herald.register(), user)
     try:
         device = browser.device("laptop")
@@ -618,12 +580,12 @@ def test_page_loaded_while_the_server_is_down_goes_live_when_it_starts(
 
 
 def test_first_visit_while_the_server_is_down(
-    servers: Callable[..., Herald], browser: Browser
+    heralds: Callable[..., Herald], browser: Browser
 ) -> None:
     """A new browser opens the inbox while Herald is down and config.json cannot be fetched
     either (only the static files are cached): the page says it is reconnecting, throws
     nothing, and shows how to sign in once Herald is back."""
-    herald = servers()
+    herald = heralds()
     files = capture_inbox(herald)
     del files["/inbox/config.json"]
     device = browser.device("new-laptop")

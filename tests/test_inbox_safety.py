@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +28,7 @@ from tests.browser import (
     expect,
     http_error,
     push_standin_script,
+    signed_in,
     wait_for,
 )
 from tests.standins import WebPushStandIn, make_tls
@@ -95,41 +95,6 @@ def pushing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Herald, 
             yield server, push_service
         finally:
             server.stop()
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., Herald]]:
-    """A test's own server: `servers(HERALD_X="…")`, started; stopped afterwards."""
-    made: list[Herald] = []
-
-    def make(**env: str) -> Herald:
-        data = tmp_path / f"herald-{len(made)}"
-        data.mkdir()
-        server = Herald(data, None, env)
-        made.append(server)
-        return server.start()
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.stop()
-
-
-@pytest.fixture
-def api(herald: Herald, user: str) -> Iterator[Api]:
-    made = Api(herald, herald.register(), user)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
-def signed_in(device: Device, herald: Herald, app: App, user: str, **kw: Any) -> Inbox:
-    inbox = device.open(herald.signin(app, user), **kw)
-    inbox.expect_live()
-    assert "signin=" not in inbox.page.url, inbox.page.url
-    return inbox
 
 
 def push_device(browser: Browser, herald: Herald, push: WebPushStandIn, app: App) -> Device:
@@ -326,11 +291,11 @@ def test_an_invalid_app_in_the_link_is_neither_shown_nor_stored(
 
 
 def test_a_throttled_sign_in_waits_and_still_signs_in(
-    servers: Callable[..., Herald], browser: Browser, user: str
+    heralds: Callable[..., Herald], browser: Browser, user: str
 ) -> None:
     """The token endpoint answers 429 (Retry-After) at first: the page waits and exchanges the
     code again, and signs in."""
-    herald = servers(HERALD_TOKEN_RATE="0.5", HERALD_TOKEN_BURST="1")
+    herald = heralds(HERALD_TOKEN_RATE="0.5", HERALD_TOKEN_BURST="1")
     app = herald.register()
     link = herald.signin(app, user)
     r = httpx.post(
@@ -414,10 +379,10 @@ def test_after_delete_focus_does_not_land_on_delete(
 
 
 def test_the_page_removes_an_expired_notification_by_itself(
-    servers: Callable[..., Herald], browser: Browser, user: str
+    heralds: Callable[..., Herald], browser: Browser, user: str
 ) -> None:
     """The server's sweeper is slow (an hour): only the page's own timer can remove it."""
-    herald = servers(HERALD_SWEEP_INTERVAL="3600")
+    herald = heralds(HERALD_SWEEP_INTERVAL="3600")
     api = Api(herald, herald.register(), user)
     try:
         a = signed_in(browser.device("laptop"), herald, api.app, user)
