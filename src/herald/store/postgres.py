@@ -318,10 +318,10 @@ class PostgresStore:
         # write that will record them.
         self._seen: dict[str, int] | None = None
         self._seen_done: asyncio.Future[None] | None = None
-        # Since when (monotonic) write batches fail for a database reason, and the last failure
-        # (time, reason); None while they succeed. Logged on change; `ping` reports it.
+        # Since when (monotonic) write batches fail for a database reason (logged on change),
+        # and the last one the server refused, as (time, reason): None once a batch succeeds.
         self._failing_since: float | None = None
-        self._failure: tuple[float, str] | None = None
+        self._refusal: tuple[float, str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -346,7 +346,7 @@ class PostgresStore:
         self._closing = False
         self._wake = asyncio.Event()
         self._ops_lock = asyncio.Lock()
-        self._failing_since = self._failure = None
+        self._failing_since = self._refusal = None
         self._writers = [
             asyncio.create_task(self._write_loop(), name=f"herald-postgres-writer-{i}")
             for i in range(self._writer_count)
@@ -372,13 +372,14 @@ class PostgresStore:
         return self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
 
     async def ping(self) -> None:
-        """Ready means writes can succeed now: none has failed for a database reason in the last
-        PING_TIMEOUT seconds without one succeeding since, and a probe through the writers (a
-        transaction on a writer's connection, refused by a read-only server) and a read on a
-        pooled connection both answer within PING_TIMEOUT."""
-        failure = self._failure
-        if failure is not None and time.monotonic() - failure[0] < PING_TIMEOUT:
-            raise Unavailable(f"writes are failing: {failure[1]}", retry_after=1)
+        """Ready means writes can succeed now. A probe through the writers (a transaction on a
+        writer's connection, refused by a read-only server: the path writes take, so it meets a
+        lost connection or a server that refuses connections just as they would) and a read on
+        a pooled connection must both answer within PING_TIMEOUT. Refusals the probe would not
+        meet (disk full, out of memory) count for PING_TIMEOUT after the last one."""
+        refusal = self._refusal
+        if refusal is not None and time.monotonic() - refusal[0] < PING_TIMEOUT:
+            raise Unavailable(f"writes are failing: {refusal[1]}", retry_after=1)
         try:
             async with asyncio.timeout(PING_TIMEOUT):
                 await asyncio.gather(self._submit(Op(None, _probe)), self._read_probe())
@@ -390,19 +391,19 @@ class PostgresStore:
         async with translated(), self._acquire() as conn:
             await conn.fetchval("SELECT 1")
 
-    def _write_failed(self, e: BaseException) -> None:
+    def _write_failed(self, e: BaseException, refused: bool = False) -> None:
         reason = _describe(e)
-        now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = time.monotonic()
             log.warning("database writes failing", extra={"error": reason})
-        self._failure = (now, reason)
+        if refused:
+            self._refusal = (time.monotonic(), reason)
 
     def _write_succeeded(self) -> None:
         if self._failing_since is not None:
             seconds = round(time.monotonic() - self._failing_since, 3)
             log.warning("database writes recovered", extra={"seconds": seconds})
-        self._failing_since = self._failure = None
+        self._failing_since = self._refusal = None
 
     # -- the writer ----------------------------------------------------------------------------
     async def _submit(self, work: Put | Op) -> Any:
@@ -482,7 +483,7 @@ class PostgresStore:
                     await self._commit(link, [call], run)
                 return
             if transient:
-                self._write_failed(e)
+                self._write_failed(e, refused=_refused(e))
             elif not isinstance(e, _DRIVER):  # a bug: its calls fail, the writer goes on
                 log.exception("postgres write batch failed")
             outcomes, appended = [(False, error)] * len(batch), False
