@@ -44,7 +44,7 @@ from herald.model import (
     Subscription,
 )
 from herald.query import Filter, Page, Query
-from herald.store.base import Remembered
+from herald.store.base import Once, Remembered
 from herald.store.sql import (
     CHANGE_COLUMNS,
     CHANNEL_TAG,
@@ -96,6 +96,9 @@ ACQUIRE_TIMEOUT = STATEMENT_TIMEOUT + CONNECT_TIMEOUT
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 MIGRATION_TIMEOUT = 3600.0
+# Rounds of a batch with Idempotency-Keys that other transactions recorded first (each round
+# takes those puts out, so two are the most that ever run short of a pathological race).
+RECORD_ROUNDS = 4
 # Attempts at a batch that fails before any of it is sent, because its connection had closed.
 UNSENT_ATTEMPTS = 3
 
@@ -230,6 +233,7 @@ class Put:
     new_id: str
     now: datetime
     origin: str | None = None
+    once: Once | None = None
 
 
 @dataclass(slots=True)
@@ -564,6 +568,21 @@ class PostgresStore:
     ) -> tuple[Notification, bool]:
         result: tuple[Notification, bool] = await self._submit(
             Put(user_id, app, content, new_id, now, origin)
+        )
+        return result
+
+    async def put_once(
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        once: Once,
+        origin: str | None = None,
+    ) -> Remembered:
+        result: Remembered = await self._submit(
+            Put(user_id, app, content, new_id, now, origin, once)
         )
         return result
 
@@ -1073,16 +1092,21 @@ _PUT_BATCH_SQL = (
 
 def _generations(calls: list[_Call]) -> list[list[_Call]]:
     """Split puts so that no key occurs twice in one `herald_put_batch` call: the k-th put of a
-    key (user, app, appNotificationId or else the new id) goes to the k-th call."""
-    seen: dict[tuple[str, str, str], int] = {}
+    key (user, app, appNotificationId or else the new id) goes to the k-th call. The same for
+    Idempotency-Keys (one insert may not meet its own row twice; the later put finds the
+    earlier one's record)."""
+    seen: dict[tuple[str, ...], int] = {}
     generations: list[list[_Call]] = []
     for call in calls:
         p = call.work
         assert isinstance(p, Put)
-        key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
-        k = seen.get(key, 0)
-        seen[key] = k + 1
-        if k == len(generations):
+        keys = [(p.user_id, p.app, p.content.app_notification_id or p.new_id)]
+        if p.once is not None:
+            keys.append(("", p.once.scope, p.once.key))  # "": apart from notification keys
+        k = max(seen.get(key, 0) for key in keys)
+        for key in keys:
+            seen[key] = k + 1
+        while k >= len(generations):
             generations.append([])
         generations[k].append(call)
     return generations
@@ -1113,10 +1137,140 @@ async def _probe(tx: Tx) -> None:
 
 
 async def _put_batch(conn: asyncpg.Connection, puts: list[Put], again: bool = False) -> Committed:
-    """All puts of a call in one statement (its own transaction): `herald_put_batch`.
+    """All puts of a call in one statement (its own transaction): `herald_put_batch`; with
+    Idempotency-Keys, in a transaction with their records (`_put_recorded`).
 
     `again`: an earlier call of the same batch may have created a key equal to a put's new id,
     so puts without an appNotificationId look their key up too (and replace what they find)."""
+    for p in puts:
+        if p.once is not None:
+            return await _put_recorded(conn, puts, again)
+    return await _put_rows(conn, puts, again)
+
+
+class _Redo(Exception):
+    """Rolls a keyed batch back, to run it again without these puts (by index), settled so:
+    keys another transaction recorded first, answers that could not be rendered."""
+
+    def __init__(self, taken: list[int], failed: dict[int, tuple[bool, Any]]) -> None:
+        super().__init__(f"{len(taken)} Idempotency-Keys taken, {len(failed)} failed")
+        self.taken = taken
+        self.failed = failed
+
+
+async def _put_recorded(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
+    """Puts and the records of their Idempotency-Keys in one transaction (three round trips
+    more than `_put_rows` alone, paid only by batches with a key).
+
+    A key another transaction recorded first (another process or node: the insert waits for it
+    to end) rolls the whole transaction back; that put is answered with the record, and the
+    others run again without it. So does an answer that cannot be rendered (that put fails)."""
+    settled: dict[int, tuple[bool, Any]] = {}
+    for _ in range(RECORD_ROUNDS):
+        rest = [i for i in range(len(puts)) if i not in settled]
+        if not rest:
+            return [settled[i] for i in range(len(puts))], False
+        try:
+            async with conn.transaction():
+                outcomes, appended = await _put_rows(conn, [puts[i] for i in rest], again)
+                answers = _rendered([puts[i] for i in rest], outcomes)
+                failed = {rest[j]: a for j, a in enumerate(answers) if isinstance(a, tuple)}
+                taken = await _record(conn, [puts[i] for i in rest], answers)
+                if taken or failed:
+                    raise _Redo([rest[j] for j in taken], failed)
+        except _Redo as redo:
+            settled |= redo.failed
+            recorded = await _recall_taken(conn, puts, redo.taken)
+            settled |= {i: (True, r) for i, r in recorded.items()}
+            continue
+        by_rest = dict(zip(rest, zip(outcomes, answers, strict=True), strict=True))
+        merged: Outcomes = []
+        for i in range(len(puts)):
+            outcome, answer = by_rest[i] if i in by_rest else (settled[i], None)
+            merged.append((True, answer) if isinstance(answer, Remembered) else outcome)
+        return merged, appended
+    raise Unavailable("Idempotency-Keys kept changing hands; try again", retry_after=1)
+
+
+def _rendered(puts: list[Put], outcomes: Outcomes) -> list[Remembered | tuple[bool, Any] | None]:
+    """Each keyed put's answer, rendered from the notification as written (in the transaction);
+    a failed outcome where it could not be."""
+    answers: list[Remembered | tuple[bool, Any] | None] = []
+    for p, (ok, value) in zip(puts, outcomes, strict=True):
+        if p.once is None or not ok:
+            answers.append(None)
+            continue
+        try:
+            answers.append(p.once.render(*value))
+        except Exception as e:
+            log.exception("could not render an idempotent answer")
+            answers.append((False, HeraldError(f"could not render the answer: {e!r}")))
+    return answers
+
+
+async def _record(
+    conn: asyncpg.Connection, puts: list[Put], answers: list[Remembered | tuple[bool, Any] | None]
+) -> list[int]:
+    """Insert the answers as the keys' records; the positions (in `puts`) of the keys another
+    transaction holds an unexpired record of."""
+    rows = [
+        (j, p.once, a)
+        for j, (p, a) in enumerate(zip(puts, answers, strict=True))
+        if p.once is not None and isinstance(a, Remembered)
+    ]
+    if not rows:
+        return []
+    now = min(puts[j].now for j, _, _ in rows)
+    inserted = await conn.fetch(
+        _RECORD_SQL,
+        [once.scope for _, once, _ in rows],
+        [once.key for _, once, _ in rows],
+        [a.fingerprint for _, _, a in rows],
+        [a.status for _, _, a in rows],
+        [a.body for _, _, a in rows],
+        [a.location for _, _, a in rows],
+        [once.expires for _, once, _ in rows],
+        now,
+    )
+    stored = {(r[0], r[1]) for r in inserted}
+    return [j for j, once, _ in rows if (once.scope, once.key) not in stored]
+
+
+async def _recall_taken(
+    conn: asyncpg.Connection, puts: list[Put], taken: list[int]
+) -> dict[int, Remembered]:
+    """The records that took these puts' keys (committed: the insert waited for them). One that
+    has expired or been swept meanwhile is missing, and its put runs again."""
+    if not taken:
+        return {}
+    keys = [(i, puts[i].once) for i in taken]
+    found = await conn.fetch(
+        "SELECT i.n, r.fingerprint, r.status, r.body, r.location"
+        " FROM unnest($1::text[], $2::text[], $3::int[]) AS i(scope, key, n)"
+        " JOIN idempotency r ON r.scope = i.scope AND r.key = i.key AND r.expires > $4",
+        [once.scope for _, once in keys if once],
+        [once.key for _, once in keys if once],
+        [i for i, once in keys if once],
+        min(puts[i].now for i in taken),
+    )
+    return {r[0]: Remembered(r[1], r[2], bytes(r[3]), r[4]) for r in found}
+
+
+# Keeps an unexpired record (the first answer): a conflicting row is locked and not returned.
+# Replaces an expired one the sweeper has not removed yet.
+_RECORD_SQL = (
+    "INSERT INTO idempotency (scope, key, fingerprint, status, body, location, expires)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bytea[],"
+    " $6::text[], $7::timestamptz[])"
+    " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+    " status = excluded.status, body = excluded.body, location = excluded.location,"
+    " expires = excluded.expires WHERE idempotency.expires <= $8"
+    " RETURNING scope, key"
+)
+
+
+async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
+    """`herald_put_batch` over the puts."""
     # As if created; replaced rows are patched below.
     built = [
         new_notification(p.user_id, p.app, p.content, p.new_id, p.now.astimezone(UTC), None)
