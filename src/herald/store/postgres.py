@@ -465,11 +465,12 @@ class PostgresStore:
     ) -> None:
         """Commit the batch in one transaction and answer its calls.
 
-        If the server refuses it, each call is retried in a transaction of its own, so only the
-        offending call fails. If the connection is lost, the batch is not retried: a statement or
-        its COMMIT may have been applied just before, so its calls are answered 503 (in doubt),
-        never as done; only a batch that never left this process is sent again, once, on a new
-        connection."""
+        If the server refuses it for one call's sake, each call is retried in a transaction of
+        its own, so only the offending call fails; if for the database's (read-only, disk full,
+        timed out), every call is answered 503. If the connection is lost, the batch is not
+        retried: a statement or its COMMIT may have been applied just before, so its calls are
+        answered 503 (in doubt), never as done; only a batch that never left this process is sent
+        again on a new connection (see `_attempt`)."""
         try:
             outcomes, appended = await self._attempt(link, [c.work for c in batch], run)
         except asyncio.CancelledError as e:  # cancelled during close: nobody is left to answer
