@@ -42,7 +42,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def shared() -> AsyncIterator[tuple[PostgresStore, str, str]]:
+async def shared() -> AsyncIterator[tuple[PostgresStore, str, str, str]]:
     """A store on a fresh schema of the shared server, its backends named for terminating."""
     url = postgres_url()
     schema = f"test_{uuid.uuid4().hex[:12]}"
@@ -52,7 +52,7 @@ async def shared() -> AsyncIterator[tuple[PostgresStore, str, str]]:
     store = PostgresStore(url, server_settings={"search_path": schema, "application_name": name})
     await store.open()
     try:
-        yield store, url, name
+        yield store, url, name, schema
     finally:
         await store.close()
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")
@@ -60,15 +60,15 @@ async def shared() -> AsyncIterator[tuple[PostgresStore, str, str]]:
 
 
 async def test_a_write_whose_connection_dies_mid_statement_is_503_and_not_retried(
-    shared: tuple[PostgresStore, str, str],
+    shared: tuple[PostgresStore, str, str, str],
 ) -> None:
     """The put waits on a lock held here; its backend is terminated while it waits. Its outcome
     is unknown to the store (here: not applied), so it must answer 503, not 201 and not 500,
     and must not send it again; the next put goes through on a new connection."""
-    store, url, name = shared
+    store, url, name, schema = shared
     user = f"u-{uuid.uuid4()}"
     await put(store, user)  # the user's head row exists
-    blocker = await asyncpg.connect(url, server_settings={"search_path": _schema(store)})
+    blocker = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
         tx = blocker.transaction()
         await tx.start()
@@ -136,8 +136,3 @@ async def _read_only(admin: asyncpg.Connection, on: bool) -> None:
     await admin.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
     await admin.execute("SELECT pg_reload_conf()")
     await asyncio.sleep(0.2)  # backends apply the reload at their next command
-
-
-def _schema(store: PostgresStore) -> str:
-    settings = store._server_settings or {}
-    return settings["search_path"]
