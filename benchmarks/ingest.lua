@@ -1,11 +1,12 @@
 -- wrk script for benchmarks/ingest.py: POST /beta/me/notifications with a valid notification,
 -- a unique appNotificationId per request, rotating among pre-minted bearer tokens.
 --
--- wrk -s ingest.lua URL -- TOKENS_FILE HOST_NAME PHASE EXPIRATION
+-- wrk -s ingest.lua URL -- TOKENS_FILE HOST_NAME PHASE EXPIRATION [keys]
 --   TOKENS_FILE  one bearer token per line (one user each)
 --   HOST_NAME    the app's registered host name (targetHostName)
 --   PHASE        a tag that keeps ids unique across runs on the same store (e.g. "w", "m")
 --   EXPIRATION   expirationDateTime to send (ISO 8601 UTC)
+--   keys         if given, every request carries a unique Idempotency-Key
 --
 -- done() prints one line "WRKJSON {...}" with throughput, latency percentiles and per-status
 -- counts gathered from every thread.
@@ -29,16 +30,20 @@ first_bad = ""
 local prefixes = {}
 local ntokens = 0
 local body_head, body_tail
+local key_head = nil
 
 function init(args)
   local path, host_name, phase, expiration = args[1], args[2], args[3], args[4]
+  if args[5] == "keys" then
+    key_head = "Idempotency-Key: bench-" .. phase .. "-" .. tid .. "-"
+  end
   local host = wrk.host .. ":" .. wrk.port
   for token in io.lines(path) do
     if token ~= "" then
       ntokens = ntokens + 1
       prefixes[ntokens] = "POST /beta/me/notifications HTTP/1.1\r\nHost: " .. host ..
         "\r\nAuthorization: Bearer " .. token ..
-        "\r\nContent-Type: application/json\r\nContent-Length: "
+        "\r\nContent-Type: application/json\r\n"
     end
   end
   assert(ntokens > 0, "no tokens in " .. path)
@@ -53,8 +58,10 @@ end
 function request()
   sent = sent + 1
   local body = body_head .. sent .. body_tail
+  local key = key_head and (key_head .. sent .. "\r\n") or ""
   -- threads start at different tokens so users are spread evenly
-  return prefixes[(sent + tid * 7919) % ntokens + 1] .. #body .. "\r\n\r\n" .. body
+  return prefixes[(sent + tid * 7919) % ntokens + 1] .. key .. "Content-Length: " .. #body ..
+    "\r\n\r\n" .. body
 end
 
 function response(status, headers, body)

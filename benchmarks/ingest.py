@@ -305,6 +305,7 @@ def run_wrk(
         HOST_NAME,
         phase[0],
         expiration,
+        *(["keys"] if args.idempotency_keys else []),
     ]
     db0 = postgres_cpu_seconds() if target == "postgres" else 0.0
     cpu0, busy0, kids0 = proc_cpu_seconds(server_pid), system_busy_seconds(), children_cpu_seconds()
@@ -654,6 +655,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--postgres-url", help="PostgreSQL URL (default: run scripts/postgres as root)")
     ap.add_argument("--install-wrk", action="store_true", help="apt-get install wrk if missing")
+    ap.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="send a unique Idempotency-Key with every request",
+    )
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     args = ap.parse_args(argv)

@@ -1,11 +1,17 @@
-"""PostgreSQL for server-level tests: a fresh schema per use, on HERALD_TEST_POSTGRES_URL."""
+"""PostgreSQL for server-level tests: a fresh schema per use, on HERALD_TEST_POSTGRES_URL; and
+a private server (`private_cluster`) for tests that stop or restart it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +47,106 @@ def fresh_database() -> Iterator[str]:
         yield f"{url}{'&' if '?' in url else '?'}search_path={schema}"
     finally:
         asyncio.run(_admin(url, f"DROP SCHEMA {schema} CASCADE"))
+
+
+def application_url(url: str, name: str) -> str:
+    """`url` with `application_name` set, so a test can find (and terminate) only the backends of
+    the Herald it started: pg_stat_activity.application_name."""
+    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
+
+
+async def terminate_backends(url: str, application_name: str) -> int:
+    """Terminate the backends whose application_name is `application_name` (as a failover, a
+    PgBouncer restart or an idle-connection reaper does); returns how many there were."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            application_name,
+        )
+    finally:
+        await conn.close()
+    return len(rows)
+
+
+class Cluster:
+    """A private PostgreSQL server (initdb + pg_ctl) that a test may stop, restart or kill without
+    touching the shared one. PostgreSQL refuses to run as root, so its commands run as the
+    `postgres` user (runuser); its data directory is a fresh directory that user owns."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.data = root / "data"
+        self.log = root / "server.log"
+        self.bin = _postgres_bin()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        return subprocess.run(command, check=check, capture_output=True, timeout=60)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
+            " -c fsync=off -c shared_buffers=16MB -c max_connections=40"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: `fast` ends every session (as a restart does), `immediate` is a
+        crash (no shutdown checkpoint)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise FileNotFoundError("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin")
+    return found[-1].parent
+
+
+def private_cluster() -> Iterator[Cluster]:
+    """Yield a running private cluster on a free port; stop and delete it afterwards.
+
+    Its directory is made under /tmp rather than pytest's tmp_path, whose parents only root may
+    enter. Skips (fails on CI) where it cannot run: no server binaries, or not root/postgres."""
+    from tests.conftest import free_port
+
+    try:
+        _postgres_bin()
+        can_run = os.geteuid() == 0 or pwd.getpwuid(os.geteuid()).pw_name == "postgres"
+    except (FileNotFoundError, KeyError):
+        can_run = False
+    if not can_run:
+        message = "a private PostgreSQL needs its server binaries and root (or the postgres user)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="herald-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    cluster = Cluster(root, free_port())
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        if cluster.running():
+            cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)

@@ -85,6 +85,10 @@ class Dispatcher:
                 log.warning("dispatch failed", extra={"error": exc.message})
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
+            except Exception:  # a bug: log it, keep dispatching (the entries stay in the outbox)
+                log.exception("dispatch failed")
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll):
                     await self.wake.wait()

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from herald.errors import AccessDenied
 from herald.model import Content, Notification, StatePatch
 from herald.query import Filter, Page, Query
-from herald.store import Store
+from herald.store import Once, Remembered, Store
 
 Clock = Callable[[], datetime]
 
@@ -35,6 +35,13 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{random.getrandbits(48):012x}"
 
 
+def _check_target(app: str, content: Content) -> None:
+    if content.target_host_name.lower() != app.lower():
+        raise AccessDenied(
+            f"targetHostName '{content.target_host_name}' does not belong to the calling app."
+        )
+
+
 class Feed:
     def __init__(self, store: Store, clock: Clock = utcnow) -> None:
         self.store = store
@@ -44,11 +51,18 @@ class Feed:
         self, user_id: str, app: str, content: Content, origin: str | None = None
     ) -> tuple[Notification, bool]:
         """Create or replace (same appNotificationId). Returns (notification, created)."""
-        if content.target_host_name.lower() != app.lower():
-            raise AccessDenied(
-                f"targetHostName '{content.target_host_name}' does not belong to the calling app."
-            )
+        _check_target(app, content)
         return await self.store.put(user_id, app, content, new_id(), self.clock(), origin)
+
+    async def post_once(
+        self, user_id: str, app: str, content: Content, once: Once, origin: str | None = None
+    ) -> Remembered:
+        """`post` with an Idempotency-Key, recorded in the same transaction: the answer to give
+        (this post's, or the one recorded first under the key)."""
+        _check_target(app, content)
+        return await self.store.put_once(
+            user_id, app, content, new_id(), self.clock(), once, origin
+        )
 
     async def get(self, user_id: str, app: str, id: str) -> Notification | None:
         return await self.store.get(user_id, app, id, self.clock())

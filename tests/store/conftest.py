@@ -20,6 +20,7 @@ class Backend:
 
     name: str
     make: Callable[[], Store]
+    dsn: str | None = None  # PostgreSQL: a URL for a raw connection to the same schema
 
 
 @pytest.fixture
@@ -47,6 +48,7 @@ async def postgres() -> AsyncIterator[Backend]:
         yield Backend(
             "postgres",
             lambda: PostgresStore(url, min_size=1, server_settings={"search_path": schema}),
+            f"{url}{'&' if '?' in url else '?'}search_path={schema}",
         )
     finally:
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")

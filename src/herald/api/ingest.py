@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,11 +24,15 @@ from herald.api.access import Caller
 from herald.api.errors import error_body, error_headers, request_id
 from herald.api.notifications import check_body_headers, decode_body, feed_urls
 from herald.errors import Conflict, HeraldError, InvalidRequest, PayloadTooLarge
+from herald.model import Notification
+from herald.store import Once, Remembered
 
 if TYPE_CHECKING:
     from herald.api.app import Services
 
 log = logging.getLogger("herald.api")
+
+Render = Callable[[Notification, bool], Remembered]
 
 PATH = re.compile(r"/(beta|v1\.0)/(?:me|users/([^/]+))/notifications/?")
 # The request headers this handler reads; everything else is ignored (as the router would).
@@ -126,10 +131,25 @@ class Ingest:
         body = schemas.encode(schemas.out(n, f"{context}/$entity"))
         return Answer(201 if created else 200, body, headers)
 
+    def _render(self, c: Caller, version: str, fingerprint: str) -> Render:
+        """How the answer to a post with a key is made from the notification as stored (as
+        `_store` makes it)."""
+        feed, context = feed_urls(self.services.settings.base_url, version, c.user_id)
+
+        def render(n: Notification, created: bool) -> Remembered:
+            body = schemas.encode(schemas.out(n, f"{context}/$entity"))
+            location = f"{feed}/{n.id}" if created else None
+            return Remembered(fingerprint, 201 if created else 200, body, location)
+
+        return render
+
     async def _idempotent(
         self, c: Caller, body: bytes, version: str, key: str, path: str
     ) -> Answer:
-        """Same key + same body → the first answer again; same key + other body → 409."""
+        """Same key + same body → the first answer again; same key + other body → 409.
+
+        The answer is recorded in the transaction that stores the notification (`put_once`), so
+        a crash or a lost connection leaves both or neither: a retry never posts twice."""
         s = self.services
         if not 0 < len(key) <= 255 or not key.isprintable():
             raise InvalidRequest(
@@ -140,23 +160,14 @@ class Ingest:
         async with s.idempotency_lock(scope, key):
             now = s.feed.clock()
             seen = await s.store.recall(scope, key, now)
-            if seen is not None:
-                if seen.fingerprint != fingerprint:
-                    raise Conflict(
-                        "This Idempotency-Key was already used with a different request."
-                    )
-                replay = {"Location": seen.location} if seen.location else {}
-                etag = msgspec.json.decode(seen.body).get("@odata.etag")
-                if etag:
-                    replay["ETag"] = etag
-                return Answer(seen.status, seen.body, replay)
-            answer = await self._store(c, body, version)
-            location = answer.headers.get("Location")
-            expires = now + s.idempotency_ttl
-            await s.store.remember(
-                scope, key, fingerprint, answer.status, answer.body, location, expires
-            )
-            return answer
+            if seen is None:
+                content = schemas.content(body, now, s.limits, c.app.host_name)
+                render = self._render(c, version, fingerprint)
+                once = Once(scope, key, fingerprint, now + s.idempotency_ttl, render)
+                seen = await s.feed.post_once(c.user_id, c.app.host_name, content, once, c.device)
+            if seen.fingerprint != fingerprint:
+                raise Conflict("This Idempotency-Key was already used with a different request.")
+            return _answer(seen)
 
     @staticmethod
     async def _send(send: Send, scope: Scope, answer: Answer, client_rid: str | None) -> None:
@@ -172,3 +183,12 @@ class Ingest:
         start["headers"] = raw
         await send(start)
         await send({"type": "http.response.body", "body": answer.body})
+
+
+def _answer(r: Remembered) -> Answer:
+    """The response for a post's answer, first time or replayed: the same headers either way."""
+    headers = {"Location": r.location} if r.location else {}
+    etag = msgspec.json.decode(r.body).get("@odata.etag")
+    if etag:
+        headers["ETag"] = etag
+    return Answer(r.status, r.body, headers)

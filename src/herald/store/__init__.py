@@ -1,8 +1,8 @@
 """Durable state: the `Store` protocol and its SQLite and PostgreSQL implementations."""
 
-from herald.store.base import Remembered, Store
+from herald.store.base import Once, Remembered, Store
 
-__all__ = ["Remembered", "Store", "open_store"]
+__all__ = ["Once", "Remembered", "Store", "open_store"]
 
 
 def open_store(url: str) -> Store:

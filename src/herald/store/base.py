@@ -19,13 +19,23 @@ Guarantees every implementation keeps (the contract suite in tests/store checks 
 * Deliveries: a push enqueued by `dispatched` lives in the store until it is settled, so
   retries survive restarts. `claim` leases what it returns (moves its due time), so two nodes
   never send the same delivery at once, and a crashed node's claims come back after the lease.
+* Idempotency: `put_once` commits the notification and the record of its Idempotency-Key in one
+  transaction, so a crash, a kill or a lost connection leaves both or neither: a retry with the
+  key either finds the record (and replays the first answer) or finds nothing written. The
+  record's (scope, key) is unique across processes and nodes: the first to commit wins, and a
+  put that finds the key taken writes nothing and returns the answer recorded with it.
 * Errors: only `herald.errors` exceptions escape (driver errors are translated at the boundary).
+  `Unavailable` means the database could not be reached or refused for now (a retry later may
+  succeed); a write answered so may or may not have been applied (the connection was lost after
+  it was sent), so only a retry with an Idempotency-Key is safe for a create without
+  appNotificationId.
 """
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -54,6 +64,19 @@ class Remembered(msgspec.Struct, frozen=True):
     status: int
     body: bytes
     location: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """An Idempotency-Key to record with a put, in the put's transaction (see `put_once`)."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    expires: datetime
+    # The answer to record, from the notification as written and whether it was created. Called
+    # inside the transaction, before it commits; must not await anything.
+    render: Callable[[Notification, bool], Remembered]
 
 
 class Store(Protocol):
@@ -95,6 +118,25 @@ class Store(Protocol):
         and created_date_time are kept, content is replaced, read/action state reset to
         unread/none, version incremented, an UPDATED change appended; returns (notification, False).
         """
+
+    async def put_once(
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        once: Once,
+        origin: str | None = None,
+    ) -> Remembered:
+        """`put`, recording `once` in the same transaction; returns the answer to give.
+
+        If (once.scope, once.key) has an unexpired record (another request, process or node
+        committed it first), nothing is written and that record is returned as it is (its
+        fingerprint may differ from once.fingerprint: the caller answers 409 then). Otherwise the
+        put is made, `once.render(notification, created)` is stored as the record (until
+        `once.expires`; an expired record is replaced) and returned. Both commit together or not
+        at all."""
 
     async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None: ...
 
@@ -291,4 +333,5 @@ class Store(Protocol):
         location: str | None,
         expires: datetime,
     ) -> None:
-        """Store an answer; if the key already exists, keep the first one."""
+        """Store an answer on its own; if the key already exists, keep the first one. (For an
+        answer that wrote nothing: one that writes must use `put_once`.)"""

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,7 +44,7 @@ from herald.model import (
     Subscription,
 )
 from herald.query import Filter, Page, Query
-from herald.store.base import Remembered
+from herald.store.base import Once, Remembered
 from herald.store.sql import (
     CHANGE_COLUMNS,
     CHANNEL_TAG,
@@ -83,29 +85,106 @@ SPLIT_AT = 32
 # Rounds of a claim that purged undeliverable rows and so returned fewer than asked for: each
 # round claims again for the rest (bounded, so a claim's latency is too).
 CLAIM_ROUNDS = 8
-_CONNECTION_ERRORS = (
+# Bounds on waiting for the database (seconds), so that a request during an outage gets a 503 in
+# bounded time: a server that refuses connections (down, restarting) answers at once, one that is
+# unreachable does not answer at all. A new connection must be up within CONNECT_TIMEOUT; a
+# statement must be answered within STATEMENT_TIMEOUT (then the connection is given up); taking
+# a connection from the pool, waiting for a free one included, within ACQUIRE_TIMEOUT.
+CONNECT_TIMEOUT = 5.0
+STATEMENT_TIMEOUT = 15.0
+ACQUIRE_TIMEOUT = STATEMENT_TIMEOUT + CONNECT_TIMEOUT
+# `ping` (readiness): how long a probe through the writers may take before it counts as failed.
+PING_TIMEOUT = 5.0
+MIGRATION_TIMEOUT = 3600.0
+# Rounds of a batch with Idempotency-Keys that other transactions recorded first (each round
+# takes those puts out, so two are the most that ever run short of a pathological race).
+RECORD_ROUNDS = 4
+# Attempts at a batch that fails before any of it is sent, because its connection had closed.
+UNSENT_ATTEMPTS = 3
+
+log = logging.getLogger("herald.store")
+
+# The database is away or cannot take writes right now; a retry later may succeed (503).
+_TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, terminated, cancelled, starting up
+    asyncpg.InsufficientResourcesError,  # class 53: disk full, out of memory, too many clients
+    asyncpg.ReadOnlySQLTransactionError,  # connected to a standby (after a failover)
+    asyncpg.DeadlockDetectedError,
 )
+# Everything the driver raises (DataError, a value it cannot encode, is an InterfaceError).
+_DRIVER = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def translate(e: BaseException) -> HeraldError:
+    """The one place asyncpg exceptions are mapped to `herald.errors`."""
+    if isinstance(e, HeraldError):
+        return e
+    if isinstance(e, asyncpg.UniqueViolationError):
+        return Conflict(f"conflicting record: {e}")
+    if isinstance(e, _TRANSIENT) and not isinstance(e, asyncpg.DataError):
+        return Unavailable(f"database unavailable: {_describe(e)}", retry_after=1)
+    return HeraldError(f"database error: {e}")
 
 
 @contextlib.asynccontextmanager
 async def translated() -> AsyncIterator[None]:
-    """Let only `herald.errors` escape: the one place asyncpg exceptions are mapped."""
+    """Let only `herald.errors` escape (of the driver's errors)."""
     try:
         yield
-    except HeraldError:
-        raise
-    except asyncpg.UniqueViolationError as e:
-        raise Conflict(f"conflicting record: {e}") from e
-    except (*_CONNECTION_ERRORS, asyncpg.DeadlockDetectedError) as e:
-        raise Unavailable(f"database unavailable: {e}", retry_after=1) from e
-    except asyncpg.PostgresError as e:
-        raise HeraldError(f"database error: {e}") from e
+    except _DRIVER as e:
+        raise translate(e) from e
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _attached(conn: asyncpg.Connection) -> bool:
+    """Whether a pooled connection is still the caller's: when asyncpg sees a connection close,
+    it takes it back into the pool itself, and every call on the caller's proxy then raises.
+    (Not always: a connection can also be closed and still attached, until released.)"""
+    try:
+        conn.is_closed()
+    except asyncpg.InterfaceError:  # "released back to the pool"
+        return False
+    return True
+
+
+def _open(conn: asyncpg.Connection) -> bool:
+    """Whether a pooled connection can still be used."""
+    return _attached(conn) and not conn.is_closed()
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether the server (or the driver, before sending) refused a statement, leaving the
+    connection fine and the transaction rolled back: then no call of the batch was applied."""
+    if isinstance(e, asyncpg.PostgresError):
+        return not isinstance(e, asyncpg.PostgresConnectionError) and (
+            not isinstance(e, asyncpg.OperatorInterventionError)
+            or isinstance(e, asyncpg.QueryCanceledError)
+        )
+    return isinstance(e, asyncpg.DataError)
+
+
+def _unsent(e: BaseException, conn: asyncpg.Connection) -> bool:
+    """Whether `e` was raised before the statement left this process, because the connection
+    had already closed: then nothing of the batch reached the database, and it may be sent again
+    on a new connection. (A connection the server closed while idle is only noticed here when
+    its closing is still unread on the socket.)"""
+    if isinstance(e, asyncpg.InternalClientError):  # the protocol refused to start the statement
+        return str(e).startswith(("cannot switch to state", "not connected"))
+    return isinstance(e, asyncpg.InterfaceError) and not _open(conn)
 
 
 def _identity(value: datetime) -> datetime:
@@ -154,6 +233,7 @@ class Put:
     new_id: str
     now: datetime
     origin: str | None = None
+    once: Once | None = None
 
 
 @dataclass(slots=True)
@@ -183,21 +263,35 @@ class _Link:
         self._conn: asyncpg.Connection | None = None
 
     async def connection(self) -> asyncpg.Connection:
+        if self._conn is not None and not _open(self._conn):
+            self.drop()  # closed while idle (terminated, server restarted): reconnect
         if self._conn is None:
             self._conn = await self._store._acquire()
         return self._conn
 
-    async def check(self) -> None:
-        """After a failure: a broken connection goes back to the pool, which replaces it."""
-        if self._conn is not None and self._conn.is_closed():
-            await self.release()
+    def drop(self) -> None:
+        """Give the connection up (lost, or in a state not worth finding out): the pool opens a
+        new one for the next batch."""
+        conn, self._conn = self._conn, None
+        if conn is not None and _attached(conn):
+            conn.terminate()  # also returns it to the pool, if it closed without asyncpg noticing
 
     async def release(self) -> None:
         conn, self._conn = self._conn, None
         pool = self._store._pool
-        if conn is not None and pool is not None:
+        if conn is not None and pool is not None and _attached(conn):
             with contextlib.suppress(Exception):
-                await pool.release(conn)
+                await pool.release(conn, timeout=CONNECT_TIMEOUT)
+
+
+class _Lost(Exception):
+    """A batch could not be run to its end on a connection. `sent`: something of it may have
+    reached the database (so its outcome is unknown); otherwise none of it was applied."""
+
+    def __init__(self, error: Exception, sent: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.sent = sent
 
 
 class PostgresStore:
@@ -228,6 +322,10 @@ class PostgresStore:
         # write that will record them.
         self._seen: dict[str, int] | None = None
         self._seen_done: asyncio.Future[None] | None = None
+        # Since when (monotonic) write batches fail for a database reason (logged on change),
+        # and the last one the server refused, as (time, reason): None once a batch succeeds.
+        self._failing_since: float | None = None
+        self._refusal: tuple[float, str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -239,6 +337,8 @@ class PostgresStore:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 server_settings=self._server_settings,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=STATEMENT_TIMEOUT,
             )
             try:
                 async with self._pool.acquire() as conn:
@@ -250,6 +350,7 @@ class PostgresStore:
         self._closing = False
         self._wake = asyncio.Event()
         self._ops_lock = asyncio.Lock()
+        self._failing_since = self._refusal = None
         self._writers = [
             asyncio.create_task(self._write_loop(), name=f"herald-postgres-writer-{i}")
             for i in range(self._writer_count)
@@ -262,17 +363,51 @@ class PostgresStore:
         self._wake.set()
         writers, self._writers = self._writers, []
         await asyncio.gather(*writers)
-        await self._pool.close()
-        self._pool = None
+        pool, self._pool = self._pool, None
+        try:
+            # Graceful (each connection told goodbye), unless the server does not answer.
+            await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+        except (TimeoutError, *_DRIVER):
+            pool.terminate()
 
     def _acquire(self) -> Any:
         if self._pool is None:
             raise Unavailable("store is closed")
-        return self._pool.acquire()
+        return self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
 
     async def ping(self) -> None:
+        """Ready means writes can succeed now. A probe through the writers (a transaction on a
+        writer's connection, refused by a read-only server: the path writes take, so it meets a
+        lost connection or a server that refuses connections just as they would) and a read on
+        a pooled connection must both answer within PING_TIMEOUT. Refusals the probe would not
+        meet (disk full, out of memory) count for PING_TIMEOUT after the last one."""
+        refusal = self._refusal
+        if refusal is not None and time.monotonic() - refusal[0] < PING_TIMEOUT:
+            raise Unavailable(f"writes are failing: {refusal[1]}", retry_after=1)
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await asyncio.gather(self._submit(Op(None, _probe)), self._read_probe())
+        except TimeoutError as e:
+            message = f"the database did not answer within {PING_TIMEOUT:g} s"
+            raise Unavailable(message, retry_after=1) from e
+
+    async def _read_probe(self) -> None:
         async with translated(), self._acquire() as conn:
             await conn.fetchval("SELECT 1")
+
+    def _write_failed(self, e: BaseException, refused: bool = False) -> None:
+        reason = _describe(e)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("database writes failing", extra={"error": reason})
+        if refused:
+            self._refusal = (time.monotonic(), reason)
+
+    def _write_succeeded(self) -> None:
+        if self._failing_since is not None:
+            seconds = round(time.monotonic() - self._failing_since, 3)
+            log.warning("database writes recovered", extra={"seconds": seconds})
+        self._failing_since = self._refusal = None
 
     # -- the writer ----------------------------------------------------------------------------
     async def _submit(self, work: Put | Op) -> Any:
@@ -302,18 +437,25 @@ class PostgresStore:
                 batch, self._pending = self._pending[:take], self._pending[take:]
                 if self._pending:
                     self._wake.set()  # more than one batch waiting: another writer takes the rest
-                puts = [c for c in batch if isinstance(c.work, Put)]
-                ops = [c for c in batch if not isinstance(c.work, Put)]
-                # Puts of one key go to successive calls: the first ones, then the second ones...
-                for k, generation in enumerate(_generations(puts)):
-                    await self._commit(link, generation, _put_batch if k == 0 else _put_again)
-                if ops:
-                    # One ops transaction at a time per store: they may take other row locks
-                    # (apps, idempotency keys) in any order, which could deadlock two of them.
-                    async with self._ops_lock:
-                        await self._commit(link, ops, _transaction)
+                try:
+                    await self._write(link, batch)
+                except Exception as e:  # a bug: answer the calls, keep the writer alive
+                    log.exception("postgres writer failed")
+                    _answer(batch, [(False, HeraldError(f"write failed: {e!r}"))] * len(batch))
         finally:
             await link.release()
+
+    async def _write(self, link: _Link, batch: list[_Call]) -> None:
+        puts = [c for c in batch if isinstance(c.work, Put)]
+        ops = [c for c in batch if not isinstance(c.work, Put)]
+        # Puts of one key go to successive calls: the first ones, then the second ones...
+        for k, generation in enumerate(_generations(puts)):
+            await self._commit(link, generation, _put_batch if k == 0 else _put_again)
+        if ops:
+            # One ops transaction at a time per store: they may take other row locks
+            # (apps, idempotency keys) in any order, which could deadlock two of them.
+            async with self._ops_lock:
+                await self._commit(link, ops, _transaction)
 
     async def _commit(
         self,
@@ -321,35 +463,66 @@ class PostgresStore:
         batch: list[_Call],
         run: Callable[[asyncpg.Connection, list[Any]], Awaitable[Committed]],
     ) -> None:
-        """Commit the batch in one transaction; if the database rejects it, retry each call in a
-        transaction of its own so only the offending call fails."""
+        """Commit the batch in one transaction and answer its calls.
+
+        If the server refuses it for one call's sake, each call is retried in a transaction of
+        its own, so only the offending call fails; if for the database's (read-only, disk full,
+        timed out), every call is answered 503. If the connection is lost, the batch is not
+        retried: a statement or its COMMIT may have been applied just before, so its calls are
+        answered 503 (in doubt), never as done; only a batch that never left this process is sent
+        again on a new connection (see `_attempt`)."""
         try:
-            async with translated():
-                conn = await link.connection()
-                try:
-                    outcomes, appended = await run(conn, [c.work for c in batch])
-                finally:
-                    await link.check()
-        except HeraldError as e:
-            if len(batch) > 1:
-                for call in batch:
+            outcomes, appended = await self._attempt(link, [c.work for c in batch], run)
+        except asyncio.CancelledError as e:  # cancelled during close: nobody is left to answer
+            _answer(batch, [(False, Unavailable(f"store closed: {e!r}"))] * len(batch))
+            raise
+        except _Lost as e:
+            self._write_failed(e.error)
+            error = _in_doubt(e.error) if e.sent else translate(e.error)
+            outcomes, appended = [(False, error)] * len(batch), False
+        except Exception as e:
+            error = translate(e)
+            transient = isinstance(error, Unavailable)  # read-only, disk full, timed out...
+            if len(batch) > 1 and _refused(e) and not transient:
+                for call in batch:  # nothing was applied: retry apart, only the culprit fails
                     await self._commit(link, [call], run)
                 return
-            outcomes, appended = [(False, e)], False
-        except BaseException as e:  # cancelled during close: nobody is left to answer
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(Unavailable(f"store closed: {e!r}"))
-            raise
-        for call, (ok, value) in zip(batch, outcomes, strict=True):
-            if call.future.done():
-                continue
-            if ok:
-                call.future.set_result(value)
-            else:
-                call.future.set_exception(value)
+            if transient:
+                self._write_failed(e, refused=_refused(e))
+            elif not isinstance(e, _DRIVER):  # a bug: its calls fail, the writer goes on
+                log.exception("postgres write batch failed")
+            outcomes, appended = [(False, error)] * len(batch), False
+        else:
+            self._write_succeeded()
+        _answer(batch, outcomes)
         if appended:
             self._hooks.fire()
+
+    async def _attempt(
+        self,
+        link: _Link,
+        works: list[Any],
+        run: Callable[[asyncpg.Connection, list[Any]], Awaitable[Committed]],
+    ) -> Committed:
+        """Run the batch; a lost connection is raised as `_Lost`, a refusal as it came."""
+        for attempt in range(1, UNSENT_ATTEMPTS + 1):
+            try:
+                conn = await link.connection()
+            except Exception as e:
+                raise _Lost(e, sent=False) from e
+            try:
+                return await run(conn, works)
+            except Exception as e:
+                if not isinstance(e, _DRIVER) or (_refused(e) and _open(conn)):
+                    raise
+                unsent = _unsent(e, conn)
+                link.drop()
+                if attempt == UNSENT_ATTEMPTS or not unsent:
+                    raise _Lost(e, sent=not unsent) from e
+            # The pool may hold more connections the server has just closed, whose closing
+            # asyncpg has not read yet: let it read, then take the next one.
+            await asyncio.sleep(0.01)
+        raise AssertionError("unreachable")
 
     async def _exclusive(self, run: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         """A write that must pick its users itself (sweep): its own transaction, outside batches."""
@@ -396,6 +569,21 @@ class PostgresStore:
     ) -> tuple[Notification, bool]:
         result: tuple[Notification, bool] = await self._submit(
             Put(user_id, app, content, new_id, now, origin)
+        )
+        return result
+
+    async def put_once(
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        once: Once,
+        origin: str | None = None,
+    ) -> Remembered:
+        result: Remembered = await self._submit(
+            Put(user_id, app, content, new_id, now, origin, once)
         )
         return result
 
@@ -865,13 +1053,16 @@ async def _migrate(conn: asyncpg.Connection) -> None:
     known = migrations("postgres")
     async with conn.transaction():
         # Several nodes may start at once: one migrates, the others wait and then see it done.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('herald-migrate'))")
+        # A long timeout: another node may be migrating a large table.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('herald-migrate'))", timeout=MIGRATION_TIMEOUT
+        )
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
         current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
         check_version(current, known[-1][0] if known else 0)
         for version, script in known:
             if version > current:
-                await conn.execute(script)
+                await conn.execute(script, timeout=MIGRATION_TIMEOUT)
                 await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
 
 
@@ -902,26 +1093,185 @@ _PUT_BATCH_SQL = (
 
 def _generations(calls: list[_Call]) -> list[list[_Call]]:
     """Split puts so that no key occurs twice in one `herald_put_batch` call: the k-th put of a
-    key (user, app, appNotificationId or else the new id) goes to the k-th call."""
-    seen: dict[tuple[str, str, str], int] = {}
+    key (user, app, appNotificationId or else the new id) goes to the k-th call. The same for
+    Idempotency-Keys (one insert may not meet its own row twice; the later put finds the
+    earlier one's record)."""
+    seen: dict[tuple[str, ...], int] = {}
     generations: list[list[_Call]] = []
     for call in calls:
         p = call.work
         assert isinstance(p, Put)
-        key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
-        k = seen.get(key, 0)
-        seen[key] = k + 1
-        if k == len(generations):
+        keys = [(p.user_id, p.app, p.content.app_notification_id or p.new_id)]
+        if p.once is not None:
+            keys.append(("", p.once.scope, p.once.key))  # "": apart from notification keys
+        k = max(seen.get(key, 0) for key in keys)
+        for key in keys:
+            seen[key] = k + 1
+        while k >= len(generations):
             generations.append([])
         generations[k].append(call)
     return generations
 
 
+def _answer(batch: list[_Call], outcomes: Outcomes) -> None:
+    for call, (ok, value) in zip(batch, outcomes, strict=True):
+        if call.future.done():  # the caller was cancelled
+            continue
+        if ok:
+            call.future.set_result(value)
+        else:
+            call.future.set_exception(value)
+
+
+def _in_doubt(e: BaseException) -> Unavailable:
+    return Unavailable(
+        "The database connection was lost during this write, so it may or may not have been"
+        f" applied ({_describe(e)}). Retry it; an Idempotency-Key makes the retry safe.",
+        retry_after=1,
+    )
+
+
+async def _probe(tx: Tx) -> None:
+    """`ping`'s write probe: a transaction on a writer's connection, which must be writable."""
+    if await tx.conn.fetchval("SELECT current_setting('transaction_read_only')::bool"):
+        raise Unavailable("the database is read-only (a standby?)", retry_after=1)
+
+
 async def _put_batch(conn: asyncpg.Connection, puts: list[Put], again: bool = False) -> Committed:
-    """All puts of a call in one statement (its own transaction): `herald_put_batch`.
+    """All puts of a call in one statement (its own transaction): `herald_put_batch`; with
+    Idempotency-Keys, in a transaction with their records (`_put_recorded`).
 
     `again`: an earlier call of the same batch may have created a key equal to a put's new id,
     so puts without an appNotificationId look their key up too (and replace what they find)."""
+    for p in puts:
+        if p.once is not None:
+            return await _put_recorded(conn, puts, again)
+    return await _put_rows(conn, puts, again)
+
+
+class _Redo(Exception):
+    """Rolls a keyed batch back, to run it again without these puts (by index), settled so:
+    keys another transaction recorded first, answers that could not be rendered."""
+
+    def __init__(self, taken: list[int], failed: dict[int, tuple[bool, Any]]) -> None:
+        super().__init__(f"{len(taken)} Idempotency-Keys taken, {len(failed)} failed")
+        self.taken = taken
+        self.failed = failed
+
+
+async def _put_recorded(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
+    """Puts and the records of their Idempotency-Keys in one transaction (three round trips
+    more than `_put_rows` alone, paid only by batches with a key).
+
+    A key another transaction recorded first (another process or node: the insert waits for it
+    to end) rolls the whole transaction back; that put is answered with the record, and the
+    others run again without it. So does an answer that cannot be rendered (that put fails)."""
+    settled: dict[int, tuple[bool, Any]] = {}
+    for _ in range(RECORD_ROUNDS):
+        rest = [i for i in range(len(puts)) if i not in settled]
+        if not rest:
+            return [settled[i] for i in range(len(puts))], False
+        try:
+            async with conn.transaction():
+                outcomes, appended = await _put_rows(conn, [puts[i] for i in rest], again)
+                answers = _rendered([puts[i] for i in rest], outcomes)
+                failed = {rest[j]: a for j, a in enumerate(answers) if isinstance(a, tuple)}
+                taken = await _record(conn, [puts[i] for i in rest], answers)
+                if taken or failed:
+                    raise _Redo([rest[j] for j in taken], failed)
+        except _Redo as redo:
+            settled |= redo.failed
+            recorded = await _recall_taken(conn, puts, redo.taken)
+            settled |= {i: (True, r) for i, r in recorded.items()}
+            continue
+        by_rest = dict(zip(rest, zip(outcomes, answers, strict=True), strict=True))
+        merged: Outcomes = []
+        for i in range(len(puts)):
+            outcome, answer = by_rest[i] if i in by_rest else (settled[i], None)
+            merged.append((True, answer) if isinstance(answer, Remembered) else outcome)
+        return merged, appended
+    raise Unavailable("Idempotency-Keys kept changing hands; try again", retry_after=1)
+
+
+def _rendered(puts: list[Put], outcomes: Outcomes) -> list[Remembered | tuple[bool, Any] | None]:
+    """Each keyed put's answer, rendered from the notification as written (in the transaction);
+    a failed outcome where it could not be."""
+    answers: list[Remembered | tuple[bool, Any] | None] = []
+    for p, (ok, value) in zip(puts, outcomes, strict=True):
+        if p.once is None or not ok:
+            answers.append(None)
+            continue
+        try:
+            answers.append(p.once.render(*value))
+        except Exception as e:
+            log.exception("could not render an idempotent answer")
+            answers.append((False, HeraldError(f"could not render the answer: {e!r}")))
+    return answers
+
+
+async def _record(
+    conn: asyncpg.Connection, puts: list[Put], answers: list[Remembered | tuple[bool, Any] | None]
+) -> list[int]:
+    """Insert the answers as the keys' records; the positions (in `puts`) of the keys another
+    transaction holds an unexpired record of."""
+    rows = [
+        (j, p.once, a)
+        for j, (p, a) in enumerate(zip(puts, answers, strict=True))
+        if p.once is not None and isinstance(a, Remembered)
+    ]
+    if not rows:
+        return []
+    now = min(puts[j].now for j, _, _ in rows)
+    inserted = await conn.fetch(
+        _RECORD_SQL,
+        [once.scope for _, once, _ in rows],
+        [once.key for _, once, _ in rows],
+        [a.fingerprint for _, _, a in rows],
+        [a.status for _, _, a in rows],
+        [a.body for _, _, a in rows],
+        [a.location for _, _, a in rows],
+        [once.expires for _, once, _ in rows],
+        now,
+    )
+    stored = {(r[0], r[1]) for r in inserted}
+    return [j for j, once, _ in rows if (once.scope, once.key) not in stored]
+
+
+async def _recall_taken(
+    conn: asyncpg.Connection, puts: list[Put], taken: list[int]
+) -> dict[int, Remembered]:
+    """The records that took these puts' keys (committed: the insert waited for them). One that
+    has expired or been swept meanwhile is missing, and its put runs again."""
+    if not taken:
+        return {}
+    keys = [(i, puts[i].once) for i in taken]
+    found = await conn.fetch(
+        "SELECT i.n, r.fingerprint, r.status, r.body, r.location"
+        " FROM unnest($1::text[], $2::text[], $3::int[]) AS i(scope, key, n)"
+        " JOIN idempotency r ON r.scope = i.scope AND r.key = i.key AND r.expires > $4",
+        [once.scope for _, once in keys if once],
+        [once.key for _, once in keys if once],
+        [i for i, once in keys if once],
+        min(puts[i].now for i in taken),
+    )
+    return {r[0]: Remembered(r[1], r[2], bytes(r[3]), r[4]) for r in found}
+
+
+# Keeps an unexpired record (the first answer): a conflicting row is locked and not returned.
+# Replaces an expired one the sweeper has not removed yet.
+_RECORD_SQL = (
+    "INSERT INTO idempotency (scope, key, fingerprint, status, body, location, expires)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bytea[],"
+    " $6::text[], $7::timestamptz[])"
+    " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+    " status = excluded.status, body = excluded.body, location = excluded.location,"
+    " expires = excluded.expires WHERE idempotency.expires <= $8"
+    " RETURNING scope, key"
+)
+
+
+async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
+    """`herald_put_batch` over the puts."""
     # As if created; replaced rows are patched below.
     built = [
         new_notification(p.user_id, p.app, p.content, p.new_id, p.now.astimezone(UTC), None)

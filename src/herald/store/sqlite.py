@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -36,7 +36,7 @@ from herald.model import (
     Subscription,
 )
 from herald.query import Filter, Page, Query
-from herald.store.base import Remembered
+from herald.store.base import Once, Remembered
 from herald.store.sql import (
     CHANGE_COLUMNS,
     LIVE_KINDS,
@@ -378,7 +378,21 @@ class SqliteStore:
         now: datetime,
         origin: str | None = None,
     ) -> tuple[Notification, bool]:
-        return await self._write(_Put(user_id, app, content, new_id, now, origin))
+        result = await self._write(_Put(user_id, app, content, new_id, now, origin))
+        return cast(tuple[Notification, bool], result)  # a put without a key
+
+    async def put_once(
+        self,
+        user_id: str,
+        app: str,
+        content: Content,
+        new_id: str,
+        now: datetime,
+        once: Once,
+        origin: str | None = None,
+    ) -> Remembered:
+        result = await self._write(_Put(user_id, app, content, new_id, now, origin, once))
+        return cast(Remembered, result)  # a put with a key
 
     async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None:
         return await self._read(lambda c: _live(c, user_id, app, id, to_micros(now)))
@@ -678,11 +692,7 @@ class SqliteStore:
     # -- idempotency ---------------------------------------------------------------------------
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
         row = await self._read(
-            lambda c: c.execute(
-                "SELECT fingerprint, status, body, location FROM idempotency"
-                " WHERE scope = ? AND key = ? AND expires > ?",
-                (scope, key, to_micros(now)),
-            ).fetchone()
+            lambda c: c.execute(_RECALL_SQL, (scope, key, to_micros(now))).fetchone()
         )
         return None if row is None else Remembered(row[0], row[1], bytes(row[2]), row[3])
 
@@ -699,10 +709,7 @@ class SqliteStore:
         def job(c: Connection) -> None:
             # Keep the first answer unless it has expired (the sweeper may not have run yet).
             c.execute(
-                "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-                " status = excluded.status, body = excluded.body, location = excluded.location,"
-                " expires = excluded.expires WHERE idempotency.expires <= ?",
+                _RECORD_SQL,
                 (
                     scope,
                     key,
@@ -819,7 +826,8 @@ def _remove(
 
 @dataclass(slots=True)
 class _Put:
-    """A queued `put`: callable as a write job, or written set-wise with its neighbours."""
+    """A queued `put` (or `put_once`): callable as a write job, or written set-wise with its
+    neighbours."""
 
     user_id: str
     app: str
@@ -827,19 +835,69 @@ class _Put:
     new_id: str
     now: datetime
     origin: str | None = None
+    once: Once | None = None
 
-    def __call__(self, c: Connection) -> tuple[Notification, bool]:
-        return _put(c, self.user_id, self.app, self.content, self.new_id, self.now, self.origin)
+    def __call__(self, c: Connection) -> tuple[Notification, bool] | Remembered:
+        once = self.once
+        if once is not None:
+            recorded = _recorded(c, once, self.now)
+            if recorded is not None:
+                return recorded
+        n, created = _put(
+            c, self.user_id, self.app, self.content, self.new_id, self.now, self.origin
+        )
+        if once is None:
+            return n, created
+        answer = once.render(n, created)
+        c.execute(_RECORD_SQL, _record(once, answer, self.now))
+        return answer
+
+
+def _recorded(c: Connection, once: Once, now: datetime) -> Remembered | None:
+    """The unexpired record of the key. Authoritative: the write lock is held (BEGIN IMMEDIATE),
+    so no other process can add one before this transaction ends."""
+    row = c.execute(_RECALL_SQL, (once.scope, once.key, to_micros(now))).fetchone()
+    return None if row is None else Remembered(row[0], row[1], bytes(row[2]), row[3])
+
+
+def _record(once: Once, answer: Remembered, now: datetime) -> tuple[object, ...]:
+    return (
+        once.scope,
+        once.key,
+        answer.fingerprint,
+        answer.status,
+        answer.body,
+        answer.location,
+        to_micros(once.expires),
+        to_micros(now),
+    )
+
+
+_RECALL_SQL = (
+    "SELECT fingerprint, status, body, location FROM idempotency"
+    " WHERE scope = ? AND key = ? AND expires > ?"
+)
+# Keeps an unexpired record (the first answer); replaces an expired one the sweeper has not
+# removed yet.
+_RECORD_SQL = (
+    "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+    " status = excluded.status, body = excluded.body, location = excluded.location,"
+    " expires = excluded.expires WHERE idempotency.expires <= ?"
+)
 
 
 def _put_many(c: Connection, puts: builtins.list[_Put]) -> builtins.list[Any]:
-    """Several puts with the semantics of running `_put` on each in order, in ~5 statements."""
+    """Several puts with the semantics of running each `_Put` in order, in ~5 statements (and
+    one lookup per Idempotency-Key)."""
     live = _existing(c, puts)
     next_position = _next_positions(c, {p.user_id for p in puts})
     expired: builtins.list[tuple[str]] = []
     inserts: builtins.list[tuple[object, ...]] = []
     updates: builtins.list[tuple[object, ...]] = []
     changes: builtins.list[tuple[str, int, str, str, str, int, str | None]] = []
+    records: builtins.list[tuple[object, ...]] = []
+    answered: dict[tuple[str, str], Remembered] = {}  # keys recorded by this run
     results: builtins.list[Any] = []
 
     def log(
@@ -850,6 +908,12 @@ def _put_many(c: Connection, puts: builtins.list[_Put]) -> builtins.list[Any]:
         changes.append((user_id, position, str(kind), app, nid, at, origin))
 
     for p in puts:
+        once = p.once
+        if once is not None:
+            recorded = answered.get((once.scope, once.key)) or _recorded(c, once, p.now)
+            if recorded is not None:
+                results.append(recorded)
+                continue
         now = p.now.astimezone(UTC)
         at = to_micros(now)
         key = (p.user_id, p.app, p.content.app_notification_id or p.new_id)
@@ -863,12 +927,19 @@ def _put_many(c: Connection, puts: builtins.list[_Put]) -> builtins.list[Any]:
         kind = ChangeKind.CREATED if old is None else REPLACED
         log(p.user_id, kind, p.app, n.id, at, p.origin)
         live[key] = n
-        results.append((n, old is None))
+        if once is None:
+            results.append((n, old is None))
+            continue
+        answer = answered[once.scope, once.key] = once.render(n, old is None)
+        records.append(_record(once, answer, p.now))
+        results.append(answer)
     # Order matters: a key can be expired, then created, then replaced within one run.
     c.executemany("DELETE FROM notifications WHERE id = ?", expired)
     c.executemany(_INSERT_SQL, inserts)
     c.executemany(_UPDATE_SQL, updates)
     c.executemany(_LOG_SQL, changes)
+    if records:
+        c.executemany(_RECORD_SQL, records)
     # One executemany (one prepared statement stepped per row, in C) is as set-wise as SQLite
     # gets: a multi-row VALUES saves ~0.3 us a row but is prepared again for every batch size.
     _outbox(c, [(change[0], change[1]) for change in changes])

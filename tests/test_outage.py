@@ -1,0 +1,135 @@
+"""Herald when PostgreSQL goes away and comes back (docs/operations.md, "When PostgreSQL fails").
+
+A real `herald serve` under a steady stream of posts: its backends are terminated mid-traffic (as
+a failover, a PgBouncer restart or an idle-connection reaper does), or a private PostgreSQL
+server under it is stopped for a few seconds and started again. Writes must recover by
+themselves within seconds, every failure in between must be a prompt 503 `serviceNotAvailable`
+with Retry-After, `/readyz` must say 503 while writes cannot succeed, nothing answered 201 may be
+lost, and the background loops (the dispatcher draining the outbox) must resume."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.pg import (
+    Cluster,
+    application_url,
+    fresh_database,
+    private_cluster,
+    terminate_backends,
+)
+from tests.traffic import Herald, Traffic, drive, serve
+
+pytestmark = pytest.mark.postgres
+
+# A request during an outage must be answered within this (the store's bounds are 5 s to
+# connect, 15 s for a statement; a refused or terminated connection is answered at once).
+ANSWER_BOUND = 5.0
+RECOVERY_BOUND = 3.0  # seconds from the database being back to writes answered 201 again
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    yield from private_cluster()
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    yield from fresh_database()
+
+
+def check_failures(traffic: Traffic) -> None:
+    """Every failed post was a prompt, retryable 503 in Graph's shape: never a 500 or a hang."""
+    for a in traffic.failed():
+        assert (a.status, a.code) == (503, "serviceNotAvailable"), a
+        assert a.retry_after is not None and int(a.retry_after) >= 1, a
+        assert a.took < ANSWER_BOUND, a
+    assert all(a.took < ANSWER_BOUND for a in traffic.posts)
+
+
+def check_aftermath(herald: Herald, traffic: Traffic) -> None:
+    """Nothing answered 201 was lost, and the dispatcher drained the outbox once more (it
+    counts every change it publishes and removes)."""
+    headers = {"Authorization": f"Bearer {herald.token}"}
+    found: set[str] = set()
+    with httpx.Client(base_url=herald.base, headers=headers, timeout=10) as c:
+        url: str | None = "/beta/me/notifications?$top=999"
+        while url:
+            page = c.get(url).json()
+            found |= {n["id"] for n in page["value"]}
+            url = page.get("@odata.nextLink")
+        assert traffic.created <= found, f"{len(traffic.created - found)} acknowledged lost"
+        deadline = time.monotonic() + 10
+        while dispatched(c) < len(found) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dispatched(c) >= len(found)
+        assert c.get("/readyz").status_code == 200
+
+
+def dispatched(client: httpx.Client) -> float:
+    text = client.get("/metrics").text
+    m = re.search(r"^herald_dispatched_changes_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_writes_recover_after_backends_are_terminated_mid_traffic(
+    tmp_path: Path, database: str
+) -> None:
+    name = f"herald-outage-{uuid.uuid4().hex[:8]}"
+    killed: list[tuple[float, int]] = []
+
+    def terminate() -> None:
+        # Twice: the second time hits the connections that replaced the first ones.
+        for _ in range(2):
+            killed.append((time.monotonic(), asyncio.run(terminate_backends(database, name))))
+            time.sleep(0.5)
+
+    with serve(tmp_path, application_url(database, name)) as herald:
+        traffic = asyncio.run(drive(herald, 6.0, terminate))
+        assert all(n >= 2 for _, n in killed), killed  # the writers' connections at least
+        check_failures(traffic)
+        after = [a for a in traffic.posts if a.at > killed[-1][0] + RECOVERY_BOUND]
+        assert after and all(a.status == 201 for a in after), traffic.failed()[-5:]
+        check_aftermath(herald, traffic)
+        # /readyz is 503 only while a write batch has failed and none succeeded since: for a
+        # moment at most here (the next batch runs on new connections).
+        assert traffic.ready[-1][1] == 200
+
+
+def test_writes_recover_after_a_postgres_restart(tmp_path: Path, cluster: Cluster) -> None:
+    name = f"herald-restart-{uuid.uuid4().hex[:8]}"
+    window: dict[str, float] = {}
+
+    def restart() -> None:
+        window["stopped"] = time.monotonic()
+        cluster.stop("fast")  # every session ends, new connections are refused
+        time.sleep(3.0)
+        window["starting"] = time.monotonic()
+        cluster.start()
+        window["started"] = time.monotonic()
+
+    with serve(tmp_path, application_url(cluster.url, name)) as herald:
+        traffic = asyncio.run(drive(herald, 9.0, restart))
+        check_failures(traffic)
+        down = [a for a in traffic.posts if window["stopped"] + 0.5 < a.at < window["starting"]]
+        assert down and all(a.status == 503 for a in down), down
+        ready_down = [
+            s for t, s in traffic.ready if window["stopped"] + 0.5 < t < window["starting"]
+        ]
+        assert ready_down and set(ready_down) == {503}, ready_down
+        # Back: writes and readiness recover by themselves, within RECOVERY_BOUND.
+        recovered = window["started"] + RECOVERY_BOUND
+        after = [a for a in traffic.posts if a.at > recovered]
+        assert after and all(a.status == 201 for a in after), traffic.failed()[-5:]
+        assert {s for t, s in traffic.ready if t > recovered} == {200}
+        check_aftermath(herald, traffic)
+        log = herald.log.read_text()
+        assert "database writes failing" in log and "database writes recovered" in log
