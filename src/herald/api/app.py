@@ -21,6 +21,7 @@ from herald.api import (
     batch,
     delta,
     inbox,
+    metadata,
     notifications,
     operations,
     schemas,
@@ -142,7 +143,13 @@ def build_services(
 
 def api_routes() -> list[BaseRoute]:
     # delta before notifications: `…/notifications/{id}` would otherwise take "delta" as an id.
-    return delta.routes() + notifications.routes() + subscriptions.routes() + batch.routes()
+    return (
+        delta.routes()
+        + notifications.routes()
+        + subscriptions.routes()
+        + batch.routes()
+        + metadata.routes()
+    )
 
 
 class Herald:

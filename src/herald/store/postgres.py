@@ -66,6 +66,7 @@ from herald.store.sql import (
     new_notification,
     notification_from_row,
     order_by,
+    patched,
     pending_from_row,
     settle_ids,
     settle_plan,
@@ -444,12 +445,7 @@ class PostgresStore:
             if old is None:
                 raise NotFound(f"notification {id} not found")
             check_etag(old, if_match)
-            changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
-            if "expiration_date_time" in changes:
-                changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
-            n = msgspec.structs.replace(
-                old, **changes, version=old.version + 1, last_modified_date_time=now.astimezone(UTC)
-            )
+            n = patched(old, patch, now)
             await _write_rows(tx.conn, _UPDATE_SQL, [n])
             tx.append(user_id, ChangeKind.UPDATED, app, n.id, now, origin)
             return n

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import msgspec
-
 from herald.errors import Conflict, HeraldError, NotFound, QuotaExceeded, Unavailable
 from herald.model import (
     App,
@@ -62,6 +60,7 @@ from herald.store.sql import (
     new_notification,
     notification_from_row,
     order_by,
+    patched,
     pending_from_row,
     provider_of,
     settle_ids,
@@ -965,12 +964,7 @@ def _update(
     if old is None:
         raise NotFound(f"notification {id} not found")
     check_etag(old, if_match)
-    changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
-    if "expiration_date_time" in changes:
-        changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
-    n = msgspec.structs.replace(
-        old, **changes, version=old.version + 1, last_modified_date_time=now
-    )
+    n = patched(old, patch, now)
     c.execute(_UPDATE_SQL, _row(n))
     _append(c, user_id, ChangeKind.UPDATED, app, n.id, to_micros(now), origin)
     return n
