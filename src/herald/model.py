@@ -154,13 +154,20 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class App(msgspec.Struct, frozen=True, kw_only=True):
-    """A registered app: its OAuth client id, its host name (= targetHostName) and secret hash."""
+    """A registered app as one of its client ids sees it.
+
+    An app is its host name (= targetHostName, its cross-device identity); it has one or more
+    OAuth client ids (one per platform of a cross-device app), each with its own secret hash
+    and an optional platform label, and all of them act as the same app. `created_date_time`
+    is when this client id was added.
+    """
 
     client_id: str
     host_name: str
     display_name: str
     secret_hash: str
     created_date_time: datetime
+    platform: str | None = None
 
 
 class DevicePlatform(enum.StrEnum):

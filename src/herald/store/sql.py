@@ -413,6 +413,14 @@ def stored_subscription(
     )
 
 
+# Column order `app_from_row` reads: one row per client id, with its app's display name.
+APP_SELECT = (
+    "SELECT c.client_id, c.host_name, a.display_name, c.secret_hash, c.created_date_time,"
+    " c.platform FROM app_clients AS c JOIN apps AS a ON a.host_name = c.host_name"
+)
+APP_ORDER = " ORDER BY c.host_name, c.created_date_time, c.client_id"
+
+
 def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
     return App(
         client_id=r[0],
@@ -420,7 +428,33 @@ def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
         display_name=r[2],
         secret_hash=r[3],
         created_date_time=to_dt(r[4]),
+        platform=r[5],
     )
+
+
+# What `delete_app` removes, in this order (outbox entries and deliveries before the changes and
+# subscriptions they refer to; client ids last: idempotency scopes are found through them). Each
+# statement takes the host name as its only parameter, `{p}` its placeholder.
+DELETE_APP = (
+    (
+        "outbox",
+        "DELETE FROM outbox WHERE EXISTS (SELECT 1 FROM changes AS c WHERE c.app = {p}"
+        " AND c.user_id = outbox.user_id AND c.position = outbox.position)",
+    ),
+    ("deliveries", "DELETE FROM deliveries WHERE app = {p}"),
+    ("changes", "DELETE FROM changes WHERE app = {p}"),
+    ("notifications", "DELETE FROM notifications WHERE app = {p}"),
+    ("subscriptions", "DELETE FROM subscriptions WHERE app = {p}"),
+    ("pushCredentials", "DELETE FROM push_credentials WHERE app = {p}"),
+    (
+        "idempotencyKeys",
+        "DELETE FROM idempotency WHERE EXISTS (SELECT 1 FROM app_clients AS a"
+        " WHERE a.host_name = {p}"
+        " AND substr(idempotency.scope, 1, length(a.client_id) + 1) = a.client_id || ':')",
+    ),
+    ("clientIds", "DELETE FROM app_clients WHERE host_name = {p}"),
+    ("apps", "DELETE FROM apps WHERE host_name = {p}"),
+)
 
 
 # -- deliveries --------------------------------------------------------------------------------
