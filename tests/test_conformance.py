@@ -212,6 +212,9 @@ def test_delta_latest_starts_from_now(server: Server, app: RegisteredApp) -> Non
         assert page["value"] == [] and "@odata.nextLink" not in page
     later = post(c, app)
     assert [n["id"] for n in c.get(page["@odata.deltaLink"]).json()["value"]] == [later["id"]]
+    # a parameter that is not an OData option is ignored here too; an unsupported option is not
+    assert c.get(f"{FEED}/delta?$deltatoken=latest&api-version=2").status_code == 200
+    assert_graph_error(c.get(f"{FEED}/delta?filter=x"), 400, "invalidRequest", "filter")
 
 
 def test_delta_select_shapes_every_page_of_the_round(server: Server, app: RegisteredApp) -> None:
