@@ -347,8 +347,11 @@ VALID_OPTIONS: list[tuple[dict[str, str], dict[str, object]]] = [
     ({"$select": "payload, ID ,targetPolicy"}, {"select": ("payload", "id", "targetPolicy")}),
     ({"$select": "*"}, {"select": None}),
     ({"$select": ",".join(sorted(SELECTABLE))}, {"select": tuple(sorted(SELECTABLE))}),
-    # non-$ parameters are not ours
-    ({"top": "nonsense", "api-version": "x", "filter": "???"}, {}),
+    # parameters that are not OData options are not ours
+    ({"api-version": "x", "foo": "???", "access_token": "t"}, {}),
+    # on /beta the `$` is optional: Graph's bare option names are the options
+    ({"top": "3", "skip": "2", "Count": "true"}, {"top": 3, "skip": 2, "count": True}),
+    ({"select": "id", "orderby": "id"}, {"select": ("id",), "order": (Order("id"),)}),
 ]
 
 
@@ -427,6 +430,11 @@ INVALID_OPTIONS: list[tuple[list[tuple[str, str]], str, tuple[str, ...]]] = [
     ([("$select", "id,ID")], "$select", ("'id' is selected more than once",)),
     ([("$select", "*,id")], "$select", ("unknown property '*'",)),
     ([("$select", "payload/rawContent")], "$select", ("unknown property",)),
+    # bare option names are options too: checked, never ignored
+    ([("top", "nonsense")], "$top", ("non-negative integer",)),
+    ([("filter", "???")], "$filter", ()),
+    ([("expand", "x")], "$expand", ("not supported",)),
+    ([("top", "1"), ("$top", "2")], "$top", ("more than once",)),
 ]
 
 

@@ -84,6 +84,9 @@ class Content(msgspec.Struct, frozen=True, kw_only=True):
     display_time_to_live: int | None = None
     expiration_date_time: datetime
     fallback_policy: FallbackPolicy | None = None
+    # Open-type properties the app set (the notification type is open in Graph): a JSON object,
+    # encoded, whose names never collide with the properties above (api/schemas.py checks).
+    extra: bytes | None = None
 
 
 class Notification(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +113,7 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True):
     read_state: ReadState = ReadState.UNREAD
     user_action_state: UserActionState = UserActionState.NONE
     version: int = 1
+    extra: bytes | None = None  # open-type properties, as in `Content`
 
 
 class StatePatch(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +126,10 @@ class StatePatch(msgspec.Struct, frozen=True, kw_only=True):
     priority: Priority | None = None
     display_time_to_live: int | None = None
     expiration_date_time: datetime | None = None
+    # Open-type properties to set: a JSON object, encoded; a null value removes that property.
+    # Merged into the stored ones, the result may take at most `max_extra_bytes` (0: no limit).
+    extra: bytes | None = None
+    max_extra_bytes: int = 0
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,13 +154,20 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class App(msgspec.Struct, frozen=True, kw_only=True):
-    """A registered app: its OAuth client id, its host name (= targetHostName) and secret hash."""
+    """A registered app as one of its client ids sees it.
+
+    An app is its host name (= targetHostName, its cross-device identity); it has one or more
+    OAuth client ids (one per platform of a cross-device app), each with its own secret hash
+    and an optional platform label, and all of them act as the same app. `created_date_time`
+    is when this client id was added.
+    """
 
     client_id: str
     host_name: str
     display_name: str
     secret_hash: str
     created_date_time: datetime
+    platform: str | None = None
 
 
 class DevicePlatform(enum.StrEnum):

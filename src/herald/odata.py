@@ -40,9 +40,12 @@ __all__ = [
     "MAX_SKIP",
     "SELECTABLE",
     "SUPPORTED_OPTIONS",
+    "SYSTEM_OPTIONS",
     "WIRE_FIELDS",
+    "option_name",
     "parse_filter",
     "parse_query",
+    "parse_select",
 ]
 
 # camelCase wire name -> snake_case `Query` field name (filterable and orderable).
@@ -133,7 +136,8 @@ def parse_query(
     default_top: int,
     max_top: int,
 ) -> Query:
-    """Validate the `$`-prefixed options in `params`; other parameters are ignored.
+    """Validate the OData options in `params` (`$name`, or a bare Graph option name such as
+    `top`); other parameters are ignored.
 
     Pass Starlette's `request.query_params` (its `multi_items()` is used) or any iterable of
     (name, value) pairs, so that repeated options are detected.
@@ -151,7 +155,7 @@ def parse_query(
         top=default_top if top is None else _parse_int(top, "$top", max_top),
         skip=0 if skip is None else _parse_int(skip, "$skip", MAX_SKIP),
         count=False if count is None else _parse_count(count),
-        select=None if select is None else _parse_select(select),
+        select=None if select is None else parse_select(select),
     )
 
 
@@ -168,12 +172,41 @@ def options(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, 
     return _collect_options(params)
 
 
+# OData system query options Graph knows. On /beta the `$` is optional (docs: "Use query
+# parameters"), so `top=1` is `$top=1`: the bare names are options too, never ignored.
+SYSTEM_OPTIONS: Final[frozenset[str]] = frozenset(
+    {
+        "$count",
+        "$deltatoken",
+        "$expand",
+        "$filter",
+        "$format",
+        "$orderby",
+        "$search",
+        "$select",
+        "$skip",
+        "$skiptoken",
+        "$top",
+    }
+)
+
+
+def option_name(key: str) -> str | None:
+    """The lower-cased `$name` of the OData option a query parameter is, or None if it is not
+    one (a parameter of another kind, which every endpoint ignores, as Graph does)."""
+    name = key.lower()
+    if name.startswith("$"):
+        return name
+    name = "$" + name
+    return name if name in SYSTEM_OPTIONS else None
+
+
 def _collect_options(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
     options: dict[str, str] = {}
     for key, value in _pairs(params):
-        if not key.startswith("$"):
+        name = option_name(key)
+        if name is None:
             continue
-        name = key.lower()
         if name not in SUPPORTED_OPTIONS:
             hint = _UNSUPPORTED_HINTS.get(name, "")
             supported = _supported_text()
@@ -222,7 +255,8 @@ def _split_list(raw: str, name: str) -> list[str]:
     return items
 
 
-def _parse_select(raw: str) -> tuple[str, ...] | None:
+def parse_select(raw: str) -> tuple[str, ...] | None:
+    """`$select`'s property names (None for `*`: every property)."""
     items = _split_list(raw, "$select")
     if items == ["*"]:
         return None

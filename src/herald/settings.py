@@ -52,6 +52,9 @@ class Settings:
     inbox_issuer: str = ""
     inbox_client_id: str = ""
     inbox_scope: str = "openid offline_access"
+    # Learn which user a principal name (`/users/alice@contoso.com`) names from delegated tokens'
+    # `upn`/`preferred_username` claims; off: only from `herald user set` (docs/auth.md).
+    learn_user_names: bool = True
     # Further origins the inbox may connect to, space-separated: an IdP whose token endpoint is
     # not on its issuer's origin (the page's Content-Security-Policy allows only those).
     inbox_origins: str = ""

@@ -572,7 +572,8 @@ async def _create_schema_1(backend: Backend) -> None:
         async with store._acquire() as conn:
             await conn.execute(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
-                " idempotency, deliveries, push_credentials, schema_version;"
+                " idempotency, deliveries, push_credentials, app_clients, user_names,"
+                " schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             await conn.execute(script)

@@ -1145,7 +1145,8 @@ async def test_upgrades_a_schema_2_database(durable_backend: Backend) -> None:
         async with store._acquire() as conn:
             await conn.execute(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
-                " idempotency, deliveries, push_credentials, schema_version;"
+                " idempotency, deliveries, push_credentials, app_clients, user_names,"
+                " schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             for script in scripts:

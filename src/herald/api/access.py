@@ -16,10 +16,13 @@ from herald.errors import AccessDenied, InvalidRequest, NotFound, Unauthenticate
 from herald.limits import RateLimits
 from herald.model import App, Subscription
 from herald.store import Store
+from herald.users import canonical, is_principal_name, principal_name
 
 MAX_USER_ID = 256
 MAX_UNS_ID = 64
 APP_CACHE_SECONDS = 30.0  # a newly registered app is seen at once (misses are not cached)
+NAME_CACHE_SECONDS = 30.0  # likewise for user principal names
+MAX_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,48 @@ class Apps:
         return app
 
 
+class Users:
+    """Who a path's `{user}` is (herald/users.py), and the principal names tokens teach."""
+
+    def __init__(self, store: Store, clock: Callable[[], datetime], learn: bool = True) -> None:
+        self.store = store
+        self.clock = clock
+        self.learn = learn
+        self.names: dict[str, tuple[str, float]] = {}  # upn -> (user id, when read)
+        self.taught: dict[str, str] = {}  # upn -> user id already recorded from a token
+
+    async def resolve(self, path_user: str) -> str:
+        """The user id a path names: a GUID in lower case, a known UPN's user, else as given."""
+        if not is_principal_name(path_user):
+            return canonical(path_user)
+        upn = principal_name(path_user)
+        hit = self.names.get(upn)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < NAME_CACHE_SECONDS:
+            return hit[0]
+        found = await self.store.user_of(upn)
+        if found is None:
+            return path_user
+        if len(self.names) >= MAX_REMEMBERED:
+            self.names.clear()
+        self.names[upn] = (found, now)
+        return found
+
+    async def taught_by(self, principal: Principal) -> None:
+        """Record the principal name a delegated token gives its user (once per name and user;
+        a name pinned with `herald user set` is not changed)."""
+        if not self.learn or principal.upn is None or principal.user_id is None:
+            return
+        upn = principal_name(principal.upn)
+        if self.taught.get(upn) == principal.user_id:
+            return
+        await self.store.name_user(upn, principal.user_id, pinned=False, now=self.clock())
+        if len(self.taught) >= MAX_REMEMBERED:
+            self.taught.clear()
+        self.taught[upn] = principal.user_id
+        self.names.pop(upn, None)
+
+
 class Access:
     def __init__(
         self,
@@ -57,12 +102,14 @@ class Access:
         limits: RateLimits,
         store: Store,
         clock: Callable[[], datetime],
+        users: Users | None = None,
     ) -> None:
         self.verifier = verifier
         self.apps = apps
         self.limits = limits
         self.store = store
         self.clock = clock
+        self.users = users or Users(store, clock)
 
     async def principal(self, authorization: str | None) -> Principal:
         """The verified caller behind an Authorization header value."""
@@ -87,6 +134,10 @@ class Access:
         app = await self.apps.get(principal.client_id)
         if app is None:
             raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
+        await self.users.taught_by(principal)
+        if path_user is not None:
+            _check_path_user(path_user)
+            path_user = await self.users.resolve(path_user)
         if uns_id is None:
             user_id, device = self._user(principal, path_user), None
         else:
@@ -94,7 +145,8 @@ class Access:
             # Only a device's own (delegated) request comes *from* that device; an app server's
             # X-UNS-ID just names the user, and every device of theirs gets what it does.
             user_id, device = sub.user_id, (sub.id if principal.user_id is not None else None)
-        self.limits.check(principal.client_id, user_id)
+        # Per app, not per client id: an app's client ids share its budget.
+        self.limits.check(app.host_name, user_id)
         return Caller(principal, app, user_id, device)
 
     async def subscription(
@@ -118,10 +170,6 @@ class Access:
 
     @staticmethod
     def _user(principal: Principal, path_user: str | None) -> str:
-        if path_user is not None and (
-            not path_user or len(path_user) > MAX_USER_ID or not path_user.isprintable()
-        ):
-            raise InvalidRequest("The user id in the path is not a valid id.", target="user")
         if principal.user_id is not None:
             if path_user is not None and path_user != principal.user_id:
                 raise AccessDenied("A delegated token may only act on its own user's feed.")
@@ -133,3 +181,8 @@ class Access:
                 target="X-UNS-ID",
             )
         return path_user
+
+
+def _check_path_user(path_user: str) -> None:
+    if not path_user or len(path_user) > MAX_USER_ID or not path_user.isprintable():
+        raise InvalidRequest("The user id in the path is not a valid id.", target="user")

@@ -21,6 +21,7 @@ from herald.api import (
     batch,
     delta,
     inbox,
+    metadata,
     notifications,
     operations,
     schemas,
@@ -28,7 +29,7 @@ from herald.api import (
     subscriptions,
     token,
 )
-from herald.api.access import Access, Apps
+from herald.api.access import Access, Apps, Users
 from herald.api.errors import (
     RequestIdMiddleware,
     herald_error_handler,
@@ -114,11 +115,12 @@ def build_services(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
     )
+    users = Users(store, clock, learn=settings.learn_user_names)
     return Services(
         settings=settings,
         store=store,
         feed=Feed(store, clock),
-        access=Access(verifier, Apps(store), limiter, store, clock),
+        access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,
         sessions=Sessions(issuer) if issuer else None,
         verifier=verifier,
@@ -142,7 +144,13 @@ def build_services(
 
 def api_routes() -> list[BaseRoute]:
     # delta before notifications: `…/notifications/{id}` would otherwise take "delta" as an id.
-    return delta.routes() + notifications.routes() + subscriptions.routes() + batch.routes()
+    return (
+        delta.routes()
+        + notifications.routes()
+        + subscriptions.routes()
+        + batch.routes()
+        + metadata.routes()
+    )
 
 
 class Herald:

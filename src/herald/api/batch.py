@@ -4,6 +4,8 @@ with the outer request's Authorization, so it gets exactly the checks a direct c
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import re
@@ -30,9 +32,20 @@ class InnerRequest(msgspec.Struct, forbid_unknown_fields=True):
     id: str
     method: str
     url: str
-    headers: dict[str, str] = {}
+    headers: dict[str, str] | None = None
     body: Any = None
-    dependsOn: list[str] = []
+    dependsOn: list[str] | None = None
+    # msgraph-core for Python spells it in snake case (BatchRequestItem.serialize); Graph
+    # accepts both.
+    depends_on: list[str] | None = None
+
+    @property
+    def depends(self) -> list[str]:
+        return (self.dependsOn or []) + (self.depends_on or [])
+
+    @property
+    def header_map(self) -> dict[str, str]:
+        return self.headers or {}
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,14 +71,25 @@ def _validate(batch: BatchIn) -> None:
             raise InvalidRequest(
                 f"Unsupported method {r.method!r} in request {r.id}.", target="method"
             )
-        bad = [k for k, v in r.headers.items() if not (_TOKEN.fullmatch(k) and _VALUE.fullmatch(v))]
+        bad = [
+            k for k, v in r.header_map.items() if not (_TOKEN.fullmatch(k) and _VALUE.fullmatch(v))
+        ]
         if bad:
             raise InvalidRequest(
                 f"Request {r.id} has an invalid header {bad[0][:40]!r}.", target="headers"
             )
         if urlsplit(r.url).path.lstrip("/").startswith("$batch"):
             raise InvalidRequest("A batch cannot contain another batch.", target="url")
-        missing = [d for d in r.dependsOn if d not in seen]
+        _, path = target(r.url)
+        if unquote(path).lstrip("/").lower().startswith("$batch"):
+            raise InvalidRequest("A batch cannot contain another batch.", target="url")
+        if r.dependsOn and r.depends_on:
+            raise InvalidRequest(
+                f"Request {r.id} has both dependsOn and depends_on; give one.", target="dependsOn"
+            )
+        if isinstance(r.body, str):
+            _base64(r.body, r.id)
+        missing = [d for d in r.depends if d not in seen]
         if missing:
             raise InvalidRequest(
                 f"Request {r.id} depends on {missing[0]!r}, which is not an earlier request.",
@@ -87,7 +111,7 @@ async def handle(request: Request) -> Response:
         raise InvalidRequest("The batch body is nested too deeply.", target="body") from None
     _validate(batch)
     results: dict[str, dict[str, Any]] = {}
-    if any(r.dependsOn for r in batch.requests):
+    if any(r.depends for r in batch.requests):
         for r in batch.requests:
             results[r.id] = await _run_after(request, r, results)
     else:
@@ -100,19 +124,62 @@ async def handle(request: Request) -> Response:
 async def _run_after(
     request: Request, inner: InnerRequest, done: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    failed = [d for d in inner.dependsOn if done[d]["status"] >= 400]
+    failed = [d for d in inner.depends if done[d]["status"] >= 400]
     if failed:
         error = {"code": "failedDependency", "message": f"Request {failed[0]} failed."}
         return {"id": inner.id, "status": 424, "body": {"error": error}}
     return await _run(request, inner)
 
 
+def target(url: str) -> tuple[str | None, str]:
+    """(API version, path and query below it) of an inner request's URL.
+
+    Relative URLs are below the batch's own version (`/me/notifications`, or without the slash).
+    An absolute URL (msgraph-core sends `https://host/beta/me/notifications`) names its version
+    in its path; its scheme and host are not checked, since the request is served here whatever
+    host it names."""
+    if not url.lower().startswith(("http://", "https://")):
+        return None, url if url.startswith("/") else "/" + url
+    parts = urlsplit(url)
+    version, _, rest = parts.path.lstrip("/").partition("/")
+    if version not in VERSIONS:
+        raise InvalidRequest(
+            f"The absolute URL {url[:80]!r} is not below /beta/ or /v1.0/.", target="url"
+        )
+    return version, "/" + rest + (f"?{parts.query}" if parts.query else "")
+
+
+VERSIONS = ("beta", "v1.0")
+
+
+def _base64(text: str, rid: str) -> bytes:
+    """A body given as a string: base64 (OData JSON batch format §19.1; msgraph-core sends
+    every body that is not a JSON object so), standard or URL-safe, padded or not."""
+    squeezed = "".join(text.split())
+    try:
+        return base64.b64decode(
+            squeezed.replace("-", "+").replace("_", "/") + "=" * (-len(squeezed) % 4),
+            validate=True,
+        )
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(
+            f"The body of request {rid} is a string but not base64: send JSON bodies as JSON "
+            "objects, anything else base64-encoded.",
+            target="body",
+        ) from None
+
+
 async def _run(outer: Request, inner: InnerRequest) -> dict[str, Any]:
-    url = urlsplit(inner.url if inner.url.startswith("/") else "/" + inner.url)
-    headers = {k.lower(): v for k, v in inner.headers.items()}
+    named, path = target(inner.url)
+    url = urlsplit(path)
+    api = named or version(outer)
+    headers = {k.lower(): v for k, v in inner.header_map.items()}
     body = b""
-    if inner.body is not None:
+    if isinstance(inner.body, str):
+        body = _base64(inner.body, inner.id)
+    elif inner.body is not None:
         body = msgspec.json.encode(inner.body)
+    if body:
         headers.setdefault("content-type", "application/json")
     for name in ("authorization", "client-request-id"):
         if name in outer.headers and name not in headers:
@@ -126,8 +193,8 @@ async def _run(outer: Request, inner: InnerRequest) -> dict[str, Any]:
         "server": outer.scope.get("server"),
         "client": outer.scope.get("client"),
         # ASGI paths are percent-decoded, raw_path is not: as a server would pass them.
-        "path": f"/{version(outer)}{unquote(url.path)}",
-        "raw_path": f"/{version(outer)}{url.path}".encode("latin-1", "replace"),
+        "path": f"/{api}{unquote(url.path)}",
+        "raw_path": f"/{api}{url.path}".encode("latin-1", "replace"),
         "root_path": "",
         "query_string": url.query.encode(),
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],

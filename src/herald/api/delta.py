@@ -9,6 +9,7 @@ token; `$skiptoken` carries the same kind of cursor between pages of one round.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from herald import odata
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.notifications import caller, context, json_response, services
@@ -23,7 +25,10 @@ from herald.errors import Gone, InvalidRequest
 from herald.model import Change
 from herald.query import Comparison, Order, Query
 
-OPTIONS = {"$deltatoken", "$skiptoken"}
+OPTIONS = ("$deltatoken", "$skiptoken", "$select")
+# `$deltatoken=latest`: no items, just a deltaLink at the current position (Graph's way to start
+# tracking changes without reading the feed).
+LATEST = "latest"
 # Where a page leaves the device in the change log (not sent): its subscription's seen position,
 # which the iOS fallback checks (docs/push.md).
 REACHED = "\0reached"
@@ -33,21 +38,40 @@ SNAPSHOT_TOKEN = re.compile(r"([0-9]{1,19})\.([0-9a-fA-F-]{1,64})")
 PREFER_PAGE = re.compile(r"odata\.maxpagesize\s*=\s*([0-9]{1,6})", re.IGNORECASE)
 
 
-def _options(request: Request) -> dict[str, str]:
+@dataclass(frozen=True)
+class Round:
+    """What one delta request asks for: its token (at most one) and its `$select`."""
+
+    deltatoken: str | None = None
+    skiptoken: str | None = None
+    select: tuple[str, ...] | None = None
+
+
+def _options(request: Request) -> Round:
     given: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
-        if key.lower() not in OPTIONS:
+        name = odata.option_name(key)
+        if name is None:
+            continue  # not an OData option: ignored, as on every endpoint
+        if name not in OPTIONS:
             raise InvalidRequest(
-                f"Query option '{key[:64]}' is not supported on delta; follow the "
-                "@odata.nextLink and @odata.deltaLink as given.",
+                f"Query option '{key[:64]}' is not supported on delta: it takes $select, and "
+                "the $skiptoken/$deltatoken of the @odata.nextLink and @odata.deltaLink it gave.",
                 target=key[:64],
             )
-        if key.lower() in given:
-            raise InvalidRequest(f"Query option '{key}' is given twice.", target=key)
-        given[key.lower()] = value
-    if len(given) > 1:
+        if name in given:
+            raise InvalidRequest(f"Query option '{name}' is given twice.", target=name)
+        given[name] = value
+    if "$deltatoken" in given and "$skiptoken" in given:
         raise InvalidRequest("Give either $deltatoken or $skiptoken.", target="$skiptoken")
-    return given
+    select = given.get("$select")
+    if select is not None and not select.strip():
+        raise InvalidRequest("Query option '$select' must not be empty.", target="$select")
+    return Round(
+        given.get("$deltatoken"),
+        given.get("$skiptoken"),
+        odata.parse_select(select) if select is not None else None,
+    )
 
 
 def _page_size(request: Request) -> tuple[int, bool]:
@@ -67,23 +91,26 @@ def _position(text: str, name: str) -> int:
 
 async def delta(request: Request) -> Response:
     c = await caller(request)
-    options = _options(request)
+    ask = _options(request)
     size, preferred = _page_size(request)
     body: dict[str, Any]
-    if "$deltatoken" in options:
-        body = await _changes(request, c, _position(options["$deltatoken"], "$deltatoken"), size)
-    elif "$skiptoken" in options:
-        token = options["$skiptoken"]
-        m = SNAPSHOT_TOKEN.fullmatch(token)
+    if ask.deltatoken == LATEST:
+        _, head = await services(request).store.horizon(c.user_id)
+        body = _body(request, c, [])
+        body["@odata.deltaLink"] = _link(request, ask, "$deltatoken", str(head))
+    elif ask.deltatoken is not None:
+        after = _position(ask.deltatoken, "$deltatoken")
+        body = await _changes(request, c, ask, after, size)
+    elif ask.skiptoken is not None:
+        m = SNAPSHOT_TOKEN.fullmatch(ask.skiptoken)
         if m is not None:
-            body = await _snapshot(
-                request, c, _position(m.group(1), "$skiptoken"), m.group(2), size
-            )
+            position = _position(m.group(1), "$skiptoken")
+            body = await _snapshot(request, c, ask, position, m.group(2), size)
         else:
-            body = await _changes(request, c, _position(token, "$skiptoken"), size)
+            body = await _changes(request, c, ask, _position(ask.skiptoken, "$skiptoken"), size)
     else:
         _, head = await services(request).store.horizon(c.user_id)
-        body = await _snapshot(request, c, head, None, size)
+        body = await _snapshot(request, c, ask, head, None, size)
     reached = body.pop(REACHED, None)
     if c.device is not None and reached:  # the device has fetched everything up to here
         await services(request).store.seen(c.device, reached)
@@ -92,7 +119,7 @@ async def delta(request: Request) -> Response:
 
 
 async def _snapshot(
-    request: Request, c: Caller, position: int, after_id: str | None, size: int
+    request: Request, c: Caller, ask: Round, position: int, after_id: str | None, size: int
 ) -> dict[str, Any]:
     """One page of the first sync: the live feed by id, as of (at least) `position`."""
     s = services(request)
@@ -103,16 +130,18 @@ async def _snapshot(
     query = Query(filter=where, order=(Order("id"),), top=size + 1)
     page = await s.feed.list(c.user_id, c.app.host_name, query)
     items = page.items[:size]
-    body = _body(request, c, [schemas.to_builtins(n) for n in items])
+    body = _body(request, c, [schemas.to_builtins(n, ask.select) for n in items])
     if len(page.items) > size:
-        body["@odata.nextLink"] = _link(request, "$skiptoken", f"{position}.{items[-1].id}")
+        body["@odata.nextLink"] = _link(request, ask, "$skiptoken", f"{position}.{items[-1].id}")
     else:
-        body["@odata.deltaLink"] = _link(request, "$deltatoken", str(position))
+        body["@odata.deltaLink"] = _link(request, ask, "$deltatoken", str(position))
         body[REACHED] = position
     return body
 
 
-async def _changes(request: Request, c: Caller, after: int, size: int) -> dict[str, Any]:
+async def _changes(
+    request: Request, c: Caller, ask: Round, after: int, size: int
+) -> dict[str, Any]:
     """One page of changes after `after`, collapsed by notification."""
     s = services(request)
     pruned, head = await s.store.horizon(c.user_id)
@@ -126,20 +155,20 @@ async def _changes(request: Request, c: Caller, after: int, size: int) -> dict[s
             "GET …/notifications/delta without a token."
         )
     changes = await s.store.changes(c.user_id, c.app.host_name, after, size)
-    items = _collapse(changes)
+    items = _collapse(changes, ask.select)
     body = _body(request, c, items)
     if len(changes) == size:
-        body["@odata.nextLink"] = _link(request, "$skiptoken", str(changes[-1].position))
+        body["@odata.nextLink"] = _link(request, ask, "$skiptoken", str(changes[-1].position))
         body[REACHED] = changes[-1].position
     else:
         # Everything up to `head` (read before the log) has been seen, whichever app it was.
         last = max(head, changes[-1].position if changes else after)
-        body["@odata.deltaLink"] = _link(request, "$deltatoken", str(last))
+        body["@odata.deltaLink"] = _link(request, ask, "$deltatoken", str(last))
         body[REACHED] = last
     return body
 
 
-def _collapse(changes: list[Change]) -> list[dict[str, Any]]:
+def _collapse(changes: list[Change], select: tuple[str, ...] | None) -> list[dict[str, Any]]:
     """The final state of each notification that changed, in order of its last change."""
     latest: dict[str, Change] = {}
     for change in changes:
@@ -151,7 +180,7 @@ def _collapse(changes: list[Change]) -> list[dict[str, Any]]:
         if n is None:
             items.append({"id": change.notification_id, "@removed": {"reason": "deleted"}})
         else:
-            items.append(schemas.to_builtins(n))
+            items.append(schemas.to_builtins(n, select))
     return items
 
 
@@ -159,13 +188,21 @@ def _body(request: Request, c: Caller, items: list[dict[str, Any]]) -> dict[str,
     return {"@odata.context": context(request, c, "/delta"), "value": items}
 
 
-def _link(request: Request, name: str, value: str) -> str:
+def _link(request: Request, ask: Round, name: str, value: str) -> str:
+    """A next or delta link: the same path (whichever of Graph's spellings the client used),
+    the new token, and the same `$select` (a round keeps the shape it started with)."""
     base = services(request).settings.base_url
-    return f"{base}{request.url.path}?{name}={quote(value, safe='.-')}"
+    query = f"{name}={quote(value, safe='.-')}"
+    if ask.select is not None:
+        query += f"&$select={quote(','.join(ask.select), safe=',')}"
+    return f"{base}{request.url.path}?{query}"
 
 
 def routes() -> list[BaseRoute]:
-    return [
-        Route("/me/notifications/delta", delta, methods=["GET"]),
-        Route("/users/{user}/notifications/delta", delta, methods=["GET"]),
-    ]
+    # Graph addresses delta as a function: `delta()`, or qualified, `microsoft.graph.delta()`
+    # (what SDKs generate); `delta` alone is the short form Herald's links use.
+    table: list[BaseRoute] = []
+    for prefix in ("/me", "/users/{user}"):
+        for name in ("delta", "delta()", "microsoft.graph.delta()"):
+            table.append(Route(f"{prefix}/notifications/{name}", delta, methods=["GET"]))
+    return table

@@ -22,7 +22,13 @@ from starlette.types import Receive, Scope, Send
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.errors import error_body, error_headers, request_id
-from herald.api.notifications import check_body_headers, decode_body, feed_urls
+from herald.api.notifications import (
+    MINIMAL_APPLIED,
+    check_body_headers,
+    decode_body,
+    feed_urls,
+    wants_minimal,
+)
 from herald.errors import Conflict, HeraldError, InvalidRequest, PayloadTooLarge
 from herald.model import Notification
 from herald.store import Once, Remembered
@@ -34,7 +40,9 @@ log = logging.getLogger("herald.api")
 
 Render = Callable[[Notification, bool], Remembered]
 
-PATH = re.compile(r"/(beta|v1\.0)/(?:me|users/([^/]+))/notifications/?")
+# `…/activities` is the seed page's own example (a defect of that page, but the request people
+# copy first): an alias of create, and of nothing else.
+PATH = re.compile(r"/(beta|v1\.0)/(?:me|users/([^/]+))/(?:notifications|activities)/?")
 # The request headers this handler reads; everything else is ignored (as the router would).
 WANTED = {
     b"authorization",
@@ -45,6 +53,7 @@ WANTED = {
     b"client-request-id",
     b"if-modified-since",
     b"if-range",
+    b"prefer",
     b"x-uns-id",
 }
 
@@ -86,6 +95,9 @@ class Ingest:
             log.exception("unhandled error", extra={"path": scope["path"]})
             failure = HeraldError("An unexpected error occurred.")
             answer = Answer(failure.status, error_body(failure, scope))
+        else:
+            if wants_minimal(headers.get("prefer")):
+                answer = Answer(204, b"", answer.headers | MINIMAL_APPLIED)
         await self._send(send, scope, answer, headers.get("client-request-id"))
         self.services.metrics.observe("create", "POST", answer.status, time.perf_counter() - start)
 
@@ -128,7 +140,7 @@ class Ingest:
         headers = {"ETag": schemas.etag(n)}
         if created:
             headers["Location"] = f"{feed}/{n.id}"  # ids are GUIDs: nothing to escape
-        body = schemas.encode(schemas.out(n, f"{context}/$entity"))
+        body = schemas.encode_entity(n, f"{context}/$entity")
         return Answer(201 if created else 200, body, headers)
 
     def _render(self, c: Caller, version: str, fingerprint: str) -> Render:
@@ -137,7 +149,7 @@ class Ingest:
         feed, context = feed_urls(self.services.settings.base_url, version, c.user_id)
 
         def render(n: Notification, created: bool) -> Remembered:
-            body = schemas.encode(schemas.out(n, f"{context}/$entity"))
+            body = schemas.encode_entity(n, f"{context}/$entity")
             location = f"{feed}/{n.id}" if created else None
             return Remembered(fingerprint, 201 if created else 200, body, location)
 
@@ -171,11 +183,10 @@ class Ingest:
 
     @staticmethod
     async def _send(send: Send, scope: Scope, answer: Answer, client_rid: str | None) -> None:
-        raw: list[tuple[bytes, bytes]] = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(answer.body)).encode()),
-            (b"request-id", request_id(scope).encode()),
-        ]
+        raw: list[tuple[bytes, bytes]] = [(b"request-id", request_id(scope).encode())]
+        if answer.status != 204:  # a 204 has neither (RFC 9110 §8.6)
+            raw.append((b"content-type", b"application/json"))
+            raw.append((b"content-length", str(len(answer.body)).encode()))
         if client_rid is not None:
             raw.append((b"client-request-id", client_rid.encode("latin-1")))
         raw += [(k.lower().encode(), v.encode("latin-1")) for k, v in answer.headers.items()]

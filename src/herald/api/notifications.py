@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -135,8 +136,20 @@ async def if_match(request: Request, c: Caller) -> int | None:
 
 
 def entity(request: Request, c: Caller, n: Notification) -> Response:
-    body = schemas.encode(schemas.out(n, context(request, c, "/$entity")))
-    return json_response(body, headers={"ETag": schemas.etag(n)})
+    headers = {"ETag": schemas.etag(n)}
+    if wants_minimal(request.headers.get("prefer")):
+        return Response(status_code=204, headers=headers | MINIMAL_APPLIED)
+    body = schemas.encode_entity(n, context(request, c, "/$entity"))
+    return json_response(body, headers=headers)
+
+
+# `Prefer: return=minimal` (RFC 7240, OData 4.01 §8.2.8.7): answer a write with 204 and no body.
+_MINIMAL = re.compile(r"(?:^|[,;])\s*return\s*=\s*\"?minimal\"?\s*(?:$|[,;])", re.IGNORECASE)
+MINIMAL_APPLIED = {"Preference-Applied": "return=minimal"}
+
+
+def wants_minimal(prefer: str | None) -> bool:
+    return prefer is not None and _MINIMAL.search(prefer) is not None
 
 
 def path_id(request: Request) -> str:
@@ -152,13 +165,19 @@ async def get_one(request: Request) -> Response:
     n = await services(request).feed.get(c.user_id, c.app.host_name, path_id(request))
     if n is None:
         raise NotFound(f"Notification '{path_id(request)}' was not found.")
-    return entity(request, c, n)
+    body = schemas.encode_entity(n, context(request, c, "/$entity"))
+    return json_response(body, headers={"ETag": schemas.etag(n)})
 
 
 async def patch_one(request: Request) -> Response:
     c = await caller(request)
     s = services(request)
-    patch = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
+    patch, read_only = schemas.state_patch(await read_body(request), s.feed.clock(), s.limits)
+    if read_only:  # sent back from a GET: each must still be what is stored
+        current = await s.feed.get(c.user_id, c.app.host_name, path_id(request))
+        if current is None:
+            raise NotFound(f"Notification '{path_id(request)}' was not found.")
+        schemas.check_unchanged(read_only, current)
     n = await s.feed.update(
         c.user_id, c.app.host_name, path_id(request), patch, await if_match(request, c), c.device
     )
@@ -199,7 +218,8 @@ def _one_more(query: Query) -> Query:
 
 
 def _next_link(request: Request, skip: int) -> str:
-    params = [(k, v) for k, v in request.query_params.multi_items() if k.lower() != "$skip"]
+    items = request.query_params.multi_items()
+    params = [(k, v) for k, v in items if odata.option_name(k) != "$skip"]
     params.append(("$skip", str(skip)))
     base = services(request).settings.base_url
     return f"{base}{request.url.path}?{urlencode(params, quote_via=quote, safe='$,')}"

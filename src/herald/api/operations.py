@@ -42,8 +42,8 @@ def openapi_document() -> dict[str, Any]:
     for name in READ_ONLY:
         components["NotificationOut"]["properties"][name]["readOnly"] = True
     out = components["NotificationOut"]["properties"]
-    # Request bodies are the response's own fields, restricted to what each operation accepts
-    # (unknown properties are refused, hence additionalProperties: false).
+    # Request bodies are the response's own fields, restricted to what each operation accepts.
+    # The notification type is open: other properties are kept (docs/api.md, "Open type").
     components["NotificationCreate"] = _subset(out, schemas.CREATE_FIELDS, required=["payload"])
     components["NotificationUpdate"] = _subset(out, schemas.UPDATE_FIELDS, required=[])
     components["Error"] = _error_schema()
@@ -60,6 +60,8 @@ def openapi_document() -> dict[str, Any]:
         for n in ("$filter", "$orderby", "$top", "$skip", "$count", "$select")
     ]
     ok = {"description": "The notification", "content": _json(note)}
+    minimal = {"description": "Prefer: return=minimal: no body (ETag, Location on create)"}
+    prefer = {"name": "Prefer", "in": "header", "schema": {"type": "string"}}
     listing = {
         "type": "object",
         "properties": {"value": {"type": "array", "items": note}, "@odata.nextLink": {}},
@@ -69,8 +71,9 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [user],
             "post": {
                 "summary": "Create, or replace by appNotificationId",
+                "parameters": [prefer],
                 "requestBody": {"content": _json(create)},
-                "responses": {"201": ok, "200": ok, "4XX": err},
+                "responses": {"201": ok, "200": ok, "204": minimal, "4XX": err},
             },
             "get": {
                 "summary": "List the calling app's notifications for the user",
@@ -83,13 +86,29 @@ def openapi_document() -> dict[str, Any]:
             "get": {"summary": "Get one", "responses": {"200": ok, "4XX": err}},
             "patch": {
                 "summary": "Update readState/userActionState or content (If-Match honoured)",
+                "parameters": [prefer],
                 "requestBody": {"content": _json(update)},
-                "responses": {"200": ok, "4XX": err},
+                "responses": {"200": ok, "204": minimal, "4XX": err},
             },
             "delete": {"summary": "Delete", "responses": {"204": {"description": "Deleted"}}},
         },
         f"{feed}/$count": {"parameters": [user], "get": {"summary": "Count", "responses": {}}},
         "/beta/$batch": {"post": {"summary": "JSON batching (up to 20 requests)", "responses": {}}},
+        "/beta/users/{user}/activities": {
+            "parameters": [user],
+            "post": {
+                "summary": "The seed page's URL: an alias of create (POST …/notifications)",
+                "requestBody": {"content": _json(create)},
+                "responses": {"201": ok, "200": ok, "204": minimal, "4XX": err},
+            },
+        },
+        "/beta/$metadata": {
+            "get": {
+                "summary": "The OData CSDL document (XML); no token needed",
+                "security": [],
+                "responses": {"200": {"description": "application/xml"}},
+            }
+        },
     }
     for path in list(paths):
         if path.startswith("/beta/users/{user}"):
@@ -159,15 +178,18 @@ def _device_paths(err: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
                 },
             },
         },
-        "/beta/me/notifications/delta": {
-            "get": {
-                "summary": "Graph delta query (@odata.deltaLink, @removed)",
-                "parameters": [
-                    {"name": n, "in": "query", "schema": {"type": "string"}}
-                    for n in ("$deltatoken", "$skiptoken")
-                ],
-                "responses": {"200": {"description": "A page of changes"}, "410": err},
-            },
+        **{
+            f"/beta/me/notifications/{name}": {
+                "get": {
+                    "summary": "Graph delta query (@odata.deltaLink, @removed)",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": {"type": "string"}}
+                        for n in ("$deltatoken", "$skiptoken", "$select")
+                    ],
+                    "responses": {"200": {"description": "A page of changes"}, "410": err},
+                },
+            }
+            for name in ("delta", "delta()", "microsoft.graph.delta()")
         },
     }
 
@@ -179,7 +201,9 @@ def _subset(
         "type": "object",
         "properties": {name: properties[name] for name in names},
         "required": required,
-        "additionalProperties": False,
+        "additionalProperties": True,
+        "description": "Open type: another property (an OData identifier, not a declared name "
+        "in another case) is kept and echoed; instance annotations (@odata.*) are ignored.",
     }
 
 

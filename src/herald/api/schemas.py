@@ -103,7 +103,8 @@ class NotificationPatchIn(_Wire):
     target_host_name: Any = None
     app_notification_id: Any = None
     target_policy: Any = None
-    fallback_policy: Any = None
+    # UNSET, not None, when absent: `"fallbackPolicy": null` is a value (none) to compare.
+    fallback_policy: Any = msgspec.UNSET
     created_date_time: Any = None
     last_modified_date_time: Any = None
     odata_type: str | None = msgspec.field(default=None, name="@odata.type")
@@ -131,6 +132,10 @@ UPDATE_FIELDS = accepted(NotificationPatchIn, READ_ONLY_ON_PATCH)
 
 _POST_DECODER = msgspec.json.Decoder(NotificationIn)
 _PATCH_DECODER = msgspec.json.Decoder(NotificationPatchIn)
+_OBJECT_DECODER = msgspec.json.Decoder(dict[str, Any])
+
+# An open-type property's name: an OData SimpleIdentifier, at most 128 characters.
+OPEN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def _camel(name: str) -> str:
@@ -149,6 +154,43 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", target="body") from exc
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.", target="body") from None
+
+
+def decode_open(
+    body: bytes, decoder: msgspec.json.Decoder[Any], struct: type[msgspec.Struct]
+) -> tuple[Any, dict[str, Any]]:
+    """A body of the open notification type: (its known properties as `struct`, the others).
+
+    Instance annotations (`@odata.context`, `@odata.etag`, `name@odata.type`) are dropped at
+    any depth, as Graph ignores them. Only the top level is open: an unknown property inside
+    `payload` & co. is still a 400. The common body has neither, and takes the fast path.
+    """
+    try:
+        return decode_body(body, decoder), {}
+    except InvalidRequest as exc:
+        if not exc.message.startswith("Unknown property"):
+            raise
+    data: dict[str, Any] = decode_body(body, _OBJECT_DECODER)
+    known: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    fields = set(struct.__struct_encode_fields__)
+    for name, value in data.items():
+        if "@" in name:
+            continue
+        if name in fields:
+            known[name] = _without_annotations(value)
+        else:
+            extra[name] = value
+    try:
+        return msgspec.convert(known, struct), extra
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from exc
+
+
+def _without_annotations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_annotations(v) for k, v in value.items() if "@" not in k}
+    return value
 
 
 def _validation_error(text: str) -> InvalidRequest:
@@ -338,7 +380,9 @@ def _reject_present(body: msgspec.Struct, names: tuple[str, ...], why: str) -> N
 
 def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
     """Validate a POST body into `Content` (targetHostName defaults to the caller's host)."""
-    n: NotificationIn = decode_body(body, _POST_DECODER)
+    n: NotificationIn
+    n, given = decode_open(body, _POST_DECODER, NotificationIn)
+    extra = open_properties(given, limits.max_payload_bytes, nulls=False)
     _reject_present(n, READ_ONLY_ON_POST, "is read-only and cannot be set.")
     _reject_present(n, STATE_ON_POST, "cannot be set on create; PATCH the notification instead.")
     targets = TargetPolicy(
@@ -365,13 +409,55 @@ def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
         ),
         expiration_date_time=expires or now + timedelta(seconds=limits.default_ttl),
         fallback_policy=_fallback(n.fallback_policy, targets.platform_types),
+        extra=extra,
     )
 
 
-def state_patch(body: bytes, now: datetime, limits: Limits) -> StatePatch:
-    """Validate a PATCH body. Fields left out stay as they are."""
-    p: NotificationPatchIn = decode_body(body, _PATCH_DECODER)
-    _reject_present(p, READ_ONLY_ON_PATCH, "cannot be changed.")
+def open_properties(given: dict[str, Any], max_bytes: int, nulls: bool) -> bytes | None:
+    """The open-type properties of a body, encoded; None if there are none.
+
+    Names are checked so that they can never shadow a declared property: a declared name in
+    another case is a typo (400 saying so), names are OData identifiers, and `notification` is
+    refused (a body wrapped in it is a known mistake). A null value
+    means "absent" (on PATCH it removes the property: `nulls=True` keeps it for that)."""
+    for name in given:
+        if name == "notification":  # the 2019 docs' example wrapped the body in one
+            raise InvalidRequest(
+                'Send the notification object itself, not wrapped in {"notification": …}.',
+                target=name,
+            )
+        declared = _DECLARED.get(name.lower())
+        if declared is not None:
+            raise InvalidRequest(
+                f"Unknown property '{name}': property names are case-sensitive; "
+                f"did you mean '{declared}'?",
+                target=name,
+            )
+        if not OPEN_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"'{name[:64]}' cannot be the name of an open property: use letters, digits "
+                "and '_', not starting with a digit, at most 128 characters.",
+                target=name[:64],
+            )
+    kept = given if nulls else {k: v for k, v in given.items() if v is not None}
+    if not kept:
+        return None
+    encoded = msgspec.json.encode(kept)
+    if len(encoded) > max_bytes:
+        raise PayloadTooLarge(
+            f"The open properties are {len(encoded)} bytes encoded; the limit is {max_bytes} bytes."
+        )
+    return encoded
+
+
+def state_patch(body: bytes, now: datetime, limits: Limits) -> tuple[StatePatch, dict[str, Any]]:
+    """Validate a PATCH body: (the patch, the read-only properties it repeats, by wire name).
+
+    Fields left out stay as they are. Read-only properties may be sent back unchanged (a client
+    that GETs, edits and PATCHes the whole object does); `check_unchanged` compares them with
+    the stored notification."""
+    p: NotificationPatchIn
+    p, extra = decode_open(body, _PATCH_DECODER, NotificationPatchIn)
 
     def opt(value: Any, field: str, members: dict[str, Any]) -> Any:
         return None if value is None else choice(value, field, members)
@@ -386,10 +472,63 @@ def state_patch(body: bytes, now: datetime, limits: Limits) -> StatePatch:
             p.display_time_to_live, "displayTimeToLive", 0, MAX_DISPLAY_TTL
         ),
         expiration_date_time=expiration(p.expiration_date_time, now, limits, "expirationDateTime"),
+        extra=open_properties(extra, limits.max_payload_bytes, nulls=True),
+        max_extra_bytes=limits.max_payload_bytes,
     )
-    if patch == StatePatch():
+    read_only = {
+        _camel(name): getattr(p, name)
+        for name in READ_ONLY_ON_PATCH
+        if getattr(p, name) not in (None, msgspec.UNSET)
+        or (name == "fallback_policy" and p.fallback_policy is None)
+    }
+    if patch == StatePatch(max_extra_bytes=limits.max_payload_bytes) and not read_only:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
-    return patch
+    return patch, read_only
+
+
+def check_unchanged(given: dict[str, Any], n: Notification) -> None:
+    """Refuse a PATCH that would change a read-only property of `n` (400 naming it)."""
+    for name, value in given.items():
+        if not _same(name, value, n):
+            raise InvalidRequest(
+                f"'{name}' is read-only: send its current value or leave it out.", target=name
+            )
+
+
+def _same(name: str, value: Any, n: Notification) -> bool:
+    if name == "id":
+        return isinstance(value, str) and value.lower() == n.id.lower()
+    if name == "targetHostName":
+        return isinstance(value, str) and value.lower() == n.target_host_name.lower()
+    if name == "appNotificationId":
+        return isinstance(value, str) and value == n.app_notification_id
+    if name == "targetPolicy":
+        given = value.get("platformTypes") if isinstance(value, dict) else None
+        return _platforms(given, name, ALL_PLATFORMS) == n.target_policy.platform_types
+    if name == "fallbackPolicy":
+        if value is None or n.fallback_policy is None:
+            return value is None and n.fallback_policy is None
+        try:
+            given_policy = msgspec.convert(_without_annotations(value), FallbackPolicyIn)
+        except msgspec.ValidationError:
+            return False
+        return _fallback(given_policy, n.target_policy.platform_types) == n.fallback_policy
+    when = _instant(value, name)
+    if name == "createdDateTime":
+        return when == n.created_date_time
+    # lastModifiedDateTime moves with every write: a value from an earlier read is unchanged
+    # for the client that read it, one the notification cannot have had is not.
+    return n.created_date_time <= when <= n.last_modified_date_time
+
+
+def _instant(value: Any, field: str) -> datetime:
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.replace("z", "Z"))
+            return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):
+            pass
+    raise InvalidRequest(f"'{field}' is not a valid ISO 8601 date-time.", target=field)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -441,12 +580,22 @@ def out(n: Notification, context: str | None) -> NotificationOut:
 
 _ENCODER = msgspec.json.Encoder()
 _WIRE_NAMES = {_camel(f): f for f in NotificationOut.__struct_fields__}
+# Every declared property, by lower-cased wire name (open properties may not take these).
+_DECLARED = {name.lower(): name for name in _WIRE_NAMES if not name.startswith("odata")}
+
+
+def encode_entity(n: Notification, context: str | None) -> bytes:
+    """A notification as its JSON object, open properties last."""
+    raw = _ENCODER.encode(out(n, context))
+    return raw if n.extra is None else raw[:-1] + b"," + n.extra[1:]
 
 
 def to_builtins(n: Notification, select: tuple[str, ...] | None = None) -> dict[str, Any]:
     """A notification as a dict of wire names, optionally reduced to `select` (+ id, etag)."""
     data: dict[str, Any] = msgspec.to_builtins(out(n, None))
     data.pop("@odata.context")
+    if n.extra is not None:
+        data.update(msgspec.json.decode(n.extra))
     if select is not None:
         keep = {"id", "@odata.etag", *select}
         data = {k: v for k, v in data.items() if k in keep}

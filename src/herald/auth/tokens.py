@@ -31,6 +31,7 @@ from joserfc.jwk import JWKRegistry, Key
 from joserfc.jws import JWSRegistry
 
 from herald.errors import AccessDenied, Unauthenticated
+from herald.users import canonical, is_principal_name
 
 if TYPE_CHECKING:
     from herald.auth.issuer import LocalIssuer
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPE = "Notifications.ReadWrite.CreatedByApp"
+# Where a delegated token may carry its user's principal name (Entra v1: upn; v2, Keycloak:
+# preferred_username). Whether Herald learns names from them is the `upn_claims` setting.
+UPN_CLAIMS = ("upn", "preferred_username")
 
 # Asymmetric only: a symmetric (HS*) algorithm would let anyone holding the published public key
 # forge tokens, and `none` has no signature at all.
@@ -59,6 +63,8 @@ class Principal:
     scopes: frozenset[str]
     roles: frozenset[str]
     expires_at: int
+    # The user's principal name by the token (`upn`, then `preferred_username`), delegated only.
+    upn: str | None = None
 
     @property
     def app_only(self) -> bool:
@@ -272,12 +278,14 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
             roles, scopes = roles | scopes, frozenset()
     elif user_id is None:
         raise Unauthenticated("delegated token names no user (oid or sub)")
+    upn = _first_str(claims, *UPN_CLAIMS) if user_id is not None else None
     return Principal(
-        user_id=user_id,
+        user_id=None if user_id is None else canonical(user_id),
         client_id=client_id,
         scopes=scopes,
         roles=roles,
         expires_at=int(claims["exp"]),
+        upn=upn if upn is not None and is_principal_name(upn) else None,
     )
 
 

@@ -90,13 +90,54 @@ class Store(Protocol):
         """Raise `Unavailable` if the database cannot answer a trivial query."""
 
     # -- apps -----------------------------------------------------------------------------------
+    # An app is its host name; it has one or more client ids (`App` is the app as one of them
+    # sees it). Feeds, subscriptions and push credentials are keyed by host name, so every
+    # client id of an app shares them.
     async def add_app(self, app: App) -> None:
-        """Register an app. `Conflict` if the client id or host name is taken."""
+        """Register an app with its first client id. `Conflict` if the client id or the host
+        name is taken."""
 
-    async def get_app(self, client_id: str) -> App | None: ...
+    async def add_client(self, app: App) -> None:
+        """Give the registered app `app.host_name` another client id (`app.client_id`, with its
+        secret hash and platform; `display_name` is ignored). `NotFound` if there is no such
+        app, `Conflict` if the client id is taken."""
+
+    async def remove_client(self, client_id: str) -> None:
+        """Remove a client id. `NotFound` if unknown; `Conflict` if it is its app's last one
+        (an app always has one: `delete_app` removes the app)."""
+
+    async def set_client_secret(self, client_id: str, secret_hash: str) -> None:
+        """Replace a client id's secret hash (rotation: the old secret stops working at once
+        at the token endpoint). `NotFound` if unknown."""
+
+    async def get_app(self, client_id: str) -> App | None:
+        """The app of this client id, as that client id sees it."""
 
     async def list_apps(self) -> builtins.list[App]:
-        """All apps, ordered by host name."""
+        """Every client id of every app, ordered by host name, then by when it was added."""
+
+    async def delete_app(self, host_name: str) -> dict[str, int] | None:
+        """Remove the app and everything of it, in one transaction: its notifications, their
+        changes and outbox entries, subscriptions, queued deliveries, push credentials,
+        remembered idempotent answers and client ids. Returns how many rows of each kind went
+        ("notifications", "changes", "subscriptions", "deliveries", "pushCredentials",
+        "clientIds"...); None if there is no such app. Change positions are never reused: each
+        user's next position stays past the removed changes."""
+
+    # -- user principal names ---------------------------------------------------------------------
+    async def user_of(self, upn: str) -> str | None:
+        """The user id a user principal name (lower case) names, if known."""
+
+    async def name_user(self, upn: str, user_id: str, pinned: bool, now: datetime) -> bool:
+        """Record that `upn` (lower case) names `user_id`. An unpinned call (learned from a
+        token) does not change a pinned name; a pinned call (an administrator's) always wins
+        and pins it. Returns whether the name now names `user_id`."""
+
+    async def forget_user_name(self, upn: str) -> bool:
+        """Remove a principal name; False if there was none."""
+
+    async def list_user_names(self) -> builtins.list[tuple[str, str, bool]]:
+        """(upn, user id, pinned) of every known name, by upn."""
 
     # -- notifications --------------------------------------------------------------------------
     async def put(

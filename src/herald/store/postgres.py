@@ -46,14 +46,19 @@ from herald.model import (
 from herald.query import Filter, Page, Query
 from herald.store.base import Once, Remembered
 from herald.store.sql import (
+    APP_ORDER,
+    APP_SELECT,
     CHANGE_COLUMNS,
     CHANNEL_TAG,
+    DELETE_APP,
     LIVE_KINDS,
     NOTIFICATION_COLUMNS,
     POSTGRES,
     SUBSCRIPTION_COLUMNS,
     Claimed,
     CommitHooks,
+    app_from_row,
+    as_utc,
     change_from_row,
     channel_key,
     check_etag,
@@ -68,6 +73,7 @@ from herald.store.sql import (
     new_notification,
     notification_from_row,
     order_by,
+    patched,
     pending_from_row,
     settle_ids,
     settle_plan,
@@ -530,32 +536,124 @@ class PostgresStore:
             return await run(conn)
 
     # -- apps ----------------------------------------------------------------------------------
+    # Ops must fail before they write (an op's error does not roll its transaction back): each
+    # checks first, and inserts with ON CONFLICT DO NOTHING.
     async def add_app(self, app: App) -> None:
         async def run(tx: Tx) -> None:
-            # DO NOTHING instead of an error: an error would abort the whole batch transaction.
+            if await _client_exists(tx.conn, app.client_id):
+                raise Conflict("an app with this client id or host name exists")
             added = await tx.conn.fetchval(
-                "INSERT INTO apps VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
-                " RETURNING client_id",
-                app.client_id,
+                "INSERT INTO apps VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING host_name",
                 app.host_name,
                 app.display_name,
-                app.secret_hash,
                 app.created_date_time,
             )
             if added is None:
                 raise Conflict("an app with this client id or host name exists")
+            await _insert_client(tx.conn, app)
+
+        await self._submit(Op(None, run))
+
+    async def add_client(self, app: App) -> None:
+        async def run(tx: Tx) -> None:
+            if not await tx.conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM apps WHERE host_name = $1)", app.host_name
+            ):
+                raise NotFound(f"no app with host name {app.host_name!r}")
+            if await _client_exists(tx.conn, app.client_id):
+                raise Conflict(f"the client id {app.client_id!r} is taken")
+            await _insert_client(tx.conn, app)
+
+        await self._submit(Op(None, run))
+
+    async def remove_client(self, client_id: str) -> None:
+        async def run(tx: Tx) -> None:
+            siblings = await tx.conn.fetchval(
+                "SELECT (SELECT count(*) FROM app_clients AS o WHERE o.host_name = a.host_name)"
+                " FROM app_clients AS a WHERE a.client_id = $1",
+                client_id,
+            )
+            if siblings is None:
+                raise NotFound(f"no client id {client_id!r}")
+            if siblings < 2:
+                raise Conflict(LAST_CLIENT)
+            await tx.conn.execute("DELETE FROM app_clients WHERE client_id = $1", client_id)
+
+        await self._submit(Op(None, run))
+
+    async def set_client_secret(self, client_id: str, secret_hash: str) -> None:
+        async def run(tx: Tx) -> None:
+            done = await tx.conn.fetchval(
+                "UPDATE app_clients SET secret_hash = $2 WHERE client_id = $1 RETURNING 1",
+                client_id,
+                secret_hash,
+            )
+            if done is None:
+                raise NotFound(f"no client id {client_id!r}")
 
         await self._submit(Op(None, run))
 
     async def get_app(self, client_id: str) -> App | None:
         async with translated(), self._acquire() as conn:
-            row = await conn.fetchrow(f"{_APP_SELECT} WHERE client_id = $1", client_id)
-        return None if row is None else App(**dict(row))
+            row = await conn.fetchrow(f"{APP_SELECT} WHERE c.client_id = $1", client_id)
+        return None if row is None else app_from_row(row, as_utc)
 
     async def list_apps(self) -> list[App]:
         async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(f"{_APP_SELECT} ORDER BY host_name")
-        return [App(**dict(r)) for r in rows]
+            rows = await conn.fetch(APP_SELECT + APP_ORDER)
+        return [app_from_row(r, as_utc) for r in rows]
+
+    async def delete_app(self, host_name: str) -> dict[str, int] | None:
+        async def run(tx: Tx) -> dict[str, int] | None:
+            if not await tx.conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM apps WHERE host_name = $1)", host_name
+            ):
+                return None
+            # Positions come from feed_heads here, so removing changes never reuses one.
+            counts = {}
+            for kind, statement in DELETE_APP:
+                status = await tx.conn.execute(statement.format(p="$1"), host_name)
+                counts[kind] = int(status.split()[-1])
+            del counts["apps"]
+            return counts
+
+        result: dict[str, int] | None = await self._submit(Op(None, run))
+        return result
+
+    # -- user principal names ------------------------------------------------------------------
+    async def user_of(self, upn: str) -> str | None:
+        async with translated(), self._acquire() as conn:
+            found = await conn.fetchval("SELECT user_id FROM user_names WHERE upn = $1", upn)
+        return None if found is None else str(found)
+
+    async def name_user(self, upn: str, user_id: str, pinned: bool, now: datetime) -> bool:
+        async def run(tx: Tx) -> bool:
+            await tx.conn.execute(
+                "INSERT INTO user_names VALUES ($1, $2, $3, $4) ON CONFLICT (upn) DO UPDATE"
+                " SET user_id = $2, pinned = $3, updated = $4 WHERE $3 OR NOT user_names.pinned",
+                upn,
+                user_id,
+                pinned,
+                now,
+            )
+            named = await tx.conn.fetchval("SELECT user_id FROM user_names WHERE upn = $1", upn)
+            return bool(named == user_id)
+
+        result: bool = await self._submit(Op(None, run))
+        return result
+
+    async def forget_user_name(self, upn: str) -> bool:
+        async def run(tx: Tx) -> bool:
+            status = await tx.conn.execute("DELETE FROM user_names WHERE upn = $1", upn)
+            return bool(status != "DELETE 0")
+
+        result: bool = await self._submit(Op(None, run))
+        return result
+
+    async def list_user_names(self) -> list[tuple[str, str, bool]]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch("SELECT upn, user_id, pinned FROM user_names ORDER BY upn")
+        return [(r[0], r[1], bool(r[2])) for r in rows]
 
     # -- notifications -------------------------------------------------------------------------
     async def put(
@@ -632,12 +730,7 @@ class PostgresStore:
             if old is None:
                 raise NotFound(f"notification {id} not found")
             check_etag(old, if_match)
-            changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
-            if "expiration_date_time" in changes:
-                changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
-            n = msgspec.structs.replace(
-                old, **changes, version=old.version + 1, last_modified_date_time=now.astimezone(UTC)
-            )
+            n = patched(old, patch, now)
             await _write_rows(tx.conn, _UPDATE_SQL, [n])
             tx.append(user_id, ChangeKind.UPDATED, app, n.id, now, origin)
             return n
@@ -1660,7 +1753,27 @@ _SETTLE_SQL = (
 # -- reads -------------------------------------------------------------------------------------
 
 
-_APP_SELECT = "SELECT client_id, host_name, display_name, secret_hash, created_date_time FROM apps"
+LAST_CLIENT = "this is the app's last client id: remove the app instead (herald app delete)"
+
+
+async def _client_exists(conn: asyncpg.Connection, client_id: str) -> bool:
+    found = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM app_clients WHERE client_id = $1)", client_id
+    )
+    return bool(found)
+
+
+async def _insert_client(conn: asyncpg.Connection, app: App) -> None:
+    await conn.execute(
+        "INSERT INTO app_clients VALUES ($1, $2, $3, $4, $5)",
+        app.client_id,
+        app.host_name,
+        app.platform,
+        app.secret_hash,
+        app.created_date_time,
+    )
+
+
 # A change row and the notification as it is now (NULL columns once deleted or expired).
 _CHANGE_FIELDS = ", ".join(f"c.{col}" for col in CHANGE_COLUMNS) + ", " + _prefixed("n")
 _NOW_JOIN = (

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, cast
 
 import msgspec
 
-from herald.errors import HeraldError, PreconditionFailed
+from herald.errors import HeraldError, PayloadTooLarge, PreconditionFailed
 from herald.model import (
     PROVIDER_OF,
     App,
@@ -33,6 +33,7 @@ from herald.model import (
     ReadState,
     Settle,
     Settlement,
+    StatePatch,
     Subscription,
     TargetPolicy,
     UserActionState,
@@ -57,6 +58,9 @@ class StoredContent(msgspec.Struct, frozen=True, array_like=True):
     target_policy: TargetPolicy
     fallback_policy: FallbackPolicy | None
     display_time_to_live: int | None
+    # Open-type properties (JSON object text); a trailing default, so rows written before it
+    # existed still decode.
+    extra: bytes | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -65,7 +69,9 @@ _decoder = msgspec.msgpack.Decoder(StoredContent)
 
 def encode_content(n: Notification) -> bytes:
     return _encoder.encode(
-        StoredContent(n.payload, n.target_policy, n.fallback_policy, n.display_time_to_live)
+        StoredContent(
+            n.payload, n.target_policy, n.fallback_policy, n.display_time_to_live, n.extra
+        )
     )
 
 
@@ -89,6 +95,7 @@ def notification_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) 
         target_policy=c.target_policy,
         fallback_policy=c.fallback_policy,
         display_time_to_live=c.display_time_to_live,
+        extra=c.extra,
     )
 
 
@@ -281,7 +288,40 @@ def new_notification(
         created_date_time=now if old is None else old.created_date_time,
         last_modified_date_time=now,
         version=1 if old is None else old.version + 1,
+        extra=content.extra,
     )
+
+
+def patched(old: Notification, patch: StatePatch, now: datetime) -> Notification:
+    """`old` with the non-None fields of `patch` applied, as a new version written at `now`.
+
+    Open-type properties merge: each one in `patch.extra` is set, or removed when null. The
+    merged set must fit `patch.max_extra_bytes` (checked here, inside the write: two patches
+    that each fit can add up); `PayloadTooLarge` otherwise, before anything is written."""
+    changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
+    del changes["max_extra_bytes"]
+    if "expiration_date_time" in changes:
+        changes["expiration_date_time"] = changes["expiration_date_time"].astimezone(UTC)
+    if patch.extra is not None:
+        changes["extra"] = merged = merge_extra(old.extra, patch.extra)
+        size = len(merged or b"")
+        if patch.max_extra_bytes and size > patch.max_extra_bytes:
+            raise PayloadTooLarge(
+                f"The open properties would take {size} bytes encoded; the limit is "
+                f"{patch.max_extra_bytes} bytes."
+            )
+    return msgspec.structs.replace(
+        old, **changes, version=old.version + 1, last_modified_date_time=now.astimezone(UTC)
+    )
+
+
+def merge_extra(old: bytes | None, update: bytes) -> bytes | None:
+    merged: dict[str, Any] = msgspec.json.decode(old) if old else {}
+    for name, value in msgspec.json.decode(update, type=dict[str, Any]).items():
+        merged.pop(name, None)  # re-inserted last: the newest property is echoed last
+        if value is not None:
+            merged[name] = value
+    return msgspec.json.encode(merged) if merged else None
 
 
 # Column order of a change row as `change_from_row` reads it (then the notification's columns).
@@ -373,6 +413,14 @@ def stored_subscription(
     )
 
 
+# Column order `app_from_row` reads: one row per client id, with its app's display name.
+APP_SELECT = (
+    "SELECT c.client_id, c.host_name, a.display_name, c.secret_hash, c.created_date_time,"
+    " c.platform FROM app_clients AS c JOIN apps AS a ON a.host_name = c.host_name"
+)
+APP_ORDER = " ORDER BY c.host_name, c.created_date_time, c.client_id"
+
+
 def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
     return App(
         client_id=r[0],
@@ -380,7 +428,33 @@ def app_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> App:
         display_name=r[2],
         secret_hash=r[3],
         created_date_time=to_dt(r[4]),
+        platform=r[5],
     )
+
+
+# What `delete_app` removes, in this order (outbox entries and deliveries before the changes and
+# subscriptions they refer to; client ids last: idempotency scopes are found through them). Each
+# statement takes the host name as its only parameter, `{p}` its placeholder.
+DELETE_APP = (
+    (
+        "outbox",
+        "DELETE FROM outbox WHERE EXISTS (SELECT 1 FROM changes AS c WHERE c.app = {p}"
+        " AND c.user_id = outbox.user_id AND c.position = outbox.position)",
+    ),
+    ("deliveries", "DELETE FROM deliveries WHERE app = {p}"),
+    ("changes", "DELETE FROM changes WHERE app = {p}"),
+    ("notifications", "DELETE FROM notifications WHERE app = {p}"),
+    ("subscriptions", "DELETE FROM subscriptions WHERE app = {p}"),
+    ("pushCredentials", "DELETE FROM push_credentials WHERE app = {p}"),
+    (
+        "idempotencyKeys",
+        "DELETE FROM idempotency WHERE EXISTS (SELECT 1 FROM app_clients AS a"
+        " WHERE a.host_name = {p}"
+        " AND substr(idempotency.scope, 1, length(a.client_id) + 1) = a.client_id || ':')",
+    ),
+    ("clientIds", "DELETE FROM app_clients WHERE host_name = {p}"),
+    ("apps", "DELETE FROM apps WHERE host_name = {p}"),
+)
 
 
 # -- deliveries --------------------------------------------------------------------------------
