@@ -126,6 +126,25 @@ def test_no_spelling_crosses_users(server: Server, app: RegisteredApp) -> None:
     assert m.get(FEED).json()["value"] == []
 
 
+def test_a_learned_name_is_not_taken_over_by_another_users_token(
+    server: Server, app: RegisteredApp
+) -> None:
+    """`preferred_username` may be self-chosen: mallory setting hers to alice's name must not
+    route what app servers send to alice's name into mallory's feed."""
+    alice, mallory, domain = guid(), guid(), f"{uuid.uuid4().hex[:8]}.example"
+    upn = f"alice@{domain}"
+    alice_device = client(server, token(server, app, alice, upn=upn))
+    assert alice_device.get(FEED).status_code == 200  # alice's name is learned
+    m = client(server, token(server, app, mallory, preferred_username=upn.upper()))
+    assert m.get(FEED).status_code == 200
+    backend = client(server, token(server, app, None))
+    r = post_to(backend, app, f"/beta/users/{upn}/notifications")
+    assert r.status_code == 201, r.text
+    assert f"/users/{alice}/notifications/" in r.headers["location"]
+    assert m.get(FEED).json()["value"] == []
+    assert len(alice_device.get(FEED).json()["value"]) == 1
+
+
 def test_a_pinned_name_is_not_moved_by_tokens(server: Server, app: RegisteredApp) -> None:
     alice, mallory, domain = guid(), guid(), f"{uuid.uuid4().hex[:8]}.example"
     upn = f"alice@{domain}"

@@ -113,7 +113,10 @@ async def test_principal_names(store: Store) -> None:
     assert await store.user_of("alice@contoso.com") is None
     assert await store.name_user("alice@contoso.com", "a-id", False, T0)
     assert await store.user_of("alice@contoso.com") == "a-id"
-    assert await store.name_user("alice@contoso.com", "a-2", False, T0)  # a token may move it
+    assert await store.name_user("alice@contoso.com", "a-id", False, T0)  # the same: kept
+    # a token never moves a name to another user (its claim may be self-chosen)
+    assert not await store.name_user("alice@contoso.com", "a-2", False, T0)
+    assert await store.user_of("alice@contoso.com") == "a-id"
     assert await store.name_user("alice@contoso.com", "a-id", True, T0)  # pinned
     assert not await store.name_user("alice@contoso.com", "mallory", False, T0)
     assert await store.user_of("alice@contoso.com") == "a-id"

@@ -6,6 +6,7 @@ here, and everything downstream is scoped to that pair.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from herald.limits import RateLimits
 from herald.model import App, Subscription
 from herald.store import Store
 from herald.users import canonical, is_principal_name, principal_name
+
+log = logging.getLogger("herald.api")
 
 MAX_USER_ID = 256
 MAX_UNS_ID = 64
@@ -80,17 +83,22 @@ class Users:
         return found
 
     async def taught_by(self, principal: Principal) -> None:
-        """Record the principal name a delegated token gives its user (once per name and user;
-        a name pinned with `herald user set` is not changed)."""
+        """Record the principal name a delegated token gives its user (once per name and user).
+        A name another user already has is not moved (the store keeps the first owner)."""
         if not self.learn or principal.upn is None or principal.user_id is None:
             return
         upn = principal_name(principal.upn)
         if self.taught.get(upn) == principal.user_id:
             return
-        await self.store.name_user(upn, principal.user_id, pinned=False, now=self.clock())
+        named = await self.store.name_user(upn, principal.user_id, pinned=False, now=self.clock())
+        if not named:
+            log.warning(
+                "a token claims a principal name another user has; the name was not moved",
+                extra={"upn": upn, "user": principal.user_id},
+            )
         if len(self.taught) >= MAX_REMEMBERED:
             self.taught.clear()
-        self.taught[upn] = principal.user_id
+        self.taught[upn] = principal.user_id  # asked once: not again for every request
         self.names.pop(upn, None)
 
 

@@ -130,8 +130,10 @@ class Store(Protocol):
 
     async def name_user(self, upn: str, user_id: str, pinned: bool, now: datetime) -> bool:
         """Record that `upn` (lower case) names `user_id`. An unpinned call (learned from a
-        token) does not change a pinned name; a pinned call (an administrator's) always wins
-        and pins it. Returns whether the name now names `user_id`."""
+        token) only adds a name nobody has: it never moves a name from one user to another, so
+        whoever can edit their own `preferred_username` cannot take over another person's
+        name. A pinned call (an administrator's) always wins and pins it. Returns whether the
+        name now names `user_id`."""
 
     async def forget_user_name(self, upn: str) -> bool:
         """Remove a principal name; False if there was none."""

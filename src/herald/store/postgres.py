@@ -630,7 +630,8 @@ class PostgresStore:
         async def run(tx: Tx) -> bool:
             await tx.conn.execute(
                 "INSERT INTO user_names VALUES ($1, $2, $3, $4) ON CONFLICT (upn) DO UPDATE"
-                " SET user_id = $2, pinned = $3, updated = $4 WHERE $3 OR NOT user_names.pinned",
+                " SET user_id = $2, pinned = $3, updated = $4"
+                " WHERE $3 OR user_names.user_id = $2",
                 upn,
                 user_id,
                 pinned,

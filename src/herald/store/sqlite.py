@@ -417,7 +417,7 @@ class SqliteStore:
         def job(c: Connection) -> bool:
             c.execute(
                 "INSERT INTO user_names VALUES (?1, ?2, ?3, ?4) ON CONFLICT (upn) DO UPDATE"
-                " SET user_id = ?2, pinned = ?3, updated = ?4 WHERE ?3 OR NOT pinned",
+                " SET user_id = ?2, pinned = ?3, updated = ?4 WHERE ?3 OR user_id = ?2",
                 (upn, user_id, int(pinned), to_micros(now)),
             )
             row = c.execute("SELECT user_id FROM user_names WHERE upn = ?", (upn,)).fetchone()
