@@ -8,6 +8,7 @@ a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -41,6 +42,21 @@ class Settings:
     log_level: str = "info"
     # "json" for machines, "text" for people.
     log_format: str = "json"
+    # Addresses or networks of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are
+    # believed (comma-separated, e.g. "10.0.0.5, 192.168.0.0/24"); empty: none, the connection's
+    # own address is the client's.
+    trusted_proxies: str = ""
+    # Hostile and idle connections (docs/operations.md): the request line and headers, and the
+    # URL, at most this many bytes (431, 414); seconds to receive a request's headers (from the
+    # connection's opening, or from a later request's first byte), its body (from the end of the
+    # headers), and idle between requests; connections per client address that have not sent a
+    # complete request head yet.
+    max_header_bytes: int = 32_768
+    max_url_bytes: int = 16_384
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    max_pending_per_address: int = 64
     # Embedded issuer: Herald mints tokens itself (client credentials endpoint, `herald token`).
     local_issuer: bool = True
     audience: str = "api://herald"
@@ -127,6 +143,10 @@ class Settings:
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def vapid_subject(self) -> str:
@@ -236,6 +256,12 @@ def _check(s: Settings) -> None:
         "sweep_interval",
         "max_subscriptions",
         "keepalive_interval",
+        "max_header_bytes",
+        "max_url_bytes",
+        "header_timeout",
+        "body_timeout",
+        "idle_timeout",
+        "max_pending_per_address",
         "push_timeout",
         "push_concurrency",
         "push_max_attempts",
@@ -244,6 +270,13 @@ def _check(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.max_url_bytes > s.max_header_bytes:
+        problems.append("max_url_bytes must be <= max_header_bytes (the URL is part of the head)")
+    for proxy in s.trusted_proxy_list:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(f"trusted_proxies: {proxy!r} is not an IP address or network")
     if s.push_lease <= s.push_timeout:
         problems.append("push_lease must be longer than push_timeout")
     if s.push_ca_file and not Path(s.push_ca_file).is_file():
