@@ -35,6 +35,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.streams_refused = Counter(
+            "herald_live_streams_refused",
+            "Live streams refused at a cap, by cap (subscription, user).",
+            ["cap"],
+            registry=self.registry,
+        )
 
         self.streams = Gauge(
             "herald_live_streams",

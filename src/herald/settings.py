@@ -103,8 +103,11 @@ class Settings:
     subscription_ttl: int = 30 * DAY
     max_subscription_ttl: int = 90 * DAY
     max_subscriptions: int = 50
-    # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent.
+    # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent, and
+    # how many may be open at once per subscription (one per browser tab) and per user and app.
     keepalive_interval: float = 25.0
+    max_streams_per_subscription: int = 20
+    max_streams_per_user: int = 100
     # Push channels (docs/push.md). Off: nothing is queued for push channels.
     push_enabled: bool = True
     # Extra CA certificates (PEM file) trusted for push services, e.g. a private relay.
@@ -256,6 +259,8 @@ def _check(s: Settings) -> None:
         "sweep_interval",
         "max_subscriptions",
         "keepalive_interval",
+        "max_streams_per_subscription",
+        "max_streams_per_user",
         "max_header_bytes",
         "max_url_bytes",
         "header_timeout",
@@ -272,6 +277,8 @@ def _check(s: Settings) -> None:
             problems.append(f"{name} must be > 0")
     if s.max_url_bytes > s.max_header_bytes:
         problems.append("max_url_bytes must be <= max_header_bytes (the URL is part of the head)")
+    if s.max_streams_per_subscription > s.max_streams_per_user:
+        problems.append("max_streams_per_subscription must be <= max_streams_per_user")
     for proxy in s.trusted_proxy_list:
         try:
             ipaddress.ip_network(proxy, strict=False)
