@@ -42,6 +42,10 @@ class Settings:
     log_level: str = "info"
     # "json" for machines, "text" for people.
     log_format: str = "json"
+    # Warning and error lines of one kind (logger, message, error) let through per window (s);
+    # the rest are counted and reported in one line per window. 0: no limit.
+    log_repeats: int = 10
+    log_repeat_window: float = 10.0
     # Addresses or networks of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are
     # believed (comma-separated, e.g. "10.0.0.5, 192.168.0.0/24"); empty: none, the connection's
     # own address is the client's.
@@ -267,6 +271,7 @@ def _check(s: Settings) -> None:
         "body_timeout",
         "idle_timeout",
         "max_pending_per_address",
+        "log_repeat_window",
         "push_timeout",
         "push_concurrency",
         "push_max_attempts",
@@ -275,6 +280,8 @@ def _check(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.log_repeats < 0:
+        problems.append("log_repeats must be >= 0")
     if s.max_url_bytes > s.max_header_bytes:
         problems.append("max_url_bytes must be <= max_header_bytes (the URL is part of the head)")
     if s.max_streams_per_subscription > s.max_streams_per_user:
