@@ -265,6 +265,24 @@ def test_a_head_sent_a_byte_at_a_time_is_cut_at_the_header_timeout(herald: Heral
     assert TIMEOUT - 0.2 < answered < TIMEOUT + 1.5, answered
 
 
+def test_blank_lines_between_requests_do_not_keep_a_connection_open(herald: Herald) -> None:
+    """After a response, a client sending only blank lines (which begin no request, but each
+    one cancelled uvicorn's keep-alive timer) is cut at the header timeout."""
+    with connect(herald.port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - start < 4 * TIMEOUT + 3:
+                sock.sendall(b"\r\n")
+                if select.select([sock], [], [], 0.2)[0]:
+                    break
+        closed = time.monotonic() - start
+        answer = read_to_end(sock)
+    assert_refused(answer, 408, "requestTimeout")
+    assert closed < TIMEOUT + 1.5, closed
+
+
 def test_half_a_body_is_answered_408_and_stores_nothing(herald: Herald) -> None:
     user = f"user-{uuid.uuid4()}"
     body = json.dumps({"payload": {"visualContent": {"title": "never complete"}}}).encode()

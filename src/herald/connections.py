@@ -151,6 +151,10 @@ class Connection(HttpToolsProtocol):
         if self.refusal is not None:
             return  # refused: dropped while the answer goes out
         self.head += len(data)
+        if self.deadline is None and self.in_head:
+            # Bytes between requests start the clock, even blank lines that begin no request
+            # (each one would otherwise cancel uvicorn's keep-alive timer, for ever).
+            self.deadline = self.loop.time() + self.guard.header_timeout
         super().data_received(data)
         if self.refusal is None and self.in_head:
             guard = self.guard
@@ -163,7 +167,7 @@ class Connection(HttpToolsProtocol):
 
     # -- parser callbacks -----------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.cycle is not None:  # a later request: its own header_timeout from its first byte
+        if self.deadline is None:  # a request right behind the last one, in the same read
             self.deadline = self.loop.time() + self.guard.header_timeout
         super().on_message_begin()
 
@@ -227,6 +231,11 @@ class Connection(HttpToolsProtocol):
                 return
             what = "headers"
         else:
+            if self.flow.read_paused:
+                # Herald stopped reading (the app has not taken the body so far): not the
+                # client's delay. Look again later.
+                self.deadline = self.loop.time() + self.guard.body_timeout
+                return
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True  # the app waiting for the body learns it never comes
                 cycle.message_event.set()
