@@ -31,6 +31,7 @@ import math
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from herald.api.errors import error_body, error_headers, request_id
@@ -53,6 +54,15 @@ LINGER_SECONDS = 2.0  # how long a refused connection's further input is read an
 # A request line's parts besides the URL ("GET ", " HTTP/1.1\r\n") and each header's ": \r\n".
 LINE_OVERHEAD = 24
 HEADER_OVERHEAD = 4
+
+
+class Refusal(Exception):
+    """Raised in a parser callback to stop parsing and refuse the request."""
+
+    def __init__(self, error: HeraldError, guard: Guard, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        guard.refused(reason)
 
 
 class Guard:
@@ -148,62 +158,72 @@ class Connection(HttpToolsProtocol):
                 del self.guard.pending[host]
 
     def data_received(self, data: bytes) -> None:
+        # uvicorn's own, plus the limits; a refusal raised by a callback stops the parser.
         if self.refusal is not None:
             return  # refused: dropped while the answer goes out
         self.head += len(data)
-        if self.deadline is None and self.in_head:
-            # Bytes between requests start the clock, even blank lines that begin no request
-            # (each one would otherwise cancel uvicorn's keep-alive timer, for ever).
-            self.deadline = self.loop.time() + self.guard.header_timeout
-        super().data_received(data)
-        if self.refusal is None and self.in_head:
-            guard = self.guard
-            if len(self.url) > guard.max_url:
-                self.stop(UriTooLong(URL_TOO_LONG.format(guard.max_url)), "url")
-            elif self.head > guard.max_head:
-                self.stop(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)), "headers")
-        if self.refusal is not None:
-            self.refuse(self.refusal)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, Refusal):
+                self.refuse(exc.__context__.error)
+            else:
+                self.invalid()
+            return
+        except httptools.HttpParserError:
+            self.invalid()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self.in_head:
+            if self.head:  # part of a head (blank lines included): it must be complete in time
+                self.check_head()
+        elif self.deadline is None:  # part of a body: likewise
+            self.deadline = self.loop.time() + self.guard.body_timeout
+
+    def check_head(self) -> None:
+        guard = self.guard
+        if self.deadline is None:
+            self.deadline = self.loop.time() + guard.header_timeout
+        if len(self.url) > guard.max_url:
+            guard.refused("url")
+            self.refuse(UriTooLong(URL_TOO_LONG.format(guard.max_url)))
+        elif self.head > guard.max_head:
+            guard.refused("headers")
+            self.refuse(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)))
+
+    def invalid(self) -> None:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
 
     # -- parser callbacks -----------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        if self.deadline is None:  # a request right behind the last one, in the same read
-            self.deadline = self.loop.time() + self.guard.header_timeout
-        super().on_message_begin()
-
     def on_headers_complete(self) -> None:
-        if self.refusal is not None:
-            return
         guard = self.guard
         if len(self.url) > guard.max_url:
-            self.stop(UriTooLong(URL_TOO_LONG.format(guard.max_url)), "url")
-            return
+            raise Refusal(UriTooLong(URL_TOO_LONG.format(guard.max_url)), guard, "url")
         # `head` counts whole reads, which may hold a body too: measure exactly only then.
         if self.head > guard.max_head and _head_size(self.url, self.headers) > guard.max_head:
-            self.stop(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)), "headers")
-            return
+            raise Refusal(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)), guard, "headers")
         self.in_head = False
         self.head = 0
-        self.deadline = self.loop.time() + guard.body_timeout
+        self.deadline = None  # a body not complete by the end of this read gets one
         if self.counted is not None:
             self.release()
-        super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self.refusal is None:
-            super().on_body(body)
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
-        if self.refusal is not None:
-            return
         self.in_head = True
         self.head = 0
         self.deadline = None  # answering now: the app's time, then uvicorn's keep-alive
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
     def handle_websocket_upgrade(self) -> None:
-        if self.refusal is not None:
-            return
         # From here the WebSocket protocol owns the transport: no deadline, not pending.
         self.release()
         self.deadline = None
@@ -211,11 +231,6 @@ class Connection(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
     # -- refusing -------------------------------------------------------------------------------
-    def stop(self, exc: HeraldError, reason: str) -> None:
-        """Refuse the request being parsed (answered once the parser has returned)."""
-        self.guard.refused(reason)
-        self.refusal = exc
-
     def expire(self) -> None:
         """The current phase's deadline passed: answer 408 if a request was under way."""
         self.deadline = None
