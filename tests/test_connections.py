@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from herald.auth.issuer import LocalIssuer
 from tests.conftest import free_port, servers
@@ -347,6 +348,31 @@ def test_live_streams_outlive_every_connection_timeout(herald: Herald, protocol:
 
         message = asyncio.run(watch())
     assert message["notification"]["payload"]["visualContent"]["title"] == "still here"
+
+
+def test_a_websocket_message_over_64_kib_closes_the_stream(herald: Herald) -> None:
+    """A live stream takes nothing from the client: a big message (up to 16 MiB by uvicorn's
+    default, buffered per connection) ends it with 1009 (message too big)."""
+    user = f"user-{uuid.uuid4()}"
+    me = {"Authorization": f"Bearer {herald.token(user)}"}
+    body = {"application": herald.host_name, "platform": "live"}
+    sub = httpx.post(f"{herald.url}/beta/me/notificationSubscriptions", headers=me, json=body)
+    assert sub.status_code == 201, sub.text
+
+    async def send_big() -> int | None:
+        url = f"ws://127.0.0.1:{herald.port}/beta/me/notificationSubscriptions/"
+        async with websockets.connect(
+            url + f"{sub.json()['id']}/stream", additional_headers=me, max_size=None
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send("x" * 100_000)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            return ws.close_code
+
+    assert asyncio.run(send_big()) == 1009
 
 
 # -- per address --------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from herald.api.app import Herald
 log = logging.getLogger("herald.server")
 
 GRACE_SECONDS = 3.0
+# Live streams take nothing from the client but pings: uvicorn's default lets each WebSocket
+# buffer a 16 MiB message.
+WS_MAX_MESSAGE = 65_536
 
 
 def config(app: Herald, host: str, port: int, **options: object) -> uvicorn.Config:
@@ -47,6 +50,7 @@ def config(app: Herald, host: str, port: int, **options: object) -> uvicorn.Conf
         # each connection tens of kilobytes (measured: ~65 KB instead of ~27 KB per socket),
         # which thousands of idle live streams cannot afford; the messages are small JSON.
         ws_per_message_deflate=False,
+        ws_max_size=WS_MAX_MESSAGE,
         **options,  # type: ignore[arg-type]
     )
 
