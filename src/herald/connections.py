@@ -8,8 +8,9 @@ its body, stays open for ever. `Connection` is that protocol with, per connectio
 * a size limit on the request head: the URL (`max_url_bytes`, 414) and the request line with its
   headers (`max_header_bytes`, 431), WebSocket handshakes included (they are parsed here first);
 * a time limit on the head (`header_timeout`: from the connection's opening for its first
-  request, from its first byte for a later one) and on the body (`body_timeout`, from the end of
-  the headers), answered 408 (a connection that sent nothing is just closed);
+  request, from the first read of a later one that leaves it incomplete) and on the body
+  (`body_timeout`, likewise from the end of the headers), answered 408 (a connection that sent
+  nothing is just closed);
 * at most `max_pending_per_address` *pending* connections per client address, pending meaning
   opened but no complete request head yet: a connection beyond that is answered 429 at once.
   Trusted proxies are exempt (their clients' addresses are only known from their headers).
@@ -59,10 +60,9 @@ HEADER_OVERHEAD = 4
 class Refusal(Exception):
     """Raised in a parser callback to stop parsing and refuse the request."""
 
-    def __init__(self, error: HeraldError, guard: Guard, reason: str) -> None:
+    def __init__(self, error: HeraldError) -> None:
         super().__init__(error.message)
         self.error = error
-        guard.refused(reason)
 
 
 class Guard:
@@ -206,10 +206,12 @@ class Connection(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         guard = self.guard
         if len(self.url) > guard.max_url:
-            raise Refusal(UriTooLong(URL_TOO_LONG.format(guard.max_url)), guard, "url")
+            guard.refused("url")
+            raise Refusal(UriTooLong(URL_TOO_LONG.format(guard.max_url)))
         # `head` counts whole reads, which may hold a body too: measure exactly only then.
         if self.head > guard.max_head and _head_size(self.url, self.headers) > guard.max_head:
-            raise Refusal(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)), guard, "headers")
+            guard.refused("headers")
+            raise Refusal(HeadersTooLarge(HEAD_TOO_LARGE.format(guard.max_head)))
         self.in_head = False
         self.head = 0
         self.deadline = None  # a body not complete by the end of this read gets one
