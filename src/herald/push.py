@@ -174,6 +174,8 @@ class Lane:
         self.wake_at = math.inf  # monotonic time the current sleep ends
         self.alarm = math.inf  # monotonic time of the `expect` timer, if one is set
         self.timer: asyncio.TimerHandle | None = None
+        # The earliest retry this lane scheduled: its settlement may not be in the store yet.
+        self.soonest: datetime | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"herald-push-{self.provider}")
@@ -229,13 +231,21 @@ class Lane:
         if self.full:
             return self.poll
         due = await self.pusher.store.next_due(self.provider)
+        now = self.pusher.clock()
+        if self.soonest is not None:
+            if self.soonest <= now:
+                self.soonest = None  # claimed, or in the store for next_due to find
+            elif due is None or self.soonest < due:
+                due = self.soonest
         if due is None:
             return self.poll
-        return min(self.poll, max(MIN_WAIT, (due - self.pusher.clock()).total_seconds()))
+        return min(self.poll, max(MIN_WAIT, (due - now).total_seconds()))
 
     def expect(self, due: datetime) -> None:
         """A retry was scheduled for `due`: be awake then, if the lane would sleep past it (its
         sleep was planned before the retry was)."""
+        if self.soonest is None or due < self.soonest:
+            self.soonest = due
         delay = max(0.0, (due - self.pusher.clock()).total_seconds())
         at = time.monotonic() + delay
         if at >= min(self.wake_at, self.alarm):
@@ -315,18 +325,21 @@ class Settler:
         while not self.closing:
             await self.ready.wait()
             self.ready.clear()
-            await self.flush()
-            if self.pending and not self.closing:  # the store failed: wait, try again
-                await asyncio.sleep(1.0)
+            failed = not await self.flush()
+            # Only after a failure: settlements that came in during a good flush go at once.
+            if failed and self.pending and not self.closing:
+                await asyncio.sleep(1.0)  # the store failed: wait, try again
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """Record what is pending; False if the store failed (some may be pending again)."""
         batch, self.pending = self.pending, []
         if not batch:
-            return
+            return True
         try:
             await self.store.settle(batch, self.clock())
             self.settled += len(batch)
             self.failures = 0
+            return True
         except HeraldError as exc:  # e.g. the database is failing over: keep them, try again
             self.failures += 1
             log.warning("push settle failed", extra={"error": exc.message})
@@ -338,6 +351,7 @@ class Settler:
         except Exception:
             log.exception("push settle failed; settling one by one")
             await self.one_by_one(batch)
+        return False
 
     async def one_by_one(self, batch: list[Settlement]) -> None:
         for settlement in batch:
