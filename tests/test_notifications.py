@@ -243,6 +243,51 @@ def test_batch_parallel_requests_share_auth(client: httpx.Client, app: Registere
     assert [x["status"] for x in r.json()["responses"]] == [201] * 5
 
 
+# Every way an inner request could name $batch: percent-encoded (once, twice), in another case,
+# absolute, under a version prefix, with extra slashes, a trailing slash, a query or a fragment.
+NESTED_BATCH_URLS = [
+    "/%24batch",
+    "%24batch",
+    "/%2524batch",
+    "/$BATCH",
+    "/%24Batch",
+    "//$batch",
+    "/beta/$batch",
+    "/v1.0/%24batch",
+    "https://graph.microsoft.com/v1.0/$batch",
+    "https://herald.example.com/beta/%24batch",
+    "/$batch/",
+    "$batch?x=1",
+    "/%24batch#f",
+]
+
+
+@pytest.mark.parametrize("url", NESTED_BATCH_URLS)
+def test_a_batch_inside_a_batch_is_refused_in_any_spelling(
+    client: httpx.Client, app: RegisteredApp, url: str
+) -> None:
+    """20 requests that each name a batch of 20 posts: the whole batch is refused and nothing
+    runs (`/%24batch` used to run all 400 posts, where a batch holds at most 20)."""
+    posts = [
+        {"id": str(i), "method": "POST", "url": "/me/notifications", "body": body(app)}
+        for i in range(20)
+    ]
+    nested = [
+        {
+            "id": str(i),
+            "method": "POST",
+            "url": url,
+            "headers": {"Content-Type": "application/json"},
+            "body": {"requests": posts},
+        }
+        for i in range(20)
+    ]
+    r = client.post("/beta/$batch", json={"requests": nested})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["code"] == "invalidRequest" and r.json()["error"]["target"] == "url"
+    assert client.get("/beta/me/notifications/$count").text == "0"
+
+
 def test_operations_endpoints(server: Server) -> None:
     with server.client() as c:
         assert c.get("/healthz").json() == {"status": "ok"}

@@ -125,6 +125,29 @@ def test_retry_after_is_honoured_then_delivered_once(alice: User, stand: Provide
         assert [m["id"] for m in messages(device)] == [n["id"], again["id"]], device.platform
 
 
+def test_retry_after_one_second_is_sent_after_one_second(alice: User, stand: Providers) -> None:
+    """A 429 and then a 503, each with Retry-After: 1: each retry goes out about 1 s after the
+    refusal, not at the queue's next once-a-second look for due work (2 s)."""
+    devices = [
+        alice.webpush(stand.webpush),
+        alice.ios(stand.apns),
+        alice.android(stand.fcm),
+        alice.windows(stand.wns),
+    ]
+    for device in devices:
+        assert device.standin is not None
+        for status in (429, 503):
+            device.standin.fault(status, 1, headers={"Retry-After": "1"}, target=device.target)
+    n = alice.notify()
+    for device in devices:
+        assert device.standin is not None
+        [delivered] = arrived(device, 1)
+        assert delivered.message["id"] == n["id"]
+        first, second = device.standin.refused(device.target)
+        for gap in (second.at - first.at, delivered.at - second.at):
+            assert 0.95 <= gap < 1.5, (device.platform, gap)
+
+
 def test_timeout_is_retried(alice: User, stand: Providers) -> None:
     """A provider answering later than push_timeout (2 s): the attempt is abandoned, retried,
     and delivered. Over HTTP/1.1 (Web Push) the stand-in sees the client go away and processes

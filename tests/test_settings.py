@@ -39,11 +39,25 @@ def test_unknown_keys_and_variables_are_reported(tmp_path: Path) -> None:
         {"HERALD_ISSUERS": '[{"issuer": "x", "audience": "a", "jwks_url": "k", "typo": 1}]'},
         {"HERALD_USER_RATE": "0"},
         {"HERALD_LOCAL_ISSUER": "false"},
+        {"HERALD_TRUSTED_PROXIES": "10.0.0.1, proxy.example.com"},
+        {"HERALD_MAX_URL_BYTES": "40000"},
+        {"HERALD_HEADER_TIMEOUT": "0"},
+        {"HERALD_BODY_TIMEOUT": "-1"},
+        {"HERALD_MAX_PENDING_PER_ADDRESS": "0"},
+        {"HERALD_LOG_REPEATS": "-1"},
+        {"HERALD_MAX_STREAMS_PER_SUBSCRIPTION": "200"},
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load({}, env)
+
+
+def test_trusted_proxies_take_addresses_and_networks() -> None:
+    env = {"HERALD_TRUSTED_PROXIES": " 10.0.0.5, 192.168.0.0/24 ,::1,"}
+    s = load({}, env).settings
+    assert s.trusted_proxy_list == ["10.0.0.5", "192.168.0.0/24", "::1"]
+    assert load({}, {}).settings.trusted_proxy_list == []
 
 
 def test_issuers_from_env_json() -> None:

@@ -7,12 +7,15 @@
     + QuotaExceeded        quotaLimitReached       403
   + NotFound               itemNotFound            404
   + MethodNotAllowed       methodNotAllowed        405
+  + RequestTimeout         requestTimeout          408  (a request not received in time)
   + Conflict               conflict                409
   + Gone                   syncStateNotFound       410
   + PreconditionFailed     preconditionFailed      412
   + PayloadTooLarge        requestEntityTooLarge   413
+  + UriTooLong             requestUriTooLong       414
   + UnsupportedMediaType   unsupportedMediaType    415
   + Throttled              activityLimitReached    429  (carries Retry-After)
+  + HeadersTooLarge        requestHeaderFieldsTooLarge 431
   + Unavailable            serviceNotAvailable     503  (carries Retry-After)
 
 Lower layers raise these; `api/errors.py` renders them as the Graph error body in one place.
@@ -66,6 +69,11 @@ class MethodNotAllowed(HeraldError):
     status = 405
 
 
+class RequestTimeout(HeraldError):
+    code = "requestTimeout"
+    status = 408
+
+
 class Conflict(HeraldError):
     code = "conflict"
     status = 409
@@ -86,9 +94,19 @@ class PayloadTooLarge(HeraldError):
     status = 413
 
 
+class UriTooLong(HeraldError):
+    code = "requestUriTooLong"
+    status = 414
+
+
 class UnsupportedMediaType(HeraldError):
     code = "unsupportedMediaType"
     status = 415
+
+
+class HeadersTooLarge(HeraldError):
+    code = "requestHeaderFieldsTooLarge"
+    status = 431
 
 
 class Throttled(HeraldError):

@@ -1,10 +1,15 @@
-"""Structured logging: one JSON object per line (or plain text for people)."""
+"""Structured logging: one JSON object per line (or plain text for people), with repeated
+warnings and errors limited (`Repeats`) so a failing disk or database cannot flood the log."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -62,12 +67,122 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(data, enc_hook=str).decode()
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+Kind = tuple[str, int, str, str | None]
+MAX_KINDS = 1000  # beyond this many kinds in one window, lines are told apart by template only
+
+
+class _Window:
+    __slots__ = ("lines", "start", "suppressed")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.lines = 0
+        self.suppressed = 0
+
+
+class Repeats(logging.Filter):
+    """Lets the first `limit` warning and error lines of each kind through per `window` seconds
+    and counts the rest; when the window is over, one line of that kind says how many were
+    suppressed ("suppressed 1234 similar lines", field `suppressed`). A kind is the logger, the
+    level, the message template and the error reported (the `error` field, or the exception's
+    type and text), so the first line of each distinct error always gets through. Lower levels
+    pass untouched. Counters (metrics) are not logs: they still count every event."""
+
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.kinds: dict[Kind, _Window] = {}
+        self.next_scan = 0.0
+        self.lock = threading.Lock()  # handlers filter outside their own lock
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not self.limit or hasattr(record, "suppressed"):
+            return True
+        now = self.clock()
+        kind = _kind(record)
+        with self.lock:
+            finished = self._finished(now)
+            window = self.kinds.get(kind)
+            if window is None:
+                if len(self.kinds) >= MAX_KINDS:
+                    kind = (*kind[:3], None)
+                window = self.kinds.setdefault(kind, _Window(now))
+            window.lines += 1
+            passed = window.lines <= self.limit
+            if not passed:
+                window.suppressed += 1
+        _report(finished)  # outside the lock: these lines come through this filter too
+        return passed
+
+    def flush(self, force: bool = False) -> None:
+        """Report the windows that are over (all of them if `force`)."""
+        with self.lock:
+            finished = self._finished(self.clock(), force)
+        _report(finished)
+
+    def _finished(self, now: float, force: bool = False) -> list[tuple[Kind, int]]:
+        if not force:
+            if now < self.next_scan:
+                return []
+            self.next_scan = now + self.window / 4
+        over = [k for k, w in self.kinds.items() if force or now - w.start >= self.window]
+        return [(k, w.suppressed) for k in over if (w := self.kinds.pop(k)).suppressed]
+
+
+def _kind(record: logging.LogRecord) -> Kind:
+    error = getattr(record, "error", None)
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        error = f"{type(exc).__name__}: {exc}"
+    return (
+        record.name,
+        record.levelno,
+        str(record.msg),
+        None if error is None else str(error)[:200],
+    )
+
+
+def _report(finished: list[tuple[Kind, int]]) -> None:
+    for (name, level, message, error), count in finished:
+        logging.getLogger(name).log(
+            level,
+            "suppressed %d similar lines: %s",
+            count,
+            message,
+            extra={"suppressed": count, "suppressed_message": message, "suppressed_error": error},
+        )
+
+
+def repeats_filters() -> list[Repeats]:
+    return [f for h in logging.getLogger().handlers for f in h.filters if isinstance(f, Repeats)]
+
+
+async def report_repeats(interval: float = 1.0) -> None:
+    """Report finished windows even when no further line comes to trigger it (a task)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            for repeats in repeats_filters():
+                repeats.flush()
+    finally:
+        for repeats in repeats_filters():
+            repeats.flush(force=True)
+
+
+def configure(
+    level: str = "info", fmt: str = "json", repeats: int = 0, repeat_window: float = 10.0
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if repeats:
+        handler.addFilter(Repeats(repeats, repeat_window))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -28,6 +28,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "herald_connections_refused",
+            "Connections answered and closed by Herald's limits, by reason (url, headers, "
+            "pending, idle, headers_timeout, body_timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.streams_refused = Counter(
+            "herald_live_streams_refused",
+            "Live streams refused at a cap, by cap (subscription, user).",
+            ["cap"],
+            registry=self.registry,
+        )
 
         self.streams = Gauge(
             "herald_live_streams",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -29,7 +30,10 @@ from herald.store import Store
 log = logging.getLogger("herald.push")
 
 CLAIM_BATCH = 256
+# A lane sleeps until its earliest delivery is due, or a new one is queued here, but at most this
+# long: other nodes queue deliveries too, and nothing wakes this lane for those.
 POLL_SECONDS = 1.0
+MIN_WAIT = 0.005  # seconds: a due time already past (a claim skipped it) is retried this soon
 GAUGE_SECONDS = 10.0
 ROUNDS_BEFORE_ONE_BY_ONE = 5  # failed flushes of a batch before its settlements go one by one
 LOUD_EVERY = 60.0  # seconds between ERROR lines for one app's refused credentials
@@ -153,7 +157,8 @@ def printable(text: str) -> str:
 
 
 class Lane:
-    """One provider's queue: claims due deliveries while it has free slots, sends them."""
+    """One provider's queue: claims due deliveries while it has free slots, sends them, and
+    sleeps until the next one is due (`until_due`, or `expect` for a retry it just scheduled)."""
 
     def __init__(self, pusher: Pusher, provider: Provider, channel: Channel, poll: float) -> None:
         self.pusher = pusher
@@ -166,11 +171,18 @@ class Lane:
         self.task: asyncio.Task[None] | None = None
         self.full = False
         self.gauge_at = 0.0
+        self.wake_at = math.inf  # monotonic time the current sleep ends
+        self.alarm = math.inf  # monotonic time of the `expect` timer, if one is set
+        self.timer: asyncio.TimerHandle | None = None
+        # The earliest retry this lane scheduled: its settlement may not be in the store yet.
+        self.soonest: datetime | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"herald-push-{self.provider}")
 
     async def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,6 +210,7 @@ class Lane:
                 else:
                     self.full = True
                 await self.update_gauge()
+                delay = await self.until_due()
             except HeraldError as exc:  # the store is unavailable: back off, try again
                 log.warning("push claim failed", extra={"error": exc.message})
                 await asyncio.sleep(self.poll)
@@ -206,9 +219,45 @@ class Lane:
                 log.exception("push lane failed", extra={"provider": self.provider.value})
                 await asyncio.sleep(self.poll)
                 continue
+            self.wake_at = time.monotonic() + delay
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll):
+                async with asyncio.timeout(delay):
                     await self.wake.wait()
+            self.wake_at = math.inf
+
+    async def until_due(self) -> float:
+        """Seconds until this provider's earliest queued delivery is due, at most `poll` (and
+        `poll` while the lane is full: `done` wakes it when there is room)."""
+        if self.full:
+            return self.poll
+        due = await self.pusher.store.next_due(self.provider)
+        now = self.pusher.clock()
+        if self.soonest is not None:
+            if self.soonest <= now:
+                self.soonest = None  # claimed, or in the store for next_due to find
+            elif due is None or self.soonest < due:
+                due = self.soonest
+        if due is None:
+            return self.poll
+        return min(self.poll, max(MIN_WAIT, (due - now).total_seconds()))
+
+    def expect(self, due: datetime) -> None:
+        """A retry was scheduled for `due`: be awake then, if the lane would sleep past it (its
+        sleep was planned before the retry was)."""
+        if self.soonest is None or due < self.soonest:
+            self.soonest = due
+        delay = max(0.0, (due - self.pusher.clock()).total_seconds())
+        at = time.monotonic() + delay
+        if at >= min(self.wake_at, self.alarm):
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.alarm = at
+        self.timer = asyncio.get_running_loop().call_later(delay, self.ring)
+
+    def ring(self) -> None:
+        self.alarm, self.timer = math.inf, None
+        self.wake.set()
 
     def done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
@@ -238,6 +287,8 @@ class Lane:
             log.exception("push settlement failed", extra={"provider": self.provider.value})
             settlement = _settle(d, Settle.DROP, "internal error")
         pusher.settler.add(settlement)
+        if settlement.due is not None:
+            self.expect(settlement.due)
 
     async def update_gauge(self) -> None:
         now = time.monotonic()
@@ -274,18 +325,21 @@ class Settler:
         while not self.closing:
             await self.ready.wait()
             self.ready.clear()
-            await self.flush()
-            if self.pending and not self.closing:  # the store failed: wait, try again
-                await asyncio.sleep(1.0)
+            failed = not await self.flush()
+            # Only after a failure: settlements that came in during a good flush go at once.
+            if failed and self.pending and not self.closing:
+                await asyncio.sleep(1.0)  # the store failed: wait, try again
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """Record what is pending; False if the store failed (some may be pending again)."""
         batch, self.pending = self.pending, []
         if not batch:
-            return
+            return True
         try:
             await self.store.settle(batch, self.clock())
             self.settled += len(batch)
             self.failures = 0
+            return True
         except HeraldError as exc:  # e.g. the database is failing over: keep them, try again
             self.failures += 1
             log.warning("push settle failed", extra={"error": exc.message})
@@ -297,6 +351,7 @@ class Settler:
         except Exception:
             log.exception("push settle failed; settling one by one")
             await self.one_by_one(batch)
+        return False
 
     async def one_by_one(self, batch: list[Settlement]) -> None:
         for settlement in batch:

@@ -10,31 +10,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import resource
 import socket
 
 import uvicorn
 
+from herald import connections
 from herald.api.app import Herald
 
+log = logging.getLogger("herald.server")
+
 GRACE_SECONDS = 3.0
+# Live streams take nothing from the client but pings: uvicorn's default lets each WebSocket
+# buffer a 16 MiB message.
+WS_MAX_MESSAGE = 65_536
 
 
 def config(app: Herald, host: str, port: int, **options: object) -> uvicorn.Config:
+    services = app.state.services
+    settings = services.settings
+    proxies = settings.trusted_proxy_list
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=connections.protocol(settings, services.metrics),
         loop="uvloop",
         ws="websockets-sansio",
         lifespan="on",
         timeout_graceful_shutdown=int(GRACE_SECONDS),
+        # Between requests (uvicorn's keep-alive); call_later takes any float.
+        timeout_keep_alive=settings.idle_timeout,
+        # X-Forwarded-For/-Proto only from configured proxies: uvicorn trusts 127.0.0.1 by
+        # default, so any local process could claim to be any client.
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
         # No permessage-deflate: browsers always ask for it, and its compressor state costs
         # each connection tens of kilobytes (measured: ~65 KB instead of ~27 KB per socket),
         # which thousands of idle live streams cannot afford; the messages are small JSON.
         ws_per_message_deflate=False,
+        ws_max_size=WS_MAX_MESSAGE,
         **options,  # type: ignore[arg-type]
     )
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one: every connection holds a file
+    descriptor, and the usual soft limit (1,024) is reached long before memory runs out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        log.info("open files limit", extra={"limit": soft})
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning(
+            "could not raise the open files limit", extra={"limit": soft, "error": str(exc)}
+        )
+        return
+    log.info("raised the open files limit", extra={"from": soft, "to": hard})
 
 
 class Server(uvicorn.Server):

@@ -8,6 +8,7 @@ a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -41,6 +42,25 @@ class Settings:
     log_level: str = "info"
     # "json" for machines, "text" for people.
     log_format: str = "json"
+    # Warning and error lines of one kind (logger, message, error) let through per window (s);
+    # the rest are counted and reported in one line per window. 0: no limit.
+    log_repeats: int = 10
+    log_repeat_window: float = 10.0
+    # Addresses or networks of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are
+    # believed (comma-separated, e.g. "10.0.0.5, 192.168.0.0/24"); empty: none, the connection's
+    # own address is the client's.
+    trusted_proxies: str = ""
+    # Hostile and idle connections (docs/operations.md): the request line and headers, and the
+    # URL, at most this many bytes (431, 414); seconds to receive a request's headers (from the
+    # connection's opening, or from a later request's first byte), its body (from the end of the
+    # headers), and idle between requests; connections per client address that have not sent a
+    # complete request head yet.
+    max_header_bytes: int = 32_768
+    max_url_bytes: int = 16_384
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    max_pending_per_address: int = 64
     # Embedded issuer: Herald mints tokens itself (client credentials endpoint, `herald token`).
     local_issuer: bool = True
     audience: str = "api://herald"
@@ -90,8 +110,11 @@ class Settings:
     subscription_ttl: int = 30 * DAY
     max_subscription_ttl: int = 90 * DAY
     max_subscriptions: int = 50
-    # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent.
+    # Live streams (WebSocket, SSE): seconds between keep-alives when nothing else is sent, and
+    # how many may be open at once per subscription (one per browser tab) and per user and app.
     keepalive_interval: float = 25.0
+    max_streams_per_subscription: int = 20
+    max_streams_per_user: int = 100
     # Push channels (docs/push.md). Off: nothing is queued for push channels.
     push_enabled: bool = True
     # Extra CA certificates (PEM file) trusted for push services, e.g. a private relay.
@@ -130,6 +153,10 @@ class Settings:
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def vapid_subject(self) -> str:
@@ -239,6 +266,15 @@ def _check(s: Settings) -> None:
         "sweep_interval",
         "max_subscriptions",
         "keepalive_interval",
+        "max_streams_per_subscription",
+        "max_streams_per_user",
+        "max_header_bytes",
+        "max_url_bytes",
+        "header_timeout",
+        "body_timeout",
+        "idle_timeout",
+        "max_pending_per_address",
+        "log_repeat_window",
         "push_timeout",
         "push_concurrency",
         "push_max_attempts",
@@ -247,6 +283,17 @@ def _check(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.log_repeats < 0:
+        problems.append("log_repeats must be >= 0")
+    if s.max_url_bytes > s.max_header_bytes:
+        problems.append("max_url_bytes must be <= max_header_bytes (the URL is part of the head)")
+    if s.max_streams_per_subscription > s.max_streams_per_user:
+        problems.append("max_streams_per_subscription must be <= max_streams_per_user")
+    for proxy in s.trusted_proxy_list:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(f"trusted_proxies: {proxy!r} is not an IP address or network")
     if s.push_lease <= s.push_timeout:
         problems.append("push_lease must be longer than push_timeout")
     if s.push_ca_file and not Path(s.push_ca_file).is_file():

@@ -46,7 +46,7 @@ from herald.dispatcher import Dispatcher
 from herald.errors import HeraldError
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, RateLimits
-from herald.logs import redact_tokens
+from herald.logs import redact_tokens, report_repeats
 from herald.metrics import Metrics, MetricsMiddleware
 from herald.push import Pusher
 from herald.settings import Settings
@@ -248,6 +248,7 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         gc.collect()
         gc.freeze()
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
+        reporter = asyncio.create_task(report_repeats(min(1.0, settings.log_repeat_window / 4)))
         await services.broker.start()
         await services.dispatcher.start()
         if services.pusher is not None:
@@ -261,9 +262,10 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
             if services.pusher is not None:
                 await services.pusher.close()
             await services.broker.close()
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, reporter):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.verifier.aclose()
             await services.store.close()
 

@@ -26,6 +26,8 @@ MAX_REQUESTS = 20
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110)
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,8192}")  # Latin-1, no control characters
 METHODS = {"GET", "POST", "PATCH", "PUT", "DELETE"}
+NESTED = "A batch cannot contain another batch."
+INNER = "herald.batch"  # scope key marking a request run from inside a batch
 
 
 class InnerRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,11 +80,8 @@ def _validate(batch: BatchIn) -> None:
             raise InvalidRequest(
                 f"Request {r.id} has an invalid header {bad[0][:40]!r}.", target="headers"
             )
-        if urlsplit(r.url).path.lstrip("/").startswith("$batch"):
-            raise InvalidRequest("A batch cannot contain another batch.", target="url")
-        _, path = target(r.url)
-        if unquote(path).lstrip("/").lower().startswith("$batch"):
-            raise InvalidRequest("A batch cannot contain another batch.", target="url")
+        if _names_batch(r.url):
+            raise InvalidRequest(NESTED, target="url")
         if r.dependsOn and r.depends_on:
             raise InvalidRequest(
                 f"Request {r.id} has both dependsOn and depends_on; give one.", target="dependsOn"
@@ -98,7 +97,18 @@ def _validate(batch: BatchIn) -> None:
         seen.add(r.id)
 
 
+def _names_batch(url: str) -> bool:
+    """Whether an inner URL names `$batch` in any spelling: percent-encoded (even more than
+    once), in any case, absolute, after any number of slashes."""
+    path, previous = url.partition("?")[0].partition("#")[0], None
+    while path != previous:
+        previous, path = path, unquote(path)
+    return any(segment.strip().lower() == "$batch" for segment in path.split("/"))
+
+
 async def handle(request: Request) -> Response:
+    if request.scope.get(INNER):  # whatever spelling got past _validate
+        raise InvalidRequest(NESTED, target="url")
     # Room for 20 requests of the largest size a single request may have.
     limit = request.app.state.services.settings.max_body_bytes * MAX_REQUESTS
     try:
@@ -199,6 +209,7 @@ async def _run(outer: Request, inner: InnerRequest) -> dict[str, Any]:
         "query_string": url.query.encode(),
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
         "state": {},
+        INNER: True,
     }
     return await _call(outer, scope, body, inner.id)
 

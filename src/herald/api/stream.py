@@ -11,6 +11,12 @@ own task group. A stream:
    nothing falls in between; the skip removes the overlap.
 3. sends keep-alives, and closes on token expiry, subscription deletion or expiry, a client
    that does not keep up, or server shutdown (see `herald/server.py`), saying why.
+
+At most `max_streams_per_subscription` streams per subscription (one per browser tab: tabs share
+the subscription, docs/inbox.md) and `max_streams_per_user` per (user, app) are open at once on a
+node. One more is refused (429 with Retry-After), not let in by closing an older one: a client
+stuck in a reconnect loop would otherwise take the streams of the user's working tabs and
+devices, and two clients over the cap would keep closing each other.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -29,13 +36,14 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from herald.api import schemas
 from herald.api.errors import error_body, error_headers, request_id
-from herald.errors import Gone, HeraldError, InvalidRequest, NotFound
+from herald.errors import Gone, HeraldError, InvalidRequest, NotFound, Throttled
 from herald.model import Change, ChangeKind, DevicePlatform, Platform, Subscription
 
 if TYPE_CHECKING:
     from herald.api.app import Services
 
 log = logging.getLogger("herald.stream")
+K = TypeVar("K")
 
 PATH = re.compile(r"/(beta|v1\.0)/me/notificationSubscriptions/([^/]+)/stream/?")
 REPLAY_BATCH = 500
@@ -363,6 +371,9 @@ class Streams:
         self.idle.set()
         self.ticker: asyncio.Task[None] | None = None
         self.recorder: asyncio.Task[None] | None = None
+        # Open streams per subscription and per (user, app), for the caps.
+        self.per_subscription: dict[str, int] = {}
+        self.per_user: dict[tuple[str, str], int] = {}
 
     def start(self) -> None:
         self.ticker = asyncio.create_task(self.tick(), name="herald-stream-deadlines")
@@ -428,6 +439,7 @@ class Streams:
             sink = SseSink(receive, send)
         try:
             sub, token_expires, start = await self._open(scope, sub_id)
+            self.admit(sub)
         except HeraldError as exc:
             await sink.refuse(exc, scope)
             return
@@ -447,11 +459,36 @@ class Streams:
                 raise
             session.main.uncancel()  # our own abort: end quietly, the server drops the socket
         finally:
+            self.leave(sub)
             self.sessions.discard(session)
             if not self.sessions:
                 self.idle.set()
             session.stop()
             gauge.dec()
+
+    def admit(self, sub: Subscription) -> None:
+        """Count a new stream of `sub`, or refuse it at a cap (no await between check and count:
+        two handshakes cannot both take the last place)."""
+        settings, user = self.services.settings, (sub.user_id, sub.app)
+        on_sub, on_user = self.per_subscription.get(sub.id, 0), self.per_user.get(user, 0)
+        if on_sub >= settings.max_streams_per_subscription:
+            cap, what = "subscription", f"this subscription ({on_sub})"
+        elif on_user >= settings.max_streams_per_user:
+            cap, what = "user", f"this user and app ({on_user})"
+        else:
+            self.per_subscription[sub.id] = on_sub + 1
+            self.per_user[user] = on_user + 1
+            return
+        self.services.metrics.streams_refused.labels(cap).inc()
+        # A stream whose client vanished is noticed at a keep-alive: retry after about one.
+        raise Throttled(
+            f"Too many live streams are open for {what}; close one or retry later.",
+            retry_after=max(1, math.ceil(settings.keepalive_interval)),
+        )
+
+    def leave(self, sub: Subscription) -> None:
+        _discount(self.per_subscription, sub.id)
+        _discount(self.per_user, (sub.user_id, sub.app))
 
     async def _open(self, scope: Scope, sub_id: str) -> tuple[Subscription, float, int]:
         s = self.services
@@ -516,6 +553,14 @@ class Streams:
             session.sent = max(session.sent, after)
             if len(changes) < REPLAY_BATCH:
                 return
+
+
+def _discount(counts: dict[K, int], key: K) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]  # no entry per user who once streamed
 
 
 def _query(scope: Scope) -> dict[str, str]:

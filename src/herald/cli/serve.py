@@ -15,11 +15,14 @@ from herald.logs import configure
 def serve(host: str | None, port: int | None, **options: str | None) -> None:
     """Start the HTTP server."""
     from herald.api.app import create_app
-    from herald.server import Server, config
+    from herald.server import Server, config, raise_open_files_limit
 
     settings = load_settings(host=host, port=port, **options)
-    configure(settings.log_level, settings.log_format)
+    configure(
+        settings.log_level, settings.log_format, settings.log_repeats, settings.log_repeat_window
+    )
     click.echo(f"herald: serving on {settings.base_url} (store {_redacted(settings)})", err=True)
+    raise_open_files_limit()
     app = create_app(settings)
     Server(config(app, settings.host, settings.port, access_log=False, log_config=None)).run()
 
