@@ -72,7 +72,7 @@ def create(
 
 async def _add(settings: Settings, app: App) -> None:
     settings.data.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.resolved_store_url)
+    store = open_store(settings.resolved_store_url, settings)
     await store.open()
     try:
         await store.add_app(app)
@@ -101,7 +101,7 @@ def list_apps(**options: str | None) -> None:
 
 
 async def _list(settings: Settings) -> list[App]:
-    store = open_store(settings.resolved_store_url)
+    store = open_store(settings.resolved_store_url, settings)
     await store.open()
     try:
         return await store.list_apps()
@@ -110,7 +110,7 @@ async def _list(settings: Settings) -> list[App]:
 
 
 async def find_app(settings: Settings, client_id: str) -> App:
-    store = open_store(settings.resolved_store_url)
+    store = open_store(settings.resolved_store_url, settings)
     await store.open()
     try:
         app = await store.get_app(client_id)

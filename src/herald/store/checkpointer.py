@@ -1,0 +1,168 @@
+"""The SQLite store's checkpointer: copies the WAL back into the database on a thread of its
+own, and keeps the WAL file under its bound (`sqlite_wal_limit`).
+
+Why a WAL grows without bound under sustained writes: a checkpoint copies WAL frames into the
+database, but the WAL is only started over from its beginning when a write transaction begins at
+a moment when every frame has been copied and no reader still uses the WAL. A PASSIVE checkpoint
+never waits for such a moment, and writes that never pause leave none: each PASSIVE checkpoint
+ends with newer frames already appended behind it, so the file only grows (the same happens
+while a long read keeps old frames in use: "checkpoint starvation").
+
+So once the WAL passes half the limit, the checkpointer makes that moment: after a PASSIVE
+checkpoint has copied most frames while writes went on, it asks the store to hold new write
+batches (`Gate.hold`; the store runs every write on its event loop, so holding them is a flag),
+runs a TRUNCATE checkpoint (copies the few frames appended meanwhile, waits briefly for readers
+to leave the WAL, truncates the file to zero bytes) and lets writes go on. Should the WAL reach
+the limit anyway (readers kept it in use, or checkpoints fail), the store holds writes until a
+truncate succeeds. After IDLE_SECONDS without a new WAL frame the WAL is truncated too, so an
+idle database has no WAL to speak of.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from herald.metrics import SqliteMetrics
+
+log = logging.getLogger("herald.store")
+
+PASSIVE_SECONDS = 1.0  # how often the WAL is copied back while writes go on
+IDLE_SECONDS = 5.0  # no commit for this long: truncate the WAL
+BUSY_RETRY_SECONDS = 0.1  # a truncate that readers kept from completing is tried again after
+FAILED_RETRY_SECONDS = 1.0  # a checkpoint that failed (a full disk) is tried again after
+READERS_WAIT_MS = 200  # a truncate waits this long for readers to leave the WAL, writes held
+FULL_WAIT_MS = 1000  # the same once the WAL is at its limit (writes are held anyway)
+
+
+class Gate(Protocol):
+    """The store's side of a truncate: no write transaction runs while it does."""
+
+    def hold(self) -> bool:
+        """Block until no write transaction is open and none will begin before `release`;
+        False if writes could not be held (the store is closing)."""
+
+    def release(self, failure: sqlite3.Error | None) -> None:
+        """Let writes begin again; `failure`: the error the checkpoint met, if any."""
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        database: str,
+        limit: int,
+        gate: Gate,
+        metrics: SqliteMetrics,
+    ) -> None:
+        self.wal = f"{database}-wal"
+        self.limit = limit  # 0: no bound (PASSIVE checkpoints only, as before the bound)
+        self.soft = limit // 2
+        self._connect = connect
+        self._gate = gate
+        self._metrics = metrics
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._failing = False
+        self._frames = -1  # WAL frames at the last PASSIVE checkpoint
+        self._quiet_since = time.monotonic()  # when they last changed
+        self._thread = threading.Thread(
+            target=self._run, name="herald-sqlite-checkpoint", daemon=True
+        )
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.stat(self.wal).st_size
+        except OSError:  # no WAL file (yet, or any more)
+            return 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the round under way (blocks: call from a worker thread)."""
+        self._stop.set()
+        self._due.set()
+        self._thread.join()
+
+    def request(self) -> None:
+        """Run a round now (the store, after a commit left the WAL past half the limit)."""
+        self._due.set()
+
+    def _run(self) -> None:
+        conn = self._connect()
+        try:
+            delay = PASSIVE_SECONDS
+            while True:
+                self._due.wait(delay)
+                if self._stop.is_set():
+                    return
+                self._due.clear()
+                delay = self._round(conn)
+        finally:
+            conn.close()
+
+    def _round(self, conn: sqlite3.Connection) -> float:
+        """One round; returns the seconds until the next one (unless requested sooner)."""
+        if self.wal_bytes() == 0:
+            return PASSIVE_SECONDS
+        _, failure, frames = self._checkpoint(conn, "PASSIVE")
+        if not self.limit:
+            return PASSIVE_SECONDS
+        # Idle: no frame appended for a while (commits that change nothing append none).
+        if frames != self._frames:
+            self._frames, self._quiet_since = frames, time.monotonic()
+        idle = time.monotonic() - self._quiet_since >= IDLE_SECONDS
+        size = self.wal_bytes()
+        if size > self.soft or (idle and size > 0):
+            done, failure = self._truncate(conn, FULL_WAIT_MS if size >= self.limit else None)
+            if failure is not None:
+                return FAILED_RETRY_SECONDS
+            if not done:
+                return BUSY_RETRY_SECONDS
+        return FAILED_RETRY_SECONDS if failure is not None else PASSIVE_SECONDS
+
+    def _truncate(
+        self, conn: sqlite3.Connection, wait_ms: int | None
+    ) -> tuple[bool, sqlite3.Error | None]:
+        if not self._gate.hold():
+            return False, None
+        outcome, failure = "failed", None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {wait_ms or READERS_WAIT_MS}")
+            outcome, failure, _ = self._checkpoint(conn, "TRUNCATE")
+        finally:
+            self._gate.release(failure)
+        return outcome == "done", failure
+
+    def _checkpoint(
+        self, conn: sqlite3.Connection, mode: str
+    ) -> tuple[str, sqlite3.Error | None, int]:
+        """Run one; (outcome: done, busy or failed; the error if it failed; frames in the WAL)."""
+        start = time.perf_counter()
+        failure, frames = None, -1
+        try:
+            busy, frames, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            outcome = "busy" if busy else "done"
+        except sqlite3.Error as e:
+            failure, outcome = e, "failed"
+        name = mode.lower()
+        self._metrics.checkpoints.labels(name, outcome).inc()
+        self._metrics.checkpoint_seconds.labels(name).observe(time.perf_counter() - start)
+        if failure is not None and not self._failing:
+            log.warning(
+                "SQLite checkpoint failed: %s (WAL %d bytes)",
+                failure,
+                self.wal_bytes(),
+                extra={"error": str(failure)},
+            )
+            self._failing = True
+        elif outcome == "done" and self._failing:
+            log.info("SQLite checkpoints succeed again")
+            self._failing = False
+        return outcome, failure, frames
