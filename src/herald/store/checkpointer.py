@@ -33,11 +33,16 @@ from herald.metrics import SqliteMetrics
 log = logging.getLogger("herald.store")
 
 PASSIVE_SECONDS = 1.0  # how often the WAL is copied back while writes go on
-IDLE_SECONDS = 5.0  # no commit for this long: truncate the WAL
-BUSY_RETRY_SECONDS = 0.1  # a truncate that readers kept from completing is tried again after
+IDLE_SECONDS = 5.0  # no new WAL frame for this long: truncate the WAL
+# While writes are held, a truncate waits this long for readers to leave the WAL: long enough for
+# point reads (microseconds), not for a long list (up to sqlite_query_timeout), which would stall
+# every write meanwhile; one that finds such a reader is tried again after PASSIVE_SECONDS.
+READERS_WAIT_MS = 20
+# Once the WAL is at its limit writes wait anyway: then a truncate waits up to FULL_WAIT_MS, and
+# is tried again after FULL_RETRY_SECONDS.
+FULL_WAIT_MS = 1000
+FULL_RETRY_SECONDS = 0.05
 FAILED_RETRY_SECONDS = 1.0  # a checkpoint that failed (a full disk) is tried again after
-READERS_WAIT_MS = 200  # a truncate waits this long for readers to leave the WAL, writes held
-FULL_WAIT_MS = 1000  # the same once the WAL is at its limit (writes are held anyway)
 
 
 class Gate(Protocol):
@@ -120,21 +125,20 @@ class Checkpointer:
         idle = time.monotonic() - self._quiet_since >= IDLE_SECONDS
         size = self.wal_bytes()
         if size > self.soft or (idle and size > 0):
-            done, failure = self._truncate(conn, FULL_WAIT_MS if size >= self.limit else None)
-            if failure is not None:
-                return FAILED_RETRY_SECONDS
-            if not done:
-                return BUSY_RETRY_SECONDS
+            full = size >= self.limit
+            done, failure = self._truncate(conn, FULL_WAIT_MS if full else READERS_WAIT_MS)
+            if failure is None and not done and full:
+                return FULL_RETRY_SECONDS
         return FAILED_RETRY_SECONDS if failure is not None else PASSIVE_SECONDS
 
     def _truncate(
-        self, conn: sqlite3.Connection, wait_ms: int | None
+        self, conn: sqlite3.Connection, wait_ms: int
     ) -> tuple[bool, sqlite3.Error | None]:
         if not self._gate.hold():
             return False, None
         outcome, failure = "failed", None
         try:
-            conn.execute(f"PRAGMA busy_timeout = {wait_ms or READERS_WAIT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
             outcome, failure, _ = self._checkpoint(conn, "TRUNCATE")
         finally:
             self._gate.release(failure)
