@@ -232,11 +232,26 @@ def post_in_background(
     return thread, out
 
 
+def stream_ready(client: httpx.Client, subscription: str) -> Timed:
+    """Open the subscription's live stream (SSE) and read up to its `ready` event."""
+    start = time.monotonic()
+    with client.stream("GET", f"/beta/me/notificationSubscriptions/{subscription}/stream") as r:
+        for line in r.iter_lines():
+            if line == "event: ready":
+                break
+        return Timed(start, time.monotonic(), r.status_code)
+
+
 def test_a_write_lock_held_by_another_process_does_not_freeze_the_server(
     herald: Running,
 ) -> None:
     with herald.client(OTHER_USER) as c, herald.client(OTHER_USER) as writer:
         some = c.get("/beta/me/notifications?$top=1").json()["value"][0]["id"]
+        made = c.post(
+            "/beta/me/notificationSubscriptions",
+            json={"application": OTHER_APP, "platform": "live"},
+        )
+        assert made.status_code == 201, made.text
         with Lock(herald.data / "herald.db", 3.0) as lock:
             posting, posted = post_in_background(writer, "while-locked")
             time.sleep(0.3)  # the write is waiting for the lock
@@ -246,6 +261,7 @@ def test_a_write_lock_held_by_another_process_does_not_freeze_the_server(
                 probes.append(timed(c, "/healthz"))
                 probes.append(timed(c, f"/beta/me/notifications/{some}"))
                 probes.append(timed(c, "/beta/me/notifications?$top=5"))
+                probes.append(stream_ready(c, made.json()["id"]))
                 time.sleep(0.05)
             assert not lock.released, "the probes outlasted the lock: the server was stalled"
             assert not posted, "the write finished while the lock was held"

@@ -111,14 +111,15 @@ class SqliteMetrics:
         )
         self.checkpoints = Counter(
             "herald_sqlite_checkpoints",
-            "Checkpoints by mode (passive, truncate) and outcome (done; busy: readers or another"
-            " process kept it from completing; failed: an I/O error such as a full disk).",
+            "Checkpoints by mode (passive; restart: the WAL passed half sqlite_wal_limit;"
+            " truncate: idle) and outcome (done; busy: readers or another process kept it from"
+            " completing; failed: an I/O error such as a full disk).",
             ["mode", "outcome"],
             registry=None,
         )
         self.checkpoint_seconds = Histogram(
             "herald_sqlite_checkpoint_seconds",
-            "Time one checkpoint took, by mode; a truncate holds writes meanwhile.",
+            "Time one checkpoint took, by mode; writes are held during a restart or truncate.",
             ["mode"],
             buckets=LATENCY_BUCKETS + (5.0,),
             registry=None,
@@ -126,8 +127,8 @@ class SqliteMetrics:
         self.write_waits = Histogram(
             "herald_sqlite_write_wait_seconds",
             "How long writes waited before their transaction could begin, by reason (checkpoint:"
-            " a truncate ran; wal_limit: the WAL was at sqlite_wal_limit; locked: another process"
-            " held the write lock).",
+            " a restart or truncate checkpoint ran; wal_limit: the WAL was at sqlite_wal_limit;"
+            " locked: another process held the write lock).",
             ["reason"],
             buckets=LATENCY_BUCKETS + (5.0, 10.0),
             registry=None,

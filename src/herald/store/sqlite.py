@@ -127,7 +127,7 @@ BATCH_FAILURES = frozenset(
 LOCKED = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # Why batches wait or fail, as the metrics and /readyz name it.
 REASONS = {
-    "checkpoint": "a checkpoint is truncating the WAL",
+    "checkpoint": "a checkpoint is restarting the WAL",
     "wal_limit": "the WAL is at sqlite_wal_limit and cannot be checkpointed yet",
     "locked": "another process holds the database's write lock",
     "full": "the disk is full",
@@ -223,9 +223,9 @@ class _Gate:
             request.abandoned = not request.granted.is_set()
             return not request.abandoned
 
-    def release(self, failure: sqlite3.Error | None) -> None:
+    def release(self, reset: bool, failure: sqlite3.Error | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
-            self._loop.call_soon_threadsafe(self._store._release, failure)
+            self._loop.call_soon_threadsafe(self._store._release, reset, failure)
 
 
 class SqliteStore:
@@ -245,7 +245,7 @@ class SqliteStore:
     lock taken (another process: the CLI, a backup) stays queued and is tried again on asyncio
     timers for up to `sqlite_lock_timeout` seconds, then answered 503 with Retry-After; reads,
     health checks and live streams are served meanwhile. The checkpointer holds batches the same
-    way while it truncates the WAL, and they stay held while the WAL is at its limit
+    way while it restarts the WAL, and they stay held while the WAL is at its limit
     (`checkpointer.py` says why).
 
     A batch that fails for a reason of the database's, not of one call (a full disk, an I/O
@@ -270,9 +270,9 @@ class SqliteStore:
         self._retry = RETRY_FIRST
         self._hops = 0
         self._seen = 0
-        self._holds = 0  # truncates under way (see _Gate)
-        self._wal_full = False  # the WAL reached its limit: writes wait for a truncate
-        self._checkpoint_failure: sqlite3.Error | None = None  # why it could not be truncated
+        self._holds = 0  # checkpoints under way with writes held (see _Gate)
+        self._wal_full = False  # the WAL reached its limit: writes wait for a restart
+        self._checkpoint_failure: sqlite3.Error | None = None  # why it could not be restarted
         self._waiting: tuple[str, float] | None = None  # (reason, since) while batches wait
         self._failure: tuple[str, str, float] | None = None  # (reason, message, since)
         self._probe: asyncio.Future[None] | None = None
@@ -298,6 +298,10 @@ class SqliteStore:
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread does it
+                if self._settings.sqlite_wal_limit:  # see checkpointer.py
+                    conn.execute(
+                        f"PRAGMA journal_size_limit = {self._settings.sqlite_wal_limit // 2}"
+                    )
                 _migrate(conn)
                 conn.execute("PRAGMA busy_timeout = 0")  # from now on, lock waits are timers
             except BaseException:
@@ -436,7 +440,7 @@ class SqliteStore:
             self._waiting = (reason, now)
         failure = self._checkpoint_failure
         if reason == "wal_limit" and failure is not None:
-            # The WAL cannot be truncated (say, the disk is full): answer now, not at the deadline.
+            # The WAL cannot be restarted (say, the disk is full): answer now, not at the deadline.
             self._settle_all(self._failed(failure))
             return
         late = [call for call in self._pending if call.deadline <= now]
@@ -512,9 +516,12 @@ class SqliteStore:
                 self._holds += 1
                 request.granted.set()
 
-    def _release(self, failure: sqlite3.Error | None) -> None:
+    def _release(self, reset: bool, failure: sqlite3.Error | None) -> None:
         self._holds -= 1
-        if self._blocked() == "wal_limit" and failure is not None:
+        if reset:  # the next write starts the WAL over (and cuts the file back to its soft size)
+            self._wal_full = False
+            self._checkpoint_failure = None
+        elif self._blocked() == "wal_limit" and failure is not None:
             self._checkpoint_failure = failure
         if self._timer is not None:  # a batch waits: try it now
             self._timer.cancel()
