@@ -39,7 +39,7 @@ from herald.model import (
     StatePatch,
     Subscription,
 )
-from herald.query import Filter, Page, Query
+from herald.query import DEFAULT_ORDER, Filter, Page, Query
 from herald.settings import Settings
 from herald.store.base import Remembered
 from herald.store.checkpointer import Checkpointer
@@ -97,6 +97,8 @@ CHUNK = 200  # keys per lookup statement in set-wise writes
 PURGE_MAX = 10_000
 MAX_HOPS = 4  # loop turns a flush may wait for its batch to stop growing
 CACHE_KIB = 64 * 1024
+INLINE_ROWS = 2000  # a list in index order reading at most this many rows runs on the loop
+READER_CACHE_KIB = 16 * 1024  # each reader's own page cache (the OS caches the file too)
 # Waiting on a lock blocks the thread that waits: at open (migrations, nothing is served yet) and
 # on reader threads that is fine; the loop's connection never waits (see SqliteStore).
 OPEN_BUSY_MS = 10_000
@@ -281,13 +283,13 @@ class SqliteStore:
         self._hooks = CommitHooks()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _connect(self, busy_ms: int = 0) -> Connection:
+    def _connect(self, busy_ms: int = 0, cache_kib: int = CACHE_KIB) -> Connection:
         conn = Connection(
             self._database, uri=self._uri, isolation_level=None, check_same_thread=False
         )
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # keeps index pages hot for the writer
+        conn.execute(f"PRAGMA cache_size = -{cache_kib}")  # keeps index pages hot for the writer
         return conn
 
     async def open(self) -> None:
@@ -323,7 +325,7 @@ class SqliteStore:
             self.metrics.wal_bytes.set_function(self._checkpointer.wal_bytes)
             self.metrics.disk_free_bytes.set_function(lambda: self._free_bytes() or 0)
             readers = Readers(
-                lambda: self._connect(READER_BUSY_MS),
+                lambda: self._connect(READER_BUSY_MS, READER_CACHE_KIB),
                 settings.sqlite_readers,
                 settings.sqlite_query_timeout,
                 self.metrics,
@@ -709,6 +711,8 @@ class SqliteStore:
                 total = int(counted.fetchone()[0])
             return Page([notification_from_row(r, from_micros) for r in rows], total)
 
+        if _bounded(query):
+            return await self._read(job)
         return await self._long_read(user_id, job)
 
     async def count(self, user_id: str, app: str, filter: Filter | None, now: datetime) -> int:
@@ -1075,6 +1079,19 @@ def _raise_if_batch_failure(conn: Connection, e: Exception) -> None:
     transaction."""
     if not conn.in_transaction or result_code(e) in BATCH_FAILURES:
         raise e
+
+
+def _bounded(query: Query) -> bool:
+    """A list whose cost does not grow with the feed: no filter, no count, in the feed index's
+    order, rows near its start. Run inline: a reader thread would cost it more than it takes
+    (measured on the shared 2-core machine: a 10-item page at 16 connections served through a
+    reader answered about a quarter fewer requests/s)."""
+    return (
+        query.filter is None
+        and not query.count
+        and query.order == DEFAULT_ORDER
+        and query.skip + query.top <= INLINE_ROWS
+    )
 
 
 def _touch(c: Connection) -> None:
