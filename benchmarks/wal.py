@@ -96,17 +96,23 @@ class Sampler:
         self._thread.join()
 
 
+REPORTED = (
+    "herald_sqlite_checkpoints_total",
+    "herald_sqlite_checkpoint_seconds_sum",
+    "herald_sqlite_write_wait_seconds_count",
+    "herald_sqlite_write_wait_seconds_sum",
+    "herald_sqlite_write_failures_total",
+)
+
+
 def herald_metrics(port: int) -> dict[str, float]:
-    """Herald's SQLite figures from /metrics (sums over labels)."""
+    """Herald's own SQLite figures from /metrics, by series (name and labels)."""
     text = httpx.get(f"http://{ingest.HOST}:{port}/metrics", timeout=5).text
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("herald_sqlite_") or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        base = name.split("{", 1)[0]
-        if base.endswith(("_count", "_sum", "_total")) or "{" not in name:
-            out[base] = out.get(base, 0.0) + float(value)
+        if line.startswith(REPORTED):
+            series, _, value = line.rpartition(" ")
+            out[series.removeprefix("herald_sqlite_")] = float(value)
     return out
 
 
@@ -190,8 +196,13 @@ def print_report(args: argparse.Namespace, results: list[Result]) -> None:
     p("  during the load (% of one core).")
     for r in results:
         if r.metrics:
-            figures = ", ".join(f"{k} {v:,.3f}" for k, v in sorted(r.metrics.items()))
-            p(f"  {r.mode} {r.duration:g} s: {figures}")
+            p(f"  {r.mode} {r.duration:g} s, Herald's metrics:")
+            for series, value in sorted(r.metrics.items()):
+                p(f"    {series} {value:,.3f}")
+        waits = r.metrics.get('write_wait_seconds_count{reason="checkpoint"}')
+        if waits:
+            held = r.metrics['write_wait_seconds_sum{reason="checkpoint"}']
+            p(f"    writes held by restarts: {waits:.0f} times, {1000 * held / waits:.1f} ms each")
     by = {(r.mode, r.duration): r for r in results if not r.error}
     for seconds in args.durations:
         off, bounded = by.get(("off", seconds)), by.get(("bounded", seconds))

@@ -197,6 +197,10 @@ def test_full_disk_answers_503_and_unready_then_recovers_losing_nothing(
                 assert ready.status_code == 503, ready.text
                 assert "disk is full" in ready.json()["reason"]
                 assert c.get("/healthz").status_code == 200  # alive, only not ready
+                # Still not ready after the push queue's claims (each second) have committed:
+                # a commit that writes nothing proves nothing.
+                time.sleep(2.5)
+                assert c.get("/readyz").status_code == 503
 
                 (tmpfs / "filler").unlink()
                 freed = free(tmpfs)

@@ -86,6 +86,7 @@ class Checkpointer:
         self._failing = False
         self._frames = -1  # WAL frames at the last PASSIVE checkpoint
         self._quiet_since = time.monotonic()  # when they last changed
+        self._restarted = -1  # WAL frames when the last RESTART completed
         self._thread = threading.Thread(
             target=self._run, name="herald-sqlite-checkpoint", daemon=True
         )
@@ -134,16 +135,20 @@ class Checkpointer:
             self._frames, self._quiet_since = frames, time.monotonic()
         idle = time.monotonic() - self._quiet_since >= IDLE_SECONDS
         size = self.wal_bytes()
-        if size > self.soft:
+        if idle and size > 0:
+            _, failure, _ = self._reset(conn, "TRUNCATE", READERS_WAIT_MS)
+        elif size > self.soft and frames != self._restarted:
+            # (A restart leaves the file as long as it was until the next write: `_restarted`
+            # keeps a quiet WAL from being restarted again and again meanwhile.)
             full = size >= self.limit
             if not full and failure is None:
                 failure = self._catch_up(conn)
             wait = FULL_WAIT_MS if full else READERS_WAIT_MS
-            done, failure = self._reset(conn, "RESTART", wait)
-            if failure is None and not done and full:
+            done, failure, restarted = self._reset(conn, "RESTART", wait)
+            if done:
+                self._restarted = restarted
+            elif failure is None and full:
                 return FULL_RETRY_SECONDS
-        elif idle and size > 0:
-            _, failure = self._reset(conn, "TRUNCATE", READERS_WAIT_MS)
         return FAILED_RETRY_SECONDS if failure is not None else PASSIVE_SECONDS
 
     def _catch_up(self, conn: sqlite3.Connection) -> sqlite3.Error | None:
@@ -158,17 +163,18 @@ class Checkpointer:
 
     def _reset(
         self, conn: sqlite3.Connection, mode: str, wait_ms: int
-    ) -> tuple[bool, sqlite3.Error | None]:
-        """A RESTART or TRUNCATE checkpoint with the store's writes held."""
+    ) -> tuple[bool, sqlite3.Error | None, int]:
+        """A RESTART or TRUNCATE checkpoint with the store's writes held: (completed, the error
+        it met, WAL frames)."""
         if not self._gate.hold():
-            return False, None
-        outcome, failure = "failed", None
+            return False, None, -1
+        outcome, failure, frames = "failed", None, -1
         try:
             conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
-            outcome, failure, _ = self._checkpoint(conn, mode)
+            outcome, failure, frames = self._checkpoint(conn, mode)
         finally:
             self._gate.release(outcome == "done", failure)
-        return outcome == "done", failure
+        return outcome == "done", failure, frames
 
     def _checkpoint(
         self, conn: sqlite3.Connection, mode: str

@@ -83,9 +83,11 @@ log = logging.getLogger("herald.store")
 
 class Connection(sqlite3.Connection):
     """The store's connection. `outboxed` counts the outbox rows written by the open transaction,
-    so that `_flush` knows whether its commit is one to signal (see `on_commit`)."""
+    so that `_flush` knows whether its commit is one to signal (see `on_commit`); `touched` says
+    that it ran `_touch` (a write `total_changes` does not count)."""
 
     outboxed = 0
+    touched = False
 
 
 T = TypeVar("T")
@@ -538,6 +540,8 @@ class SqliteStore:
         savepoint per job. A failure of the database's (BATCH_FAILURES) fails every call.
         """
         conn.outboxed = 0
+        conn.touched = False
+        changes = conn.total_changes
         try:
             with translated():
                 conn.execute("SAVEPOINT batch")
@@ -555,7 +559,10 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
             error = self._failed(e) if result_code(e) in BATCH_FAILURES else e
             return [(False, error)] * len(batch)
-        self._succeeded()
+        # Only a commit that wrote says writes work: one that changed nothing (a claim that
+        # found no due push) appends nothing to the WAL, and succeeds on a full disk too.
+        if conn.total_changes != changes or conn.touched:
+            self._succeeded()
         return outcomes
 
     @staticmethod
@@ -1099,6 +1106,7 @@ def _touch(c: Connection) -> None:
     failed batch to learn whether writes succeed again."""
     (version,) = c.execute("PRAGMA user_version").fetchone()
     c.execute(f"PRAGMA user_version = {int(version)}")
+    c.touched = True
 
 
 def _read_in(conn: Connection, job: Callable[[Connection], T]) -> T:
