@@ -40,7 +40,8 @@ log = logging.getLogger("herald.store")
 PASSIVE_SECONDS = 1.0  # how often the WAL is copied back while writes go on
 IDLE_SECONDS = 5.0  # no new WAL frame for this long: truncate the WAL
 # Before a RESTART, PASSIVE checkpoints are repeated (up to CATCH_UP_PASSES) until one takes less
-# than CAUGHT_UP_SECONDS: each copies what was appended during the one before.
+# than CAUGHT_UP_SECONDS or stops getting quicker: each copies what was appended during the one
+# before.
 CATCH_UP_PASSES = 4
 CAUGHT_UP_SECONDS = 0.005
 # While writes are held, a RESTART waits this long for readers to leave the WAL: long enough for
@@ -152,13 +153,17 @@ class Checkpointer:
         return FAILED_RETRY_SECONDS if failure is not None else PASSIVE_SECONDS
 
     def _catch_up(self, conn: sqlite3.Connection) -> sqlite3.Error | None:
-        """PASSIVE checkpoints while writes go on, until one is quick: what the RESTART then
-        copies with writes held is only what was appended during that last, quick one."""
+        """PASSIVE checkpoints while writes go on, until one is quick (or no quicker than the
+        one before: fsyncs take what they take): what the RESTART then copies with writes held
+        is only what was appended during that last one."""
+        previous = float("inf")
         for _ in range(CATCH_UP_PASSES):
             start = time.perf_counter()
             _, failure, _ = self._checkpoint(conn, "PASSIVE")
-            if failure is not None or time.perf_counter() - start < CAUGHT_UP_SECONDS:
+            took = time.perf_counter() - start
+            if failure is not None or took < CAUGHT_UP_SECONDS or took > previous * 0.8:
                 return failure
+            previous = took
         return None
 
     def _reset(
