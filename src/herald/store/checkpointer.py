@@ -20,7 +20,11 @@ it in use, checkpoints fail), the store holds writes until a RESTART succeeds. A
 IDLE_SECONDS without a new frame a TRUNCATE checkpoint empties the file.
 
 Why not TRUNCATE under load too: it also cuts the file to zero bytes while writes are held, and
-freeing tens of megabytes took 15-40 ms on ext4 (measured), against 2-5 ms for a RESTART.
+freeing tens of megabytes took 15-40 ms on ext4 (measured). What a RESTART costs with writes held
+is mostly the database file's fdatasync: PASSIVE checkpoints that cannot finish (writes go on
+behind them) do not sync, so the RESTART flushes every page they copied since the last one; on
+the reference machine at about 4,700 posts/s that was 20-25 ms, about once a second (see
+docs/storage.md). A larger `sqlite_wal_limit` makes that rarer, not shorter.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ IDLE_SECONDS = 5.0  # no new WAL frame for this long: truncate the WAL
 # than CAUGHT_UP_SECONDS or stops getting quicker: each copies what was appended during the one
 # before.
 CATCH_UP_PASSES = 4
-CAUGHT_UP_SECONDS = 0.005
+CAUGHT_UP_SECONDS = 0.01
 # While writes are held, a RESTART waits this long for readers to leave the WAL: long enough for
 # point reads (microseconds), not for a long list (up to sqlite_query_timeout), which would stall
 # every write meanwhile; one that finds such a reader is tried again after PASSIVE_SECONDS.
