@@ -22,13 +22,15 @@ IDLE_SECONDS without a new frame a TRUNCATE checkpoint empties the file.
 Why not TRUNCATE under load too: it also cuts the file to zero bytes while writes are held, and
 freeing tens of megabytes took 15-40 ms on ext4 (measured). What a RESTART costs with writes held
 is mostly the database file's fdatasync: PASSIVE checkpoints that cannot finish (writes go on
-behind them) do not sync, so the RESTART flushes every page they copied since the last one; on
-the reference machine at about 4,700 posts/s that was 20-25 ms, about once a second (see
-docs/storage.md). A larger `sqlite_wal_limit` makes that rarer, not shorter.
+behind them) do not sync, so the RESTART would flush every page they copied since the last one
+(20-40 ms at about 4,700 posts/s on the reference machine). `_sync_database` flushes them before
+writes are held, which leaves 5-7 ms per restart, about once a second at that rate
+(docs/storage.md has the figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -81,6 +83,9 @@ class Checkpointer:
         metrics: SqliteMetrics,
     ) -> None:
         self.wal = f"{database}-wal"
+        self._path = os.path.realpath(database)
+        self._inode: tuple[int, int] | None = None
+        self._fd: int | None = None  # SQLite's descriptor of the database file (_sync_database)
         self.limit = limit  # 0: no bound (PASSIVE checkpoints only, as before the bound)
         self.soft = limit // 2
         self._connect = connect
@@ -117,6 +122,9 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = self._connect()
+        with contextlib.suppress(OSError):
+            found = os.stat(self._path)
+            self._inode = (found.st_dev, found.st_ino)
         try:
             delay = PASSIVE_SECONDS
             while True:
@@ -148,6 +156,7 @@ class Checkpointer:
             full = size >= self.limit
             if not full and failure is None:
                 failure = self._catch_up(conn)
+            self._sync_database()
             wait = FULL_WAIT_MS if full else READERS_WAIT_MS
             done, failure, restarted = self._reset(conn, "RESTART", wait)
             if done:
@@ -168,6 +177,45 @@ class Checkpointer:
             if failure is not None or took < CAUGHT_UP_SECONDS or took > previous * 0.8:
                 return failure
             previous = took
+        return None
+
+    def _sync_database(self) -> None:
+        """fdatasync the database file now, writes going on, so that the RESTART's own sync
+        (writes held) finds little left to flush: PASSIVE checkpoints that could not finish
+        leave every page they copied unsynced, and flushing them took 20-40 ms of the 25-45 ms
+        writes were held (measured; 5-7 ms with this).
+
+        Through a descriptor SQLite already has open on the file (found in /proc/self/fd), not
+        one of our own: closing a descriptor of the file would drop the POSIX locks SQLite holds
+        on it for this process. Where that is not possible (not Linux), the RESTART syncs it all.
+        """
+        fd = self._fd if self._fd is not None and self._is_database(self._fd) else None
+        if fd is None:
+            fd = self._fd = self._find_database_fd()
+        if fd is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: the RESTART syncs it all
+                os.fdatasync(fd)
+
+    def _is_database(self, fd: int) -> bool:
+        try:
+            found = os.fstat(fd)
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) == self._inode
+
+    def _find_database_fd(self) -> int | None:
+        if not hasattr(os, "fdatasync"):
+            return None
+        try:
+            names = os.listdir("/proc/self/fd")
+        except OSError:
+            return None
+        for name in names:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{name}") == self._path and self._is_database(
+                    int(name)
+                ):
+                    return int(name)
         return None
 
     def _reset(
