@@ -86,6 +86,11 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch(self, collectors: list[Any]) -> None:
+        """Report a component's own collectors (the SQLite store's) with the rest."""
+        for collector in collectors:
+            self.registry.register(collector)
+
     def observe(self, handler: str, method: str, status: int, seconds: float) -> None:
         # Label lookups cost microseconds each; cache the children (few distinct combinations).
         key = (handler, method, status)
@@ -100,6 +105,77 @@ class Metrics:
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+class SqliteMetrics:
+    """The SQLite store's figures. Made with the store (before the app's registry exists) and
+    registered with it by `Metrics.watch`; the checkpointer thread updates some of them."""
+
+    def __init__(self) -> None:
+        self.wal_bytes = Gauge(
+            "herald_sqlite_wal_bytes",
+            "Size of the SQLite WAL file, read when scraped.",
+            registry=None,
+        )
+        self.disk_free_bytes = Gauge(
+            "herald_sqlite_disk_free_bytes",
+            "Free space (for unprivileged users) on the SQLite database's file system.",
+            registry=None,
+        )
+        self.checkpoints = Counter(
+            "herald_sqlite_checkpoints",
+            "Checkpoints by mode (passive; restart: the WAL passed half sqlite_wal_limit;"
+            " truncate: idle) and outcome (done; busy: readers or another process kept it from"
+            " completing; failed: an I/O error such as a full disk).",
+            ["mode", "outcome"],
+            registry=None,
+        )
+        self.checkpoint_seconds = Histogram(
+            "herald_sqlite_checkpoint_seconds",
+            "Time one checkpoint took, by mode; writes are held during a restart or truncate.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS + (5.0,),
+            registry=None,
+        )
+        self.write_waits = Histogram(
+            "herald_sqlite_write_wait_seconds",
+            "How long writes waited before their transaction could begin, by reason (checkpoint:"
+            " a restart or truncate checkpoint ran; wal_limit: the WAL was at sqlite_wal_limit;"
+            " locked: another process held the write lock).",
+            ["reason"],
+            buckets=LATENCY_BUCKETS + (5.0, 10.0),
+            registry=None,
+        )
+        self.write_failures = Counter(
+            "herald_sqlite_write_failures",
+            "Write batches answered 503, by reason (full: the disk is full; io: another I/O"
+            " error; locked: the write lock or the WAL bound for longer than"
+            " sqlite_lock_timeout).",
+            ["reason"],
+            registry=None,
+        )
+        self.queries_stopped = Counter(
+            "herald_sqlite_queries_stopped",
+            "Lists and counts stopped after sqlite_query_timeout.",
+            registry=None,
+        )
+        self.readers_busy = Gauge(
+            "herald_sqlite_readers_busy",
+            "Reader threads running a list or count.",
+            registry=None,
+        )
+
+    def collectors(self) -> list[Any]:
+        return [
+            self.wal_bytes,
+            self.disk_free_bytes,
+            self.checkpoints,
+            self.checkpoint_seconds,
+            self.write_waits,
+            self.write_failures,
+            self.queries_stopped,
+            self.readers_busy,
+        ]
 
 
 class MetricsMiddleware:

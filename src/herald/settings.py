@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from herald.errors import HeraldError
 
 DAY = 86_400
+MIB = 1024 * 1024
 # A placeholder: Apple's Web Push service refuses it (the server warns at start-up).
 DEFAULT_VAPID_SUBJECT = "mailto:herald@localhost"
 
@@ -35,6 +36,15 @@ class Settings:
     data: Path = Path("data")
     # sqlite:///path or postgresql://user:pass@host/db; empty = SQLite file under `data`.
     store_url: str = ""
+    # SQLite store (docs/storage.md). The WAL is kept under `sqlite_wal_limit` bytes (0: no
+    # bound, PASSIVE checkpoints only); a write waits up to `sqlite_lock_timeout` s for the write
+    # lock (another process's, or a checkpoint's while the WAL is at its bound) before a 503;
+    # lists and counts run on `sqlite_readers` threads of their own and are stopped after
+    # `sqlite_query_timeout` s.
+    sqlite_wal_limit: int = 128 * MIB
+    sqlite_lock_timeout: float = 10.0
+    sqlite_readers: int = 4
+    sqlite_query_timeout: float = 5.0
     host: str = "127.0.0.1"
     port: int = 8080
     # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
@@ -294,6 +304,11 @@ def _check(s: Settings) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"trusted_proxies: {proxy!r} is not an IP address or network")
+    if s.sqlite_wal_limit and s.sqlite_wal_limit < MIB:
+        problems.append("sqlite_wal_limit must be 0 (no bound) or at least 1048576 bytes")
+    for name in ("sqlite_lock_timeout", "sqlite_readers", "sqlite_query_timeout"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name} must be > 0")
     if s.push_lease <= s.push_timeout:
         problems.append("push_lease must be longer than push_timeout")
     if s.push_ca_file and not Path(s.push_ca_file).is_file():

@@ -51,6 +51,7 @@ from herald.metrics import Metrics, MetricsMiddleware
 from herald.push import Pusher
 from herald.settings import Settings
 from herald.store import Store, open_store
+from herald.store.sqlite import SqliteStore
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Services:
 def build_services(
     settings: Settings, store: Store | None = None, clock: Clock = utcnow
 ) -> Services:
-    store = store or open_store(settings.resolved_store_url)
+    store = store or open_store(settings.resolved_store_url, settings)
     issuer = None
     if settings.local_issuer:
         settings.data.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,8 @@ def build_services(
     )
     broker = MemoryBroker()
     metrics = Metrics()
+    if isinstance(store, SqliteStore):
+        metrics.watch(store.metrics.collectors())
     keyring = Keyring(store)
     pusher = None
     if settings.push_enabled:

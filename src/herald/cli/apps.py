@@ -100,7 +100,7 @@ def _shown(app: App, secret: str | None = None) -> dict[str, Any]:
 async def in_store(settings: Settings, job: Callable[[Store], Awaitable[T]]) -> T:
     """Run `job` on the configured store; a Herald error becomes the command's error."""
     settings.data.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.resolved_store_url)
+    store = open_store(settings.resolved_store_url, settings)
     await store.open()
     try:
         return await job(store)

@@ -28,7 +28,7 @@ KINDS = {"webpush": webpush.KIND, "apns": apns.KIND, "fcm": fcm.KIND, "wns": wns
 async def _with_app(settings: Settings, name: str, job: Callable[[Store, App], Awaitable[T]]) -> T:
     """Run `job` with the app named by client id or host name."""
     settings.data.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.resolved_store_url)
+    store = open_store(settings.resolved_store_url, settings)
     await store.open()
     try:
         app = await store.get_app(name)

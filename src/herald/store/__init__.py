@@ -1,16 +1,18 @@
 """Durable state: the `Store` protocol and its SQLite and PostgreSQL implementations."""
 
+from herald.settings import Settings
 from herald.store.base import Once, Remembered, Store
 
 __all__ = ["Once", "Remembered", "Store", "open_store"]
 
 
-def open_store(url: str) -> Store:
-    """Pick the implementation by URL scheme: sqlite:///path, sqlite://:memory:, postgresql://..."""
+def open_store(url: str, settings: Settings | None = None) -> Store:
+    """Pick the implementation by URL scheme: sqlite:///path, sqlite://:memory:, postgresql://...
+    `settings`: where the store's own options come from (sqlite_*); defaults if None."""
     if url.startswith("sqlite:"):
         from herald.store.sqlite import SqliteStore
 
-        return SqliteStore(url)
+        return SqliteStore(url, settings)
     if url.startswith(("postgresql:", "postgres:")):
         from herald.store.postgres import PostgresStore
 
