@@ -26,7 +26,7 @@ from tests.pg import (
     private_cluster,
     terminate_backends,
 )
-from tests.traffic import Herald, Traffic, drive, serve
+from tests.traffic import HOST, Herald, Traffic, drive, serve
 
 pytestmark = pytest.mark.postgres
 
@@ -133,3 +133,37 @@ def test_writes_recover_after_a_postgres_restart(tmp_path: Path, cluster: Cluste
         check_aftermath(herald, traffic)
         log = herald.log.read_text()
         assert "database writes failing" in log and "database writes recovered" in log
+
+
+def test_a_statement_past_postgres_statement_timeout_is_answered_503(
+    tmp_path: Path, database: str
+) -> None:
+    """A database that stops answering mid-statement (here: a lock nobody releases) costs a
+    request `postgres_statement_timeout`, not the 15 s default, and writes work again after."""
+
+    async def run(herald: Herald) -> tuple[float, int, str, int]:
+        import asyncpg
+
+        body = {"targetHostName": HOST, "payload": {"rawContent": "stuck"}}
+        headers = {"Authorization": f"Bearer {herald.token}"}
+        async with httpx.AsyncClient(base_url=herald.base, headers=headers, timeout=20) as c:
+            assert (await c.post("/beta/me/notifications", json=body)).status_code == 201
+            conn = await asyncpg.connect(database)
+            try:
+                lock = conn.transaction()
+                await lock.start()
+                await conn.execute("LOCK TABLE feed_heads IN ACCESS EXCLUSIVE MODE")
+                start = time.monotonic()
+                stuck = await c.post("/beta/me/notifications", json=body)
+                took = time.monotonic() - start
+                await lock.rollback()
+            finally:
+                await conn.close()
+            after = await c.post("/beta/me/notifications", json=body)
+            return took, stuck.status_code, stuck.json()["error"]["code"], after.status_code
+
+    with serve(tmp_path, database, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
+        took, status, code, after = asyncio.run(run(herald))
+    assert (status, code) == (503, "serviceNotAvailable")
+    assert 0.9 < took < 5.0, took  # the setting's 1 s (and a reconnect), not the default 15 s
+    assert after == 201

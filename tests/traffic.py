@@ -62,12 +62,12 @@ class Herald:
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, store_url: str) -> Iterator[Herald]:
+def serve(tmp_path: Path, store_url: str, **env: str) -> Iterator[Herald]:
     client_id = register(tmp_path, store_url, HOST)
     issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
     token = issuer.mint(client_id=client_id, user_id=f"outage-{uuid.uuid4()}")
     port = free_port()
-    process = start(tmp_path, port, store_url)
+    process = start(tmp_path, port, store_url, **env)
     try:
         yield Herald(f"http://127.0.0.1:{port}", token, process, tmp_path / "server.log")
     finally:

@@ -45,6 +45,11 @@ class Settings:
     sqlite_lock_timeout: float = 10.0
     sqlite_readers: int = 4
     sqlite_query_timeout: float = 5.0
+    # PostgreSQL store (docs/operations.md): seconds to open a connection, and seconds a statement
+    # may take before its connection is given up (a request then gets 503); both bound how long a
+    # request waits while the database is unreachable.
+    postgres_connect_timeout: float = 5.0
+    postgres_statement_timeout: float = 15.0
     host: str = "127.0.0.1"
     port: int = 8080
     # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
@@ -306,7 +311,13 @@ def _check(s: Settings) -> None:
             problems.append(f"trusted_proxies: {proxy!r} is not an IP address or network")
     if s.sqlite_wal_limit and s.sqlite_wal_limit < MIB:
         problems.append("sqlite_wal_limit must be 0 (no bound) or at least 1048576 bytes")
-    for name in ("sqlite_lock_timeout", "sqlite_readers", "sqlite_query_timeout"):
+    for name in (
+        "sqlite_lock_timeout",
+        "sqlite_readers",
+        "sqlite_query_timeout",
+        "postgres_connect_timeout",
+        "postgres_statement_timeout",
+    ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
     if s.push_lease <= s.push_timeout:

@@ -8,7 +8,8 @@ __all__ = ["Once", "Remembered", "Store", "open_store"]
 
 def open_store(url: str, settings: Settings | None = None) -> Store:
     """Pick the implementation by URL scheme: sqlite:///path, sqlite://:memory:, postgresql://...
-    `settings`: where the store's own options come from (sqlite_*); defaults if None."""
+    `settings`: where the store's own options come from (sqlite_*, postgres_*); defaults if
+    None."""
     if url.startswith("sqlite:"):
         from herald.store.sqlite import SqliteStore
 
@@ -16,5 +17,11 @@ def open_store(url: str, settings: Settings | None = None) -> Store:
     if url.startswith(("postgresql:", "postgres:")):
         from herald.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        if settings is None:
+            return PostgresStore(url)
+        return PostgresStore(
+            url,
+            connect_timeout=settings.postgres_connect_timeout,
+            statement_timeout=settings.postgres_statement_timeout,
+        )
     raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")

@@ -93,12 +93,12 @@ SPLIT_AT = 32
 CLAIM_ROUNDS = 8
 # Bounds on waiting for the database (seconds), so that a request during an outage gets a 503 in
 # bounded time: a server that refuses connections (down, restarting) answers at once, one that is
-# unreachable does not answer at all. A new connection must be up within CONNECT_TIMEOUT; a
-# statement must be answered within STATEMENT_TIMEOUT (then the connection is given up); taking
-# a connection from the pool, waiting for a free one included, within ACQUIRE_TIMEOUT.
+# unreachable does not answer at all. A new connection must be up within the connect timeout
+# (`postgres_connect_timeout`); a statement must be answered within the statement timeout
+# (`postgres_statement_timeout`; then the connection is given up); taking a connection from the
+# pool, waiting for a free one included, within their sum. Defaults when no settings are given:
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 15.0
-ACQUIRE_TIMEOUT = STATEMENT_TIMEOUT + CONNECT_TIMEOUT
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 MIGRATION_TIMEOUT = 3600.0
@@ -287,7 +287,7 @@ class _Link:
         pool = self._store._pool
         if conn is not None and pool is not None and _attached(conn):
             with contextlib.suppress(Exception):
-                await pool.release(conn, timeout=CONNECT_TIMEOUT)
+                await pool.release(conn, timeout=self._store._connect_timeout)
 
 
 class _Lost(Exception):
@@ -309,8 +309,12 @@ class PostgresStore:
         max_size: int = 10,
         server_settings: dict[str, str] | None = None,
         writers: int = WRITERS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        statement_timeout: float = STATEMENT_TIMEOUT,
     ) -> None:
         self.url = url
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
         self._min_size = min_size
         self._max_size = max_size
         self._server_settings = server_settings
@@ -343,8 +347,8 @@ class PostgresStore:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 server_settings=self._server_settings,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=STATEMENT_TIMEOUT,
+                timeout=self._connect_timeout,
+                command_timeout=self._statement_timeout,
             )
             try:
                 async with self._pool.acquire() as conn:
@@ -372,14 +376,14 @@ class PostgresStore:
         pool, self._pool = self._pool, None
         try:
             # Graceful (each connection told goodbye), unless the server does not answer.
-            await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+            await asyncio.wait_for(pool.close(), self._connect_timeout)
         except (TimeoutError, *_DRIVER):
             pool.terminate()
 
     def _acquire(self) -> Any:
         if self._pool is None:
             raise Unavailable("store is closed")
-        return self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        return self._pool.acquire(timeout=self._statement_timeout + self._connect_timeout)
 
     async def ping(self) -> None:
         """Ready means writes can succeed now. A probe through the writers (a transaction on a
