@@ -11,9 +11,10 @@ from herald.errors import Conflict, NotFound, PayloadTooLarge
 from herald.model import App, ChangeKind, DevicePlatform, StatePatch, Subscription
 from herald.query import Query
 from herald.store import Store
-from herald.store.sql import migrations
+from herald.store.schema import migrations
 
 from .conftest import Backend
+from .support import remembered
 from .test_contract import APP, OTHER_APP, T0, content, new_id, put
 
 
@@ -79,8 +80,8 @@ async def test_delete_app_removes_its_data_and_nothing_else(store: Store) -> Non
     kept_sub, _ = await store.add_subscription(subscription("u1", OTHER_APP), 50, T0)
     await store.put_push_credentials(APP, "vapid", b"k")
     await store.put_push_credentials(OTHER_APP, "vapid", b"k")
-    await store.remember("a1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
-    await store.remember("b1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
+    await remembered(store, "a1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
+    await remembered(store, "b1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
     _, head = await store.horizon("u1")
 
     counts = await store.delete_app(APP)
@@ -193,7 +194,8 @@ async def _rerun_migration_5(backend: Backend) -> None:
         return
     import sqlite3
 
-    from herald.store.sqlite import SqliteStore, _statements
+    from herald.store.sqlite import SqliteStore
+    from herald.store.sqlite.connection import statements as _statements
 
     assert isinstance(store, SqliteStore)
     conn = sqlite3.connect(store._database, isolation_level=None)

@@ -26,9 +26,10 @@ from herald.model import (
 )
 from herald.query import And, Comparison, Filter, In, Not, Or, Order, Query
 from herald.store import Once, Remembered, Store
-from herald.store.sql import SchemaTooNew
+from herald.store.schema import SchemaTooNew
 
 from .conftest import Backend
+from .support import remembered
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 APP = "app.example.com"
@@ -462,7 +463,7 @@ async def test_sweep_expires_prunes_and_moves_horizon(store: Store) -> None:
 
 
 async def test_sweep_drops_expired_idempotency_rows(store: Store) -> None:
-    await store.remember("s", "k", "fp", 201, b"{}", None, T0 + timedelta(minutes=1))
+    await remembered(store, "s", "k", "fp", 201, b"{}", None, T0 + timedelta(minutes=1))
     await store.sweep(T0 + timedelta(minutes=2), T0, 10)
     assert await store.recall("s", "k", T0) is None
 
@@ -470,13 +471,14 @@ async def test_sweep_drops_expired_idempotency_rows(store: Store) -> None:
 # -- idempotency -------------------------------------------------------------------------------
 
 
-async def test_idempotency_recall_remember_expiry(store: Store) -> None:
+async def test_idempotency_recall_and_expiry(store: Store) -> None:
     assert await store.recall("app1", "key", T0) is None
     exp = T0 + timedelta(hours=1)
-    await store.remember("app1", "key", "fp1", 201, b'{"id":"x"}', "/loc/x", exp)
-    await store.remember("app1", "key", "fp2", 200, b"second", None, exp)  # first one kept
+    await remembered(store, "app1", "key", "fp1", 201, b'{"id":"x"}', "/loc/x", exp)
+    second = once("key", "fp2", scope="app1")  # finds the record: the first one is kept
+    kept = await store.put_once("u1", APP, content(), new_id(), T0, second)
     got = await store.recall("app1", "key", T0)
-    assert got is not None
+    assert got is not None and got == kept
     assert (got.fingerprint, got.status, got.body, got.location) == (
         "fp1",
         201,
@@ -525,7 +527,7 @@ async def test_put_once_with_a_recorded_key_writes_nothing(store: Store) -> None
     again = await store.put_once("u1", APP, content(), new_id(), T0, once())
     other = await store.put_once("u1", APP, content(), new_id(), T0, once(fingerprint="fp2"))
     assert again == other == first
-    await store.remember("app1:u1", "r", "fp", 201, b"kept", None, T0 + timedelta(hours=1))
+    await remembered(store, "app1:u1", "r", "fp", 201, b"kept", None, T0 + timedelta(hours=1))
     assert (await store.put_once("u1", APP, content(), new_id(), T0, once("r"))).body == b"kept"
     assert len(await notifications(store)) == 1
     assert await store.horizon("u1") == (0, 1)

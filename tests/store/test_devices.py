@@ -26,7 +26,7 @@ from herald.model import (
     WnsChannel,
 )
 from herald.store import Store
-from herald.store.sql import migrations
+from herald.store.schema import migrations
 
 from .conftest import Backend
 from .test_contract import APP, OTHER_APP, T0, content, new_id, put
@@ -265,7 +265,7 @@ async def test_on_commit_signals_commits_that_add_entries(
         await store.update("u1", APP, "missing", StatePatch(), None, T0)
     assert await store.delete_group("u1", APP, "none", T0) == 0
     await store.add_subscription(subscription(), 10, T0)
-    await store.remember("s", "k", "fp", 201, b"{}", None, LATER)
+    await store.put_push_credentials(APP, "vapid", b"k")
     await store.dispatched([p.seq for p in await store.pending(10)])
     assert await store.sweep(T0, T0 - timedelta(days=1), 10) == 0
     assert calls == ["commit"]
@@ -587,8 +587,9 @@ async def _create_schema_1(backend: Backend) -> None:
         return
     import sqlite3
 
-    from herald.store.sql import to_micros
-    from herald.store.sqlite import SqliteStore, _statements
+    from herald.store.rows import to_micros
+    from herald.store.sqlite import SqliteStore
+    from herald.store.sqlite.connection import statements as _statements
 
     assert isinstance(store, SqliteStore)
     conn = sqlite3.connect(store._database, isolation_level=None)

@@ -33,7 +33,8 @@ from herald.model import (
     VisualContent,
 )
 from herald.store import Store
-from herald.store.sql import MAX_ERROR, clean_error, migrations
+from herald.store.schema import migrations
+from herald.store.settlement import MAX_ERROR, clean_error
 from herald.store.sqlite import SqliteStore
 
 from .conftest import Backend
@@ -1165,8 +1166,9 @@ async def test_upgrades_a_schema_2_database(durable_backend: Backend) -> None:
     else:
         import sqlite3
 
-        from herald.store.sql import to_micros
-        from herald.store.sqlite import SqliteStore, _statements
+        from herald.store.rows import to_micros
+        from herald.store.sqlite import SqliteStore
+        from herald.store.sqlite.connection import statements as _statements
 
         assert isinstance(store, SqliteStore)
         conn = sqlite3.connect(store._database, isolation_level=None)
