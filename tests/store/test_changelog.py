@@ -10,7 +10,7 @@ from herald.model import ChangeKind, ReadState, StatePatch
 from herald.query import Query
 from herald.store import Store
 
-from .support import APP, T0, content, fetch, new_id, put, web_sub
+from .support import APP, T0, content, fetch, new_id, once, put, web_sub
 
 
 async def test_changes_carry_current_state_and_page(store: Store) -> None:
@@ -121,3 +121,38 @@ async def test_seen_only_raises_the_position(store: Store) -> None:
     assert (await fetch(store, sub)).seen_position == 12
     await store.seen("unknown", 100)  # ignored
     assert [s.seen_position for s in await store.list_subscriptions("u1", APP, T0)] == [12]
+
+
+async def test_a_put_records_its_origin(store: Store) -> None:
+    """`put`'s origin (the posting device) is recorded on its change, whether the put is
+    written alone, set-wise with others, or with an Idempotency-Key."""
+    await store.put("u1", APP, content("a"), new_id(), T0, "dev-a")
+    await asyncio.gather(
+        store.put("u1", APP, content("b"), new_id(), T0, "dev-b"),
+        store.put("u1", APP, content("c"), new_id(), T0),
+        store.put("u1", APP, content("a"), new_id(), T0, "dev-c"),  # replaces a
+    )
+    await store.put_once("u1", APP, content("d"), new_id(), T0, once("k"), "dev-d")
+    changes = await store.changes("u1", APP, 0, 10)
+    assert [(c.notification_id is not None, c.origin) for c in changes] == [
+        (True, "dev-a"),
+        (True, "dev-b"),
+        (True, None),
+        (True, "dev-c"),
+        (True, "dev-d"),
+    ]
+    assert [p.change.origin for p in await store.pending(10)] == [c.origin for c in changes]
+
+
+async def test_positions_are_never_reused_after_the_log_is_pruned(store: Store) -> None:
+    """A user whose whole log was pruned goes on from the position after the last one."""
+    for key in ("a", "b", "c"):
+        await put(store, key)
+    await store.sweep(T0 + timedelta(minutes=1), T0 + timedelta(minutes=1), 100)
+    assert await store.horizon("u1") == (3, 3)
+    assert await store.changes("u1", APP, 0, 10) == []
+    fresh, _ = await put(store, "d", at=T0 + timedelta(minutes=2))
+    assert [(c.position, c.notification_id) for c in await store.changes("u1", APP, 3, 10)] == [
+        (4, fresh)
+    ]
+    assert await store.horizon("u1") == (3, 4)

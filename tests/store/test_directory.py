@@ -12,7 +12,18 @@ from herald.model import App, StatePatch
 from herald.query import Query
 from herald.store import Store
 
-from .support import APP, OTHER_APP, T0, put, remembered, subscription
+from .support import (
+    APP,
+    OTHER_APP,
+    T0,
+    claim_all,
+    enqueue,
+    new_delivery,
+    put,
+    remembered,
+    subscription,
+    web_sub,
+)
 
 
 def client(client_id: str, host: str = APP, platform: str | None = None, secret: str = "h") -> App:
@@ -151,3 +162,20 @@ async def test_principal_names(store: Store) -> None:
     assert await store.forget_user_name("alice@contoso.com")
     assert not await store.forget_user_name("alice@contoso.com")
     assert await store.user_of("alice@contoso.com") is None
+
+
+async def test_delete_app_removes_its_outbox_entries_and_deliveries(store: Store) -> None:
+    await store.add_app(client("a1"))
+    await store.add_app(client("b1", host=OTHER_APP))
+    mine = await web_sub(store)
+    theirs = await web_sub(store, app=OTHER_APP)
+    await put(store, "x")
+    await put(store, "y", app=OTHER_APP, target_host_name=OTHER_APP)
+    await enqueue(store, new_delivery(mine, 7), new_delivery(theirs, 8))
+
+    counts = await store.delete_app(APP)
+    assert counts is not None
+    assert (counts["outbox"], counts["deliveries"]) == (1, 1)
+    assert [p.change.app for p in await store.pending(10)] == [OTHER_APP]
+    assert await store.count_deliveries() == 1
+    assert [d.subscription_id for d in await claim_all(store)] == [theirs.id]

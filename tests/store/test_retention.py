@@ -7,7 +7,18 @@ from datetime import timedelta
 from herald.model import ChangeKind
 from herald.store import Store
 
-from .support import APP, T0, log_of, put, remembered, subscription
+from .support import (
+    APP,
+    T0,
+    claim_all,
+    enqueue,
+    log_of,
+    new_delivery,
+    put,
+    remembered,
+    subscription,
+    web_sub,
+)
 
 
 async def test_sweep_expires_prunes_and_moves_horizon(store: Store) -> None:
@@ -61,3 +72,15 @@ async def test_pruning_the_log_drops_entries_of_pruned_changes(store: Store) -> 
     assert len(await store.pending(100)) == 2
     await store.sweep(T0 + timedelta(minutes=6), T0 + timedelta(minutes=1), 100)
     assert log_of(await store.pending(100)) == [("u1", 2, ChangeKind.CREATED, kept, None)]
+
+
+async def test_a_swept_subscription_takes_its_deliveries(store: Store) -> None:
+    soon = T0 + timedelta(minutes=1)
+    expiring = await web_sub(store, expiration_date_time=soon)
+    keeper = await web_sub(store, user="u2", endpoint="https://push.example.net/2")
+    await enqueue(store, new_delivery(expiring, 1), new_delivery(keeper, 1))
+    assert await store.count_deliveries() == 2
+    await store.sweep(T0 + timedelta(minutes=2), T0 - timedelta(days=1), 10)
+    assert await store.get_subscription(expiring.id, T0) is None
+    assert await store.count_deliveries() == 1
+    assert [d.subscription_id for d in await claim_all(store)] == [keeper.id]

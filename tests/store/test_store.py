@@ -8,8 +8,9 @@ import pathlib
 
 import pytest
 
-from herald.errors import Conflict, HeraldError, PreconditionFailed
+from herald.errors import Conflict, HeraldError, PreconditionFailed, Unavailable
 from herald.model import App, StatePatch
+from herald.query import Query
 from herald.store import Store
 from herald.store.sqlite import SqliteStore
 
@@ -100,3 +101,24 @@ async def test_sqlite_url_options(tmp_path: pathlib.Path) -> None:
         SqliteStore(f"sqlite:///{tmp_path}/a.db?sync=full")
     with pytest.raises(ValueError, match="normal or full"):
         SqliteStore(f"sqlite:///{tmp_path}/a.db?synchronous=off")
+
+
+async def test_a_closed_store_answers_unavailable(backend: Backend) -> None:
+    """Every call on a store that is not open is answered `Unavailable`, reads and writes alike
+    (only `herald.errors` escape)."""
+    store = backend.make()
+    await store.open()
+    await store.close()
+    calls = [
+        store.ping(),
+        store.put("u1", APP, content("a"), new_id(), T0),
+        store.get("u1", APP, "x", T0),
+        store.list("u1", APP, Query(), T0),
+        store.changes("u1", None, 0, 10),
+        store.pending(10),
+        store.get_app("c1"),
+        store.recall("s", "k", T0),
+    ]
+    for call in calls:
+        with pytest.raises(Unavailable):
+            await call

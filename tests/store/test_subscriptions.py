@@ -296,3 +296,20 @@ async def test_subscription_deletes_take_their_deliveries(store: Store) -> None:
     await store.sweep(T0 + timedelta(minutes=2), T0 - timedelta(days=1), 100)
     assert await store.count_deliveries() == 1
     assert [d.subscription_id for d in await claim_all(store)] == [keeper.id]
+
+
+async def test_channel_holder_finds_the_holder_expired_or_not(store: Store) -> None:
+    channel = web_push("https://push.example.net/held")
+    sub = subscription(channel=channel, expires=T0 + timedelta(minutes=1))
+    await store.add_subscription(sub, 10, T0)
+    assert await store.channel_holder(APP, channel.key) == sub
+    assert await store.channel_holder(OTHER_APP, channel.key) is None  # keys are per app
+    assert await store.channel_holder(APP, "https://push.example.net/other") is None
+    later = T0 + timedelta(minutes=5)
+    assert await store.get_subscription(sub.id, later) is None  # expired...
+    assert await store.channel_holder(APP, channel.key) == sub  # ...but still holds it
+    taker = subscription(user="u2", channel=channel, at=later)
+    await store.add_subscription(taker, 10, later)
+    assert await store.channel_holder(APP, channel.key) == taker
+    await store.delete_subscription("u2", APP, taker.id)
+    assert await store.channel_holder(APP, channel.key) is None
