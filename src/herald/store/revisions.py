@@ -1,9 +1,10 @@
 """The next stored version of a record, computed inside the write's transaction from the one it
-replaces: a notification put or patched, a subscription registered again. Both backends store
-exactly what these return."""
+replaces: a notification put (`Put`: the call, as both backends queue it) or patched, a
+subscription registered again. Both backends store exactly what these return."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ import msgspec
 
 from herald.errors import PayloadTooLarge, PreconditionFailed
 from herald.model import Content, DeliveryState, Notification, StatePatch, Subscription
+from herald.store.contract import Once
 
 
 def check_etag(n: Notification, if_match: int | None) -> None:
@@ -18,14 +20,27 @@ def check_etag(n: Notification, if_match: int | None) -> None:
         raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
 
 
-def new_notification(
-    user_id: str, app: str, content: Content, new_id: str, now: datetime, old: Notification | None
-) -> Notification:
-    """The stored form of `content`: new, or replacing `old` (id and creation time kept)."""
+@dataclass(slots=True)
+class Put:
+    """A `put` (or `put_once`) call, as a backend queues it for its writer."""
+
+    user_id: str
+    app: str
+    content: Content
+    new_id: str
+    now: datetime
+    origin: str | None = None
+    once: Once | None = None
+
+
+def new_notification(p: Put, now: datetime, old: Notification | None) -> Notification:
+    """The stored form of the put's content, written at `now` (UTC): new, or replacing `old`
+    (id and creation time kept)."""
+    content, new_id = p.content, p.new_id
     return Notification(
         id=new_id if old is None else old.id,
-        user_id=user_id,
-        app=app,
+        user_id=p.user_id,
+        app=p.app,
         app_notification_id=content.app_notification_id or new_id,
         target_host_name=content.target_host_name,
         group_name=content.group_name,

@@ -63,6 +63,27 @@ def encode_content(n: Notification) -> bytes:
     )
 
 
+def notification_values(n: Notification, to_db: Callable[[datetime], Any]) -> tuple[object, ...]:
+    """The columns of `n` in `NOTIFICATION_COLUMNS` order, datetimes as `to_db` stores them
+    (enums are StrEnums: both drivers bind them as their text)."""
+    return (
+        n.id,
+        n.user_id,
+        n.app,
+        n.app_notification_id,
+        n.target_host_name,
+        n.group_name,
+        n.priority,
+        n.read_state,
+        n.user_action_state,
+        to_db(n.created_date_time),
+        to_db(n.last_modified_date_time),
+        to_db(n.expiration_date_time),
+        n.version,
+        encode_content(n),
+    )
+
+
 def notification_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Notification:
     c = _decoder.decode(row[13])
     return Notification(
@@ -155,6 +176,24 @@ def encode_channel(channel: PushChannel | None) -> str | None:
 
 def channel_key(sub: Subscription) -> str | None:
     return None if sub.push_channel is None else sub.push_channel.key
+
+
+def subscription_values(s: Subscription, to_db: Callable[[datetime], Any]) -> tuple[object, ...]:
+    """What a new subscription row holds: id, user_id, app, platform, display_name,
+    push_channel, channel_key, expiration_date_time, created_date_time,
+    last_modified_date_time (datetimes as `to_db` stores them)."""
+    return (
+        s.id,
+        s.user_id,
+        s.app,
+        s.platform,
+        s.display_name,
+        encode_channel(s.push_channel),
+        channel_key(s),
+        to_db(s.expiration_date_time),
+        to_db(s.created_date_time),
+        to_db(s.last_modified_date_time),
+    )
 
 
 def subscription_from_row(row: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Subscription:

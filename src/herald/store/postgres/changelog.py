@@ -10,7 +10,7 @@ from herald.model import Change
 from herald.store.contract import ChangeLog
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.notifications import prefixed
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import CHANGE_COLUMNS, LIVE_KINDS, change_from_row
 
@@ -54,7 +54,7 @@ class PostgresChangeLog(PostgresWriter, ChangeLog):
                 keys = sorted(batch)
                 await tx.conn.execute(_SEEN_SQL, keys, [batch[k] for k in keys])
 
-            done = self._seen_done = asyncio.ensure_future(self._submit(Op(None, run)))
+            done = self._seen_done = asyncio.ensure_future(self._op(None, run))
             done.add_done_callback(detach)  # also if it failed before it ran
         batch[subscription_id] = max(position, batch.get(subscription_id, position))
         # Shielded: one caller cancelled must not cancel the write the others wait for.

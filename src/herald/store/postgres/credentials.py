@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from herald.store.contract import PushCredentials
 from herald.store.postgres.connection import translated
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 
 
@@ -42,8 +42,7 @@ class PostgresPushCredentials(PostgresWriter, PushCredentials):
             )
             return bytes(stored)
 
-        result: bytes = await self._submit(Op(None, run))
-        return result
+        return await self._op(None, run)
 
     async def delete_push_credentials(self, app: str, kind: str) -> bool:
         async def run(tx: Tx) -> bool:
@@ -54,5 +53,4 @@ class PostgresPushCredentials(PostgresWriter, PushCredentials):
             )
             return deleted is not None
 
-        result: bool = await self._submit(Op(None, run))
-        return result
+        return await self._op(None, run)

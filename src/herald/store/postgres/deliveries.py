@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from herald.model import Delivery, Provider, Settlement
 from herald.store.contract import DeliveryQueue
 from herald.store.postgres.connection import translated
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import CHANNEL_TAG, decode_channel, decode_message
 from herald.store.settlement import Claimed, settle_ids, settle_plan
@@ -90,7 +90,7 @@ class PostgresDeliveryQueue(PostgresWriter, DeliveryQueue):
                 now,
             )
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     async def next_due(self, provider: Provider) -> datetime | None:
         async with translated(), self._acquire() as conn:

@@ -10,7 +10,7 @@ from herald.errors import Conflict, NotFound
 from herald.model import App
 from herald.store.contract import Directory
 from herald.store.postgres.connection import translated
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import APP_ORDER, APP_SELECT, app_from_row, as_utc
 from herald.store.schema import DELETE_APP, LAST_CLIENT
@@ -33,7 +33,7 @@ class PostgresDirectory(PostgresWriter, Directory):
                 raise Conflict("an app with this client id or host name exists")
             await _insert_client(tx.conn, app)
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     async def add_client(self, app: App) -> None:
         async def run(tx: Tx) -> None:
@@ -45,7 +45,7 @@ class PostgresDirectory(PostgresWriter, Directory):
                 raise Conflict(f"the client id {app.client_id!r} is taken")
             await _insert_client(tx.conn, app)
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     async def remove_client(self, client_id: str) -> None:
         async def run(tx: Tx) -> None:
@@ -60,7 +60,7 @@ class PostgresDirectory(PostgresWriter, Directory):
                 raise Conflict(LAST_CLIENT)
             await tx.conn.execute("DELETE FROM app_clients WHERE client_id = $1", client_id)
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     async def set_client_secret(self, client_id: str, secret_hash: str) -> None:
         async def run(tx: Tx) -> None:
@@ -72,7 +72,7 @@ class PostgresDirectory(PostgresWriter, Directory):
             if done is None:
                 raise NotFound(f"no client id {client_id!r}")
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     async def get_app(self, client_id: str) -> App | None:
         async with translated(), self._acquire() as conn:
@@ -98,8 +98,7 @@ class PostgresDirectory(PostgresWriter, Directory):
             del counts["apps"]
             return counts
 
-        result: dict[str, int] | None = await self._submit(Op(None, run))
-        return result
+        return await self._op(None, run)
 
     async def user_of(self, upn: str) -> str | None:
         async with translated(), self._acquire() as conn:
@@ -120,16 +119,14 @@ class PostgresDirectory(PostgresWriter, Directory):
             named = await tx.conn.fetchval("SELECT user_id FROM user_names WHERE upn = $1", upn)
             return bool(named == user_id)
 
-        result: bool = await self._submit(Op(None, run))
-        return result
+        return await self._op(None, run)
 
     async def forget_user_name(self, upn: str) -> bool:
         async def run(tx: Tx) -> bool:
             status = await tx.conn.execute("DELETE FROM user_names WHERE upn = $1", upn)
             return bool(status != "DELETE 0")
 
-        result: bool = await self._submit(Op(None, run))
-        return result
+        return await self._op(None, run)
 
     async def list_user_names(self) -> list[tuple[str, str, bool]]:
         async with translated(), self._acquire() as conn:

@@ -14,11 +14,10 @@ from herald.query import Filter, Page, Query
 from herald.store.compiler import POSTGRES, feed_where, order_by
 from herald.store.contract import Notifications, Once, Remembered
 from herald.store.postgres.connection import identity, translated
-from herald.store.postgres.puts import Put
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
-from herald.store.revisions import check_etag, patched
-from herald.store.rows import NOTIFICATION_COLUMNS, encode_content, notification_from_row
+from herald.store.revisions import Put, check_etag, patched
+from herald.store.rows import NOTIFICATION_COLUMNS, notification_from_row, notification_values
 
 
 class PostgresNotifications(PostgresWriter, Notifications):
@@ -101,8 +100,7 @@ class PostgresNotifications(PostgresWriter, Notifications):
             tx.append(user_id, ChangeKind.UPDATED, app, n.id, now, origin)
             return n
 
-        result: Notification = await self._submit(Op(user_id, run))
-        return result
+        return await self._op(user_id, run)
 
     async def delete(
         self,
@@ -121,7 +119,7 @@ class PostgresNotifications(PostgresWriter, Notifications):
             await tx.conn.execute("DELETE FROM notifications WHERE id = $1", id)
             tx.append(user_id, ChangeKind.DELETED, app, id, now, origin)
 
-        await self._submit(Op(user_id, run))
+        await self._op(user_id, run)
 
     async def delete_group(
         self, user_id: str, app: str, group_name: str, now: datetime, origin: str | None = None
@@ -139,8 +137,7 @@ class PostgresNotifications(PostgresWriter, Notifications):
                 tx.append(user_id, ChangeKind.DELETED, app, r["id"], now, origin)
             return len(rows)
 
-        result: int = await self._submit(Op(user_id, run))
-        return result
+        return await self._op(user_id, run)
 
 
 def prefixed(alias: str) -> str:
@@ -181,22 +178,7 @@ async def _update_rows(conn: asyncpg.Connection, rows: Iterable[Notification]) -
     """Update the rows of these notifications, passed column-wise as arrays (one round trip)."""
     columns: list[list[object]] = [[] for _ in range(14)]
     for n in rows:
-        values = (
-            n.id,
-            n.user_id,
-            n.app,
-            n.app_notification_id,
-            n.target_host_name,
-            n.group_name,
-            n.priority.value,
-            n.read_state.value,
-            n.user_action_state.value,
-            n.created_date_time,
-            n.last_modified_date_time,
-            n.expiration_date_time,
-            n.version,
-            encode_content(n),
-        )
+        values = notification_values(n, identity)
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     if columns[0]:

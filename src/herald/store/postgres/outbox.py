@@ -10,7 +10,7 @@ from herald.model import ChangeKind, NewDelivery, Pending, Subscription
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity, translated
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
@@ -85,7 +85,7 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 created,
             )
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         self._hooks.add(callback)

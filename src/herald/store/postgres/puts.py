@@ -6,18 +6,16 @@ are written in a transaction with their records."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from herald.errors import HeraldError, Unavailable
-from herald.model import Content
-from herald.store.contract import Once, Remembered
+from herald.store.contract import Remembered
 from herald.store.postgres.transaction import Committed, Outcomes
-from herald.store.revisions import new_notification
+from herald.store.revisions import Put, new_notification
 from herald.store.rows import encode_content
 
 # Rounds of a batch with Idempotency-Keys that other transactions recorded first (each round
@@ -25,19 +23,6 @@ from herald.store.rows import encode_content
 RECORD_ROUNDS = 4
 
 log = logging.getLogger("herald.store")
-
-
-@dataclass(slots=True)
-class Put:
-    """A queued `put` (or `put_once`)."""
-
-    user_id: str
-    app: str
-    content: Content
-    new_id: str
-    now: datetime
-    origin: str | None = None
-    once: Once | None = None
 
 
 _PUT_BATCH_SQL = (
@@ -183,10 +168,7 @@ _RECORD_SQL = (
 async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
     """`herald_put_batch` over the puts."""
     # As if created; replaced rows are patched below.
-    built = [
-        new_notification(p.user_id, p.app, p.content, p.new_id, p.now.astimezone(UTC), None)
-        for p in puts
-    ]
+    built = [new_notification(p, p.now.astimezone(UTC), None) for p in puts]
     rows = await conn.fetch(
         _PUT_BATCH_SQL,
         [p.user_id for p in puts],

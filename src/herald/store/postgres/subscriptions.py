@@ -11,7 +11,7 @@ from herald.model import Subscription
 from herald.store.contract import Subscriptions
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.deliveries import DELETE_DELIVERIES_OF_S
-from herald.store.postgres.transaction import Op, Tx
+from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.revisions import stored_subscription
 from herald.store.rows import (
@@ -19,6 +19,7 @@ from herald.store.rows import (
     channel_key,
     encode_channel,
     subscription_from_row,
+    subscription_values,
 )
 
 
@@ -31,8 +32,7 @@ class PostgresSubscriptions(PostgresWriter, Subscriptions):
         async def run(tx: Tx) -> tuple[Subscription, bool]:
             return await _add_subscription(tx.conn, sub, limit, now)
 
-        result: tuple[Subscription, bool] = await self._submit(Op(sub.user_id, run))
-        return result
+        return await self._op(sub.user_id, run)
 
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
         async with translated(), self._acquire() as conn:
@@ -57,8 +57,7 @@ class PostgresSubscriptions(PostgresWriter, Subscriptions):
         async def run(tx: Tx) -> Subscription:
             return await _update_subscription(tx.conn, sub, now)
 
-        result: Subscription = await self._submit(Op(sub.user_id, run))
-        return result
+        return await self._op(sub.user_id, run)
 
     async def delete_subscription(self, user_id: str, app: str, id: str) -> None:
         # The protocol passes no `now`: liveness is judged by the clock, as `changes` does.
@@ -78,7 +77,7 @@ class PostgresSubscriptions(PostgresWriter, Subscriptions):
             if deleted is None:
                 raise NotFound(f"subscription {id} not found")
 
-        await self._submit(Op(None, run))
+        await self._op(None, run)
 
 
 async def _add_subscription(
@@ -107,7 +106,7 @@ async def _add_subscription(
             holder.id,
         )
     stored = stored_subscription(sub)
-    await conn.execute(_SUBSCRIPTION_INSERT_SQL, *_subscription_row(stored))
+    await conn.execute(_SUBSCRIPTION_INSERT_SQL, *subscription_values(stored, identity))
     return stored, True
 
 
@@ -155,25 +154,10 @@ async def _live_subscription(
     return None if row is None else subscription_from_row(row, identity)
 
 
-def _subscription_row(s: Subscription) -> tuple[object, ...]:
-    return (
-        s.id,
-        s.user_id,
-        s.app,
-        s.platform.value,
-        s.display_name,
-        encode_channel(s.push_channel),
-        channel_key(s),
-        s.expiration_date_time,
-        s.created_date_time,
-        s.last_modified_date_time,
-    )
-
-
 def _subscription_update(s: Subscription) -> tuple[object, ...]:
     return (
         s.id,
-        s.platform.value,
+        s.platform,
         s.display_name,
         encode_channel(s.push_channel),
         channel_key(s),

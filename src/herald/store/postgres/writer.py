@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -26,9 +26,10 @@ from herald.store.postgres.connection import (
     unsent,
     usable,
 )
-from herald.store.postgres.puts import Put, put_again, put_batch
+from herald.store.postgres.puts import put_again, put_batch
 from herald.store.postgres.schema import migrate
-from herald.store.postgres.transaction import Committed, Op, Outcomes, probe, run_ops
+from herald.store.postgres.transaction import Committed, Op, Outcomes, Tx, probe, run_ops
+from herald.store.revisions import Put
 
 MAX_BATCH = 4096
 # Batches in flight at once, each on its own pooled connection. One is enough to be correct; with
@@ -51,6 +52,8 @@ PING_TIMEOUT = 5.0
 UNSENT_ATTEMPTS = 3
 
 log = logging.getLogger("herald.store")
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -227,6 +230,11 @@ class PostgresWriter:
         self._pending.append(_Call(work, future))
         self._wake.set()
         return await future
+
+    def _op(self, user_id: str | None, run: Callable[[Tx], Awaitable[T]]) -> Awaitable[T]:
+        """Submit an op: `run` in the next batch transaction, with the head of `user_id` locked
+        if given (see `Op`); answers what `run` returns."""
+        return cast(Awaitable[T], self._submit(Op(user_id, run)))
 
     async def _write_loop(self) -> None:
         link = _Link(self)

@@ -11,11 +11,17 @@ from herald.query import DEFAULT_ORDER, Filter, Page, Query
 from herald.store.compiler import SQLITE, feed_where, order_by
 from herald.store.contract import Notifications, Once, Remembered
 from herald.store.revisions import check_etag, patched
-from herald.store.rows import NOTIFICATION_COLUMNS, from_micros, notification_from_row, to_micros
+from herald.store.rows import (
+    NOTIFICATION_COLUMNS,
+    from_micros,
+    notification_from_row,
+    notification_values,
+    to_micros,
+)
 from herald.store.sqlite.appends import append, remove
 from herald.store.sqlite.connection import Connection
 from herald.store.sqlite.database import SqliteDatabase
-from herald.store.sqlite.puts import UPDATE_SQL, Put, find_live, notification_values
+from herald.store.sqlite.puts import UPDATE_SQL, PutJob, find_live
 
 INLINE_ROWS = 2000  # a list in index order reading at most this many rows runs on the loop
 
@@ -30,7 +36,7 @@ class SqliteNotifications(SqliteDatabase, Notifications):
         now: datetime,
         origin: str | None = None,
     ) -> tuple[Notification, bool]:
-        result = await self._write(Put(user_id, app, content, new_id, now, origin))
+        result = await self._write(PutJob(user_id, app, content, new_id, now, origin))
         return cast(tuple[Notification, bool], result)  # a put without a key
 
     async def put_once(
@@ -43,7 +49,7 @@ class SqliteNotifications(SqliteDatabase, Notifications):
         once: Once,
         origin: str | None = None,
     ) -> Remembered:
-        result = await self._write(Put(user_id, app, content, new_id, now, origin, once))
+        result = await self._write(PutJob(user_id, app, content, new_id, now, origin, once))
         return cast(Remembered, result)  # a put with a key
 
     async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None:
@@ -150,6 +156,6 @@ def _update(
         raise NotFound(f"notification {id} not found")
     check_etag(old, if_match)
     n = patched(old, patch, now)
-    c.execute(UPDATE_SQL, notification_values(n))
+    c.execute(UPDATE_SQL, notification_values(n, to_micros))
     append(c, user_id, ChangeKind.UPDATED, app, n.id, to_micros(now), origin)
     return n

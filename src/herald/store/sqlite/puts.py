@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from herald.model import ChangeKind, Content, Notification
+from herald.model import ChangeKind, Notification
 from herald.store.contract import Once, Remembered
-from herald.store.revisions import new_notification
+from herald.store.revisions import Put, new_notification
 from herald.store.rows import (
     NOTIFICATION_COLUMNS,
     REPLACED,
-    encode_content,
     from_micros,
     notification_from_row,
+    notification_values,
     to_micros,
 )
 from herald.store.sqlite.appends import add_to_outbox, append, remove
@@ -27,17 +27,9 @@ CHUNK = 200  # keys per lookup statement in set-wise writes
 
 
 @dataclass(slots=True)
-class Put:
-    """A queued `put` (or `put_once`): callable as a write job, or written set-wise with its
-    neighbours."""
-
-    user_id: str
-    app: str
-    content: Content
-    new_id: str
-    now: datetime
-    origin: str | None = None
-    once: Once | None = None
+class PutJob(Put):
+    """A queued put as a write job: run alone (called), or written set-wise with its
+    neighbours (`put_many`)."""
 
     def __call__(self, c: Connection) -> tuple[Notification, bool] | Remembered:
         once = self.once
@@ -45,14 +37,34 @@ class Put:
             found = find_record(c, once.scope, once.key, to_micros(self.now))
             if found is not None:
                 return found
-        n, created = put_one(
-            c, self.user_id, self.app, self.content, self.new_id, self.now, self.origin
-        )
+        n, created = self._write(c)
         if once is None:
             return n, created
         answer = once.render(n, created)
         c.execute(RECORD_SQL, record_values(once, answer, self.now))
         return answer
+
+    def _write(self, c: Connection) -> tuple[Notification, bool]:
+        now = self.now.astimezone(UTC)
+        at = to_micros(now)
+        user_id, app, anid = self.user_id, self.app, self.content.app_notification_id
+        old = None
+        if anid is not None:
+            found = c.execute(
+                f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
+                " WHERE user_id = ? AND app = ? AND app_notification_id = ?",
+                (user_id, app, anid),
+            ).fetchone()
+            old = None if found is None else notification_from_row(found, from_micros)
+        if old is not None and old.expiration_date_time <= now:
+            remove(c, user_id, app, old.id, ChangeKind.EXPIRED, at)
+            old = None
+        n = new_notification(self, now, old)
+        # A plain INSERT for a new row: a colliding id must fail, not overwrite another row.
+        c.execute(INSERT_SQL if old is None else UPDATE_SQL, notification_values(n, to_micros))
+        kind = ChangeKind.CREATED if old is None else REPLACED
+        append(c, user_id, kind, app, n.id, at, self.origin)
+        return n, old is None
 
 
 def find_record(c: Connection, scope: str, key: str, at: int) -> Remembered | None:
@@ -89,8 +101,8 @@ RECORD_SQL = (
 )
 
 
-def put_many(c: Connection, puts: list[Put]) -> list[Any]:
-    """Several puts with the semantics of running each `Put` in order, in ~5 statements (and
+def put_many(c: Connection, puts: list[PutJob]) -> list[Any]:
+    """Several puts with the semantics of running each `PutJob` in order, in ~5 statements (and
     one lookup per Idempotency-Key)."""
     live = _existing(c, puts)
     next_position = _next_positions(c, {p.user_id for p in puts})
@@ -126,8 +138,8 @@ def put_many(c: Connection, puts: list[Put]) -> list[Any]:
             expired.append((old.id,))
             log(p.user_id, ChangeKind.EXPIRED, p.app, old.id, at)
             old = None
-        n = new_notification(p.user_id, p.app, p.content, p.new_id, now, old)
-        (inserts if old is None else updates).append(notification_values(n))
+        n = new_notification(p, now, old)
+        (inserts if old is None else updates).append(notification_values(n, to_micros))
         kind = ChangeKind.CREATED if old is None else REPLACED
         log(p.user_id, kind, p.app, n.id, at, p.origin)
         live[key] = n
@@ -156,7 +168,7 @@ _LOG_SQL = (
 )
 
 
-def _existing(c: Connection, puts: list[Put]) -> dict[tuple[str, str, str], Notification]:
+def _existing(c: Connection, puts: list[PutJob]) -> dict[tuple[str, str, str], Notification]:
     keys = [
         (p.user_id, p.app, p.content.app_notification_id)
         for p in puts
@@ -194,37 +206,6 @@ _POSITIONS_SQL = (
 )
 
 
-def put_one(
-    c: Connection,
-    user_id: str,
-    app: str,
-    content: Content,
-    new_id: str,
-    now: datetime,
-    origin: str | None = None,
-) -> tuple[Notification, bool]:
-    now = now.astimezone(UTC)
-    at = to_micros(now)
-    anid = content.app_notification_id or new_id
-    old = None
-    if content.app_notification_id is not None:
-        found = c.execute(
-            f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
-            " WHERE user_id = ? AND app = ? AND app_notification_id = ?",
-            (user_id, app, anid),
-        ).fetchone()
-        old = None if found is None else notification_from_row(found, from_micros)
-    if old is not None and old.expiration_date_time <= now:
-        remove(c, user_id, app, old.id, ChangeKind.EXPIRED, at)
-        old = None
-    n = new_notification(user_id, app, content, new_id, now, old)
-    # A plain INSERT for a new row: a colliding id must fail, not overwrite another row.
-    c.execute(INSERT_SQL if old is None else UPDATE_SQL, notification_values(n))
-    kind = ChangeKind.CREATED if old is None else REPLACED
-    append(c, user_id, kind, app, n.id, at, origin)
-    return n, old is None
-
-
 # -- rows ------------------------------------------------------------------------------------
 
 INSERT_SQL = (
@@ -237,26 +218,6 @@ UPDATE_SQL = (
     + NOTIFICATION_COLUMNS
     + ") = (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) WHERE id = ?1"
 )
-
-
-def notification_values(n: Notification) -> tuple[object, ...]:
-    return (
-        n.id,
-        n.user_id,
-        n.app,
-        n.app_notification_id,
-        n.target_host_name,
-        n.group_name,
-        # StrEnum members are str: sqlite3 binds them as their text without `.value`.
-        n.priority,
-        n.read_state,
-        n.user_action_state,
-        to_micros(n.created_date_time),
-        to_micros(n.last_modified_date_time),
-        to_micros(n.expiration_date_time),
-        n.version,
-        encode_content(n),
-    )
 
 
 def find_live(c: Connection, user_id: str, app: str, id: str, at: int) -> Notification | None:

@@ -11,9 +11,9 @@ from herald.store.revisions import stored_subscription
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
     channel_key,
-    encode_channel,
     from_micros,
     subscription_from_row,
+    subscription_values,
     to_micros,
 )
 from herald.store.sqlite.connection import Connection
@@ -74,7 +74,7 @@ def _add_subscription(
         and to_micros(holder.expiration_date_time) > at
     ):
         stored = stored_subscription(sub, holder)  # the same device again: update it in place
-        c.execute(_SUBSCRIPTION_UPDATE_SQL, (*_subscription_row(stored), True))
+        c.execute(_SUBSCRIPTION_UPDATE_SQL, (*subscription_values(stored, to_micros), True))
         return stored, False
     # Checked before any write, so a refused call leaves nothing to roll back.
     (live,) = c.execute(
@@ -88,7 +88,7 @@ def _add_subscription(
         c.execute("DELETE FROM subscriptions WHERE id = ?", (holder.id,))
         delete_deliveries_of(c, [(holder.id,)])
     stored = stored_subscription(sub)
-    c.execute(_SUBSCRIPTION_INSERT_SQL, _subscription_row(stored))
+    c.execute(_SUBSCRIPTION_INSERT_SQL, subscription_values(stored, to_micros))
     return stored, True
 
 
@@ -106,7 +106,7 @@ def _update_subscription(c: Connection, sub: Subscription, at: int) -> Subscript
     # A new channel starts with a fresh delivery state; the same one keeps its history.
     reset = key != channel_key(old)
     stored = stored_subscription(sub, old, reset)
-    c.execute(_SUBSCRIPTION_UPDATE_SQL, (*_subscription_row(stored), reset))
+    c.execute(_SUBSCRIPTION_UPDATE_SQL, (*subscription_values(stored, to_micros), reset))
     return stored
 
 
@@ -126,21 +126,6 @@ def _live_subscription(c: Connection, id: str, at: int) -> Subscription | None:
         (id, at),
     ).fetchone()
     return None if row is None else subscription_from_row(row, from_micros)
-
-
-def _subscription_row(s: Subscription) -> tuple[object, ...]:
-    return (
-        s.id,
-        s.user_id,
-        s.app,
-        s.platform,
-        s.display_name,
-        encode_channel(s.push_channel),
-        channel_key(s),
-        to_micros(s.expiration_date_time),
-        to_micros(s.created_date_time),
-        to_micros(s.last_modified_date_time),
-    )
 
 
 _SUBSCRIPTION_INSERT_SQL = (

@@ -25,7 +25,7 @@ from herald.store.sqlite.connection import (
     result_code,
     translated,
 )
-from herald.store.sqlite.puts import Put, put_many
+from herald.store.sqlite.puts import PutJob, put_many
 
 log = logging.getLogger("herald.store")
 
@@ -323,7 +323,7 @@ class SqliteWriter:
             # A run of puts (the common case under load) is written set-wise: a handful of
             # statements for the whole run instead of four per notification.
             j = i
-            while j < len(batch) and isinstance(batch[j].job, Put):
+            while j < len(batch) and isinstance(batch[j].job, PutJob):
                 j += 1
             if j - i > 1:
                 puts = [call.job for call in batch[i:j]]
