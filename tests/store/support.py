@@ -3,7 +3,9 @@ records they start from."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -36,6 +38,8 @@ from herald.query import Query
 from herald.store import Once, Remembered, Store
 from herald.store.rows import to_micros
 from herald.store.sqlite import SqliteStore
+
+from .conftest import Backend
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -294,3 +298,16 @@ async def remembered(
         await conn.execute(
             "INSERT INTO idempotency VALUES ($1, $2, $3, $4, $5, $6, $7)", *values, expires
         )
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(backend: Backend) -> AsyncIterator[tuple[Store, Store]]:
+    """Two open stores on one database, as two Herald nodes (or a server and the CLI) have."""
+    a, b = backend.make(), backend.make()
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()

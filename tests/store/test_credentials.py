@@ -7,7 +7,7 @@ import asyncio
 from herald.store import Store
 
 from .conftest import Backend
-from .support import APP, OTHER_APP
+from .support import APP, OTHER_APP, two_nodes
 
 
 async def test_push_credentials(store: Store) -> None:
@@ -34,10 +34,7 @@ async def test_push_credentials(store: Store) -> None:
 
 async def test_first_time_generation_agrees_on_one_key(durable_backend: Backend) -> None:
     """Concurrent `replace=False` puts, on two nodes: every caller gets the one stored key."""
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         for round in range(3):
             kind = f"vapid-{round}"
             got = await asyncio.gather(
@@ -49,6 +46,3 @@ async def test_first_time_generation_agrees_on_one_key(durable_backend: Backend)
             )
             assert len(set(got)) == 1
             assert (await a.get_push_credentials(APP))[kind] == got[0]
-    finally:
-        await a.close()
-        await b.close()

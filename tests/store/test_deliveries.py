@@ -41,6 +41,7 @@ from .support import (
     replace,
     state,
     subscription,
+    two_nodes,
     web_push,
     web_sub,
 )
@@ -220,10 +221,7 @@ async def test_concurrent_claims_never_return_one_delivery_twice(store: Store) -
 async def test_two_nodes_claiming_one_queue_never_share_a_delivery(
     durable_backend: Backend,
 ) -> None:
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         sub = await web_sub(a)
         await enqueue(a, *(new_delivery(sub, i) for i in range(500)))
         results = await asyncio.gather(
@@ -238,9 +236,6 @@ async def test_two_nodes_claiming_one_queue_never_share_a_delivery(
         again = [d.id for claimed in late for d in claimed]
         assert sorted(again) == sorted(ids)
         assert {d.attempts for claimed in late for d in claimed} == {2}
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_queued_deliveries_survive_a_restart(durable_backend: Backend) -> None:
@@ -454,10 +449,7 @@ async def test_a_settlement_for_a_replaced_channel_leaves_the_subscription_alone
 
 
 async def test_a_late_settlement_from_another_node_is_ignored(durable_backend: Backend) -> None:
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         sub = await web_sub(a)
         await enqueue(a, new_delivery(sub, 1), new_delivery(sub, 2))
         stalled = await a.claim(Provider.WEBPUSH, T0, LEASE, 10)
@@ -469,9 +461,6 @@ async def test_a_late_settlement_from_another_node_is_ignored(durable_backend: B
         await b.settle([outcome(d, Settle.DONE, sent=True) for d in retaken], SOON)
         assert await state(a, sub) == DeliveryState(last_delivered_date_time=SOON)
         assert await a.count_deliveries() == 0
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_settle_stores_any_error_text_safely(store: Store) -> None:

@@ -13,7 +13,7 @@ from herald.model import Notification
 from herald.store import Remembered, Store
 
 from .conftest import Backend
-from .support import APP, T0, content, new_id, notifications, once, remembered
+from .support import APP, T0, content, new_id, notifications, once, remembered, two_nodes
 
 
 async def test_idempotency_recall_and_expiry(store: Store) -> None:
@@ -107,17 +107,11 @@ async def test_put_once_calls_with_one_key_at_once_post_once(store: Store) -> No
 
 async def test_put_once_across_two_stores(durable_backend: Backend) -> None:
     """Two nodes on one database: the key is recorded once, whichever node commits first."""
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         first = await a.put_once("u1", APP, content(), new_id(), T0, once())
         second = await b.put_once("u1", APP, content(), new_id(), T0, once(fingerprint="fp2"))
         assert second == first
         assert len(await notifications(b)) == 1
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.postgres

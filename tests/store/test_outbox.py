@@ -50,6 +50,7 @@ from .support import (
     replace,
     state,
     subscription,
+    two_nodes,
     web_push,
     web_sub,
 )
@@ -138,10 +139,7 @@ async def test_pending_keeps_each_users_position_order_under_concurrency(store: 
 
 async def test_outbox_order_with_two_stores_on_one_database(durable_backend: Backend) -> None:
     """Two Herald nodes writing the same users: each user's entries still come in order."""
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         users = [f"user{i}" for i in range(7)]
         await asyncio.gather(
             *(
@@ -156,9 +154,6 @@ async def test_outbox_order_with_two_stores_on_one_database(durable_backend: Bac
         for user in users:
             positions = [p.change.position for p in pending if p.change.user_id == user]
             assert positions == list(range(1, len(positions) + 1))
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_dispatched_removes_entries(store: Store) -> None:
@@ -366,10 +361,7 @@ async def test_dispatched_queues_only_the_deliveries_of_entries_it_removes(store
 async def test_two_nodes_dispatching_one_entry_queue_its_deliveries_once(
     durable_backend: Backend,
 ) -> None:
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         sub = await web_sub(a)
         # The reviewer's case: both read the entry, both dispatch it.
         await put(a, "x")
@@ -394,9 +386,6 @@ async def test_two_nodes_dispatching_one_entry_queue_its_deliveries_once(
         assert await a.pending(1000) == []
         claimed = await b.claim(Provider.WEBPUSH, T0, LEASE, 1000)
         assert sorted(positions(claimed)) == list(range(1, 202))
-    finally:
-        await a.close()
-        await b.close()
 
 
 def delivery_for(change: Pending, sub: Subscription) -> NewDelivery:
@@ -505,10 +494,7 @@ async def test_an_expiry_supersedes(store: Store) -> None:
 
 
 async def test_superseding_reaches_across_nodes(durable_backend: Backend) -> None:
-    a, b = durable_backend.make(), durable_backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(durable_backend) as (a, b):
         sub = await web_sub(a)
         n, _ = await put(a, "n")
         (first,) = await a.pending(10)
@@ -517,9 +503,6 @@ async def test_superseding_reaches_across_nodes(durable_backend: Backend) -> Non
         (second,) = await b.pending(10)
         await b.dispatched([second.seq], [delivery_for(second, sub)])
         assert positions(await a.claim(Provider.WEBPUSH, T0, LEASE, 10)) == [2]
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.postgres

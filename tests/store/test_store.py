@@ -15,7 +15,7 @@ from herald.store import Store
 from herald.store.sqlite import SqliteStore
 
 from .conftest import Backend
-from .support import APP, T0, content, new_id, put
+from .support import APP, T0, content, new_id, put, two_nodes
 
 
 async def test_reopen_keeps_data(durable_backend: Backend) -> None:
@@ -39,17 +39,11 @@ async def test_reopen_keeps_data(durable_backend: Backend) -> None:
 async def test_two_stores_on_one_database(durable_backend: Backend) -> None:
     """Two Herald processes (or a server and the CLI) writing the same feed stay gap-free."""
     backend = durable_backend
-    a, b = backend.make(), backend.make()
-    await a.open()
-    await b.open()
-    try:
+    async with two_nodes(backend) as (a, b):
         await asyncio.gather(
             *(s.put("u1", APP, content(f"k{i}"), new_id(), T0) for i in range(100) for s in (a, b))
         )
         assert [c.position for c in await a.changes("u1", APP, 0, 500)] == list(range(1, 201))
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_one_failing_call_does_not_fail_its_batch(store: Store) -> None:

@@ -3,7 +3,7 @@ of their deliveries (`Outbox`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
@@ -86,9 +86,6 @@ class PostgresOutbox(PostgresWriter, Outbox):
             )
 
         await self._op(None, run)
-
-    def on_commit(self, callback: Callable[[], None]) -> None:
-        self._hooks.add(callback)
 
 
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).

@@ -140,6 +140,11 @@ class PostgresWriter:
         self._failing_since: float | None = None
         self._refusal: tuple[float, str] | None = None
 
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """`Outbox.on_commit`: `_commit` fires the callbacks after a batch that appended changes
+        (so outbox entries), `sweep` after one that expired notifications."""
+        self._hooks.add(callback)
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
         if self._pool is not None:

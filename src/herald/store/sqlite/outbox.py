@@ -4,7 +4,7 @@ their deliveries (`Outbox`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
@@ -78,9 +78,6 @@ class SqliteOutbox(SqliteDatabase, Outbox):
                 c.executemany(_DELIVERY_INSERT_SQL, [r for r in rows if (r[1], r[6]) in mine])
 
         await self._write(job)
-
-    def on_commit(self, callback: Callable[[], None]) -> None:
-        self._hooks.add(callback)
 
 
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).

@@ -97,6 +97,11 @@ class SqliteWriter:
         self._checkpointer: Checkpointer | None = None
         self._hooks = CommitHooks()
 
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """`Outbox.on_commit`: `_flush` fires the callbacks after a commit that added outbox
+        entries."""
+        self._hooks.add(callback)
+
     def _free_bytes(self) -> int | None:
         """Free space for unprivileged users on the database's file system (None in memory)."""
         if self._uri:
