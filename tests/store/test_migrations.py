@@ -334,7 +334,9 @@ async def old_database(
     """Make `backend`'s database one that a release of schema `version` left: its migrations,
     on PostgreSQL its `herald_put_batch` (a stand-in), and `rows` (table, values) inserted."""
     dialect = "postgres" if backend.name == "postgres" else "sqlite"
-    scripts = [script for v, script in migrations(dialect) if v <= version]
+    known = migrations(dialect)
+    scripts = [script for v, script in known if v <= version]
+    assert [v for v, _ in known if v <= version] == list(range(1, version + 1))
     store = backend.make()
     if dialect == "postgres":
         from herald.store.postgres import PostgresStore
