@@ -23,7 +23,7 @@ from herald.model import (
     Subscription,
 )
 from herald.store import Store
-from tests.store.test_contract import APP, content, new_id
+from tests.store.support import APP, content, new_id
 
 WAIT = 10.0
 

@@ -1,9 +1,37 @@
-"""Durable state: the `Store` protocol and its SQLite and PostgreSQL implementations."""
+"""Durable state: the store's contract (one Protocol per concern, `Store` their union) and its
+SQLite and PostgreSQL implementations."""
 
 from herald.settings import Settings
-from herald.store.base import Once, Remembered, Store
+from herald.store.contract import (
+    ChangeLog,
+    DeliveryQueue,
+    Directory,
+    Idempotency,
+    Notifications,
+    Once,
+    Outbox,
+    PushCredentials,
+    Remembered,
+    Retention,
+    Store,
+    Subscriptions,
+)
 
-__all__ = ["Once", "Remembered", "Store", "open_store"]
+__all__ = [
+    "ChangeLog",
+    "DeliveryQueue",
+    "Directory",
+    "Idempotency",
+    "Notifications",
+    "Once",
+    "Outbox",
+    "PushCredentials",
+    "Remembered",
+    "Retention",
+    "Store",
+    "Subscriptions",
+    "open_store",
+]
 
 
 def open_store(url: str, settings: Settings | None = None) -> Store:

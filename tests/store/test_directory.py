@@ -1,5 +1,5 @@
-"""The Store contract for apps with several client ids, deleting an app, principal names, open
-properties, and the schema 5 migration (GUID user ids in lower case), on every backend."""
+"""The `Directory` contract on every backend: apps and their client ids, deleting an app, user
+principal names."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ from datetime import timedelta
 
 import pytest
 
-from herald.errors import Conflict, NotFound, PayloadTooLarge
-from herald.model import App, ChangeKind, DevicePlatform, StatePatch, Subscription
+from herald.errors import Conflict, NotFound
+from herald.model import App, StatePatch
 from herald.query import Query
 from herald.store import Store
-from herald.store.sql import migrations
 
-from .conftest import Backend
-from .test_contract import APP, OTHER_APP, T0, content, new_id, put
+from .support import (
+    APP,
+    OTHER_APP,
+    T0,
+    claim_all,
+    enqueue,
+    new_delivery,
+    put,
+    remembered,
+    subscription,
+    web_sub,
+)
 
 
 def client(client_id: str, host: str = APP, platform: str | None = None, secret: str = "h") -> App:
@@ -28,18 +37,46 @@ def client(client_id: str, host: str = APP, platform: str | None = None, secret:
     )
 
 
-def subscription(user: str, app: str = APP) -> Subscription:
-    return Subscription(
-        id=new_id(),
-        user_id=user,
-        app=app,
-        platform=DevicePlatform.LIVE,
-        display_name=None,
-        push_channel=None,
-        expiration_date_time=T0 + timedelta(days=30),
+async def test_apps(store: Store) -> None:
+    b = App(
+        client_id="cb",
+        host_name="b.example",
+        display_name="B",
+        secret_hash="x",
         created_date_time=T0,
-        last_modified_date_time=T0,
     )
+    a = App(
+        client_id="ca",
+        host_name="a.example",
+        display_name="A",
+        secret_hash="y",
+        created_date_time=T0 + timedelta(microseconds=1),
+    )
+    await store.add_app(b)
+    await store.add_app(a)
+    assert await store.get_app("ca") == a
+    assert await store.get_app("nope") is None
+    assert await store.list_apps() == [a, b]
+    with pytest.raises(Conflict):
+        await store.add_app(
+            App(
+                client_id="ca",
+                host_name="c.example",
+                display_name="C",
+                secret_hash="z",
+                created_date_time=T0,
+            )
+        )
+    with pytest.raises(Conflict):
+        await store.add_app(
+            App(
+                client_id="cc",
+                host_name="a.example",
+                display_name="C",
+                secret_hash="z",
+                created_date_time=T0,
+            )
+        )
 
 
 async def test_an_app_has_several_client_ids(store: Store) -> None:
@@ -79,8 +116,8 @@ async def test_delete_app_removes_its_data_and_nothing_else(store: Store) -> Non
     kept_sub, _ = await store.add_subscription(subscription("u1", OTHER_APP), 50, T0)
     await store.put_push_credentials(APP, "vapid", b"k")
     await store.put_push_credentials(OTHER_APP, "vapid", b"k")
-    await store.remember("a1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
-    await store.remember("b1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
+    await remembered(store, "a1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
+    await remembered(store, "b1:u1", "key", "f", 201, b"{}", None, T0 + timedelta(days=1))
     _, head = await store.horizon("u1")
 
     counts = await store.delete_app(APP)
@@ -127,80 +164,18 @@ async def test_principal_names(store: Store) -> None:
     assert await store.user_of("alice@contoso.com") is None
 
 
-async def test_open_properties_are_stored_and_merged(store: Store) -> None:
-    n, _ = await store.put("u1", APP, content("x", extra=b'{"a":1,"b":[1,2]}'), new_id(), T0)
-    assert n.extra == b'{"a":1,"b":[1,2]}'
-    stored = await store.get("u1", APP, n.id, T0)
-    assert stored is not None and stored.extra == n.extra
-    patch = StatePatch(extra=b'{"b":null,"c":"x"}', max_extra_bytes=100)
-    after = await store.update("u1", APP, n.id, patch, None, T0)
-    assert after.extra == b'{"a":1,"c":"x"}'
-    too_big = StatePatch(extra=b'{"d":"' + b"x" * 100 + b'"}', max_extra_bytes=100)
-    with pytest.raises(PayloadTooLarge):
-        await store.update("u1", APP, n.id, too_big, None, T0)
-    cleared = await store.update(
-        "u1", APP, n.id, StatePatch(extra=b'{"a":null,"c":null}'), None, T0
-    )
-    assert cleared.extra is None
-    [change] = await store.changes("u1", APP, 2, 10)
-    assert change.kind is ChangeKind.UPDATED and change.notification is not None
-    assert change.notification.extra is None
+async def test_delete_app_removes_its_outbox_entries_and_deliveries(store: Store) -> None:
+    await store.add_app(client("a1"))
+    await store.add_app(client("b1", host=OTHER_APP))
+    mine = await web_sub(store)
+    theirs = await web_sub(store, app=OTHER_APP)
+    await put(store, "x")
+    await put(store, "y", app=OTHER_APP, target_host_name=OTHER_APP)
+    await enqueue(store, new_delivery(mine, 7), new_delivery(theirs, 8))
 
-
-async def test_schema_5_lowercases_guid_user_ids(durable_backend: Backend) -> None:
-    """A database of schema 4 with feeds under upper-case GUIDs opens with them in lower case,
-    except a spelling whose lower-case twin has data too (two logs cannot be merged)."""
-    upper = "AAAAAAAA-0000-4000-8000-00000000000A"
-    twin = "BBBBBBBB-0000-4000-8000-00000000000B"
-    store = durable_backend.make()
-    await store.open()
-    try:
-        for user in (upper, twin, twin.lower(), "Not-A-Guid"):
-            await put(store, "x", user=user)
-        await store.add_subscription(subscription(upper), 50, T0)
-    finally:
-        await store.close()
-    await _rerun_migration_5(durable_backend)
-    store = durable_backend.make()
-    await store.open()
-    try:
-        for user in (upper.lower(), twin, twin.lower(), "Not-A-Guid"):
-            assert len(await store.changes(user, APP, 0, 10)) == 1, user
-        assert await store.changes(upper, APP, 0, 10) == []
-        assert len(await store.list_subscriptions(upper.lower(), APP, T0)) == 1
-    finally:
-        await store.close()
-
-
-async def _rerun_migration_5(backend: Backend) -> None:
-    """Apply migration 5's data step again, as an upgrade from schema 4 would do it (the test
-    wrote upper-case ids through the store, which stores ids as given; the table changes of
-    migration 5 are already there)."""
-    dialect = "postgres" if backend.name == "postgres" else "sqlite"
-    script = dict(migrations(dialect))[5]
-    data_step = script[script.index("-- GUID user ids") :]
-    store = backend.make()
-    if dialect == "postgres":
-        from herald.store.postgres import PostgresStore
-
-        assert isinstance(store, PostgresStore)
-        await store.open()
-        try:
-            async with store._acquire() as conn, conn.transaction():
-                await conn.execute(data_step)
-        finally:
-            await store.close()
-        return
-    import sqlite3
-
-    from herald.store.sqlite import SqliteStore, _statements
-
-    assert isinstance(store, SqliteStore)
-    conn = sqlite3.connect(store._database, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _statements(data_step):
-            conn.execute(statement)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    counts = await store.delete_app(APP)
+    assert counts is not None
+    assert (counts["outbox"], counts["deliveries"]) == (1, 1)
+    assert [p.change.app for p in await store.pending(10)] == [OTHER_APP]
+    assert await store.count_deliveries() == 1
+    assert [d.subscription_id for d in await claim_all(store)] == [theirs.id]

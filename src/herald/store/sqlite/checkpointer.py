@@ -30,6 +30,7 @@ writes are held, which leaves 5-7 ms per restart, about once a second at that ra
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -59,6 +60,7 @@ READERS_WAIT_MS = 20
 FULL_WAIT_MS = 1000
 FULL_RETRY_SECONDS = 0.05
 FAILED_RETRY_SECONDS = 1.0  # a checkpoint that failed (a full disk) is tried again after
+HOLD_ACK_SECONDS = 5.0  # how long the checkpointer waits for the loop to hold writes
 
 
 class Gate(Protocol):
@@ -71,6 +73,51 @@ class Gate(Protocol):
     def release(self, reset: bool, failure: sqlite3.Error | None) -> None:
         """Let writes begin again. `reset`: the checkpoint completed, so the next write starts
         the WAL over; `failure`: the error it met, if any."""
+
+
+class HoldRequest:
+    """The checkpointer's request to hold writes; granted on the loop, or abandoned by the
+    checkpointer if the loop did not answer in time (then it must not be granted later)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.granted = threading.Event()
+        self.abandoned = False
+
+
+class LoopGate:
+    """How the checkpointer holds the store's writes (its methods run on the checkpointer
+    thread; the store's side runs on the loop)."""
+
+    def __init__(self, store: Holder, loop: asyncio.AbstractEventLoop) -> None:
+        self._store = store
+        self._loop = loop
+
+    def hold(self) -> bool:
+        request = HoldRequest()
+        try:
+            self._loop.call_soon_threadsafe(self._store.hold_writes, request)
+        except RuntimeError:  # the loop is closed
+            return False
+        if request.granted.wait(HOLD_ACK_SECONDS):
+            return True
+        with request.lock:
+            request.abandoned = not request.granted.is_set()
+            return not request.abandoned
+
+    def release(self, reset: bool, failure: sqlite3.Error | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+            self._loop.call_soon_threadsafe(self._store.release_writes, reset, failure)
+
+
+class Holder(Protocol):
+    """The store's side of a hold, called on its event loop between two write batches."""
+
+    def hold_writes(self, request: HoldRequest) -> None:
+        """Hold writes from now on, and set `request.granted`, unless it was abandoned."""
+
+    def release_writes(self, reset: bool, failure: sqlite3.Error | None) -> None:
+        """Let writes begin again (see `Gate.release`)."""
 
 
 class Checkpointer:

@@ -1,29 +1,13 @@
-"""The Store protocol: Herald's durable state. SQLite and PostgreSQL implement it alike.
+"""The store's contract: one narrow Protocol per concern, and `Store`, their union.
 
-Guarantees every implementation keeps (the contract suite in tests/store checks them):
+A consumer is typed by the narrowest Protocol it needs (docs/architecture.md has the table);
+SQLite and PostgreSQL implement them all alike, and the contract suite in tests/store (one file
+per Protocol) checks every guarantee stated here on each backend.
+
+What holds for every method of every Protocol:
 
 * Durability: a write coroutine returns only after its transaction has committed. Writers batch
   concurrent calls into one transaction (group commit); one failing call never fails the others.
-* Change log: every write that changes a notification appends exactly one `Change` per affected
-  notification, in the same transaction. Positions are per user, start at 1, and are gap-free and
-  strictly increasing in commit order, so a reader that saw position N and later reads "> N" can
-  never miss a change that committed later with a smaller position.
-* Isolation: every notification call is scoped by (user_id, app); rows of another user or app are
-  invisible (None / NotFound), never an error that reveals their existence.
-* Expiry: a notification whose expiration_date_time <= now is treated as absent by every read and
-  write, even before `sweep` has removed it.
-* Outbox: every appended `Change` also gets an outbox entry in the same transaction. `pending`
-  returns entries oldest first; an entry stays until `dispatched` removes it, so a crash between
-  commit and dispatch loses nothing (the dispatcher re-reads it on restart). For one user, entries
-  come out in position order.
-* Deliveries: a push enqueued by `dispatched` lives in the store until it is settled, so
-  retries survive restarts. `claim` leases what it returns (moves its due time), so two nodes
-  never send the same delivery at once, and a crashed node's claims come back after the lease.
-* Idempotency: `put_once` commits the notification and the record of its Idempotency-Key in one
-  transaction, so a crash, a kill or a lost connection leaves both or neither: a retry with the
-  key either finds the record (and replays the first answer) or finds nothing written. The
-  record's (scope, key) is unique across processes and nodes: the first to commit wins, and a
-  put that finds the key taken writes nothing and returns the answer recorded with it.
 * Errors: only `herald.errors` exceptions escape (driver errors are translated at the boundary).
   `Unavailable` means the database could not be reached or refused for now (a retry later may
   succeed); a write answered so may or may not have been applied (the connection was lost after
@@ -79,20 +63,15 @@ class Once:
     render: Callable[[Notification, bool], Remembered]
 
 
-class Store(Protocol):
-    async def open(self) -> None:
-        """Connect and apply forward-only migrations; refuse a schema newer than this code."""
+class Directory(Protocol):
+    """Apps, their client ids, and user principal names.
 
-    async def close(self) -> None:
-        """Flush pending writes and release connections. Idempotent."""
+    An app is its host name; it has one or more client ids (`App` is the app as one of them sees
+    it). Feeds, subscriptions and push credentials are keyed by host name, so every client id of
+    an app shares them. A principal name learned from a token never moves from one user to
+    another: only an administrator's (pinned) call does that.
+    """
 
-    async def ping(self) -> None:
-        """Raise `Unavailable` if the database cannot answer a trivial query."""
-
-    # -- apps -----------------------------------------------------------------------------------
-    # An app is its host name; it has one or more client ids (`App` is the app as one of them
-    # sees it). Feeds, subscriptions and push credentials are keyed by host name, so every
-    # client id of an app shares them.
     async def add_app(self, app: App) -> None:
         """Register an app with its first client id. `Conflict` if the client id or the host
         name is taken."""
@@ -124,7 +103,6 @@ class Store(Protocol):
         "clientIds"...); None if there is no such app. Change positions are never reused: each
         user's next position stays past the removed changes."""
 
-    # -- user principal names ---------------------------------------------------------------------
     async def user_of(self, upn: str) -> str | None:
         """The user id a user principal name (lower case) names, if known."""
 
@@ -141,7 +119,19 @@ class Store(Protocol):
     async def list_user_names(self) -> builtins.list[tuple[str, str, bool]]:
         """(upn, user id, pinned) of every known name, by upn."""
 
-    # -- notifications --------------------------------------------------------------------------
+
+class Notifications(Protocol):
+    """Each user's notifications of each app: the feed.
+
+    * Isolation: every call is scoped by (user_id, app); rows of another user or app are
+      invisible (None / NotFound), never an error that reveals their existence.
+    * Expiry: a notification whose expiration_date_time <= now is treated as absent by every
+      read and write, even before `Retention.sweep` has removed it.
+    * Change log: every write that changes a notification appends exactly one `Change` per
+      affected notification, and an outbox entry for it, in the same transaction (see
+      `ChangeLog` and `Outbox`).
+    """
+
     async def put(
         self,
         user_id: str,
@@ -179,7 +169,8 @@ class Store(Protocol):
         fingerprint may differ from once.fingerprint: the caller answers 409 then). Otherwise the
         put is made, `once.render(notification, created)` is stored as the record (until
         `once.expires`; an expired record is replaced) and returned. Both commit together or not
-        at all."""
+        at all: a crash, a kill or a lost connection leaves both or neither (see `Idempotency`).
+        """
 
     async def get(self, user_id: str, app: str, id: str, now: datetime) -> Notification | None: ...
 
@@ -223,7 +214,17 @@ class Store(Protocol):
     ) -> int:
         """Delete every live notification of the group; one tombstone each; returns the count."""
 
-    # -- change log -----------------------------------------------------------------------------
+
+class ChangeLog(Protocol):
+    """Each user's change log, as devices read it (delta sync, live streams), and how far each
+    device has read it.
+
+    Positions are per user, start at 1, and are gap-free and strictly increasing in commit
+    order, so a reader that saw position N and later reads "> N" can never miss a change that
+    committed later with a smaller position. A position is never reused, not even after the
+    changes it numbered were pruned or their app deleted.
+    """
+
     async def changes(
         self, user_id: str, app: str | None, after: int, limit: int
     ) -> builtins.list[Change]:
@@ -236,15 +237,41 @@ class Store(Protocol):
     async def horizon(self, user_id: str) -> tuple[int, int]:
         """(oldest retained position - 1, newest position). Positions <= the first were pruned."""
 
+    async def seen(self, subscription_id: str, position: int) -> None:
+        """Raise the subscription's `seen_position` to `position` (never lowers it; an unknown
+        id is ignored)."""
+
+
+class Retention(Protocol):
+    """What the sweeper removes: expired rows of every kind, and the change log's old end."""
+
     async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
         """Remove up to `limit` expired notifications (appending EXPIRED changes), up to `limit`
-        expired subscriptions, and prune change log entries older than `retain_changes_until`.
-        Returns the number of notifications expired."""
+        expired subscriptions (with their queued deliveries) and every expired idempotency
+        record, and prune change log entries older than `retain_changes_until` (with any outbox
+        entry still pointing at one; `ChangeLog.horizon` moves past them). Returns the number
+        of notifications expired."""
 
-    # -- outbox ---------------------------------------------------------------------------------
+
+class Outbox(Protocol):
+    """What the dispatcher drains: the changes not yet published, whom to push them to, and the
+    transaction that takes them out and queues their pushes.
+
+    Every appended `Change` gets an outbox entry in the same transaction. `pending` returns
+    entries oldest first; an entry stays until `dispatched` removes it, so a crash between
+    commit and dispatch loses nothing (the dispatcher re-reads it on restart). For one user,
+    entries come out in position order.
+    """
+
     async def pending(self, limit: int) -> builtins.list[Pending]:
         """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
-        notification as it is now, like `changes`."""
+        notification as it is now, like `ChangeLog.changes`."""
+
+    async def push_targets(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> builtins.list[Subscription]:
+        """The subscriptions of these (user_id, app) pairs that have a push channel, are
+        unexpired and not gone; ordered by (user_id, app, created_date_time)."""
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
         """Remove these outbox entries (unknown seqs are ignored) and enqueue `deliveries`, in
@@ -262,20 +289,30 @@ class Store(Protocol):
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop after every commit that added outbox entries, so the
-        dispatcher need not poll. Other processes' commits are not signalled."""
+        dispatcher need not poll. Other processes' commits are not signalled. A callback that
+        raises is logged and fails neither the write nor the other callbacks."""
 
-    # -- subscriptions --------------------------------------------------------------------------
+
+class Subscriptions(Protocol):
+    """Devices: one subscription each, with its push channel, if any.
+
+    A push channel reaches one device, so its key (endpoint, token or URI) is unique per app:
+    registering it again updates the holder, and a subscription of another user that holds it
+    loses it (with its queued deliveries). Expired subscriptions are absent to every call but
+    `channel_holder`. Deleting a subscription deletes its queued deliveries.
+    """
+
     async def add_subscription(
         self, sub: Subscription, limit: int, now: datetime
     ) -> tuple[Subscription, bool]:
         """Register a device; returns (stored subscription, created).
 
-        A push channel reaches one device, so its key (endpoint, token or URI) is unique per app:
-        if the same user already has a live subscription of this app with the same key, that one
-        is updated in place (its id and created_date_time kept) and returned with created=False;
-        one of *another* user with that key is deleted (a shared browser must not go on
-        receiving the previous person's notifications). `QuotaExceeded` if creating would give
-        the user more than `limit` unexpired subscriptions of the app.
+        If the same user already has a live subscription of this app with the same channel key,
+        that one is updated in place (its id and created_date_time kept) and returned with
+        created=False; one of *another* user with that key is deleted (a shared browser must
+        not go on receiving the previous person's notifications). `QuotaExceeded` if creating
+        would give the user more than `limit` unexpired subscriptions of the app; `Conflict` if
+        the id is taken. A subscription whose channel changes gets a fresh DeliveryState.
         """
 
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
@@ -300,17 +337,15 @@ class Store(Protocol):
     async def delete_subscription(self, user_id: str, app: str, id: str) -> None:
         """`NotFound` if (user, app) has no such subscription (expired ones count as absent)."""
 
-    async def push_targets(
-        self, pairs: Sequence[tuple[str, str]], now: datetime
-    ) -> builtins.list[Subscription]:
-        """The subscriptions of these (user_id, app) pairs that have a push channel, are
-        unexpired and not gone; ordered by (user_id, app, created_date_time)."""
 
-    async def seen(self, subscription_id: str, position: int) -> None:
-        """Raise the subscription's `seen_position` to `position` (never lowers it; an unknown
-        id is ignored)."""
+class DeliveryQueue(Protocol):
+    """The pushes queued by `Outbox.dispatched`, per provider, until they are settled.
 
-    # -- deliveries -----------------------------------------------------------------------------
+    A delivery lives in the store until it is settled, so retries survive restarts. `claim`
+    leases what it returns (moves its due time), so two nodes never send the same delivery at
+    once, and a crashed node's claims come back after the lease.
+    """
+
     async def claim(
         self, provider: Provider, now: datetime, lease: float, limit: int
     ) -> builtins.list[Delivery]:
@@ -338,8 +373,8 @@ class Store(Protocol):
         * DROP: delete it; consecutive_failures + 1, last_error.
         * GONE: delete it and every other delivery of that subscription; gone_date_time = now,
           consecutive_failures + 1, last_error.
-        A subscription whose channel changes (`add_subscription`/`update_subscription` with a
-        different channel) gets a fresh DeliveryState.
+
+        `last_error` is stored printable and cut to a bounded length, whatever the text.
         """
 
     async def next_due(self, provider: Provider) -> datetime | None:
@@ -348,7 +383,10 @@ class Store(Protocol):
     async def count_deliveries(self, provider: Provider | None = None) -> int:
         """How many deliveries are queued (of one provider, or all)."""
 
-    # -- push credentials -----------------------------------------------------------------------
+
+class PushCredentials(Protocol):
+    """Each app's push credentials (VAPID key, APNs, FCM and WNS secrets), by kind."""
+
     async def get_push_credentials(self, app: str) -> dict[str, bytes]:
         """The stored push credentials of the app (host name), by kind ("vapid", "apns", "fcm",
         "wns"). Opaque bytes: each channel owns its format."""
@@ -357,24 +395,48 @@ class Store(Protocol):
         self, app: str, kind: str, secret: bytes, replace: bool = True
     ) -> bytes:
         """Store a credential; with `replace=False` an existing one is kept. Returns the one now
-        stored (so concurrent first-time generation agrees on one key)."""
+        stored (so concurrent first-time generation, on several nodes too, agrees on one key)."""
 
     async def delete_push_credentials(self, app: str, kind: str) -> bool:
         """Remove a credential; False if there was none."""
 
-    # -- idempotency ----------------------------------------------------------------------------
+
+class Idempotency(Protocol):
+    """The answers recorded for Idempotency-Keys.
+
+    A record is written only by `Notifications.put_once`, in the transaction of the notification
+    it answers for: a retry with the key either finds the record (and replays the first answer)
+    or finds nothing written. A record's (scope, key) is unique across processes and nodes: the
+    first to commit wins. (There is no call that records an answer on its own: an answer that
+    wrote nothing need not be replayed, and one that wrote something must commit with it.)
+    """
+
     async def recall(self, scope: str, key: str, now: datetime) -> Remembered | None:
         """The stored answer for an Idempotency-Key, unless it has expired."""
 
-    async def remember(
-        self,
-        scope: str,
-        key: str,
-        fingerprint: str,
-        status: int,
-        body: bytes,
-        location: str | None,
-        expires: datetime,
-    ) -> None:
-        """Store an answer on its own; if the key already exists, keep the first one. (For an
-        answer that wrote nothing: one that writes must use `put_once`.)"""
+
+class Store(
+    Directory,
+    Notifications,
+    ChangeLog,
+    Retention,
+    Outbox,
+    Subscriptions,
+    DeliveryQueue,
+    PushCredentials,
+    Idempotency,
+    Protocol,
+):
+    """All of Herald's durable state, as one backend keeps it: what opens, closes and checks the
+    database (the process's lifecycle), and what a backend implements (each backend is one
+    object: its writer's transactions span several concerns, such as `delete_app`, `sweep` and
+    `dispatched`)."""
+
+    async def open(self) -> None:
+        """Connect and apply forward-only migrations; refuse a schema newer than this code."""
+
+    async def close(self) -> None:
+        """Flush pending writes and release connections. Idempotent."""
+
+    async def ping(self) -> None:
+        """Raise `Unavailable` if the database cannot answer a trivial query."""

@@ -1,0 +1,83 @@
+"""PostgreSQL: what the sweeper removes (`Retention`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from herald.model import ChangeKind
+from herald.store.contract import Retention
+from herald.store.postgres.deliveries import DELETE_DELIVERIES_OF_S
+from herald.store.postgres.transaction import Tx, append_changes, lock_heads
+from herald.store.postgres.writer import PostgresWriter
+
+
+class PostgresRetention(PostgresWriter, Retention):
+    async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
+        expired: int = await self._exclusive(
+            lambda conn: _sweep(conn, now, retain_changes_until, limit)
+        )
+        if expired:
+            self._hooks.fire()
+        return expired
+
+
+async def _sweep(
+    conn: asyncpg.Connection, now: datetime, retain_until: datetime, limit: int
+) -> int:
+    candidates = await conn.fetch(
+        "SELECT user_id FROM notifications WHERE expiration_date_time <= $1"
+        " ORDER BY expiration_date_time LIMIT $2",
+        now,
+        limit,
+    )
+    prunable = await conn.fetch(
+        "SELECT user_id, max(position) FROM changes WHERE at < $1 GROUP BY user_id", retain_until
+    )
+    tx = Tx(conn, await lock_heads(conn, {r[0] for r in candidates} | {r[0] for r in prunable}))
+    # Re-select under the locks: only users locked above may be touched.
+    expired = await conn.fetch(
+        "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications"
+        " WHERE expiration_date_time <= $1 AND user_id = ANY($2::text[])"
+        " ORDER BY expiration_date_time LIMIT $3) RETURNING id, user_id, app",
+        now,
+        list(tx.heads),
+        limit,
+    )
+    for r in expired:
+        tx.append(r["user_id"], ChangeKind.EXPIRED, r["app"], r["id"], now)
+    await append_changes(tx)
+    if prunable:
+        # Prune whole prefixes of each log, so everything at or below `pruned` is gone.
+        users, positions = [r[0] for r in prunable], [r[1] for r in prunable]
+        await conn.execute(
+            "UPDATE feed_heads SET pruned = greatest(pruned, t.p)"
+            " FROM unnest($1::text[], $2::bigint[]) AS t(u, p) WHERE feed_heads.user_id = t.u",
+            users,
+            positions,
+        )
+        await conn.execute(
+            "DELETE FROM changes c USING unnest($1::text[], $2::bigint[]) AS t(u, p)"
+            " WHERE c.user_id = t.u AND c.position <= t.p",
+            users,
+            positions,
+        )
+        # Entries whose change was pruned can no longer be announced (a device that missed
+        # them is behind the horizon and must resync anyway). The outbox is normally near
+        # empty, so a scan of it beats an index every append would pay for.
+        await conn.execute(
+            "DELETE FROM outbox o USING unnest($1::text[], $2::bigint[]) AS t(u, p)"
+            " WHERE o.user_id = t.u AND o.position <= t.p",
+            users,
+            positions,
+        )
+    await conn.execute(
+        "WITH s AS (DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
+        " WHERE expiration_date_time <= $1 ORDER BY expiration_date_time LIMIT $2) RETURNING id)"
+        f" {DELETE_DELIVERIES_OF_S}",
+        now,
+        limit,
+    )
+    await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
+    return len(expired)
