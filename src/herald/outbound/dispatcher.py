@@ -51,7 +51,7 @@ class Dispatcher:
         self.broker = broker
         self.metrics = metrics
         self.poll = poll
-        # Called with the providers of newly queued pushes; None: push channels are off.
+        # Called with the providers of newly queued pushes; None: pushes are off.
         self.pushed = pushed
         self.clock = clock
         self.wake = asyncio.Event()

@@ -280,7 +280,7 @@ class Lane:
         except TimeoutError:
             outcome = Outcome(Result.RETRY, "timeout")
         except Exception as exc:  # a bug in a sender must not lose the delivery
-            log.exception("push channel failed", extra={"provider": self.provider.value})
+            log.exception("push sender failed", extra={"provider": self.provider.value})
             outcome = Outcome(Result.RETRY, f"internal error: {type(exc).__name__}")
         pusher.report(d, outcome, time.perf_counter() - start)
         try:

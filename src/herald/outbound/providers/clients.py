@@ -83,7 +83,7 @@ async def exchange(
 ) -> httpx.Response:
     """One request, its answer read up to MAX_ANSWER bytes: a Web Push endpoint is the
     device's choice, and must not be able to make Herald read gigabytes. Failures raise
-    httpx's exceptions whichever client sent it, so channels handle one kind."""
+    httpx's exceptions whichever client sent it, so senders handle one kind."""
     if isinstance(http, Http1):
         return await _exchange1(http, method, url, **kw)
     async with http.stream(method, url, **kw) as streamed:

@@ -16,7 +16,7 @@ from herald.model import Message, PushKind
 
 
 def document(message: Message, truncated: bool = False, visual: bool = False) -> dict[str, Any]:
-    """The JSON object every channel carries (docs/push.md). `truncated`: content dropped (with
+    """The JSON object every provider carries (docs/push.md). `truncated`: content dropped (with
     `visual`: only rawContent; the title and body stay)."""
     out: dict[str, Any] = {
         "type": message.kind.value,
@@ -47,7 +47,7 @@ def document(message: Message, truncated: bool = False, visual: bool = False) ->
 
 
 def shortened(message: Message) -> Iterator[dict[str, Any]]:
-    """The message from whole to shoulder tap, for a channel to send the first that fits: whole;
+    """The message from whole to shoulder tap, for a sender to send the first that fits: whole;
     without rawContent, if it also has a title and body to keep; without any content."""
     yield document(message)
     payload = message.payload

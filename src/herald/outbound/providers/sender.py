@@ -83,7 +83,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def by_status(status: int, headers: Mapping[str, str], reason: str) -> Outcome:
-    """The usual reading of a push service's status (each channel refines it first)."""
+    """The usual reading of a push service's status (each sender refines it first)."""
     if 200 <= status < 300:
         return DELIVERED
     if status in (404, 410):
