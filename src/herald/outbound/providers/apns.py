@@ -24,15 +24,7 @@ from joserfc.jwk import ECKey
 
 from herald import fields
 from herald.errors import InvalidRequest
-from herald.model import (
-    ApnsChannel,
-    DevicePlatform,
-    Message,
-    Priority,
-    Provider,
-    PushChannel,
-    PushKind,
-)
+from herald.model import ApnsChannel, Message, Priority, PushChannel, PushKind
 from herald.outbound.providers.clients import client, exchange
 from herald.outbound.providers.document import shortened
 from herald.outbound.providers.keyring import Keyring
@@ -119,8 +111,6 @@ def _collapse(notification_id: str) -> str:
 
 
 class Apns:
-    provider = Provider.APNS
-
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         self.keyring = keyring
         # HTTP/2, which only httpx speaks (see clients.Http1)
@@ -228,27 +218,18 @@ def describe(stored: bytes) -> dict[str, Any]:
     return {"keyId": a.key_id, "teamId": a.team_id, "topic": a.topic, "environment": a.environment}
 
 
-ENTRY = Entry(
-    provider=Provider.APNS,
-    platform=DevicePlatform.IOS,
-    parse=parse,
-    credentials=Credentials(
-        kind=KIND,
-        summary="APNs token authentication.",
-        options=(
-            Option("--key-file", "The .p8 signing key from Apple.", file=True),
-            Option("--key-id", "The key's id (10 characters)."),
-            Option("--team-id", "The Apple developer team id."),
-            Option("--topic", "The app's bundle id."),
-            Option(
-                "--environment",
-                "Which APNs: production, or development (the sandbox).",
-                choices=("production", "development"),
-                default="production",
-            ),
-        ),
-        load=load,
-        describe=describe,
+SUMMARY = "APNs token authentication."
+OPTIONS = (
+    Option("--key-file", "The .p8 signing key from Apple.", file=True),
+    Option("--key-id", "The key's id (10 characters)."),
+    Option("--team-id", "The Apple developer team id."),
+    Option("--topic", "The app's bundle id."),
+    Option(
+        "--environment",
+        "Which APNs: production, or development (the sandbox).",
+        choices=("production", "development"),
+        default="production",
     ),
-    sender=Apns,
 )
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=ApnsChannel, parse=parse, credentials=CREDENTIALS, sender=Apns)

@@ -25,15 +25,7 @@ from google.oauth2 import service_account
 
 from herald import fields
 from herald.errors import InvalidRequest
-from herald.model import (
-    DevicePlatform,
-    FcmChannel,
-    Message,
-    Priority,
-    Provider,
-    PushChannel,
-    PushKind,
-)
+from herald.model import FcmChannel, Message, Priority, PushChannel, PushKind
 from herald.outbound.providers.clients import Http1, exchange, tls_context
 from herald.outbound.providers.document import seconds_left, shortened
 from herald.outbound.providers.keyring import Keyring
@@ -103,8 +95,6 @@ def _message(message: Message, token: str, doc: dict[str, Any]) -> dict[str, Any
 
 
 class Fcm:
-    provider = Provider.FCM
-
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         ca = settings.push_ca_file
         self.keyring = keyring
@@ -283,18 +273,7 @@ def describe(stored: bytes) -> dict[str, Any]:
     return {"projectId": info.get("project_id"), "clientEmail": info.get("client_email")}
 
 
-ENTRY = Entry(
-    provider=Provider.FCM,
-    platform=DevicePlatform.ANDROID,
-    parse=parse,
-    credentials=Credentials(
-        kind=KIND,
-        summary="FCM HTTP v1 with a service account.",
-        options=(
-            Option("--service-account", "The Firebase service account JSON file.", file=True),
-        ),
-        load=load,
-        describe=describe,
-    ),
-    sender=Fcm,
-)
+SUMMARY = "FCM HTTP v1 with a service account."
+OPTIONS = (Option("--service-account", "The Firebase service account JSON file.", file=True),)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=FcmChannel, parse=parse, credentials=CREDENTIALS, sender=Fcm)

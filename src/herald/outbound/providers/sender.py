@@ -12,7 +12,7 @@ from typing import Protocol
 
 import httpx
 
-from herald.model import Message, Provider, PushChannel
+from herald.model import Message, PushChannel
 
 
 class Result(enum.StrEnum):
@@ -47,8 +47,6 @@ class Sender(Protocol):
       failures (RETRY); it never raises for the service's behaviour.
     * It never logs or returns a credential or token.
     """
-
-    provider: Provider
 
     async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome: ...
 

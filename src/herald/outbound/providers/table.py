@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from herald.model import DevicePlatform, Provider, PushChannel
+import msgspec
+
+from herald.model import PROVIDER_OF, DevicePlatform, Provider, PushChannel
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import Sender
 from herald.settings import Settings
@@ -46,7 +48,8 @@ class Unusable(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """An app's credentials for one provider, as the keyring stores them."""
+    """An app's credentials for one provider, as the keyring stores them. Given in this order:
+    `Credentials(KIND, "One line of help.", OPTIONS, load, describe)`."""
 
     kind: str  # their name in the store (stored data: never rename it)
     summary: str  # the help line of `herald app push-set <provider>`
@@ -57,8 +60,10 @@ class Credentials:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    provider: Provider
-    platform: DevicePlatform  # the subscriptions it reaches
+    """A provider, known by the push channel struct of its devices (model.py): that gives its
+    `provider` and the device `platform` it reaches."""
+
+    channel: type[PushChannel]
     # A subscription's `pushChannel` JSON -> its address; InvalidRequest naming the bad field.
     parse: Callable[[Any, Settings], PushChannel]
     credentials: Credentials
@@ -66,6 +71,15 @@ class Entry:
     # Whether it carries silent pushes (state syncs, removals). A browser must show a
     # notification for every Web Push message, so web clients sync over their live stream.
     silent: bool = True
+
+    @property
+    def provider(self) -> Provider:
+        return PROVIDER_OF[self.channel]
+
+    @property
+    def platform(self) -> DevicePlatform:
+        """The subscriptions it reaches: the channel's JSON tag is their platform's name."""
+        return DevicePlatform(str(cast(type[msgspec.Struct], self.channel).__struct_config__.tag))
 
     @property
     def name(self) -> str:

@@ -25,16 +25,7 @@ from py_vapid import Vapid02
 
 from herald import fields
 from herald.errors import InvalidRequest
-from herald.model import (
-    DevicePlatform,
-    Message,
-    Priority,
-    Provider,
-    PushChannel,
-    PushKind,
-    WebPushChannel,
-    WebPushKeys,
-)
+from herald.model import Message, Priority, PushChannel, PushKind, WebPushChannel, WebPushKeys
 from herald.outbound.providers import guard
 from herald.outbound.providers.clients import Http1, exchange
 from herald.outbound.providers.document import fitted, seconds_left
@@ -100,8 +91,6 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
 
 
 class WebPush:
-    provider = Provider.WEBPUSH
-
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         private = settings.push_allow_private_endpoints
         self.keyring = keyring
@@ -227,24 +216,18 @@ def describe(stored: bytes) -> dict[str, Any]:
     return {"applicationServerKey": public_key(stored)}
 
 
-ENTRY = Entry(
-    provider=Provider.WEBPUSH,
-    platform=DevicePlatform.WEBPUSH,
-    parse=parse,
-    credentials=Credentials(
-        kind=KIND,
-        summary="Replace the app's VAPID key (existing browser subscriptions stop working "
-        "unless they were made with this key).",
-        options=(
-            Option(
-                "--key-file",
-                "An existing VAPID private key (PEM), e.g. from another server.",
-                file=True,
-            ),
-        ),
-        load=load,
-        describe=describe,
+SUMMARY = (
+    "Replace the app's VAPID key (existing browser subscriptions stop working unless they were "
+    "made with this key)."
+)
+OPTIONS = (
+    Option(
+        "--key-file",
+        "An existing VAPID private key (PEM), e.g. from another server.",
+        file=True,
     ),
-    sender=WebPush,
-    silent=False,
+)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(
+    channel=WebPushChannel, parse=parse, credentials=CREDENTIALS, sender=WebPush, silent=False
 )

@@ -21,16 +21,7 @@ import msgspec
 
 from herald import fields
 from herald.errors import InvalidRequest
-from herald.model import (
-    DevicePlatform,
-    Message,
-    Priority,
-    Provider,
-    PushChannel,
-    PushKind,
-    UserActionState,
-    WnsChannel,
-)
+from herald.model import Message, Priority, PushChannel, PushKind, UserActionState, WnsChannel
 from herald.outbound.providers.clients import Http1, exchange
 from herald.outbound.providers.document import collapse_key, fitted, seconds_left, shortened
 from herald.outbound.providers.keyring import Keyring
@@ -134,8 +125,6 @@ def _xml_text(text: str) -> str:
 
 
 class Wns:
-    provider = Provider.WNS
-
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         self.keyring = keyring
         self.http = Http1(settings.push_ca_file, settings.push_timeout)
@@ -258,19 +247,10 @@ def describe(stored: bytes) -> dict[str, Any]:
     return {"clientId": msgspec.json.decode(stored, type=WnsCredentials).client_id}
 
 
-ENTRY = Entry(
-    provider=Provider.WNS,
-    platform=DevicePlatform.WINDOWS,
-    parse=parse,
-    credentials=Credentials(
-        kind=KIND,
-        summary="WNS client credentials.",
-        options=(
-            Option("--client-id", "The package SID (ms-app://…)."),
-            Option("--client-secret", "The client secret.", secret=True),
-        ),
-        load=load,
-        describe=describe,
-    ),
-    sender=Wns,
+SUMMARY = "WNS client credentials."
+OPTIONS = (
+    Option("--client-id", "The package SID (ms-app://…)."),
+    Option("--client-secret", "The client secret.", secret=True),
 )
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=WnsChannel, parse=parse, credentials=CREDENTIALS, sender=Wns)
