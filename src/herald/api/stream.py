@@ -41,6 +41,7 @@ K = TypeVar("K")
 PATH = re.compile(r"/(beta|v1\.0)/me/notificationSubscriptions/([^/]+)/stream/?")
 MAX_POSITION = 2**63 - 1
 QUERY_OPTIONS = {"access_token", "after"}
+DISCONNECT = ("websocket.disconnect", "http.disconnect")
 
 # WebSocket close codes (4000-4999 are the application's) and the `closing` reasons.
 CLOSE_CODES = {
@@ -209,7 +210,7 @@ async def _http_error(send: Send, scope: Scope, exc: HeraldError, prefix: str) -
 
 
 class Endpoint:
-    """The stream endpoint: handshake and caps, then `Streams.serve` with a writer."""
+    """The stream endpoint: handshake and caps, then a `Stream` with a writer."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -236,7 +237,13 @@ class Endpoint:
         gauge = self.services.metrics.streams.labels(protocol)
         gauge.inc()
         try:
-            await self.streams.serve(sink, sub, token_expires, start, lambda: _gone(receive))
+            async with self.streams.stream(sink, sub, token_expires, start):
+                # Until the client leaves or the server closes the connection (a stream takes
+                # nothing from its client).
+                while (await receive())["type"] not in DISCONNECT:
+                    pass
+        except Closed:
+            pass  # the client left while the stream started
         finally:
             self.leave(sub)
             gauge.dec()
@@ -297,15 +304,6 @@ class Endpoint:
         elif after > head:
             raise InvalidRequest(f"Position {after} is ahead of the feed.", target="after")
         return sub, float(principal.expires_at), after
-
-
-async def _gone(receive: Receive) -> None:
-    """Until the client leaves or the server closes the connection (a stream takes nothing
-    from its client)."""
-    while True:
-        message = await receive()
-        if message["type"] in ("websocket.disconnect", "http.disconnect"):
-            return
 
 
 def _discount(counts: dict[K, int], key: K) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from herald.broker import Broker
@@ -93,7 +92,12 @@ class Stream:
     )
 
     def __init__(
-        self, streams: Streams, sink: Sink, subscription: Subscription, token_expires: float
+        self,
+        streams: Streams,
+        sink: Sink,
+        subscription: Subscription,
+        token_expires: float,
+        after: int,
     ) -> None:
         self.streams = streams
         self.sink = sink
@@ -113,8 +117,46 @@ class Stream:
         self.main: asyncio.Task[Any] | None = None  # the connection's own task
         self.aborted = False
         self.live = False  # False while replaying: the replay sends, deliveries wait
-        self.sent = 0  # the last position sent or skipped; positions at or below are dropped
+        # The last position sent or skipped (at first, the resume position): positions at or
+        # below it are dropped.
+        self.sent = after
         self.quiet_since = time.monotonic()
+
+    # -- serving --------------------------------------------------------------------------------
+    async def __aenter__(self) -> Stream:
+        """Start: register with the broker, then replay, then go live. The caller then waits
+        for its client to leave inside the `async with` (no task or frame of ours meanwhile:
+        thousands of streams are idle at once)."""
+        s, sub = self.streams, self.subscription
+        self.main = asyncio.current_task()
+        s.open.add(self)
+        s.idle.clear()
+        try:
+            await self.sink.start()
+            s.broker.listen(sub.user_id, sub.app, self)
+            await self.sink.ready(self.sent)
+            await s.replay(self)
+        except BaseException:
+            self.leave()
+            raise
+        self.live = True
+        self.kick()  # what arrived during the replay; then the ticker keeps it going
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *exc: object) -> bool:
+        self.leave()
+        if kind is asyncio.CancelledError and self.aborted and self.main is not None:
+            self.main.uncancel()  # our own abort: end quietly, the server drops the socket
+            return True
+        return False
+
+    def leave(self) -> None:
+        s, sub = self.streams, self.subscription
+        s.broker.unlisten(sub.user_id, sub.app, self)
+        s.open.discard(self)
+        if not s.open:
+            s.idle.set()
+        self.stop()
 
     # -- Listener -------------------------------------------------------------------------------
     def deliver(self, change: Change) -> None:
@@ -291,49 +333,14 @@ class Streams:
                 stream.end = ("shutdown", "The server is restarting; reconnect to resume.")
             stream.kick()
 
-    async def serve(
-        self,
-        sink: Sink,
-        sub: Subscription,
-        token_expires: float,
-        after: int,
-        gone: Callable[[], Awaitable[None]],
-    ) -> None:
-        """Serve one stream of `sub` from position `after` until `gone()` returns (the client
-        left, or the server closed the connection) or the stream ends itself."""
-        stream = Stream(self, sink, sub, token_expires)
-        stream.main = asyncio.current_task()
-        self.open.add(stream)
-        self.idle.clear()
-        try:
-            await self._serve(stream, after, gone)
-        except Closed:
-            pass
-        except asyncio.CancelledError:
-            if not stream.aborted or stream.main is None:
-                raise
-            stream.main.uncancel()  # our own abort: end quietly, the server drops the socket
-        finally:
-            self.open.discard(stream)
-            if not self.open:
-                self.idle.set()
-            stream.stop()
+    def stream(self, sink: Sink, sub: Subscription, token_expires: float, after: int) -> Stream:
+        """A stream of `sub` from position `after`, served while its caller is inside
+        `async with` (see `Stream.__aenter__`)."""
+        return Stream(self, sink, sub, token_expires, after)
 
-    async def _serve(self, stream: Stream, after: int, gone: Callable[[], Awaitable[None]]) -> None:
-        sub = stream.subscription
-        await stream.sink.start()
-        self.broker.listen(sub.user_id, sub.app, stream)
-        try:
-            await stream.sink.ready(after)
-            await self._replay(stream, after)
-            stream.live = True
-            stream.kick()  # what arrived during the replay; then the ticker keeps it going
-            await gone()
-        finally:
-            self.broker.unlisten(sub.user_id, sub.app, stream)
-
-    async def _replay(self, stream: Stream, after: int) -> None:
-        sub = stream.subscription
+    async def replay(self, stream: Stream) -> None:
+        """Send what the change log holds after the stream's resume position."""
+        sub, after = stream.subscription, stream.sent
         while True:
             changes = await self.store.changes(sub.user_id, sub.app, after, REPLAY_BATCH)
             for change in changes:
