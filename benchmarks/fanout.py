@@ -486,6 +486,7 @@ class Result:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     server_cpu_pct: float = 0.0
+    server_cpu_s: float = 0.0  # while posting
     db_cpu_pct: float = 0.0  # PostgreSQL's processes (--store postgres)
     devices_cpu_pct: float = 0.0  # the device worker processes
     poster_cpu_pct: float = 0.0  # this process: the app server posting
@@ -669,6 +670,7 @@ def measure_with(
     other -= database_cpu
     result.db_cpu_pct = 100 * database_cpu / wall
     result.server_cpu_pct = 100 * server_cpu / wall
+    result.server_cpu_s = server_cpu
     result.devices_cpu_pct = 100 * devices_cpu / wall
     result.poster_cpu_pct = 100 * poster_cpu / wall
     result.other_cpu_pct = max(0.0, 100 * other / wall)
@@ -911,6 +913,9 @@ def print_details(r: Result) -> None:
         + f"devices {r.devices_cpu_pct:.0f}, poster {r.poster_cpu_pct:.0f}, "
         f"everything else {r.other_cpu_pct:.0f}"
     )
+    if r.received:
+        # The POST that makes them included: what fan-out costs the server, per message out.
+        p(f"  server CPU per delivery: {1e6 * r.server_cpu_s / r.received:.1f} µs")
     if r.gc_pauses:
         gen2 = [ms for gen, ms in r.gc_pauses if gen == 2]
         p(

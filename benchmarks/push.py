@@ -202,7 +202,7 @@ class Baseline:
         return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
     def encrypt(self) -> bytes:
-        """As herald.delivery.webpush.encrypt: fresh ECDH key and salt, keys decoded per call."""
+        """As outbound/providers/webpush.encrypt: fresh ECDH key and salt, keys decoded per call."""
         return bytes(
             http_ece.encrypt(
                 self.body,

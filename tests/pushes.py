@@ -1,7 +1,7 @@
 """Helpers for the push tests (tests/test_push.py, tests/test_push_faults.py): Herald pointed at
 the verifying stand-ins (tests/standins), an app's credentials set with the real CLI, a user with
 devices, the message Herald should send (docs/push.md, computed here independently of
-src/herald/delivery), and bounded waits."""
+src/herald/outbound/providers), and bounded waits."""
 
 from __future__ import annotations
 

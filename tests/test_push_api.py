@@ -117,7 +117,7 @@ def test_a_name_resolving_to_a_private_address_is_never_sent_to(
 
 async def test_the_connection_resolver_refuses_private_addresses() -> None:
     """The second line of defence (DNS rebinding): the resolver the Web Push connections use."""
-    from herald.delivery.base import PublicResolver
+    from herald.outbound.providers.clients import PublicResolver
 
     resolver = PublicResolver()
     try:

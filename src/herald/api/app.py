@@ -41,14 +41,16 @@ from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
-from herald.delivery import Keyring, channels
-from herald.dispatcher import Dispatcher
 from herald.errors import HeraldError
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import Metrics, MetricsMiddleware
-from herald.push import Pusher
+from herald.outbound.dispatcher import Dispatcher
+from herald.outbound.providers import PROVIDERS
+from herald.outbound.providers.keyring import Keyring
+from herald.outbound.pusher import Pusher
+from herald.outbound.streams import Streams
 from herald.settings import Settings
 from herald.store import Store, open_store
 from herald.store.sqlite import SqliteStore
@@ -73,10 +75,9 @@ class Services:
     dispatcher: Dispatcher
     keyring: Keyring
     pusher: Pusher | None
+    streams: Streams
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
-    # Positions iOS devices received over live streams, not yet stored (see Streams.tick).
-    fetched: dict[str, int] = field(default_factory=dict)
     # The whole application, for $batch to dispatch inner requests through.
     asgi: ASGIApp | None = None
 
@@ -113,7 +114,7 @@ def build_services(
     keyring = Keyring(store)
     pusher = None
     if settings.push_enabled:
-        pusher = Pusher(store, channels(settings, keyring), settings, metrics, clock)
+        pusher = Pusher(store, PROVIDERS.senders(settings, keyring), settings, metrics, clock)
     limiter = RateLimits(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
@@ -142,6 +143,7 @@ def build_services(
         ),
         keyring=keyring,
         pusher=pusher,
+        streams=Streams(store, broker, settings, clock),
     )
 
 
@@ -167,12 +169,13 @@ class Herald:
         self,
         router: Starlette,
         ingest: Ingest,
-        streams: stream.Streams,
+        live: stream.Endpoint,
         cors_origins: list[str] | None = None,
     ) -> None:
         self.router = router
         self.ingest = ingest
-        self.streams = streams
+        self.live = live
+        self.streams = live.streams  # the server closes them at shutdown
         self.state = router.state
         self.handle: ASGIApp = self.route
         if cors_origins:
@@ -200,7 +203,7 @@ class Herald:
                 return
             subscription = stream.match(scope)
             if subscription is not None:
-                await self.streams(scope, receive, send, subscription)
+                await self.live(scope, receive, send, subscription)
                 return
         await self.router(scope, receive, send)
 
@@ -241,7 +244,7 @@ CORS_RESPONSE_HEADERS = [
 def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
     redact_tokens()
     services = build_services(settings, store, clock)
-    streams = stream.Streams(services)
+    streams = services.streams
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -293,6 +296,6 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
     )
     app.state.services = services
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    herald = Herald(app, Ingest(services), streams, origins)
+    herald = Herald(app, Ingest(services), stream.Endpoint(services), origins)
     services.asgi = herald
     return herald

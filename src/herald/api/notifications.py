@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from herald import odata
+from herald import fields, odata
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.errors import (
@@ -244,8 +244,7 @@ async def delete_group(request: Request) -> Response:
     """`POST .../notifications/deleteGroup {"groupName": "..."}`: delete a whole group."""
     c = await caller(request)
     body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
-    group = schemas.string(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH, required=True)
-    assert group is not None
+    group = fields.required(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH)
     deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group, c.device)
     return json_response(schemas.encode({"deletedCount": deleted}))
 

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from herald.errors import InvalidRequest, PayloadTooLarge
+from herald.fields import string
 from herald.model import (
     ALL_PLATFORMS,
     Content,
@@ -207,22 +208,6 @@ def _validation_error(text: str) -> InvalidRequest:
             "The request body must be a single notification object, not an array.", target="body"
         )
     return InvalidRequest(f"Invalid value for '{path}': {message}.", target=path)
-
-
-def string(value: Any, field: str, max_length: int, required: bool = False) -> str | None:
-    if value is None:
-        if required:
-            raise InvalidRequest(f"'{field}' is required.", target=field)
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{field}' must be a string.", target=field)
-    if required and not value.strip():
-        raise InvalidRequest(f"'{field}' must not be empty.", target=field)
-    if len(value) > max_length:
-        raise InvalidRequest(f"'{field}' is longer than {max_length} characters.", target=field)
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it everywhere alike
-        raise InvalidRequest(f"'{field}' must not contain NUL characters.", target=field)
-    return value
 
 
 def choice(value: Any, field: str, members: dict[str, Any]) -> Any:

@@ -3,42 +3,26 @@ UNS ID). Only a delegated token manages them: a device acts for its signed-in us
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from herald import fields
 from herald.api import schemas
 from herald.api.access import Caller
 from herald.api.notifications import json_response, read_body, services, version
-from herald.delivery import guard, webpush, wns
 from herald.errors import AccessDenied, InvalidRequest, NotFound
-from herald.model import (
-    ApnsChannel,
-    DeliveryState,
-    DevicePlatform,
-    FcmChannel,
-    PushChannel,
-    Subscription,
-    WebPushChannel,
-    WebPushKeys,
-    WnsChannel,
-)
+from herald.model import DeliveryState, DevicePlatform, PushChannel, Subscription
+from herald.outbound.providers import PROVIDERS, webpush
+from herald.outbound.providers.table import FIELD
 from herald.settings import Settings
 
 MAX_DISPLAY_NAME = 256
-MAX_URL = 2048
-MAX_TOKEN = 4096
-APNS_TOKEN = re.compile(r"[0-9a-fA-F]{64,200}")
 PLATFORMS: dict[str, DevicePlatform] = {p.value.lower(): p for p in DevicePlatform}
 READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime", "deliveryState")
 
@@ -78,102 +62,15 @@ class SubscriptionOut(msgspec.Struct, rename="camel"):
 # -- input -------------------------------------------------------------------------------------
 
 
-def _https_url(value: Any, field: str) -> str:
-    url = schemas.string(value, field, MAX_URL, required=True)
-    assert url is not None
-    try:
-        parts = urlsplit(url)
-        valid = (
-            parts.scheme == "https"
-            and bool(parts.hostname)
-            and parts.port != 0
-            and parts.username is None  # user info: never sent (and it would be a secret)
-        )
-    except ValueError:  # e.g. "https://[::1/x" or a port out of range
-        valid = False
-    if not valid or not url.isprintable() or any(c.isspace() for c in url):
-        raise InvalidRequest(f"'{field}' must be an https URL.", target=field)
-    return url
-
-
-def _base64url(value: Any, field: str, size: int) -> str:
-    text = schemas.string(value, field, 256, required=True)
-    assert text is not None
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != size or not text.isascii():
-        raise InvalidRequest(f"'{field}' must be {size} bytes in base64url.", target=field)
-    return text
-
-
-def _object(value: Any, field: str, keys: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"'{field}' must be an object.", target=field)
-    unknown = sorted(set(value) - keys)
-    if unknown:
-        target = f"{field}.{unknown[0]}"
-        raise InvalidRequest(f"Unknown property '{target}' in the request body.", target=target)
-    return value
-
-
 def push_channel(value: Any, platform: DevicePlatform, settings: Settings) -> PushChannel | None:
-    """The push channel a platform needs, checked for shape (not for reachability). A WNS
-    channel URI must name a WNS host: Herald sends its access token there. A Web Push endpoint
-    must not be an address on a private network (see `delivery/guard.py`)."""
+    """The push channel of a subscription of `platform`, checked by the provider that reaches
+    it (for shape, not for reachability)."""
     if value is None:
         return None
-    f = "pushChannel"
-    if platform is DevicePlatform.LIVE:
-        raise InvalidRequest("A 'live' subscription has no pushChannel.", target=f)
-    if platform is DevicePlatform.WEBPUSH:
-        body = _object(value, f, {"endpoint", "keys", "expirationTime"})
-        keys = _object(body.get("keys"), f"{f}.keys", {"p256dh", "auth"})
-        p256dh = _base64url(keys.get("p256dh"), f"{f}.keys.p256dh", 65)
-        point = base64.urlsafe_b64decode(p256dh + "=" * (-len(p256dh) % 4))
-        try:  # a point off the curve could never be encrypted to
-            if point[0] != 4:
-                raise ValueError("compressed")
-            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-        except ValueError:
-            raise InvalidRequest(
-                f"'{f}.keys.p256dh' must be an uncompressed P-256 point.", target=f"{f}.keys.p256dh"
-            ) from None
-        auth = _base64url(keys.get("auth"), f"{f}.keys.auth", 16)
-        endpoint = _https_url(body.get("endpoint"), f"{f}.endpoint")
-        literal = guard.literal_host(endpoint)
-        private = literal is not None and not guard.public_address(literal)
-        if private and not settings.push_allow_private_endpoints:
-            raise InvalidRequest(
-                f"'{f}.endpoint' must be a public push service, not a private address.",
-                target=f"{f}.endpoint",
-            )
-        return WebPushChannel(endpoint, WebPushKeys(p256dh, auth))
-    if platform is DevicePlatform.IOS:
-        body = _object(value, f, {"deviceToken"})
-        token = schemas.string(body.get("deviceToken"), f"{f}.deviceToken", 200, required=True)
-        if token is None or not APNS_TOKEN.fullmatch(token):
-            raise InvalidRequest(
-                f"'{f}.deviceToken' must be 64 to 200 hex digits.", target=f"{f}.deviceToken"
-            )
-        return ApnsChannel(token.lower())
-    if platform is DevicePlatform.ANDROID:
-        body = _object(value, f, {"registrationToken"})
-        name = f"{f}.registrationToken"
-        token = schemas.string(body.get("registrationToken"), name, MAX_TOKEN, required=True)
-        if token is None or not token.isprintable() or " " in token:
-            raise InvalidRequest(f"'{name}' is not a registration token.", target=name)
-        return FcmChannel(token)
-    body = _object(value, f, {"channelUri"})
-    uri = _https_url(body.get("channelUri"), f"{f}.channelUri")
-    if not wns.allowed(uri, settings.push_wns_hosts):
-        raise InvalidRequest(
-            f"'{f}.channelUri' must be a WNS channel URI (a host matching "
-            f"{settings.push_wns_hosts}).",
-            target=f"{f}.channelUri",
-        )
-    return WnsChannel(uri)
+    provider = PROVIDERS.reaching(platform)
+    if provider is None:
+        raise InvalidRequest("A 'live' subscription has no pushChannel.", target=FIELD)
+    return provider.parse(value, settings)
 
 
 def _channel_out(channel: PushChannel | None) -> dict[str, Any] | None:
@@ -203,7 +100,7 @@ def _decode(body: bytes) -> SubscriptionIn:
 
 
 def _application(value: Any, c: Caller) -> None:
-    host = schemas.string(value, "application", 253, required=True)
+    host = fields.string(value, "application", 253, required=True)
     if host is None or host.lower() != c.app.host_name.lower():
         raise AccessDenied(
             f"'application' must be the calling app's host name ({c.app.host_name})."
@@ -287,7 +184,7 @@ async def create(request: Request) -> Response:
         user_id=c.user_id,
         app=c.app.host_name,
         platform=platform,
-        display_name=schemas.string(_given(data.displayName), "displayName", MAX_DISPLAY_NAME),
+        display_name=fields.string(_given(data.displayName), "displayName", MAX_DISPLAY_NAME),
         push_channel=push_channel(_given(data.pushChannel), platform, s.settings),
         expiration_date_time=expires or now + timedelta(seconds=s.settings.subscription_ttl),
         created_date_time=now,
@@ -339,7 +236,7 @@ async def patch_one(request: Request) -> Response:
     if data.expirationDateTime is not None:
         changes["expiration_date_time"] = _expiration(data.expirationDateTime, now, request)
     if data.displayName is not msgspec.UNSET:
-        changes["display_name"] = schemas.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
+        changes["display_name"] = fields.string(data.displayName, "displayName", MAX_DISPLAY_NAME)
     if data.pushChannel is not msgspec.UNSET:  # null: the device goes live-only
         changes["push_channel"] = push_channel(data.pushChannel, sub.platform, s.settings)
     if not changes:

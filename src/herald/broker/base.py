@@ -16,13 +16,22 @@ class Listener(Protocol):
 
 
 class Broker(Protocol):
-    """Guarantees:
+    """Guarantees (tests/broker/test_contract.py checks each, on every backend):
 
     * A change published for (user, app) reaches every listener registered for that pair before
-      the publish, once, and in publish order. A listener never sees another pair's changes.
-    * No storage: a listener that was not registered misses the change. Streams close that gap
-      by registering first and then replaying the change log (see `api/stream.py`).
-    * `publish` never waits for a slow listener; listeners buffer for themselves.
+      the publish (on any node), once, and in publish order; so each user's changes arrive in
+      the order the dispatcher publishes them. A listener never sees another pair's changes.
+      Delivery may happen after `publish` returns (a networked broker).
+    * No storage: a change is not kept for listeners that register later (one registered after
+      the change was delivered never gets it). Streams close that gap by registering first and
+      then replaying the change log (see `outbound/streams.py`).
+    * `publish` never waits for a slow listener: listeners buffer for themselves (a stream cuts
+      off a client that falls too far behind). A listener that raises is logged and skipped;
+      the others still get the change. A listener may unlisten while it is delivered to.
+    * `unlisten` stops delivery to that listener only; an unknown listener is ignored.
+    * `revoke` reaches the listeners of its (user, app) only.
+    * After `close`, nothing more is delivered to this node's listeners; closing twice is
+      harmless.
     """
 
     async def start(self) -> None: ...

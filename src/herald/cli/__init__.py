@@ -49,9 +49,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from herald.cli import apps, config, listen, push, send, serve, signin, token, users
+    from herald.cli import apps, config, listen, push_credentials, send, serve, signin, token, users
 
-    for module in (serve, apps, push, token, signin, send, listen, config, users):
+    for module in (serve, apps, push_credentials, token, signin, send, listen, config, users):
         module.register(main)
 
 

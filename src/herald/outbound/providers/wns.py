@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import fnmatch
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -19,29 +19,15 @@ from xml.etree import ElementTree
 import httpx
 import msgspec
 
-from herald.delivery.base import (
-    Http1,
-    Keyring,
-    Outcome,
-    Result,
-    by_status,
-    collapse_key,
-    exchange,
-    failure,
-    fitted,
-    missing,
-    seconds_left,
-    shortened,
-)
-from herald.model import (
-    Message,
-    Priority,
-    Provider,
-    PushChannel,
-    PushKind,
-    UserActionState,
-    WnsChannel,
-)
+from herald import fields
+from herald.errors import InvalidRequest
+from herald.model import Message, Priority, PushChannel, PushKind, UserActionState, WnsChannel
+from herald.outbound.providers.clients import Http1, exchange
+from herald.outbound.providers.document import collapse_key, fitted, seconds_left, shortened
+from herald.outbound.providers.keyring import Keyring
+from herald.outbound.providers.sender import Outcome, Result, by_status, failure, missing
+from herald.outbound.providers.table import FIELD, Credentials, Entry, Option
+from herald.settings import Settings
 
 KIND = "wns"
 LIMIT = 5000  # bytes of body
@@ -139,13 +125,11 @@ def _xml_text(text: str) -> str:
 
 
 class Wns:
-    provider = Provider.WNS
-
-    def __init__(self, keyring: Keyring, http: Http1, token_url: str, hosts: str):
+    def __init__(self, settings: Settings, keyring: Keyring) -> None:
         self.keyring = keyring
-        self.http = http
-        self.token_url = token_url
-        self.hosts = hosts
+        self.http = Http1(settings.push_ca_file, settings.push_timeout)
+        self.token_url = settings.push_wns_token_url
+        self.hosts = settings.push_wns_hosts
         self.tokens: dict[str, tuple[float, str, bytes]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
 
@@ -236,3 +220,37 @@ class _Refused(Exception):
         super().__init__(message)
         self.credentials = credentials
         self.retry_after = retry_after
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def parse(value: Any, settings: Settings) -> WnsChannel:
+    """A channel URI, which must name a WNS host: Herald sends its access token there."""
+    body = fields.members(value, FIELD, {"channelUri"})
+    uri = fields.https_url(body.get("channelUri"), f"{FIELD}.channelUri")
+    if not allowed(uri, settings.push_wns_hosts):
+        raise InvalidRequest(
+            f"'{FIELD}.channelUri' must be a WNS channel URI (a host matching "
+            f"{settings.push_wns_hosts}).",
+            target=f"{FIELD}.channelUri",
+        )
+    return WnsChannel(uri)
+
+
+def load(values: Mapping[str, Any]) -> bytes:
+    creds = WnsCredentials(client_id=values["client_id"], client_secret=values["client_secret"])
+    return msgspec.json.encode(creds)
+
+
+def describe(stored: bytes) -> dict[str, Any]:
+    return {"clientId": msgspec.json.decode(stored, type=WnsCredentials).client_id}
+
+
+SUMMARY = "WNS client credentials."
+OPTIONS = (
+    Option("--client-id", "The package SID (ms-app://…)."),
+    Option("--client-secret", "The client secret.", secret=True),
+)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=WnsChannel, parse=parse, credentials=CREDENTIALS, sender=Wns)

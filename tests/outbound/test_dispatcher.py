@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from herald.dispatcher import Dispatcher
 from herald.errors import Unavailable
 from herald.metrics import Metrics
 from herald.model import (
@@ -22,6 +21,7 @@ from herald.model import (
     StatePatch,
     Subscription,
 )
+from herald.outbound.dispatcher import Dispatcher
 from herald.store import Store
 from tests.store.support import APP, content, new_id
 

@@ -1,11 +1,13 @@
-"""The push engine: sends queued deliveries through their channels and records each outcome.
+"""The push engine: sends queued deliveries through their providers' senders and records each
+outcome.
 
 One lane per provider: it claims due deliveries from the store (leased, so another node or a
 restart does not send them at the same time), sends up to `push_concurrency` at once, and hands
-the outcomes to a settler that records them in batches. Lanes share nothing, so a provider that
-is slow or down holds up only its own queue. Retries are rows with a later due time: they
-survive restarts, back off exponentially with full jitter, honour Retry-After, and stop at the
-attempt limit or the notification's expiration (docs/push.md, "Delivery engine").
+the outcomes to the settler (`settler.py`), which records them in batches. Lanes share nothing,
+so a provider that is slow or down holds up only its own queue. Retries are rows with a later
+due time: they survive restarts, back off exponentially with full jitter, honour Retry-After,
+and stop at the attempt limit or the notification's expiration (docs/push.md, "Delivery
+engine").
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from herald.delivery import Channel, Outcome, Result
-from herald.errors import HeraldError, Unavailable
+from herald.errors import HeraldError
 from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
 from herald.model import Delivery, Provider, PushKind, Settle, Settlement
+from herald.outbound.providers.sender import Outcome, Result, Sender
+from herald.outbound.settler import Settler
 from herald.settings import Settings
 from herald.store import Store
 
@@ -35,7 +38,6 @@ CLAIM_BATCH = 256
 POLL_SECONDS = 1.0
 MIN_WAIT = 0.005  # seconds: a due time already past (a claim skipped it) is retried this soon
 GAUGE_SECONDS = 10.0
-ROUNDS_BEFORE_ONE_BY_ONE = 5  # failed flushes of a batch before its settlements go one by one
 LOUD_EVERY = 60.0  # seconds between ERROR lines for one app's refused credentials
 
 
@@ -43,20 +45,20 @@ class Pusher:
     def __init__(
         self,
         store: Store,
-        channels: dict[Provider, Channel],
+        senders: dict[Provider, Sender],
         settings: Settings,
         metrics: Metrics,
         clock: Clock = utcnow,
         poll: float = POLL_SECONDS,
     ) -> None:
         self.store = store
-        self.channels = channels
+        self.senders = senders
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
         self.settler = Settler(store, clock)
         self.lanes = {
-            provider: Lane(self, provider, channel, poll) for provider, channel in channels.items()
+            provider: Lane(self, provider, sender, poll) for provider, sender in senders.items()
         }
         self.loud: dict[tuple[str, Provider], float] = {}
 
@@ -76,8 +78,8 @@ class Pusher:
         """Stop claiming, let sends in flight finish (within the push timeout), record them."""
         await asyncio.gather(*(lane.close() for lane in self.lanes.values()))
         await self.settler.close()
-        for channel in self.channels.values():
-            await channel.close()
+        for sender in self.senders.values():
+            await sender.close()
 
     def settlement(self, d: Delivery, outcome: Outcome, now: datetime) -> Settlement:
         """What to record for an attempt's outcome (the retry policy lives here)."""
@@ -160,10 +162,10 @@ class Lane:
     """One provider's queue: claims due deliveries while it has free slots, sends them, and
     sleeps until the next one is due (`until_due`, or `expect` for a retry it just scheduled)."""
 
-    def __init__(self, pusher: Pusher, provider: Provider, channel: Channel, poll: float) -> None:
+    def __init__(self, pusher: Pusher, provider: Provider, sender: Sender, poll: float) -> None:
         self.pusher = pusher
         self.provider = provider
-        self.channel = channel
+        self.sender = sender
         self.poll = poll
         self.limit = pusher.settings.push_concurrency
         self.wake = asyncio.Event()
@@ -274,11 +276,11 @@ class Lane:
             # The whole attempt, token requests included, within push_timeout: httpx's timeout
             # bounds each read, not a server that drips its answer.
             async with asyncio.timeout(pusher.settings.push_timeout):
-                outcome = await self.channel.send(d.app, d.channel, d.message)
+                outcome = await self.sender.send(d.app, d.channel, d.message)
         except TimeoutError:
             outcome = Outcome(Result.RETRY, "timeout")
-        except Exception as exc:  # a bug in a channel must not lose the delivery
-            log.exception("push channel failed", extra={"provider": self.provider.value})
+        except Exception as exc:  # a bug in a sender must not lose the delivery
+            log.exception("push sender failed", extra={"provider": self.provider.value})
             outcome = Outcome(Result.RETRY, f"internal error: {type(exc).__name__}")
         pusher.report(d, outcome, time.perf_counter() - start)
         try:
@@ -297,77 +299,3 @@ class Lane:
         self.gauge_at = now
         queued = await self.pusher.store.count_deliveries(self.provider)
         self.pusher.metrics.push_queued.labels(self.provider.value).set(queued)
-
-
-class Settler:
-    """Records outcomes in batches (one transaction for whatever has accumulated). If the store
-    is unavailable they are kept and recorded later; until then their leases keep them from
-    being sent again, and a crash before recording means at most a repeated push."""
-
-    def __init__(self, store: Store, clock: Clock) -> None:
-        self.store = store
-        self.clock = clock
-        self.pending: list[Settlement] = []
-        self.ready = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.closing = False
-        self.settled = 0
-        self.failures = 0  # consecutive failed flushes
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name="herald-push-settler")
-
-    def add(self, settlement: Settlement) -> None:
-        self.pending.append(settlement)
-        self.ready.set()
-
-    async def run(self) -> None:
-        while not self.closing:
-            await self.ready.wait()
-            self.ready.clear()
-            failed = not await self.flush()
-            # Only after a failure: settlements that came in during a good flush go at once.
-            if failed and self.pending and not self.closing:
-                await asyncio.sleep(1.0)  # the store failed: wait, try again
-
-    async def flush(self) -> bool:
-        """Record what is pending; False if the store failed (some may be pending again)."""
-        batch, self.pending = self.pending, []
-        if not batch:
-            return True
-        try:
-            await self.store.settle(batch, self.clock())
-            self.settled += len(batch)
-            self.failures = 0
-            return True
-        except HeraldError as exc:  # e.g. the database is failing over: keep them, try again
-            self.failures += 1
-            log.warning("push settle failed", extra={"error": exc.message})
-            if self.failures < ROUNDS_BEFORE_ONE_BY_ONE or isinstance(exc, Unavailable):
-                self.pending = batch + self.pending
-                self.ready.set()
-            else:  # the same batch keeps failing: one bad settlement must not hold up the rest
-                await self.one_by_one(batch)
-        except Exception:
-            log.exception("push settle failed; settling one by one")
-            await self.one_by_one(batch)
-        return False
-
-    async def one_by_one(self, batch: list[Settlement]) -> None:
-        for settlement in batch:
-            try:
-                await self.store.settle([settlement], self.clock())
-                self.settled += 1
-            except Unavailable:
-                self.pending.append(settlement)
-                self.ready.set()
-            except Exception:  # dropped: its lease runs out and it is claimed again
-                log.exception("push settlement dropped", extra={"delivery": settlement.id})
-
-    async def close(self) -> None:
-        """Record everything still pending (a flush in progress is awaited, not cancelled)."""
-        self.closing = True
-        self.ready.set()
-        if self.task is not None:
-            await self.task
-        await self.flush()

@@ -10,8 +10,11 @@ data message.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Mapping
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import google.auth.exceptions
@@ -20,22 +23,18 @@ import httpx
 import msgspec
 from google.oauth2 import service_account
 
-from herald.delivery.base import (
-    Http1,
-    Keyring,
-    Outcome,
-    Result,
-    by_status,
-    exchange,
-    failure,
-    missing,
-    seconds_left,
-    shortened,
-    tls_context,
-)
-from herald.model import FcmChannel, Message, Priority, Provider, PushChannel, PushKind
+from herald import fields
+from herald.errors import InvalidRequest
+from herald.model import FcmChannel, Message, Priority, PushChannel, PushKind
+from herald.outbound.providers.clients import Http1, exchange, tls_context
+from herald.outbound.providers.document import seconds_left, shortened
+from herald.outbound.providers.keyring import Keyring
+from herald.outbound.providers.sender import Outcome, Result, by_status, failure, missing
+from herald.outbound.providers.table import FIELD, Credentials, Entry, Option, Unusable
+from herald.settings import Settings
 
 KIND = "fcm"
+MAX_TOKEN = 4096
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 LIMIT = 4096  # bytes of data + notification
 MAX_TTL = 28 * 86_400
@@ -96,13 +95,12 @@ def _message(message: Message, token: str, doc: dict[str, Any]) -> dict[str, Any
 
 
 class Fcm:
-    provider = Provider.FCM
-
-    def __init__(self, keyring: Keyring, http: Http1, base: str, ca_file: str):
+    def __init__(self, settings: Settings, keyring: Keyring) -> None:
+        ca = settings.push_ca_file
         self.keyring = keyring
-        self.http = http
-        self.base = base.rstrip("/")
-        self.oauth = httpx.Client(verify=tls_context(ca_file), timeout=30.0, trust_env=False)
+        self.http = Http1(ca, settings.push_timeout)
+        self.base = settings.push_fcm_url.rstrip("/")
+        self.oauth = httpx.Client(verify=tls_context(ca), timeout=30.0, trust_env=False)
         self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, token, creds)
         self.refreshing: dict[str, asyncio.Future[str]] = {}
 
@@ -247,3 +245,35 @@ def _error(response: httpx.Response) -> tuple[str, str]:
 def _short(exc: Exception) -> str:
     # google-auth puts the token endpoint's answer in the message; never a credential.
     return str(exc).replace("\n", " ")[:200]
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def parse(value: Any, settings: Settings) -> FcmChannel:
+    body = fields.members(value, FIELD, {"registrationToken"})
+    name = f"{FIELD}.registrationToken"
+    token = fields.required(body.get("registrationToken"), name, MAX_TOKEN)
+    if not token.isprintable() or " " in token:
+        raise InvalidRequest(f"'{name}' is not a registration token.", target=name)
+    return FcmChannel(token)
+
+
+def load(values: Mapping[str, Any]) -> bytes:
+    try:
+        info = json.loads(Path(values["service_account"]).read_text())
+        check(info)
+    except (ValueError, TypeError) as exc:
+        raise Unusable(str(exc), "--service-account") from exc
+    return msgspec.json.encode(info)
+
+
+def describe(stored: bytes) -> dict[str, Any]:
+    info = msgspec.json.decode(stored)
+    return {"projectId": info.get("project_id"), "clientEmail": info.get("client_email")}
+
+
+SUMMARY = "FCM HTTP v1 with a service account."
+OPTIONS = (Option("--service-account", "The Firebase service account JSON file.", file=True),)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=FcmChannel, parse=parse, credentials=CREDENTIALS, sender=Fcm)

@@ -8,7 +8,10 @@ refuses tokens older than an hour, and renewing more often than every 20 minutes
 from __future__ import annotations
 
 import hashlib
+import re
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,21 +22,26 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 
-from herald.delivery.base import (
-    Keyring,
+from herald import fields
+from herald.errors import InvalidRequest
+from herald.model import ApnsChannel, Message, Priority, PushChannel, PushKind
+from herald.outbound.providers.clients import client, exchange
+from herald.outbound.providers.document import shortened
+from herald.outbound.providers.keyring import Keyring
+from herald.outbound.providers.sender import (
     Outcome,
     Result,
     by_status,
-    exchange,
     failure,
     missing,
     retry_after,
-    shortened,
 )
-from herald.model import ApnsChannel, Message, Priority, Provider, PushChannel, PushKind
+from herald.outbound.providers.table import FIELD, Credentials, Entry, Option, Unusable
+from herald.settings import Settings
 
 KIND = "apns"
 LIMIT = 4096
+TOKEN = re.compile(r"[0-9a-fA-F]{64,200}")
 TOKEN_LIFETIME = 40 * 60
 # Answers that mean Herald's configuration is wrong for the app (its topic, its environment, the
 # URL), not that the device went away: reported loudly and retried, never marking devices gone.
@@ -103,14 +111,14 @@ def _collapse(notification_id: str) -> str:
 
 
 class Apns:
-    provider = Provider.APNS
-
-    def __init__(
-        self, keyring: Keyring, http: httpx.AsyncClient, production: str, development: str
-    ) -> None:
+    def __init__(self, settings: Settings, keyring: Keyring) -> None:
         self.keyring = keyring
-        self.http = http  # HTTP/2
-        self.hosts = {"production": production.rstrip("/"), "development": development.rstrip("/")}
+        # HTTP/2, which only httpx speaks (see clients.Http1)
+        self.http = client(settings.push_ca_file, settings.push_timeout, http2=True)
+        self.hosts = {
+            "production": settings.push_apns_production_url.rstrip("/"),
+            "development": settings.push_apns_development_url.rstrip("/"),
+        }
         self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, jwt, creds)
 
     async def send(self, app: str, channel: PushChannel, message: Message) -> Outcome:
@@ -176,3 +184,52 @@ class Apns:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def parse(value: Any, settings: Settings) -> ApnsChannel:
+    body = fields.members(value, FIELD, {"deviceToken"})
+    name = f"{FIELD}.deviceToken"
+    token = fields.required(body.get("deviceToken"), name, 200)
+    if not TOKEN.fullmatch(token):
+        raise InvalidRequest(f"'{name}' must be 64 to 200 hex digits.", target=name)
+    return ApnsChannel(token.lower())
+
+
+def load(values: Mapping[str, Any]) -> bytes:
+    creds = ApnsCredentials(
+        key_id=values["key_id"],
+        team_id=values["team_id"],
+        private_key=Path(values["key_file"]).read_text(),
+        topic=values["topic"],
+        environment=values["environment"],
+    )
+    try:
+        check(creds)
+    except ValueError as exc:
+        raise Unusable(f"not a usable .p8 key: {exc}", "--key-file") from exc
+    return msgspec.json.encode(creds)
+
+
+def describe(stored: bytes) -> dict[str, Any]:
+    a = msgspec.json.decode(stored, type=ApnsCredentials)
+    return {"keyId": a.key_id, "teamId": a.team_id, "topic": a.topic, "environment": a.environment}
+
+
+SUMMARY = "APNs token authentication."
+OPTIONS = (
+    Option("--key-file", "The .p8 signing key from Apple.", file=True),
+    Option("--key-id", "The key's id (10 characters)."),
+    Option("--team-id", "The Apple developer team id."),
+    Option("--topic", "The app's bundle id."),
+    Option(
+        "--environment",
+        "Which APNs: production, or development (the sandbox).",
+        choices=("production", "development"),
+        default="production",
+    ),
+)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(channel=ApnsChannel, parse=parse, credentials=CREDENTIALS, sender=Apns)

@@ -2,9 +2,9 @@
 
 The store writes an outbox entry with every change, in the same transaction (see
 `store/base.py`). This loop reads them oldest first, publishes each change to the broker (the live
-streams), works out the pushes for the devices' push channels (`routing.py`), and only then
+streams), works out the pushes for the devices' push channels (`targets.py`), and only then
 removes the entries while queueing those pushes, in one transaction (while it goes on with the
-next batch: that commit does not hold up live delivery). The push engine (`push.py`) sends
+next batch: that commit does not hold up live delivery). The push engine (`pusher.py`) sends
 them. A crash in between publishes those changes again after restart: at-least-once, and
 streams drop what they have already sent by position; pushes are queued exactly once. It wakes
 on the store's commit signal and also polls, so entries written by another process (or left by
@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from herald import routing
 from herald.broker import Broker
 from herald.errors import HeraldError
 from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
 from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
+from herald.outbound import targets
 from herald.store import Store
 
 log = logging.getLogger("herald.dispatcher")
@@ -51,7 +51,7 @@ class Dispatcher:
         self.broker = broker
         self.metrics = metrics
         self.poll = poll
-        # Called with the providers of newly queued pushes; None: push channels are off.
+        # Called with the providers of newly queued pushes; None: pushes are off.
         self.pushed = pushed
         self.clock = clock
         self.wake = asyncio.Event()
@@ -120,9 +120,9 @@ class Dispatcher:
         """The pushes these changes make, to their users' push subscriptions."""
         pairs = sorted({(e.change.user_id, e.change.app) for e in entries})
         now = self.clock()
-        targets: dict[tuple[str, str], list[Subscription]] = {}
+        found: dict[tuple[str, str], list[Subscription]] = {}
         for sub in await self.store.push_targets(pairs, now):
-            targets.setdefault((sub.user_id, sub.app), []).append(sub)
+            found.setdefault((sub.user_id, sub.app), []).append(sub)
         # As the store does across batches, a later change of a notification in this batch
         # supersedes the earlier ones (their pushes would only arrive after it on a retry);
         # if one of those made it new to the devices, the later one still alerts.
@@ -136,13 +136,13 @@ class Dispatcher:
         out: list[NewDelivery] = []
         for e in entries:
             key = (e.change.user_id, e.change.notification_id)
-            subs = targets.get((e.change.user_id, e.change.app))
+            subs = found.get((e.change.user_id, e.change.app))
             if not subs or e.change.position < latest[key]:
                 continue
             change = e.change
             if key in fresh and change.kind is ChangeKind.UPDATED:
                 change = msgspec.structs.replace(change, replaced=True)
-            out.extend(routing.deliveries(change, subs, now))
+            out.extend(targets.deliveries(change, subs, now))
         return out
 
     async def remove(self, seqs: list[int], deliveries: list[NewDelivery]) -> None:

@@ -1,5 +1,6 @@
-"""Which push channels a change goes to, and what each is sent (docs/push.md, "What a device is
-sent"). Pure: the dispatcher hands in the change and the user's push subscriptions."""
+"""Target selection: which push channels a change goes to, and what each is sent (docs/push.md,
+"What a device is sent"). Pure: the dispatcher hands in the change and the user's push
+subscriptions."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from herald.model import (
     Notification,
     Payload,
     Platform,
-    Provider,
     PushKind,
     ReadState,
     Subscription,
     UserActionState,
 )
+from herald.outbound.providers import PROVIDERS
 
 # A removal has no notification (and so no expiration) left: try it for a day at most.
 REMOVE_TTL = timedelta(days=1)
@@ -35,7 +36,7 @@ def deliveries(
         if sub.push_channel is None or sub.id == change.origin:
             continue
         provider = PROVIDER_OF[type(sub.push_channel)]
-        for message, due in _messages(change, sub, provider, now):
+        for message, due in _messages(change, sub, PROVIDERS[provider].silent, now):
             yield NewDelivery(
                 subscription_id=sub.id,
                 user_id=sub.user_id,
@@ -47,11 +48,12 @@ def deliveries(
 
 
 def _messages(
-    change: Change, sub: Subscription, provider: Provider, now: datetime
+    change: Change, sub: Subscription, silent: bool, now: datetime
 ) -> Iterator[tuple[Message, datetime]]:
+    """`silent`: whether the subscription's provider carries silent pushes (syncs, removals)."""
     n = change.notification
     if change.kind is ChangeKind.DELETED:
-        if provider is not Provider.WEBPUSH:  # browsers must show something for every push
+        if silent:
             yield _removal(change, now), now
         return
     if n is None or change.kind is ChangeKind.EXPIRED:
@@ -60,8 +62,8 @@ def _messages(
         return
     fresh = change.kind is ChangeKind.CREATED or change.replaced
     kind = PushKind.ALERT if fresh and not _dealt_with(n) else PushKind.SYNC
-    if kind is PushKind.SYNC and provider is Provider.WEBPUSH:
-        return  # web clients sync over their live stream
+    if kind is PushKind.SYNC and not silent:
+        return  # e.g. web clients: they sync over their live stream
     yield _message(n, change.position, kind, n.payload), now
     fallback = n.fallback_policy
     if (

@@ -12,6 +12,9 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import http_ece
@@ -20,20 +23,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02
 
-from herald.delivery.base import (
-    Http1,
-    Keyring,
-    Outcome,
-    Result,
-    by_status,
-    exchange,
-    failure,
-    fitted,
-    seconds_left,
-)
-from herald.delivery.guard import Guard
-from herald.model import Message, Priority, Provider, PushChannel, PushKind, WebPushChannel
-from herald.settings import DEFAULT_VAPID_SUBJECT
+from herald import fields
+from herald.errors import InvalidRequest
+from herald.model import Message, Priority, PushChannel, PushKind, WebPushChannel, WebPushKeys
+from herald.outbound.providers import guard
+from herald.outbound.providers.clients import Http1, exchange
+from herald.outbound.providers.document import fitted, seconds_left
+from herald.outbound.providers.keyring import Keyring
+from herald.outbound.providers.sender import Outcome, Result, by_status, failure
+from herald.outbound.providers.table import FIELD, Credentials, Entry, Option, Unusable
+from herald.settings import DEFAULT_VAPID_SUBJECT, Settings
 
 log = logging.getLogger("herald.push")
 
@@ -92,13 +91,12 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
 
 
 class WebPush:
-    provider = Provider.WEBPUSH
-
-    def __init__(self, keyring: Keyring, http: Http1, subject: str, guard: Guard) -> None:
+    def __init__(self, settings: Settings, keyring: Keyring) -> None:
+        private = settings.push_allow_private_endpoints
         self.keyring = keyring
-        self.http = http
-        self.subject = subject
-        self.guard = guard
+        self.http = Http1(settings.push_ca_file, settings.push_timeout, public_only=not private)
+        self.subject = settings.vapid_subject
+        self.guard = guard.Guard(private)
         self.warned = False  # about the default VAPID subject, once
         # (app, audience) -> (renew at, Authorization header)
         self.tokens: dict[tuple[str, str], tuple[float, str]] = {}
@@ -172,3 +170,64 @@ def _audience(endpoint: str) -> str:
     parts = urlsplit(endpoint)
     host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def parse(value: Any, settings: Settings) -> WebPushChannel:
+    """A browser's PushSubscription. A point off the curve could never be encrypted to; an
+    endpoint on a private network is refused unless the operator allows them (see guard.py)."""
+    body = fields.members(value, FIELD, {"endpoint", "keys", "expirationTime"})
+    keys = fields.members(body.get("keys"), f"{FIELD}.keys", {"p256dh", "auth"})
+    p256dh = fields.base64url(keys.get("p256dh"), f"{FIELD}.keys.p256dh", 65)
+    try:
+        point = _b64(p256dh)
+        if point[0] != 4:
+            raise ValueError("compressed")
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        raise InvalidRequest(
+            f"'{FIELD}.keys.p256dh' must be an uncompressed P-256 point.",
+            target=f"{FIELD}.keys.p256dh",
+        ) from None
+    auth = fields.base64url(keys.get("auth"), f"{FIELD}.keys.auth", 16)
+    endpoint = fields.https_url(body.get("endpoint"), f"{FIELD}.endpoint")
+    literal = guard.literal_host(endpoint)
+    private = literal is not None and not guard.public_address(literal)
+    if private and not settings.push_allow_private_endpoints:
+        raise InvalidRequest(
+            f"'{FIELD}.endpoint' must be a public push service, not a private address.",
+            target=f"{FIELD}.endpoint",
+        )
+    return WebPushChannel(endpoint, WebPushKeys(p256dh, auth))
+
+
+def load(values: Mapping[str, Any]) -> bytes:
+    pem = Path(values["key_file"]).read_bytes()
+    try:
+        public_key(pem)
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise Unusable("not a P-256 private key (PEM)", "--key-file") from exc
+    return pem
+
+
+def describe(stored: bytes) -> dict[str, Any]:
+    return {"applicationServerKey": public_key(stored)}
+
+
+SUMMARY = (
+    "Replace the app's VAPID key (existing browser subscriptions stop working unless they were "
+    "made with this key)."
+)
+OPTIONS = (
+    Option(
+        "--key-file",
+        "An existing VAPID private key (PEM), e.g. from another server.",
+        file=True,
+    ),
+)
+CREDENTIALS = Credentials(KIND, SUMMARY, OPTIONS, load, describe)
+ENTRY = Entry(
+    channel=WebPushChannel, parse=parse, credentials=CREDENTIALS, sender=WebPush, silent=False
+)

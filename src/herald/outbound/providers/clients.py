@@ -1,0 +1,154 @@
+"""The HTTP clients push requests go through: TLS with the operator's CA, answers read up to a
+bound, and (for device-chosen endpoints) connections to public addresses only."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+import aiohttp
+import httpx
+from aiohttp.abc import ResolveResult
+
+from herald.outbound.providers import guard
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The system's CAs plus `ca_file` (a private relay, a test), whatever SSL_CERT_FILE or
+    REQUESTS_CA_BUNDLE say (clients are built with trust_env=False)."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    return context
+
+
+def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
+    """An HTTP client for one push service (no proxies or CAs from the environment; answers
+    uncompressed, so `exchange` can bound them by their size on the wire)."""
+    return httpx.AsyncClient(
+        verify=tls_context(ca_file),
+        trust_env=False,
+        headers={"Accept-Encoding": "identity"},
+        http2=http2,
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        follow_redirects=False,
+    )
+
+
+MAX_ANSWER = 16_384  # bytes of a push service's answer that are read; the rest is ignored
+
+
+class Http1:
+    """An HTTP/1.1 client for push services on aiohttp.
+
+    Why not httpx here: its connection pool's bookkeeping walks every pooled connection on each
+    request, and measured 0.9-3 ms of CPU per request at 1-64 requests in flight, against
+    0.09-0.15 ms for aiohttp (benchmarks/README.md, "Push"); with thousands of pushes a second
+    that is the whole event loop. APNs needs HTTP/2, which aiohttp lacks: it keeps httpx (one
+    multiplexed connection, so no pool to walk).
+    """
+
+    def __init__(self, ca_file: str, timeout: float, public_only: bool = False) -> None:
+        self.context = tls_context(ca_file)
+        self.timeout = timeout
+        # Connect to public addresses only: checked on the addresses the connection is made
+        # to, so a name that resolves differently a second time (DNS rebinding) gains nothing.
+        self.public_only = public_only
+        self.session: aiohttp.ClientSession | None = None
+
+    def open(self) -> aiohttp.ClientSession:
+        if self.session is None:  # on first use: a session belongs to the running loop
+            resolver = PublicResolver() if self.public_only else None
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    ssl=self.context, limit=0, ttl_dns_cache=60, resolver=resolver
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                auto_decompress=False,
+                trust_env=False,
+                headers={"Accept-Encoding": "identity"},
+            )
+        return self.session
+
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+async def exchange(
+    http: httpx.AsyncClient | Http1, method: str, url: str, **kw: Any
+) -> httpx.Response:
+    """One request, its answer read up to MAX_ANSWER bytes: a Web Push endpoint is the
+    device's choice, and must not be able to make Herald read gigabytes. Failures raise
+    httpx's exceptions whichever client sent it, so senders handle one kind."""
+    if isinstance(http, Http1):
+        return await _exchange1(http, method, url, **kw)
+    async with http.stream(method, url, **kw) as streamed:
+        body = bytearray()
+        async for chunk in streamed.aiter_raw():
+            body += chunk
+            if len(body) >= MAX_ANSWER:
+                break
+        headers = [(k, v) for k, v in streamed.headers.multi_items() if k != "content-encoding"]
+        return httpx.Response(
+            streamed.status_code,
+            headers=headers,
+            content=bytes(body[:MAX_ANSWER]),
+            request=streamed.request,
+        )
+
+
+async def _exchange1(
+    http: Http1,
+    method: str,
+    url: str,
+    content: bytes | None = None,
+    data: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    try:
+        request = httpx.Request(method, url)
+    except httpx.InvalidURL as exc:  # registered before a stricter check: it can never work
+        raise httpx.UnsupportedProtocol(f"invalid URL: {exc}") from exc
+    try:
+        async with http.open().request(
+            method,
+            url,
+            data=content if content is not None else data,
+            headers=headers,
+            allow_redirects=False,  # a redirect could lead anywhere, a private address too
+        ) as answer:
+            body = bytearray()
+            async for chunk in answer.content.iter_chunked(MAX_ANSWER):
+                body += chunk
+                if len(body) >= MAX_ANSWER:
+                    break
+            return httpx.Response(
+                answer.status,
+                headers=[
+                    (k, v)
+                    for k, v in answer.headers.items()
+                    if k.lower() != "content-encoding" and v.isascii()  # httpx takes only ASCII
+                ],
+                content=bytes(body[:MAX_ANSWER]),
+                request=request,
+            )
+    except TimeoutError as exc:
+        raise httpx.ReadTimeout(type(exc).__name__, request=request) from exc
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        raise httpx.ConnectError(type(exc).__name__, request=request) from exc
+
+
+class PublicResolver(aiohttp.ThreadedResolver):
+    """Resolves names, refusing any that resolve to a non-public address (see guard.py)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        if any(not guard.public_address(r["host"]) for r in found):
+            raise OSError(f"{host} resolves to a private address")
+        return found

@@ -1,0 +1,354 @@
+"""Live streams: a device's open connection that receives its user's changes as they commit.
+
+A stream:
+
+1. registers with the broker *before* reading the change log, then replays every change after
+   the resume position, then forwards broker deliveries, skipping any position already sent.
+   A change committed during the replay is either in the replay or delivered after it, so
+   nothing falls in between; the skip removes the overlap (per-user order holds: positions
+   only go up).
+2. sends keep-alives, and closes on token expiry, subscription deletion or expiry, a client
+   that does not keep up (`MAX_BACKLOG`), or server shutdown, saying why.
+3. records, for an iOS device, the newest position it received: its fallback push is then not
+   needed (docs/push.md); `Streams` stores those positions once a second.
+
+The transport is a `Sink` (api/stream.py writes WebSocket and SSE frames); nothing here knows
+ASGI, so a process with another front end can serve streams the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from herald.broker import Broker
+from herald.feed import Clock
+from herald.model import Change, ChangeKind, DevicePlatform, Platform, Subscription
+from herald.settings import Settings
+from herald.store import Store
+
+log = logging.getLogger("herald.stream")
+
+REPLAY_BATCH = 500
+# A client this far behind is cut off (it resumes from its last position when it reconnects)
+# rather than letting its backlog grow without bound.
+MAX_BACKLOG = 1000
+# Deadlines (keep-alives, expiries) are checked this often, a slice of streams at a time.
+TICK_SECONDS = 1.0
+TICK_SLICE = 1000
+# How long a stream that must close (too slow) may take to get its `closing` message out.
+ABORT_SECONDS = 10.0
+
+
+class Closed(Exception):
+    """The client went away (raised by a Sink)."""
+
+
+class Sink(Protocol):
+    """Writes one stream's messages to its client; raises Closed when the client is gone."""
+
+    async def start(self) -> None:
+        """Accept the connection."""
+
+    async def ready(self, position: int) -> None:
+        """The stream replays from `position`."""
+
+    async def change(self, change: Change) -> None: ...
+
+    async def keepalive(self) -> None: ...
+
+    async def close(self, reason: str, text: str) -> None:
+        """Say why the stream ends (`reason`: tokenExpired, subscriptionGone, tooSlow,
+        shutdown) and end it; never raises."""
+
+
+class Stream:
+    """One open stream: the broker's listener for (user, app).
+
+    The connection's own coroutine waits for the client to leave, so it learns at once when the
+    client goes away or the server closes the socket. Sending happens in a short-lived flusher
+    task, started when there is something to send (a delivery, a revocation, or a deadline found
+    by `Streams.tick`): an idle stream holds no task or timer of its own.
+    """
+
+    __slots__ = (
+        "backlog",
+        "end",
+        "flusher",
+        "live",
+        "platform",
+        "sent",
+        "streams",
+        "sink",
+        "subscription",
+        "token_expires",
+        "quiet_since",
+        "unsent",
+        "main",
+        "aborted",
+    )
+
+    def __init__(
+        self,
+        streams: Streams,
+        sink: Sink,
+        subscription: Subscription,
+        token_expires: float,
+        after: int,
+    ) -> None:
+        self.streams = streams
+        self.sink = sink
+        self.subscription = subscription
+        self.token_expires = token_expires
+        self.platform = (
+            None
+            if subscription.platform is DevicePlatform.LIVE
+            else Platform(subscription.platform.value)
+        )
+        # A plain list, swapped out whole when sent: an empty deque costs ten times the memory,
+        # and there are thousands of idle streams.
+        self.backlog: list[Change] = []
+        self.unsent = 0  # delivered but not yet sent: the backlog and the batch being sent
+        self.end: tuple[str, str] | None = None  # why the stream must close
+        self.flusher: asyncio.Task[None] | None = None
+        self.main: asyncio.Task[Any] | None = None  # the connection's own task
+        self.aborted = False
+        self.live = False  # False while replaying: the replay sends, deliveries wait
+        # The last position sent or skipped (at first, the resume position): positions at or
+        # below it are dropped.
+        self.sent = after
+        self.quiet_since = time.monotonic()
+
+    # -- serving --------------------------------------------------------------------------------
+    async def __aenter__(self) -> Stream:
+        """Start: register with the broker, then replay, then go live. The caller then waits
+        for its client to leave inside the `async with` (no task or frame of ours meanwhile:
+        thousands of streams are idle at once)."""
+        s, sub = self.streams, self.subscription
+        self.main = asyncio.current_task()
+        s.open.add(self)
+        s.idle.clear()
+        try:
+            await self.sink.start()
+            s.broker.listen(sub.user_id, sub.app, self)
+            await self.sink.ready(self.sent)
+            await s.replay(self)
+        except BaseException:
+            self.leave()
+            raise
+        self.live = True
+        self.kick()  # what arrived during the replay; then the ticker keeps it going
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *exc: object) -> bool:
+        self.leave()
+        if kind is asyncio.CancelledError and self.aborted and self.main is not None:
+            self.main.uncancel()  # our own abort: end quietly, the server drops the socket
+            return True
+        return False
+
+    def leave(self) -> None:
+        s, sub = self.streams, self.subscription
+        s.broker.unlisten(sub.user_id, sub.app, self)
+        s.open.discard(self)
+        if not s.open:
+            s.idle.set()
+        self.stop()
+
+    # -- Listener -------------------------------------------------------------------------------
+    def deliver(self, change: Change) -> None:
+        if self.end is not None:
+            return  # closing: the client resumes from its last position
+        self.backlog.append(change)
+        self.unsent += 1
+        if self.unsent > MAX_BACKLOG:
+            self.end = ("tooSlow", "The client fell too far behind; reconnect to resume.")
+            # A client that reads nothing never lets the `closing` message out: cut it then.
+            asyncio.get_running_loop().call_later(ABORT_SECONDS, self.abort)
+        self.kick()
+
+    def abort(self) -> None:
+        """Drop a connection whose flusher is stuck on a client that does not read."""
+        if self.flusher is not None and self.main is not None and not self.main.done():
+            self.aborted = True
+            self.flusher.cancel()
+            self.main.cancel()
+
+    def revoke(self, subscription_id: str) -> None:
+        if subscription_id == self.subscription.id:
+            self.end = ("subscriptionGone", "The subscription was deleted.")
+            self.kick()
+
+    # -- sending --------------------------------------------------------------------------------
+    def kick(self) -> None:
+        if self.live and self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        try:
+            while True:
+                if self.end is not None:
+                    self.live = False
+                    await self.sink.close(*self.end)
+                    return
+                if self.backlog:
+                    batch, self.backlog = self.backlog, []
+                    for change in batch:
+                        if self.end is not None:
+                            break  # e.g. fell too far behind while this loop waited to send
+                        await self.send(change)
+                        self.unsent -= 1
+                    continue
+                if not await self.on_time() and not self.backlog:
+                    return  # (a delivery during on_time's await is sent before returning)
+        except Closed:
+            self.live = False
+        finally:
+            self.flusher = None
+
+    async def send(self, change: Change) -> None:
+        if change.position <= self.sent:
+            return
+        self.sent = change.position
+        if self.wanted(change):
+            await self.sink.change(change)
+            self.quiet_since = time.monotonic()
+            if self.subscription.platform is DevicePlatform.IOS:
+                # The device fetched it: its iOS fallback push is not needed (docs/push.md).
+                self.streams.fetched[self.subscription.id] = change.position
+
+    async def on_time(self) -> bool:
+        """Deadlines: keep-alive, token and subscription expiry. False when nothing is due."""
+        now = time.time()
+        if now >= self.token_expires:
+            self.end = ("tokenExpired", "The access token expired; reconnect with a new one.")
+            return True
+        if now >= self.subscription.expiration_date_time.timestamp():
+            s = self.streams
+            sub = await s.store.get_subscription(self.subscription.id, s.clock())
+            if sub is None:
+                self.end = ("subscriptionGone", "The subscription expired.")
+                return True
+            self.subscription = sub  # renewed by a PATCH meanwhile
+        if time.monotonic() - self.quiet_since >= self.streams.settings.keepalive_interval:
+            await self.sink.keepalive()
+            self.quiet_since = time.monotonic()
+        return False
+
+    def due(self, wall: float, mono: float, keepalive: float) -> bool:
+        """Whether a keep-alive, or the token's or subscription's expiry, is due."""
+        return (
+            mono - self.quiet_since >= keepalive
+            or wall >= self.token_expires
+            or wall >= self.subscription.expiration_date_time.timestamp()
+        )
+
+    def stop(self) -> None:
+        self.live = False
+        if self.flusher is not None:
+            self.flusher.cancel()
+
+    def wanted(self, change: Change) -> bool:
+        """Whether this device gets the change (position bookkeeping aside)."""
+        if change.origin is not None and change.origin == self.subscription.id:
+            return False  # the device made it itself
+        n = change.notification
+        if n is None:
+            # A tombstone, or a created/updated whose notification is gone by now: in the
+            # latter case the tombstone follows, so skip it.
+            return change.kind in (ChangeKind.DELETED, ChangeKind.EXPIRED)
+        return self.platform is None or self.platform in n.target_policy.platform_types
+
+
+class Streams:
+    """The streams open on this node: serves each, ticks their deadlines, stores what iOS
+    devices fetched, and closes them all at shutdown."""
+
+    def __init__(self, store: Store, broker: Broker, settings: Settings, clock: Clock) -> None:
+        self.store = store
+        self.broker = broker
+        self.settings = settings
+        self.clock = clock
+        self.open: set[Stream] = set()
+        self.idle = asyncio.Event()  # set while no stream is open
+        self.idle.set()
+        self.ticker: asyncio.Task[None] | None = None
+        self.recorder: asyncio.Task[None] | None = None
+        # Positions iOS devices received over their streams, not yet stored (see `tick`).
+        self.fetched: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.ticker = asyncio.create_task(self.tick(), name="herald-stream-deadlines")
+
+    async def stop(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ticker
+            self.ticker = None
+        if self.recorder is not None:
+            await self.recorder
+        await self.record_fetched()  # what the last second's deliveries fetched
+
+    async def tick(self) -> None:
+        """Once a second, kick the streams with a keep-alive or an expiry due.
+
+        One task walking the streams, not a timer per stream: with thousands of streams,
+        per-stream timers re-armed every keep-alive fill the young GC generations with
+        long-lived objects, and the collections that scan them are latency spikes.
+        """
+        keepalive = self.settings.keepalive_interval
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            if self.fetched and (self.recorder is None or self.recorder.done()):
+                # Its own task: a slow store must not hold up keep-alives and expiry closes.
+                self.recorder = asyncio.create_task(self.record_fetched())
+            streams = list(self.open)
+            for start in range(0, len(streams), TICK_SLICE):
+                wall, mono = time.time(), time.monotonic()
+                for stream in streams[start : start + TICK_SLICE]:
+                    if stream.live and stream.due(wall, mono, keepalive):
+                        stream.kick()
+                await asyncio.sleep(0)  # let requests in between slices
+
+    async def record_fetched(self) -> None:
+        """Store the positions iOS devices received over their streams since the last tick."""
+        fetched, self.fetched = self.fetched, {}
+        # Together, so the store can write them in one statement.
+        results = await asyncio.gather(
+            *(self.store.seen(sub_id, position) for sub_id, position in fetched.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):  # only the fallback's precision suffers
+                log.warning("could not record a fetched position", extra={"error": str(result)})
+
+    def close_all(self) -> None:
+        """Server shutdown: tell every stream why it ends (each then closes itself)."""
+        for stream in self.open:
+            if stream.end is None:
+                stream.end = ("shutdown", "The server is restarting; reconnect to resume.")
+            stream.kick()
+
+    def stream(self, sink: Sink, sub: Subscription, token_expires: float, after: int) -> Stream:
+        """A stream of `sub` from position `after`, served while its caller is inside
+        `async with` (see `Stream.__aenter__`)."""
+        return Stream(self, sink, sub, token_expires, after)
+
+    async def replay(self, stream: Stream) -> None:
+        """Send what the change log holds after the stream's resume position."""
+        sub, after = stream.subscription, stream.sent
+        while True:
+            changes = await self.store.changes(sub.user_id, sub.app, after, REPLAY_BATCH)
+            for change in changes:
+                if stream.end is not None:
+                    return  # closing anyway (e.g. too slow): no point replaying more
+                await stream.send(change)
+            if changes:
+                after = changes[-1].position
+            stream.sent = max(stream.sent, after)
+            if len(changes) < REPLAY_BATCH:
+                return
