@@ -26,9 +26,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald.auth.credentials import hash_secret, verify_secret
-from herald.auth.issuer import ALGORITHM, LocalIssuer
+from herald.auth.issuer import ALGORITHM, SCOPE, LocalIssuer
 from herald.auth.sessions import SIGNIN_GRANT, InvalidGrant, Sessions
-from herald.auth.tokens import SCOPE
 from herald.errors import NotFound
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from herald.auth.credentials import hash_secret, new_client_id, new_client_secret
-from herald.cli import common_options, load_settings, run
+from herald.cli.command import common_options, load_settings, run
 from herald.errors import HeraldError
 from herald.model import App
 from herald.settings import Settings

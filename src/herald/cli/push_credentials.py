@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import app_group
+from herald.cli.command import common_options, load_settings, run
 from herald.errors import HeraldError
 from herald.model import App
 from herald.outbound.providers import PROVIDERS, webpush

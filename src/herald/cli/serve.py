@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from herald.cli import common_options, load_settings
+from herald.cli.command import common_options, load_settings
 from herald.logs import configure
 
 
