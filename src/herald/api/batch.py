@@ -233,7 +233,7 @@ async def _call(outer: Request, scope: dict[str, Any], body: bytes, rid: str) ->
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    app = outer.app.state.services.asgi
+    app = outer.app.state.asgi
     try:
         await app(scope, receive, send)
     except Exception:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from herald.access import Caller
 from herald.api import schemas
-from herald.api.access import Caller
 from herald.api.errors import error_body, error_headers, request_id
 from herald.api.notifications import (
     MINIMAL_APPLIED,
@@ -34,7 +34,7 @@ from herald.model import Notification
 from herald.store import Once, Remembered
 
 if TYPE_CHECKING:
-    from herald.api.app import Services
+    from herald.service import Services
 
 log = logging.getLogger("herald.api")
 

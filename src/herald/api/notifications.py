@@ -15,8 +15,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald import fields, odata
+from herald.access import Caller
 from herald.api import schemas
-from herald.api.access import Caller
 from herald.errors import (
     InvalidRequest,
     NotFound,
@@ -28,7 +28,7 @@ from herald.model import Notification
 from herald.query import Query
 
 if TYPE_CHECKING:
-    from herald.api.app import Services
+    from herald.service import Services
 
 JSON = "application/json"
 UNSUPPORTED_HEADERS = ("if-modified-since", "if-range")

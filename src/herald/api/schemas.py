@@ -16,6 +16,7 @@ import msgspec
 
 from herald.errors import InvalidRequest, PayloadTooLarge
 from herald.fields import string
+from herald.limits import Limits
 from herald.model import (
     ALL_PLATFORMS,
     Content,
@@ -322,13 +323,6 @@ def _fallback(f: FallbackPolicyIn | None, targets: tuple[Platform, ...]) -> Fall
     visual = _visual(e.visual_content, f"{name}.visualContent", required=True)
     assert visual is not None
     return FallbackPolicy(EndpointFallback(platforms, delay, visual))
-
-
-class Limits(msgspec.Struct, frozen=True):
-    max_payload_bytes: int
-    default_ttl: int
-    max_ttl: int
-    clamp_ttl: bool
 
 
 def expiration(value: Any, now: datetime, limits: Limits, field: str) -> datetime | None:

@@ -34,7 +34,7 @@ from herald.model import Change, Subscription
 from herald.outbound.streams import Closed, Streams
 
 if TYPE_CHECKING:
-    from herald.api.app import Services
+    from herald.service import Services
 
 K = TypeVar("K")
 

@@ -13,10 +13,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald import fields
+from herald.access import Caller
 from herald.api import schemas
-from herald.api.access import Caller
 from herald.api.notifications import json_response, read_body, services, version
 from herald.errors import AccessDenied, InvalidRequest, NotFound
+from herald.limits import Limits
 from herald.model import DeliveryState, DevicePlatform, PushChannel, Subscription
 from herald.outbound.providers import PROVIDERS, webpush
 from herald.outbound.providers.table import FIELD
@@ -83,7 +84,7 @@ def _channel_out(channel: PushChannel | None) -> dict[str, Any] | None:
 
 def _expiration(value: Any, now: datetime, request: Request) -> datetime | None:
     s = services(request).settings
-    limits = schemas.Limits(0, s.subscription_ttl, s.max_subscription_ttl, clamp_ttl=False)
+    limits = Limits(0, s.subscription_ttl, s.max_subscription_ttl, clamp_ttl=False)
     return schemas.expiration(value, now, limits, "expirationDateTime")
 
 
