@@ -17,9 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from herald import odata
 from herald.access import Caller
-from herald.api import schemas
+from herald.api import odata, schemas
 from herald.api.notifications import caller, context, json_response, services
 from herald.errors import Gone, InvalidRequest
 from herald.model import Change

@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from herald import fields, odata
+from herald import fields
 from herald.access import Caller
-from herald.api import schemas
+from herald.api import odata, schemas
 from herald.errors import (
     InvalidRequest,
     NotFound,
