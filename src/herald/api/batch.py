@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Message
 
-from herald.api.notifications import read_body, version
+from herald.api.requests import read_body, version
 from herald.errors import InvalidRequest
 
 log = logging.getLogger("herald.api")

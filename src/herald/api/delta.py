@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from herald.access import Caller
 from herald.api import odata, schemas
-from herald.api.notifications import caller, context, json_response, services
+from herald.api.requests import caller, context, json_response, services
 from herald.errors import Gone, InvalidRequest
 from herald.model import Change
 from herald.query import Comparison, Order, Query

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from herald.access import Caller
 from herald.api import schemas
 from herald.api.errors import error_body, error_headers, request_id
-from herald.api.notifications import (
+from herald.api.requests import (
     MINIMAL_APPLIED,
     check_body_headers,
     decode_body,

@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 from herald import fields
 from herald.access import Caller
 from herald.api import schemas
-from herald.api.notifications import json_response, read_body, services, version
+from herald.api.requests import json_response, read_body, services, version
 from herald.errors import AccessDenied, InvalidRequest, NotFound
 from herald.limits import Limits
 from herald.model import DeliveryState, DevicePlatform, PushChannel, Subscription
