@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald.access import Caller
-from herald.api import odata, schemas
+from herald.api import odata, schemas, wire
 from herald.api.requests import caller, context, json_response, services
 from herald.errors import Gone, InvalidRequest
 from herald.model import Change
@@ -114,7 +114,7 @@ async def delta(request: Request) -> Response:
     if c.device is not None and reached:  # the device has fetched everything up to here
         await services(request).store.seen(c.device, reached)
     headers = {"Preference-Applied": f"odata.maxpagesize={size}"} if preferred else None
-    return json_response(schemas.encode(body), headers=headers)
+    return json_response(wire.encode(body), headers=headers)
 
 
 async def _snapshot(

@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route
 
 from herald import fields
 from herald.access import Caller
-from herald.api import odata, schemas
+from herald.api import odata, schemas, wire
 from herald.api.requests import (
     MINIMAL_APPLIED,
     caller,
@@ -119,7 +119,7 @@ async def list_all(request: Request) -> Response:
     body["value"] = [schemas.to_builtins(n, query.select) for n in items]
     if asked and len(page.items) > asked:
         body["@odata.nextLink"] = _next_link(request, query.skip + asked)
-    return json_response(schemas.encode(body))
+    return json_response(wire.encode(body))
 
 
 def _one_more(query: Query) -> Query:
@@ -153,10 +153,10 @@ async def count(request: Request) -> Response:
 async def delete_group(request: Request) -> Response:
     """`POST .../notifications/deleteGroup {"groupName": "..."}`: delete a whole group."""
     c = await caller(request)
-    body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
+    body = wire.decode_body(await read_body(request), _GROUP_DECODER)
     group = fields.required(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH)
     deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group, c.device)
-    return json_response(schemas.encode({"deletedCount": deleted}))
+    return json_response(wire.encode({"deletedCount": deleted}))
 
 
 class _GroupIn(msgspec.Struct, forbid_unknown_fields=True):

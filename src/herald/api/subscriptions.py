@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from herald import fields
 from herald.access import Caller
-from herald.api import schemas
+from herald.api import schemas, wire
 from herald.api.requests import json_response, read_body, services, version
 from herald.errors import AccessDenied, InvalidRequest, NotFound
 from herald.limits import Limits
@@ -93,7 +93,7 @@ def _given(value: Any) -> Any:
 
 
 def _decode(body: bytes) -> SubscriptionIn:
-    data: SubscriptionIn = schemas.decode_body(body, _DECODER)
+    data: SubscriptionIn = wire.decode_body(body, _DECODER)
     for name in READ_ONLY:
         if getattr(data, name) is not None:
             raise InvalidRequest(f"'{name}' is read-only.", target=name)
@@ -177,7 +177,7 @@ async def create(request: Request) -> Response:
     _application(data.application, c)
     if data.platform is None:
         raise InvalidRequest("'platform' is required.", target="platform")
-    platform: DevicePlatform = schemas.choice(data.platform, "platform", PLATFORMS)
+    platform: DevicePlatform = wire.choice(data.platform, "platform", PLATFORMS)
     now = s.feed.clock()
     expires = _expiration(data.expirationDateTime, now, request)
     sub = Subscription(
@@ -194,7 +194,7 @@ async def create(request: Request) -> Response:
     holder = await _holder(request, sub)
     stored, created = await s.store.add_subscription(sub, s.settings.max_subscriptions, now)
     await _release(request, holder, stored)
-    body = schemas.encode(_out(request, stored))
+    body = wire.encode(_out(request, stored))
     if not created:
         return json_response(body)
     base = s.settings.base_url
@@ -214,12 +214,12 @@ async def list_all(request: Request) -> Response:
     items = [msgspec.to_builtins(_out(request, sub)) for sub in subs]
     for item in items:
         del item["@odata.context"]
-    return json_response(schemas.encode({"@odata.context": _context(request, ""), "value": items}))
+    return json_response(wire.encode({"@odata.context": _context(request, ""), "value": items}))
 
 
 async def get_one(request: Request) -> Response:
     c = await _caller(request)
-    return json_response(schemas.encode(_out(request, await _own(request, c))))
+    return json_response(wire.encode(_out(request, await _own(request, c))))
 
 
 async def patch_one(request: Request) -> Response:
@@ -246,7 +246,7 @@ async def patch_one(request: Request) -> Response:
     holder = await _holder(request, updated)
     stored = await s.store.update_subscription(updated, now)
     await _release(request, holder, stored)
-    return json_response(schemas.encode(_out(request, stored)))
+    return json_response(wire.encode(_out(request, stored)))
 
 
 async def delete_one(request: Request) -> Response:
@@ -269,7 +269,7 @@ async def web_push_key(request: Request) -> Response:
     s.access.limits.check(app.host_name, principal.user_id or principal.client_id)
     pem = await s.keyring.ensure(app.host_name, webpush.KIND, webpush.generate_key)
     body = {"application": app.host_name, "applicationServerKey": webpush.public_key(pem)}
-    return json_response(schemas.encode(body))
+    return json_response(wire.encode(body))
 
 
 def routes() -> list[BaseRoute]:
