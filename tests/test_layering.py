@@ -121,3 +121,25 @@ def test_the_layers_are_ordered() -> None:
     order = list(LAYERS)
     for layer, (_, below) in LAYERS.items():
         assert all(order.index(b) < order.index(layer) for b in below), layer
+
+
+# Who may hold the whole store (`Store`, the union of the store's Protocols): the composition
+# root, which opens and closes it, and create_app, which takes one from tests. Every other
+# consumer is typed by the narrow Protocol it needs (`herald.store.contract`; mypy holds each
+# to it).
+WHOLE_STORE = {"herald.service", "herald.api.app"}
+
+
+def test_only_the_composition_root_holds_the_whole_store() -> None:
+    holders = set()
+    for module, path in modules(SRC).items():
+        if module == "herald.store" or module.startswith("herald.store."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module in ("herald.store", "herald.store.contract")
+                and any(alias.name == "Store" for alias in node.names)
+            ):
+                holders.add(module)
+    assert holders <= WHOLE_STORE

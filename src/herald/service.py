@@ -31,7 +31,14 @@ from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
 from herald.settings import Settings
-from herald.store import Store, open_store
+from herald.store import (
+    ChangeLog,
+    Directory,
+    Idempotency,
+    Store,
+    Subscriptions,
+    open_store,
+)
 from herald.store.sqlite import SqliteStore
 
 
@@ -40,7 +47,12 @@ class Services:
     """Everything a request handler (or any other front end) may use."""
 
     settings: Settings
-    store: Store
+    store: Store  # the whole store: its life (open, close, ping) is the process's
+    # The same store, by the one Protocol each front end needs (docs/architecture.md).
+    directory: Directory
+    changelog: ChangeLog
+    subscriptions: Subscriptions
+    idempotency: Idempotency
     feed: Feed
     access: Access
     issuer: LocalIssuer | None
@@ -102,6 +114,10 @@ def build_services(
     return Services(
         settings=settings,
         store=store,
+        directory=store,
+        changelog=store,
+        subscriptions=store,
+        idempotency=store,
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,

@@ -171,7 +171,7 @@ class Ingest:
         fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
         async with s.idempotency_lock(scope, key):
             now = s.feed.clock()
-            seen = await s.store.recall(scope, key, now)
+            seen = await s.idempotency.recall(scope, key, now)
             if seen is None:
                 content = schemas.content(body, now, s.limits, c.app.host_name)
                 render = self._render(c, version, fingerprint)

@@ -150,7 +150,7 @@ def _path_id(request: Request) -> str:
 
 async def _own(request: Request, c: Caller) -> Subscription:
     s = services(request)
-    sub = await s.store.get_subscription(_path_id(request), s.feed.clock())
+    sub = await s.subscriptions.get_subscription(_path_id(request), s.feed.clock())
     if sub is None or sub.user_id != c.user_id or sub.app != c.app.host_name:
         raise NotFound(f"Subscription '{_path_id(request)}' was not found.")
     return sub
@@ -160,7 +160,7 @@ async def _holder(request: Request, sub: Subscription) -> Subscription | None:
     """Who holds this push channel now: the store releases it from them (see `Store`)."""
     if sub.push_channel is None:
         return None
-    return await services(request).store.channel_holder(sub.app, sub.push_channel.key)
+    return await services(request).subscriptions.channel_holder(sub.app, sub.push_channel.key)
 
 
 async def _release(request: Request, holder: Subscription | None, stored: Subscription) -> None:
@@ -192,7 +192,7 @@ async def create(request: Request) -> Response:
         last_modified_date_time=now,
     )
     holder = await _holder(request, sub)
-    stored, created = await s.store.add_subscription(sub, s.settings.max_subscriptions, now)
+    stored, created = await s.subscriptions.add_subscription(sub, s.settings.max_subscriptions, now)
     await _release(request, holder, stored)
     body = wire.encode(_out(request, stored))
     if not created:
@@ -210,7 +210,7 @@ async def list_all(request: Request) -> Response:
         raise InvalidRequest(
             f"Query option '{name[:64]}' is not supported on subscriptions.", target=name[:64]
         )
-    subs = await s.store.list_subscriptions(c.user_id, c.app.host_name, s.feed.clock())
+    subs = await s.subscriptions.list_subscriptions(c.user_id, c.app.host_name, s.feed.clock())
     items = [msgspec.to_builtins(_out(request, sub)) for sub in subs]
     for item in items:
         del item["@odata.context"]
@@ -244,7 +244,7 @@ async def patch_one(request: Request) -> Response:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
     updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
     holder = await _holder(request, updated)
-    stored = await s.store.update_subscription(updated, now)
+    stored = await s.subscriptions.update_subscription(updated, now)
     await _release(request, holder, stored)
     return json_response(wire.encode(_out(request, stored)))
 
@@ -253,7 +253,7 @@ async def delete_one(request: Request) -> Response:
     c = await _caller(request)
     s = services(request)
     sub_id = _path_id(request)
-    await s.store.delete_subscription(c.user_id, c.app.host_name, sub_id)
+    await s.subscriptions.delete_subscription(c.user_id, c.app.host_name, sub_id)
     await s.broker.revoke(c.user_id, c.app.host_name, sub_id)
     return Response(status_code=204)
 
