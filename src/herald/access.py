@@ -102,22 +102,17 @@ class Users:
         self.names.pop(upn, None)
 
 
+@dataclass
 class Access:
-    def __init__(
-        self,
-        verifier: TokenVerifier,
-        apps: Apps,
-        limits: RateLimits,
-        store: Subscriptions,
-        clock: Callable[[], datetime],
-        users: Users,
-    ) -> None:
-        self.verifier = verifier
-        self.apps = apps
-        self.limits = limits
-        self.store = store
-        self.clock = clock
-        self.users = users
+    """The authorisation policy: whose feed a request is on, as which app, within which rate
+    limits. No HTTP here: it takes header values, so any front end can use it."""
+
+    verifier: TokenVerifier
+    apps: Apps
+    limits: RateLimits
+    store: Subscriptions
+    clock: Callable[[], datetime]
+    users: Users
 
     async def principal(self, authorization: str | None) -> Principal:
         """The verified caller behind an Authorization header value."""
