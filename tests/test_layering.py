@@ -143,3 +143,16 @@ def test_only_the_composition_root_holds_the_whole_store() -> None:
             ):
                 holders.add(module)
     assert holders <= WHOLE_STORE
+
+
+def test_the_documented_layers_are_these() -> None:
+    """docs/architecture.md's table of layers says what LAYERS says (names, order, may import)."""
+    doc = (SRC.parent / "docs" / "architecture.md").read_text()
+    table = doc.split("## Layers", 1)[1].split("\n\n| layer |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    documented = {}
+    for name, _, below in rows:
+        everything = below.strip() == "all of the above"
+        allowed = list(documented) if everything else below.replace("—", "").split(",")
+        documented[name.strip()] = tuple(b.strip() for b in allowed if b.strip())
+    assert documented == {layer: below for layer, (_, below) in LAYERS.items()}
