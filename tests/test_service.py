@@ -10,6 +10,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from herald.errors import HeraldError
 from herald.model import (
     ApnsChannel,
@@ -109,7 +111,7 @@ async def test_a_notification_reaches_a_live_stream_and_the_push_queue_without_h
         raise AssertionError("the store still answers after the lifespan ended")
 
 
-async def test_every_service_starts_and_stops_in_order(tmp_path: Path) -> None:
+async def test_the_lifespan_starts_every_service_and_leaves_no_task_behind(tmp_path: Path) -> None:
     services = build_services(make_settings(tmp_path, push_enabled=True))
     assert services.pusher is not None
     before = asyncio.all_tasks()
@@ -120,6 +122,25 @@ async def test_every_service_starts_and_stops_in_order(tmp_path: Path) -> None:
         # the sweeper, the log reporter, the dispatcher, the push lanes and the stream ticker
         assert len(started) >= 5
     assert asyncio.all_tasks() - before == set()
+
+
+async def test_a_service_that_fails_to_start_stops_those_started_before_it(
+    tmp_path: Path,
+) -> None:
+    services = build_services(make_settings(tmp_path))
+
+    async def broken() -> None:
+        raise RuntimeError("the dispatcher cannot start")
+
+    services.dispatcher.start = broken  # type: ignore[method-assign]
+    before = asyncio.all_tasks()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        async with lifespan(services):
+            raise AssertionError("the lifespan ran without its dispatcher")
+    # The sweeper, the reporter and the push lanes started before it: all stopped again.
+    assert asyncio.all_tasks() - before == set()
+    with pytest.raises(HeraldError):
+        await services.store.ping()
 
 
 def test_the_services_load_nothing_of_http() -> None:
