@@ -645,7 +645,7 @@ async def endpoint(local: LocalIssuer) -> AsyncIterator[tuple[httpx.AsyncClient,
     )
     v = TokenVerifier(local=local, issuers=())
     app.state.services = SimpleNamespace(
-        store=FakeStore(registered),
+        directory=FakeStore(registered),
         issuer=local,
         verifier=v,
         settings=SimpleNamespace(token_ttl=600),

@@ -7,9 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from herald.errors import InvalidRequest
-from herald.model import Priority, ReadState, UserActionState
-from herald.odata import (
+from herald.api.odata import (
     MAX_FILTER_DEPTH,
     MAX_FILTER_LENGTH,
     SELECTABLE,
@@ -17,6 +15,8 @@ from herald.odata import (
     parse_filter,
     parse_query,
 )
+from herald.errors import InvalidRequest
+from herald.model import Priority, ReadState, UserActionState
 from herald.query import (
     DEFAULT_ORDER,
     FIELDS,

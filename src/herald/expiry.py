@@ -8,13 +8,13 @@ from datetime import timedelta
 
 from herald.feed import Clock
 from herald.settings import Settings
-from herald.store import Store
+from herald.store import Retention
 
 log = logging.getLogger("herald.expiry")
 BATCH = 1000  # rows per sweep transaction: keeps each write short next to request traffic
 
 
-async def sweep_once(store: Store, settings: Settings, clock: Clock) -> int:
+async def sweep_once(store: Retention, settings: Settings, clock: Clock) -> int:
     """Expire everything due now; returns how many notifications expired."""
     total = 0
     while True:
@@ -26,7 +26,7 @@ async def sweep_once(store: Store, settings: Settings, clock: Clock) -> int:
             return total
 
 
-async def run(store: Store, settings: Settings, clock: Clock) -> None:
+async def run(store: Retention, settings: Settings, clock: Clock) -> None:
     """Sweep every `sweep_interval` seconds until cancelled; a failed sweep is retried later."""
     while True:
         await asyncio.sleep(settings.sweep_interval)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from herald.errors import AccessDenied
 from herald.model import Content, Notification, StatePatch
 from herald.query import Filter, Page, Query
-from herald.store import Once, Remembered, Store
+from herald.store import Notifications, Once, Remembered
 
 Clock = Callable[[], datetime]
 
@@ -43,7 +43,7 @@ def _check_target(app: str, content: Content) -> None:
 
 
 class Feed:
-    def __init__(self, store: Store, clock: Clock = utcnow) -> None:
+    def __init__(self, store: Notifications, clock: Clock = utcnow) -> None:
         self.store = store
         self.clock = clock
 

@@ -1,4 +1,6 @@
-"""Rate limits: token buckets per app and per (app, user), in process.
+"""Limits: what a notification may be (`Limits`, from the settings) and rate limits.
+
+Rate limits are token buckets per app and per (app, user), in process.
 
 A bucket holds up to `burst` tokens and refills at `rate` per second; a request takes one. When a
 bucket is empty the caller gets 429 with the seconds until a token is back (`Retry-After`).
@@ -11,7 +13,18 @@ import math
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from herald.errors import Throttled
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """A notification's (or a subscription's) size and lifetime bounds."""
+
+    max_payload_bytes: int
+    default_ttl: int
+    max_ttl: int
+    clamp_ttl: bool
 
 
 class Bucket:

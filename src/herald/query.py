@@ -1,6 +1,7 @@
 """A list query over a user's notifications, independent of OData syntax and of SQL.
 
-`odata.py` builds these from `$filter`/`$orderby`/`$top`/`$skip`; each store compiles them to SQL.
+`api/odata.py` builds these from `$filter`/`$orderby`/`$top`/`$skip`; each store compiles them
+to SQL.
 Field names are the snake_case `Notification` attributes listed in `FIELDS`; values are already
 normalised (enum members, aware UTC datetimes, str, or None for `eq null`).
 """

@@ -1,13 +1,9 @@
-"""The composition root: `create_app(settings)` builds every dependency and the ASGI app."""
+"""The ASGI app: `build_app(services)` serves the services `herald.service` builds."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import timedelta
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,7 +12,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from herald import expiry
 from herald.api import (
     batch,
     delta,
@@ -24,12 +19,10 @@ from herald.api import (
     metadata,
     notifications,
     operations,
-    schemas,
     stream,
     subscriptions,
     token,
 )
-from herald.api.access import Access, Apps, Users
 from herald.api.errors import (
     RequestIdMiddleware,
     herald_error_handler,
@@ -37,114 +30,12 @@ from herald.api.errors import (
     unexpected_error_handler,
 )
 from herald.api.ingest import Ingest, match
-from herald.auth.issuer import LocalIssuer
-from herald.auth.sessions import Sessions
-from herald.auth.tokens import IssuerConfig, TokenVerifier
-from herald.broker import Broker, MemoryBroker
 from herald.errors import HeraldError
-from herald.feed import Clock, Feed, utcnow
-from herald.limits import Limiter, RateLimits
-from herald.logs import redact_tokens, report_repeats
-from herald.metrics import Metrics, MetricsMiddleware
-from herald.outbound.dispatcher import Dispatcher
-from herald.outbound.providers import PROVIDERS
-from herald.outbound.providers.keyring import Keyring
-from herald.outbound.pusher import Pusher
-from herald.outbound.streams import Streams
+from herald.feed import Clock, utcnow
+from herald.metrics import MetricsMiddleware
+from herald.service import Services, build_services, lifespan
 from herald.settings import Settings
-from herald.store import Store, open_store
-from herald.store.sqlite import SqliteStore
-
-
-@dataclass
-class Services:
-    """Everything a request handler may use; lives in `app.state.services`."""
-
-    settings: Settings
-    store: Store
-    feed: Feed
-    access: Access
-    issuer: LocalIssuer | None
-    sessions: Sessions | None
-    verifier: TokenVerifier
-    metrics: Metrics
-    limits: schemas.Limits
-    idempotency_ttl: timedelta
-    token_limiter: Limiter
-    broker: Broker
-    dispatcher: Dispatcher
-    keyring: Keyring
-    pusher: Pusher | None
-    streams: Streams
-    # Per Idempotency-Key: the lock and how many requests hold or wait for it.
-    locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
-    # The whole application, for $batch to dispatch inner requests through.
-    asgi: ASGIApp | None = None
-
-    @contextlib.asynccontextmanager
-    async def idempotency_lock(self, scope: str, key: str) -> AsyncIterator[None]:
-        """Serialise requests that share an Idempotency-Key, so only the first one acts."""
-        name = (scope, key)
-        lock, users = self.locks.setdefault(name, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:  # nobody holds or awaits it: forget it (waiters keep it alive)
-                del self.locks[name]
-
-
-def build_services(
-    settings: Settings, store: Store | None = None, clock: Clock = utcnow
-) -> Services:
-    store = store or open_store(settings.resolved_store_url, settings)
-    issuer = None
-    if settings.local_issuer:
-        settings.data.mkdir(parents=True, exist_ok=True)
-        issuer = LocalIssuer.load_or_create(settings.data, settings.issuer_url, settings.audience)
-    verifier = TokenVerifier(
-        local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
-    )
-    broker = MemoryBroker()
-    metrics = Metrics()
-    if isinstance(store, SqliteStore):
-        metrics.watch(store.metrics.collectors())
-    keyring = Keyring(store)
-    pusher = None
-    if settings.push_enabled:
-        pusher = Pusher(store, PROVIDERS.senders(settings, keyring), settings, metrics, clock)
-    limiter = RateLimits(
-        Limiter(settings.app_rate, settings.app_burst),
-        Limiter(settings.user_rate, settings.user_burst),
-    )
-    users = Users(store, clock, learn=settings.learn_user_names)
-    return Services(
-        settings=settings,
-        store=store,
-        feed=Feed(store, clock),
-        access=Access(verifier, Apps(store), limiter, store, clock, users),
-        issuer=issuer,
-        sessions=Sessions(issuer) if issuer else None,
-        verifier=verifier,
-        metrics=metrics,
-        limits=schemas.Limits(
-            max_payload_bytes=settings.max_payload_bytes,
-            default_ttl=settings.default_ttl,
-            max_ttl=settings.max_ttl,
-            clamp_ttl=settings.ttl_policy == "clamp",
-        ),
-        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl),
-        token_limiter=Limiter(settings.token_rate, settings.token_burst),
-        broker=broker,
-        dispatcher=Dispatcher(
-            store, broker, metrics, pushed=pusher.wake if pusher else None, clock=clock
-        ),
-        keyring=keyring,
-        pusher=pusher,
-        streams=Streams(store, broker, settings, clock),
-    )
+from herald.store import Store
 
 
 def api_routes() -> list[BaseRoute]:
@@ -242,39 +133,19 @@ CORS_RESPONSE_HEADERS = [
 
 
 def create_app(settings: Settings, store: Store | None = None, clock: Clock = utcnow) -> Herald:
-    redact_tokens()
-    services = build_services(settings, store, clock)
-    streams = services.streams
+    """The services (`herald.service`) and the ASGI app serving them."""
+    return build_app(build_services(settings, store, clock))
+
+
+def build_app(services: Services) -> Herald:
+    """The ASGI app for these services; its lifespan is theirs (`herald.service.lifespan`)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await services.store.open()
-        # Everything allocated so far lives as long as the process: keep the cyclic GC from
-        # walking it again and again under load (full collections are the long pauses).
-        gc.collect()
-        gc.freeze()
-        sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
-        reporter = asyncio.create_task(report_repeats(min(1.0, settings.log_repeat_window / 4)))
-        await services.broker.start()
-        await services.dispatcher.start()
-        if services.pusher is not None:
-            await services.pusher.start()
-        streams.start()
-        try:
+    async def running(app: Starlette) -> AsyncIterator[None]:
+        async with lifespan(services):
             yield
-        finally:
-            await streams.stop()
-            await services.dispatcher.close()
-            if services.pusher is not None:
-                await services.pusher.close()
-            await services.broker.close()
-            for task in (sweeper, reporter):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await services.verifier.aclose()
-            await services.store.close()
 
+    settings = services.settings
     app = Starlette(
         routes=[
             Mount("/beta", routes=api_routes()),
@@ -292,10 +163,10 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
             HTTPException: http_error_handler,
             Exception: unexpected_error_handler,
         },
-        lifespan=lifespan,
+        lifespan=running,
     )
     app.state.services = services
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     herald = Herald(app, Ingest(services), stream.Endpoint(services), origins)
-    services.asgi = herald
+    app.state.asgi = herald  # for $batch to dispatch inner requests through
     return herald

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Message
 
-from herald.api.notifications import read_body, version
+from herald.api.requests import read_body, version
 from herald.errors import InvalidRequest
 
 log = logging.getLogger("herald.api")
@@ -233,7 +233,7 @@ async def _call(outer: Request, scope: dict[str, Any], body: bytes, rid: str) ->
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    app = outer.app.state.services.asgi
+    app = outer.app.state.asgi
     try:
         await app(scope, receive, send)
     except Exception:

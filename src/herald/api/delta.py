@@ -17,10 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from herald import odata
-from herald.api import schemas
-from herald.api.access import Caller
-from herald.api.notifications import caller, context, json_response, services
+from herald.access import Caller
+from herald.api import odata, schemas, wire
+from herald.api.requests import caller, context, json_response, services
 from herald.errors import Gone, InvalidRequest
 from herald.model import Change
 from herald.query import Comparison, Order, Query
@@ -95,7 +94,7 @@ async def delta(request: Request) -> Response:
     size, preferred = _page_size(request)
     body: dict[str, Any]
     if ask.deltatoken == LATEST:
-        _, head = await services(request).store.horizon(c.user_id)
+        _, head = await services(request).changelog.horizon(c.user_id)
         body = _body(request, c, [])
         body["@odata.deltaLink"] = _link(request, ask, "$deltatoken", str(head))
     elif ask.deltatoken is not None:
@@ -109,13 +108,13 @@ async def delta(request: Request) -> Response:
         else:
             body = await _changes(request, c, ask, _position(ask.skiptoken, "$skiptoken"), size)
     else:
-        _, head = await services(request).store.horizon(c.user_id)
+        _, head = await services(request).changelog.horizon(c.user_id)
         body = await _snapshot(request, c, ask, head, None, size)
     reached = body.pop(REACHED, None)
     if c.device is not None and reached:  # the device has fetched everything up to here
-        await services(request).store.seen(c.device, reached)
+        await services(request).changelog.seen(c.device, reached)
     headers = {"Preference-Applied": f"odata.maxpagesize={size}"} if preferred else None
-    return json_response(schemas.encode(body), headers=headers)
+    return json_response(wire.encode(body), headers=headers)
 
 
 async def _snapshot(
@@ -123,7 +122,7 @@ async def _snapshot(
 ) -> dict[str, Any]:
     """One page of the first sync: the live feed by id, as of (at least) `position`."""
     s = services(request)
-    _, head = await s.store.horizon(c.user_id)
+    _, head = await s.changelog.horizon(c.user_id)
     if position > head:
         raise InvalidRequest("$skiptoken is not a token this server issued.", target="$skiptoken")
     where = Comparison("id", "gt", after_id) if after_id is not None else None
@@ -144,7 +143,7 @@ async def _changes(
 ) -> dict[str, Any]:
     """One page of changes after `after`, collapsed by notification."""
     s = services(request)
-    pruned, head = await s.store.horizon(c.user_id)
+    pruned, head = await s.changelog.horizon(c.user_id)
     if after > head:
         raise InvalidRequest(
             "The token is ahead of the feed: not one this server issued.", target="$deltatoken"
@@ -154,7 +153,7 @@ async def _changes(
             "The delta token is older than the retained history: start a new sync with "
             "GET …/notifications/delta without a token."
         )
-    changes = await s.store.changes(c.user_id, c.app.host_name, after, size)
+    changes = await s.changelog.changes(c.user_id, c.app.host_name, after, size)
     items = _collapse(changes, ask.select)
     body = _body(request, c, items)
     if len(changes) == size:

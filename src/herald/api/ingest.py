@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from starlette.types import Receive, Scope, Send
 
+from herald.access import Caller
 from herald.api import schemas
-from herald.api.access import Caller
 from herald.api.errors import error_body, error_headers, request_id
-from herald.api.notifications import (
+from herald.api.requests import (
     MINIMAL_APPLIED,
     check_body_headers,
     decode_body,
@@ -34,7 +34,7 @@ from herald.model import Notification
 from herald.store import Once, Remembered
 
 if TYPE_CHECKING:
-    from herald.api.app import Services
+    from herald.service import Services
 
 log = logging.getLogger("herald.api")
 
@@ -171,7 +171,7 @@ class Ingest:
         fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
         async with s.idempotency_lock(scope, key):
             now = s.feed.clock()
-            seen = await s.store.recall(scope, key, now)
+            seen = await s.idempotency.recall(scope, key, now)
             if seen is None:
                 content = schemas.content(body, now, s.limits, c.app.host_name)
                 render = self._render(c, version, fingerprint)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import re
-import zlib
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import msgspec
@@ -14,103 +11,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from herald import fields, odata
-from herald.api import schemas
-from herald.api.access import Caller
+from herald import fields
+from herald.access import Caller
+from herald.api import odata, schemas, wire
+from herald.api.requests import (
+    MINIMAL_APPLIED,
+    caller,
+    context,
+    json_response,
+    read_body,
+    services,
+    wants_minimal,
+)
 from herald.errors import (
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     PreconditionFailed,
-    UnsupportedMediaType,
 )
 from herald.model import Notification
 from herald.query import Query
-
-if TYPE_CHECKING:
-    from herald.api.app import Services
-
-JSON = "application/json"
-UNSUPPORTED_HEADERS = ("if-modified-since", "if-range")
-
-
-def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
-
-
-async def caller(request: Request) -> Caller:
-    user = request.path_params.get("user")
-    headers = request.headers
-    return await services(request).access.caller(
-        headers.get("authorization"), user, headers.get("x-uns-id")
-    )
-
-
-def version(request: Request) -> str:
-    return request.url.path.split("/", 2)[1]
-
-
-def feed_urls(base_url: str, version: str, user_id: str) -> tuple[str, str]:
-    """(the user's notifications URL, the @odata.context prefix for them)."""
-    user = quote(user_id, safe="")
-    return (
-        f"{base_url}/{version}/users/{user}/notifications",
-        f"{base_url}/{version}/$metadata#users('{user}')/notifications",
-    )
-
-
-def context(request: Request, c: Caller, suffix: str) -> str:
-    base = services(request).settings.base_url
-    return feed_urls(base, version(request), c.user_id)[1] + suffix
-
-
-def json_response(
-    body: bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(body, status, headers=headers, media_type=JSON)
-
-
-async def read_body(request: Request, limit: int | None = None) -> bytes:
-    """The request body, checked for content type, encoding and size before it is parsed."""
-    limit = limit or services(request).settings.max_body_bytes
-    check_body_headers(request.headers.get, limit)
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-    return decode_body(body, request.headers.get("content-encoding", "identity"), limit)
-
-
-def check_body_headers(header: Callable[[str], str | None], limit: int) -> None:
-    """Refuse a body by its headers alone: unsupported headers, type, declared size."""
-    for name in UNSUPPORTED_HEADERS:
-        if header(name) is not None:
-            raise InvalidRequest(f"The '{name}' header is not supported.", target=name)
-    kind = (header("content-type") or "").split(";", 1)[0].strip().lower()
-    if kind != JSON:
-        raise UnsupportedMediaType("Content-Type must be application/json.")
-    declared = header("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-
-
-def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
-    """Undo a gzip/deflate Content-Encoding, without letting a small bomb grow past `limit`."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType("Content-Encoding must be gzip or deflate.")
-    wbits = 31 if encoding == "gzip" else 15
-    try:
-        inflater = zlib.decompressobj(wbits)
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidRequest(f"The {encoding} body cannot be decoded.", target="body") from exc
-    if len(data) > limit:
-        raise PayloadTooLarge(f"The decoded request body is larger than {limit} bytes.")
-    return data
 
 
 async def if_match(request: Request, c: Caller) -> int | None:
@@ -141,15 +60,6 @@ def entity(request: Request, c: Caller, n: Notification) -> Response:
         return Response(status_code=204, headers=headers | MINIMAL_APPLIED)
     body = schemas.encode_entity(n, context(request, c, "/$entity"))
     return json_response(body, headers=headers)
-
-
-# `Prefer: return=minimal` (RFC 7240, OData 4.01 §8.2.8.7): answer a write with 204 and no body.
-_MINIMAL = re.compile(r"(?:^|[,;])\s*return\s*=\s*\"?minimal\"?\s*(?:$|[,;])", re.IGNORECASE)
-MINIMAL_APPLIED = {"Preference-Applied": "return=minimal"}
-
-
-def wants_minimal(prefer: str | None) -> bool:
-    return prefer is not None and _MINIMAL.search(prefer) is not None
 
 
 def path_id(request: Request) -> str:
@@ -209,7 +119,7 @@ async def list_all(request: Request) -> Response:
     body["value"] = [schemas.to_builtins(n, query.select) for n in items]
     if asked and len(page.items) > asked:
         body["@odata.nextLink"] = _next_link(request, query.skip + asked)
-    return json_response(schemas.encode(body))
+    return json_response(wire.encode(body))
 
 
 def _one_more(query: Query) -> Query:
@@ -243,10 +153,10 @@ async def count(request: Request) -> Response:
 async def delete_group(request: Request) -> Response:
     """`POST .../notifications/deleteGroup {"groupName": "..."}`: delete a whole group."""
     c = await caller(request)
-    body = schemas.decode_body(await read_body(request), _GROUP_DECODER)
+    body = wire.decode_body(await read_body(request), _GROUP_DECODER)
     group = fields.required(body.groupName, "groupName", schemas.MAX_GROUP_LENGTH)
     deleted = await services(request).feed.delete_group(c.user_id, c.app.host_name, group, c.device)
-    return json_response(schemas.encode({"deletedCount": deleted}))
+    return json_response(wire.encode({"deletedCount": deleted}))
 
 
 class _GroupIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,8 +1,9 @@
-"""JSON ⇄ model: the only place that knows Graph's camelCase wire names.
+"""JSON ⇄ model for notifications: the request bodies and the answers, in Graph's camelCase.
 
 Incoming bodies are decoded by msgspec into lenient wire structs (the seed page sends
 `displayTimeToLive` as a string and names in any case), then normalised into `model` values with
-errors that name the offending field. Outgoing notifications are encoded from `NotificationOut`.
+errors that name the offending field (the decoding itself is `wire.py`). Outgoing notifications
+are encoded from `NotificationOut`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ from typing import Any
 
 import msgspec
 
+from herald.api.wire import (
+    Wire,
+    camel,
+    choice,
+    decode_open,
+    instant,
+    integer,
+    without_annotations,
+)
 from herald.errors import InvalidRequest, PayloadTooLarge
 from herald.fields import string
+from herald.limits import Limits
 from herald.model import (
     ALL_PLATFORMS,
     Content,
@@ -37,38 +48,34 @@ MAX_GROUP_LENGTH = 256
 MAX_DISPLAY_TTL = 30 * 86_400
 
 
-class _Wire(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
-    pass
-
-
-class VisualIn(_Wire):
+class VisualIn(Wire):
     title: Any = None
     body: Any = None
     odata_type: str | None = msgspec.field(default=None, name="@odata.type")
 
 
-class PayloadIn(_Wire):
+class PayloadIn(Wire):
     raw_content: Any = None
     visual_content: VisualIn | None = None
     odata_type: str | None = msgspec.field(default=None, name="@odata.type")
 
 
-class TargetPolicyIn(_Wire):
+class TargetPolicyIn(Wire):
     platform_types: Any = None
     odata_type: str | None = msgspec.field(default=None, name="@odata.type")
 
 
-class EndpointFallbackIn(_Wire):
+class EndpointFallbackIn(Wire):
     platform_types: Any = None
     fallback_delay_in_seconds: Any = None
     visual_content: VisualIn | None = None
 
 
-class FallbackPolicyIn(_Wire):
+class FallbackPolicyIn(Wire):
     endpoint_fallback: EndpointFallbackIn | None = None
 
 
-class NotificationIn(_Wire):
+class NotificationIn(Wire):
     """A POST body. Server-managed fields are accepted only so we can say they are read-only."""
 
     target_host_name: Any = None
@@ -92,7 +99,7 @@ READ_ONLY_ON_POST = ("id", "created_date_time", "last_modified_date_time")
 STATE_ON_POST = ("read_state", "user_action_state")
 
 
-class NotificationPatchIn(_Wire):
+class NotificationPatchIn(Wire):
     read_state: Any = None
     user_action_state: Any = None
     group_name: Any = None
@@ -133,93 +140,9 @@ UPDATE_FIELDS = accepted(NotificationPatchIn, READ_ONLY_ON_PATCH)
 
 _POST_DECODER = msgspec.json.Decoder(NotificationIn)
 _PATCH_DECODER = msgspec.json.Decoder(NotificationPatchIn)
-_OBJECT_DECODER = msgspec.json.Decoder(dict[str, Any])
 
 # An open-type property's name: an OData SimpleIdentifier, at most 128 characters.
 OPEN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
-def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    if not body.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.", target="body")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _validation_error(str(exc)) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", target="body") from exc
-    except RecursionError:
-        raise InvalidRequest("The request body is nested too deeply.", target="body") from None
-
-
-def decode_open(
-    body: bytes, decoder: msgspec.json.Decoder[Any], struct: type[msgspec.Struct]
-) -> tuple[Any, dict[str, Any]]:
-    """A body of the open notification type: (its known properties as `struct`, the others).
-
-    Instance annotations (`@odata.context`, `@odata.etag`, `name@odata.type`) are dropped at
-    any depth, as Graph ignores them. Only the top level is open: an unknown property inside
-    `payload` & co. is still a 400. The common body has neither, and takes the fast path.
-    """
-    try:
-        return decode_body(body, decoder), {}
-    except InvalidRequest as exc:
-        if not exc.message.startswith("Unknown property"):
-            raise
-    data: dict[str, Any] = decode_body(body, _OBJECT_DECODER)
-    known: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    fields = set(struct.__struct_encode_fields__)
-    for name, value in data.items():
-        if "@" in name:
-            continue
-        if name in fields:
-            known[name] = _without_annotations(value)
-        else:
-            extra[name] = value
-    try:
-        return msgspec.convert(known, struct), extra
-    except msgspec.ValidationError as exc:
-        raise _validation_error(str(exc)) from exc
-
-
-def _without_annotations(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_annotations(v) for k, v in value.items() if "@" not in k}
-    return value
-
-
-def _validation_error(text: str) -> InvalidRequest:
-    # msgspec says e.g. "Object contains unknown field `notification`" or "Expected `object`,
-    # got `array`" with "- at `$.payload`"; turn that into a Graph message naming the field.
-    message, _, where = text.partition(" - at `")
-    path = where.rstrip("`").removeprefix("$").lstrip(".") or "body"
-    if "unknown field" in message:
-        name = message.split("`")[1]
-        target = f"{path}.{name}" if path != "body" else name
-        return InvalidRequest(f"Unknown property '{target}' in the request body.", target=target)
-    if path == "body" and "got `array`" in message:
-        return InvalidRequest(
-            "The request body must be a single notification object, not an array.", target="body"
-        )
-    return InvalidRequest(f"Invalid value for '{path}': {message}.", target=path)
-
-
-def choice(value: Any, field: str, members: dict[str, Any]) -> Any:
-    if isinstance(value, bool):
-        raise InvalidRequest(f"'{field}' has an invalid value.", target=field)
-    key = str(value).lower() if isinstance(value, str | int) else None
-    if key is None or key not in members:
-        allowed = ", ".join(sorted({str(m) for m in members.values()}))
-        raise InvalidRequest(
-            f"'{field}' has an invalid value {value!r}; allowed: {allowed}.", target=field
-        )
-    return members[key]
 
 
 PRIORITIES: dict[str, Priority] = {p.value.lower(): p for p in Priority} | {
@@ -254,21 +177,6 @@ def _platforms(value: Any, field: str, default: tuple[Platform, ...]) -> tuple[P
 
 
 _PLATFORM_SETS: dict[tuple[str, ...], tuple[Platform, ...]] = {}
-
-
-_INTEGER = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²"
-
-
-def _integer(value: Any, field: str, low: int, high: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{field}' must be an integer number of seconds.", target=field)
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{field}' must be between {low} and {high}.", target=field)
-    return value
 
 
 def _visual(v: VisualIn | None, field: str, required: bool) -> VisualContent | None:
@@ -316,19 +224,12 @@ def _fallback(f: FallbackPolicyIn | None, targets: tuple[Platform, ...]) -> Fall
         raise InvalidRequest(
             "'fallbackPolicy' needs 'iOS' in 'targetPolicy.platformTypes'.", target=name
         )
-    delay = _integer(e.fallback_delay_in_seconds, f"{name}.fallbackDelayInSeconds", 60, 600)
+    delay = integer(e.fallback_delay_in_seconds, f"{name}.fallbackDelayInSeconds", 60, 600)
     if delay is None:
         raise InvalidRequest(f"'{name}.fallbackDelayInSeconds' is required.", target=name)
     visual = _visual(e.visual_content, f"{name}.visualContent", required=True)
     assert visual is not None
     return FallbackPolicy(EndpointFallback(platforms, delay, visual))
-
-
-class Limits(msgspec.Struct, frozen=True):
-    max_payload_bytes: int
-    default_ttl: int
-    max_ttl: int
-    clamp_ttl: bool
 
 
 def expiration(value: Any, now: datetime, limits: Limits, field: str) -> datetime | None:
@@ -359,8 +260,8 @@ def expiration(value: Any, now: datetime, limits: Limits, field: str) -> datetim
 def _reject_present(body: msgspec.Struct, names: tuple[str, ...], why: str) -> None:
     for name in names:
         if getattr(body, name) is not None:
-            camel = _camel(name)
-            raise InvalidRequest(f"'{camel}' {why}", target=camel)
+            wire_name = camel(name)
+            raise InvalidRequest(f"'{wire_name}' {why}", target=wire_name)
 
 
 def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
@@ -389,7 +290,7 @@ def content(body: bytes, now: datetime, limits: Limits, host: str) -> Content:
         payload=pay,
         target_policy=targets,
         priority=priority,
-        display_time_to_live=_integer(
+        display_time_to_live=integer(
             n.display_time_to_live, "displayTimeToLive", 0, MAX_DISPLAY_TTL
         ),
         expiration_date_time=expires or now + timedelta(seconds=limits.default_ttl),
@@ -453,7 +354,7 @@ def state_patch(body: bytes, now: datetime, limits: Limits) -> tuple[StatePatch,
         group_name=string(p.group_name, "groupName", MAX_GROUP_LENGTH),
         payload=payload(p.payload, limits.max_payload_bytes) if p.payload is not None else None,
         priority=opt(p.priority, "priority", PRIORITIES),
-        display_time_to_live=_integer(
+        display_time_to_live=integer(
             p.display_time_to_live, "displayTimeToLive", 0, MAX_DISPLAY_TTL
         ),
         expiration_date_time=expiration(p.expiration_date_time, now, limits, "expirationDateTime"),
@@ -461,7 +362,7 @@ def state_patch(body: bytes, now: datetime, limits: Limits) -> tuple[StatePatch,
         max_extra_bytes=limits.max_payload_bytes,
     )
     read_only = {
-        _camel(name): getattr(p, name)
+        camel(name): getattr(p, name)
         for name in READ_ONLY_ON_PATCH
         if getattr(p, name) not in (None, msgspec.UNSET)
         or (name == "fallback_policy" and p.fallback_policy is None)
@@ -494,26 +395,16 @@ def _same(name: str, value: Any, n: Notification) -> bool:
         if value is None or n.fallback_policy is None:
             return value is None and n.fallback_policy is None
         try:
-            given_policy = msgspec.convert(_without_annotations(value), FallbackPolicyIn)
+            given_policy = msgspec.convert(without_annotations(value), FallbackPolicyIn)
         except msgspec.ValidationError:
             return False
         return _fallback(given_policy, n.target_policy.platform_types) == n.fallback_policy
-    when = _instant(value, name)
+    when = instant(value, name)
     if name == "createdDateTime":
         return when == n.created_date_time
     # lastModifiedDateTime moves with every write: a value from an earlier read is unchanged
     # for the client that read it, one the notification cannot have had is not.
     return n.created_date_time <= when <= n.last_modified_date_time
-
-
-def _instant(value: Any, field: str) -> datetime:
-    if isinstance(value, str):
-        try:
-            when = datetime.fromisoformat(value.replace("z", "Z"))
-            return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
-        except (ValueError, OverflowError):
-            pass
-    raise InvalidRequest(f"'{field}' is not a valid ISO 8601 date-time.", target=field)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -564,7 +455,7 @@ def out(n: Notification, context: str | None) -> NotificationOut:
 
 
 _ENCODER = msgspec.json.Encoder()
-_WIRE_NAMES = {_camel(f): f for f in NotificationOut.__struct_fields__}
+_WIRE_NAMES = {camel(f): f for f in NotificationOut.__struct_fields__}
 # Every declared property, by lower-cased wire name (open properties may not take these).
 _DECLARED = {name.lower(): name for name in _WIRE_NAMES if not name.startswith("odata")}
 
@@ -585,7 +476,3 @@ def to_builtins(n: Notification, select: tuple[str, ...] | None = None) -> dict[
         keep = {"id", "@odata.etag", *select}
         data = {k: v for k, v in data.items() if k in keep}
     return data
-
-
-def encode(value: Any) -> bytes:
-    return _ENCODER.encode(value)

@@ -34,7 +34,7 @@ from herald.model import Change, Subscription
 from herald.outbound.streams import Closed, Streams
 
 if TYPE_CHECKING:
-    from herald.api.app import Services
+    from herald.service import Services
 
 K = TypeVar("K")
 
@@ -289,11 +289,11 @@ class Endpoint:
         now = s.feed.clock()
         if len(sub_id) > 64 or not sub_id.isprintable():
             raise NotFound(f"Subscription {sub_id[:64]!r} was not found.", target="id")
-        sub = await s.store.get_subscription(sub_id, now)
+        sub = await s.subscriptions.get_subscription(sub_id, now)
         if sub is None or sub.user_id != caller.user_id or sub.app != caller.app.host_name:
             raise NotFound(f"Subscription '{sub_id[:64]}' was not found.", target="id")
         after = _position(headers.get(b"last-event-id"), params.get("after"))
-        pruned, head = await s.store.horizon(caller.user_id)
+        pruned, head = await s.changelog.horizon(caller.user_id)
         if after is None:
             after = head
         elif after < pruned:

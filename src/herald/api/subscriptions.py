@@ -13,10 +13,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald import fields
-from herald.api import schemas
-from herald.api.access import Caller
-from herald.api.notifications import json_response, read_body, services, version
+from herald.access import Caller
+from herald.api import schemas, wire
+from herald.api.requests import json_response, read_body, services, version
 from herald.errors import AccessDenied, InvalidRequest, NotFound
+from herald.limits import Limits
 from herald.model import DeliveryState, DevicePlatform, PushChannel, Subscription
 from herald.outbound.providers import PROVIDERS, webpush
 from herald.outbound.providers.table import FIELD
@@ -83,7 +84,7 @@ def _channel_out(channel: PushChannel | None) -> dict[str, Any] | None:
 
 def _expiration(value: Any, now: datetime, request: Request) -> datetime | None:
     s = services(request).settings
-    limits = schemas.Limits(0, s.subscription_ttl, s.max_subscription_ttl, clamp_ttl=False)
+    limits = Limits(0, s.subscription_ttl, s.max_subscription_ttl, clamp_ttl=False)
     return schemas.expiration(value, now, limits, "expirationDateTime")
 
 
@@ -92,7 +93,7 @@ def _given(value: Any) -> Any:
 
 
 def _decode(body: bytes) -> SubscriptionIn:
-    data: SubscriptionIn = schemas.decode_body(body, _DECODER)
+    data: SubscriptionIn = wire.decode_body(body, _DECODER)
     for name in READ_ONLY:
         if getattr(data, name) is not None:
             raise InvalidRequest(f"'{name}' is read-only.", target=name)
@@ -149,7 +150,7 @@ def _path_id(request: Request) -> str:
 
 async def _own(request: Request, c: Caller) -> Subscription:
     s = services(request)
-    sub = await s.store.get_subscription(_path_id(request), s.feed.clock())
+    sub = await s.subscriptions.get_subscription(_path_id(request), s.feed.clock())
     if sub is None or sub.user_id != c.user_id or sub.app != c.app.host_name:
         raise NotFound(f"Subscription '{_path_id(request)}' was not found.")
     return sub
@@ -159,7 +160,7 @@ async def _holder(request: Request, sub: Subscription) -> Subscription | None:
     """Who holds this push channel now: the store releases it from them (see `Store`)."""
     if sub.push_channel is None:
         return None
-    return await services(request).store.channel_holder(sub.app, sub.push_channel.key)
+    return await services(request).subscriptions.channel_holder(sub.app, sub.push_channel.key)
 
 
 async def _release(request: Request, holder: Subscription | None, stored: Subscription) -> None:
@@ -176,7 +177,7 @@ async def create(request: Request) -> Response:
     _application(data.application, c)
     if data.platform is None:
         raise InvalidRequest("'platform' is required.", target="platform")
-    platform: DevicePlatform = schemas.choice(data.platform, "platform", PLATFORMS)
+    platform: DevicePlatform = wire.choice(data.platform, "platform", PLATFORMS)
     now = s.feed.clock()
     expires = _expiration(data.expirationDateTime, now, request)
     sub = Subscription(
@@ -191,9 +192,9 @@ async def create(request: Request) -> Response:
         last_modified_date_time=now,
     )
     holder = await _holder(request, sub)
-    stored, created = await s.store.add_subscription(sub, s.settings.max_subscriptions, now)
+    stored, created = await s.subscriptions.add_subscription(sub, s.settings.max_subscriptions, now)
     await _release(request, holder, stored)
-    body = schemas.encode(_out(request, stored))
+    body = wire.encode(_out(request, stored))
     if not created:
         return json_response(body)
     base = s.settings.base_url
@@ -209,16 +210,16 @@ async def list_all(request: Request) -> Response:
         raise InvalidRequest(
             f"Query option '{name[:64]}' is not supported on subscriptions.", target=name[:64]
         )
-    subs = await s.store.list_subscriptions(c.user_id, c.app.host_name, s.feed.clock())
+    subs = await s.subscriptions.list_subscriptions(c.user_id, c.app.host_name, s.feed.clock())
     items = [msgspec.to_builtins(_out(request, sub)) for sub in subs]
     for item in items:
         del item["@odata.context"]
-    return json_response(schemas.encode({"@odata.context": _context(request, ""), "value": items}))
+    return json_response(wire.encode({"@odata.context": _context(request, ""), "value": items}))
 
 
 async def get_one(request: Request) -> Response:
     c = await _caller(request)
-    return json_response(schemas.encode(_out(request, await _own(request, c))))
+    return json_response(wire.encode(_out(request, await _own(request, c))))
 
 
 async def patch_one(request: Request) -> Response:
@@ -243,16 +244,16 @@ async def patch_one(request: Request) -> Response:
         raise InvalidRequest("The PATCH body changes nothing.", target="body")
     updated = msgspec.structs.replace(sub, last_modified_date_time=now, **changes)
     holder = await _holder(request, updated)
-    stored = await s.store.update_subscription(updated, now)
+    stored = await s.subscriptions.update_subscription(updated, now)
     await _release(request, holder, stored)
-    return json_response(schemas.encode(_out(request, stored)))
+    return json_response(wire.encode(_out(request, stored)))
 
 
 async def delete_one(request: Request) -> Response:
     c = await _caller(request)
     s = services(request)
     sub_id = _path_id(request)
-    await s.store.delete_subscription(c.user_id, c.app.host_name, sub_id)
+    await s.subscriptions.delete_subscription(c.user_id, c.app.host_name, sub_id)
     await s.broker.revoke(c.user_id, c.app.host_name, sub_id)
     return Response(status_code=204)
 
@@ -268,7 +269,7 @@ async def web_push_key(request: Request) -> Response:
     s.access.limits.check(app.host_name, principal.user_id or principal.client_id)
     pem = await s.keyring.ensure(app.host_name, webpush.KIND, webpush.generate_key)
     body = {"application": app.host_name, "applicationServerKey": webpush.public_key(pem)}
-    return json_response(schemas.encode(body))
+    return json_response(wire.encode(body))
 
 
 def routes() -> list[BaseRoute]:

@@ -26,9 +26,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from herald.auth.credentials import hash_secret, verify_secret
-from herald.auth.issuer import ALGORITHM, LocalIssuer
+from herald.auth.issuer import ALGORITHM, SCOPE, LocalIssuer
 from herald.auth.sessions import SIGNIN_GRANT, InvalidGrant, Sessions
-from herald.auth.tokens import SCOPE
 from herald.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ async def _session_grant(
             grant = sessions.refresh(credential, client_id)
     except InvalidGrant as exc:
         raise OAuthError("invalid_grant", str(exc)) from None
-    if await services.store.get_app(client_id) is None:
+    if await services.directory.get_app(client_id) is None:
         raise OAuthError("invalid_grant", "The app of this session is no longer registered.")
     now = int(sessions.clock())
     ttl = max(1, min(int(services.settings.token_ttl), grant.session_end - now))
@@ -250,7 +249,7 @@ async def _authenticate(request: Request, client_id: str, secret: str) -> None:
     # A client id that cannot exist (too long, control characters, NUL that PostgreSQL text
     # refuses) is an unknown client, not a database error.
     plausible = len(client_id) <= 256 and client_id.isprintable()
-    app = await request.app.state.services.store.get_app(client_id) if plausible else None
+    app = await request.app.state.services.directory.get_app(client_id) if plausible else None
     # The KDF takes tens of milliseconds: run it off the event loop. An unknown client is checked
     # against a dummy hash so that response time does not reveal which client ids exist.
     hashed = app.secret_hash if app is not None else _dummy_hash()

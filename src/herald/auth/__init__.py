@@ -4,10 +4,9 @@ See docs/auth.md.
 """
 
 from herald.auth.credentials import hash_secret, new_client_id, new_client_secret, verify_secret
-from herald.auth.issuer import LocalIssuer
+from herald.auth.issuer import SCOPE, LocalIssuer
 from herald.auth.tokens import (
     ALLOWED_ALGORITHMS,
-    SCOPE,
     IssuerConfig,
     Principal,
     TokenVerifier,

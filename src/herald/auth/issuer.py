@@ -28,9 +28,11 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
-from herald.auth.tokens import SCOPE
-
 log = logging.getLogger(__name__)
+
+# The one permission Herald's API grants (this issuer's tokens carry it) and requires
+# (`tokens.require_permission`): Graph's name for it.
+SCOPE = "Notifications.ReadWrite.CreatedByApp"
 
 KEY_FILE = "issuer-key.json"
 ALGORITHM = "RS256"

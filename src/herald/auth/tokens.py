@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 import httpx
 import msgspec
@@ -30,15 +30,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
 from joserfc.jws import JWSRegistry
 
+from herald.auth.issuer import SCOPE, LocalIssuer
 from herald.errors import AccessDenied, Unauthenticated
 from herald.users import canonical, is_principal_name
 
-if TYPE_CHECKING:
-    from herald.auth.issuer import LocalIssuer
-
 log = logging.getLogger(__name__)
 
-SCOPE = "Notifications.ReadWrite.CreatedByApp"
 # Where a delegated token may carry its user's principal name (Entra v1: upn; v2, Keycloak:
 # preferred_username). Whether Herald learns names from them is the `upn_claims` setting.
 UPN_CLAIMS = ("upn", "preferred_username")

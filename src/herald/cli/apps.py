@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 import click
 
 from herald.auth.credentials import hash_secret, new_client_id, new_client_secret
-from herald.cli import common_options, load_settings, run
+from herald.cli.command import common_options, load_settings, run
 from herald.errors import HeraldError
 from herald.model import App
 from herald.settings import Settings
-from herald.store import Store, open_store
+from herald.store import Directory, open_store
 
 T = TypeVar("T")
 
@@ -97,8 +97,9 @@ def _shown(app: App, secret: str | None = None) -> dict[str, Any]:
     return shown | {"hostName": app.host_name, "platform": app.platform}
 
 
-async def in_store(settings: Settings, job: Callable[[Store], Awaitable[T]]) -> T:
-    """Run `job` on the configured store; a Herald error becomes the command's error."""
+async def in_store(settings: Settings, job: Callable[[Directory], Awaitable[T]]) -> T:
+    """Run `job` on the configured store's apps and users; a Herald error becomes the
+    command's error."""
     settings.data.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.resolved_store_url, settings)
     await store.open()
@@ -202,7 +203,7 @@ def rotate_secret(client_id: str, **options: str | None) -> None:
 async def _find(settings: Settings, name: str) -> App:
     """The app named by one of its client ids or by its host name."""
 
-    async def job(store: Store) -> App | None:
+    async def job(store: Directory) -> App | None:
         app = await store.get_app(name)
         if app is None:
             app = next((a for a in await store.list_apps() if a.host_name == name.lower()), None)

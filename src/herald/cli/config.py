@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from herald.cli import common_options, run
+from herald.cli.command import common_options, run
 from herald.errors import HeraldError
 from herald.settings import FIELDS, ConfigError, Settings, load
 from herald.store import open_store

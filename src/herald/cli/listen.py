@@ -28,8 +28,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from herald.auth.issuer import LocalIssuer
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import find_app
+from herald.cli.command import common_options, load_settings, run
 from herald.settings import Settings
 
 CHANGES = frozenset({"created", "updated", "deleted", "expired"})

@@ -13,20 +13,22 @@ from typing import Any, TypeVar
 
 import click
 
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import app_group
+from herald.cli.command import common_options, load_settings, run
 from herald.errors import HeraldError
 from herald.model import App
 from herald.outbound.providers import PROVIDERS, webpush
 from herald.outbound.providers.table import Entry, Option, Unusable
 from herald.settings import Settings
-from herald.store import Store, open_store
+from herald.store import PushCredentials, open_store
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-async def _with_app(settings: Settings, name: str, job: Callable[[Store, App], Awaitable[T]]) -> T:
+async def _with_app(
+    settings: Settings, name: str, job: Callable[[PushCredentials, App], Awaitable[T]]
+) -> T:
     """Run `job` with the app named by client id or host name."""
     settings.data.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.resolved_store_url, settings)
@@ -47,7 +49,7 @@ async def _with_app(settings: Settings, name: str, job: Callable[[Store, App], A
 def _store(options: dict[str, Any], name: str, kind: str, secret: bytes) -> None:
     settings = load_settings(**options)
 
-    async def job(store: Store, app: App) -> None:
+    async def job(store: PushCredentials, app: App) -> None:
         await store.put_push_credentials(app.host_name, kind, secret)
 
     run(_with_app(settings, name, job))
@@ -62,7 +64,7 @@ def push_key(app: str, **options: Any) -> None:
     if the app has none."""
     settings = load_settings(**options)
 
-    async def job(store: Store, found: App) -> str:
+    async def job(store: PushCredentials, found: App) -> str:
         pem = await store.put_push_credentials(
             found.host_name, webpush.KIND, webpush.generate_key(), replace=False
         )
@@ -123,7 +125,7 @@ def push_show(app: str, **options: Any) -> None:
     """Print which push credentials the app has, as JSON (never a secret)."""
     settings = load_settings(**options)
 
-    async def job(store: Store, found: App) -> dict[str, Any]:
+    async def job(store: PushCredentials, found: App) -> dict[str, Any]:
         return _describe(await store.get_push_credentials(found.host_name))
 
     click.echo(json.dumps(run(_with_app(settings, app, job)), indent=2))
@@ -145,7 +147,7 @@ def push_unset(app: str, provider: str, **options: Any) -> None:
     """Remove the app's credentials for one push service."""
     settings = load_settings(**options)
 
-    async def job(store: Store, found: App) -> bool:
+    async def job(store: PushCredentials, found: App) -> bool:
         kind = PROVIDERS.names[provider].credentials.kind
         return await store.delete_push_credentials(found.host_name, kind)
 

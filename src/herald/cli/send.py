@@ -9,8 +9,8 @@ from typing import Any
 import click
 import httpx
 
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import find_app
+from herald.cli.command import common_options, load_settings, run
 from herald.cli.token import mint
 
 

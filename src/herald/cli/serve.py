@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from herald.cli import common_options, load_settings
+from herald.cli.command import common_options, load_settings
 from herald.logs import configure
 
 
@@ -14,8 +14,9 @@ from herald.logs import configure
 @common_options
 def serve(host: str | None, port: int | None, **options: str | None) -> None:
     """Start the HTTP server."""
-    from herald.api.app import create_app
+    from herald.api.app import build_app
     from herald.server import Server, config, raise_open_files_limit
+    from herald.service import build_services
 
     settings = load_settings(host=host, port=port, **options)
     configure(
@@ -23,7 +24,7 @@ def serve(host: str | None, port: int | None, **options: str | None) -> None:
     )
     click.echo(f"herald: serving on {settings.base_url} (store {_redacted(settings)})", err=True)
     raise_open_files_limit()
-    app = create_app(settings)
+    app = build_app(build_services(settings))
     Server(config(app, settings.host, settings.port, access_log=False, log_config=None)).run()
 
 

@@ -8,8 +8,8 @@ import click
 
 from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import SIGNIN_TTL, Sessions
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import find_app
+from herald.cli.command import common_options, load_settings, run
 
 
 @click.command("signin")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from herald.auth.issuer import LocalIssuer
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import find_app
+from herald.cli.command import common_options, load_settings, run
 from herald.settings import Settings
 
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import click
 
-from herald.cli import common_options, load_settings, run
 from herald.cli.apps import in_store
+from herald.cli.command import common_options, load_settings, run
 from herald.users import MAX_UPN, canonical, is_principal_name, principal_name
 
 

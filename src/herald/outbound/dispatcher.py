@@ -27,7 +27,7 @@ from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
 from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
 from herald.outbound import targets
-from herald.store import Store
+from herald.store import Outbox
 
 log = logging.getLogger("herald.dispatcher")
 
@@ -40,7 +40,7 @@ MAX_REMOVALS = 4  # outbox removals in flight at once
 class Dispatcher:
     def __init__(
         self,
-        store: Store,
+        store: Outbox,
         broker: Broker,
         metrics: Metrics,
         poll: float = POLL_SECONDS,

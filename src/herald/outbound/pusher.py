@@ -28,7 +28,7 @@ from herald.model import Delivery, Provider, PushKind, Settle, Settlement
 from herald.outbound.providers.sender import Outcome, Result, Sender
 from herald.outbound.settler import Settler
 from herald.settings import Settings
-from herald.store import Store
+from herald.store import DeliveryQueue
 
 log = logging.getLogger("herald.push")
 
@@ -44,7 +44,7 @@ LOUD_EVERY = 60.0  # seconds between ERROR lines for one app's refused credentia
 class Pusher:
     def __init__(
         self,
-        store: Store,
+        store: DeliveryQueue,
         senders: dict[Provider, Sender],
         settings: Settings,
         metrics: Metrics,

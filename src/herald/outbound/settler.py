@@ -8,7 +8,7 @@ import logging
 from herald.errors import HeraldError, Unavailable
 from herald.feed import Clock
 from herald.model import Settlement
-from herald.store import Store
+from herald.store import DeliveryQueue
 
 log = logging.getLogger("herald.push")
 
@@ -20,7 +20,7 @@ class Settler:
     is unavailable they are kept and recorded later; until then their leases keep them from
     being sent again, and a crash before recording means at most a repeated push."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: DeliveryQueue, clock: Clock) -> None:
         self.store = store
         self.clock = clock
         self.pending: list[Settlement] = []

@@ -28,7 +28,7 @@ from herald.broker import Broker
 from herald.feed import Clock
 from herald.model import Change, ChangeKind, DevicePlatform, Platform, Subscription
 from herald.settings import Settings
-from herald.store import Store
+from herald.store import ChangeLog, Subscriptions
 
 log = logging.getLogger("herald.stream")
 
@@ -45,6 +45,11 @@ ABORT_SECONDS = 10.0
 
 class Closed(Exception):
     """The client went away (raised by a Sink)."""
+
+
+class StreamStore(ChangeLog, Subscriptions, Protocol):
+    """What streams use of the store: the change log (replay, fetched positions) and the
+    subscriptions (whether an expiring one was renewed)."""
 
 
 class Sink(Protocol):
@@ -267,7 +272,9 @@ class Streams:
     """The streams open on this node: serves each, ticks their deadlines, stores what iOS
     devices fetched, and closes them all at shutdown."""
 
-    def __init__(self, store: Store, broker: Broker, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self, store: StreamStore, broker: Broker, settings: Settings, clock: Clock
+    ) -> None:
         self.store = store
         self.broker = broker
         self.settings = settings

@@ -11,7 +11,7 @@ import aiohttp
 import httpx
 from aiohttp.abc import ResolveResult
 
-from herald.outbound.providers import guard
+import herald.outbound.providers.guard as guard
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

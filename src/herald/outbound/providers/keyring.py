@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from herald.store import Store
+from herald.store import PushCredentials
 
 MISS_TTL = 2.0  # seconds a missing credential is remembered
 
@@ -14,7 +14,7 @@ class Keyring:
     """App push credentials from the store, cached briefly: `herald app push-set` (another
     process) takes effect within `ttl` seconds, or at once after a credentials failure."""
 
-    def __init__(self, store: Store, ttl: float = 30.0) -> None:
+    def __init__(self, store: PushCredentials, ttl: float = 30.0) -> None:
         self.store = store
         self.ttl = ttl
         self.cache: dict[str, tuple[float, dict[str, bytes]]] = {}

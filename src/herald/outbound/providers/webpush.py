@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02
 
+import herald.outbound.providers.guard as guard
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import Message, Priority, PushChannel, PushKind, WebPushChannel, WebPushKeys
-from herald.outbound.providers import guard
 from herald.outbound.providers.clients import Http1, exchange
 from herald.outbound.providers.document import fitted, seconds_left
 from herald.outbound.providers.keyring import Keyring

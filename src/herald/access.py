@@ -16,7 +16,7 @@ from herald.auth.tokens import Principal, TokenVerifier, require_permission
 from herald.errors import AccessDenied, InvalidRequest, NotFound, Unauthenticated
 from herald.limits import RateLimits
 from herald.model import App, Subscription
-from herald.store import Store
+from herald.store import Directory, Subscriptions
 from herald.users import canonical, is_principal_name, principal_name
 
 log = logging.getLogger("herald.api")
@@ -40,7 +40,7 @@ class Caller:
 class Apps:
     """Registered apps by client id, cached briefly: the lookup is on every request."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Directory) -> None:
         self.store = store
         self.cache: dict[str, tuple[App, float]] = {}
 
@@ -58,7 +58,7 @@ class Apps:
 class Users:
     """Who a path's `{user}` is (herald/users.py), and the principal names tokens teach."""
 
-    def __init__(self, store: Store, clock: Callable[[], datetime], learn: bool = True) -> None:
+    def __init__(self, store: Directory, clock: Callable[[], datetime], learn: bool = True) -> None:
         self.store = store
         self.clock = clock
         self.learn = learn
@@ -102,22 +102,17 @@ class Users:
         self.names.pop(upn, None)
 
 
+@dataclass
 class Access:
-    def __init__(
-        self,
-        verifier: TokenVerifier,
-        apps: Apps,
-        limits: RateLimits,
-        store: Store,
-        clock: Callable[[], datetime],
-        users: Users | None = None,
-    ) -> None:
-        self.verifier = verifier
-        self.apps = apps
-        self.limits = limits
-        self.store = store
-        self.clock = clock
-        self.users = users or Users(store, clock)
+    """The authorisation policy: whose feed a request is on, as which app, within which rate
+    limits. No HTTP here: it takes header values, so any front end can use it."""
+
+    verifier: TokenVerifier
+    apps: Apps
+    limits: RateLimits
+    store: Subscriptions
+    clock: Callable[[], datetime]
+    users: Users
 
     async def principal(self, authorization: str | None) -> Principal:
         """The verified caller behind an Authorization header value."""
