@@ -65,7 +65,7 @@ POLL_SECONDS = 0.5
 TIMEOUT_SECONDS = 2.0  # connect, SUBSCRIBE confirmation, a pipeline of PUBLISHes
 MAX_QUEUED = 10_000  # messages waiting for the writer; past this the oldest are dropped
 PIPELINE = 1000
-BACKOFF = (0.05, 1.0)  # first and longest wait between subscription attempts
+BACKOFF = (0.05, 0.5)  # first and longest wait between subscription attempts
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
