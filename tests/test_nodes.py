@@ -1,0 +1,188 @@
+"""Two Herald processes, one PostgreSQL, one redis-server (`broker = "redis"`): posts made through
+node A reach live devices connected to node B, each once, in position order, and what each
+device received is what delta returns. With the memory broker (one process's streams only)
+node B's devices would get A's changes only by chance (issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from herald.auth.issuer import LocalIssuer
+from tests.conftest import free_port
+from tests.devices import WAIT, api, open_stream, subscription_body
+from tests.pg import fresh_database
+from tests.processes import register, start
+from tests.redis import RedisServer, redis_server
+
+pytestmark = pytest.mark.postgres
+
+HOST = "nodes.example.com"
+USERS = 4
+POSTS = 400  # over all users, from 8 concurrent clients to node A
+
+
+@pytest.fixture
+def redis_service() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+@pytest.fixture
+def postgres_store() -> Iterator[str]:
+    yield from fresh_database()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def delta(base: str, token: str, after: int) -> tuple[list[str], int]:
+    """The ids delta returns after position `after`, and the position its deltaLink ends at."""
+    ids: list[str] = []
+    url: str | None = f"/beta/me/notifications/delta?$deltatoken={after}"
+    async with api(base, token) as client:
+        while url is not None:
+            r = await client.get(url)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            ids += [item["id"] for item in page["value"]]
+            url = page.get("@odata.nextLink")
+            if url is None:
+                link = httpx.URL(page["@odata.deltaLink"])
+                return ids, int(link.params["$deltatoken"])
+    raise AssertionError("unreachable")
+
+
+async def post_all(base: str, tokens: list[str]) -> dict[str, float]:
+    """POST `POSTS` notifications to `base`, round-robin over the users; id -> when acked."""
+    acked: dict[str, float] = {}
+    numbers = iter(range(POSTS))
+
+    async def worker() -> None:
+        clients = [api(base, token) for token in tokens]
+        try:
+            for i in numbers:
+                body = {"targetHostName": HOST, "payload": {"rawContent": f"message {i}"}}
+                r = await clients[i % len(tokens)].post("/beta/me/notifications", json=body)
+                assert r.status_code == 201, r.text
+                acked[r.json()["id"]] = time.monotonic()
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    return acked
+
+
+def test_posts_on_node_a_reach_live_devices_on_node_b(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    client_id = register(tmp_path, postgres_store, HOST)
+    # One machine: both nodes share the data directory, hence the embedded issuer's key.
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    tokens = [
+        issuer.mint(client_id=client_id, user_id=f"node-{i}-{uuid.uuid4().hex[:8]}")
+        for i in range(USERS)
+    ]
+    env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": redis_service.url}
+    ports = free_port(), free_port()
+    node_a, node_b = (f"http://127.0.0.1:{port}" for port in ports)
+    procs = [start(tmp_path, port, postgres_store, **env) for port in ports]
+
+    async def scenario() -> tuple[list[list[dict[str, Any]]], list[int], dict[str, float]]:
+        subs = []
+        for token in tokens:
+            async with api(node_b, token) as client:
+                r = await client.post(
+                    "/beta/me/notificationSubscriptions", json=subscription_body(HOST, "live")
+                )
+                assert r.status_code == 201, r.text
+                subs.append(r.json()["id"])
+        received: list[list[dict[str, Any]]] = [[] for _ in tokens]
+        arrived: dict[str, float] = {}
+        starts: list[int] = []
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [
+                await stack.enter_async_context(open_stream("ws", node_b, sub, token))
+                for sub, token in zip(subs, tokens, strict=True)
+            ]
+            for stream in streams:
+                starts.append(await stream.ready())
+            posting = asyncio.create_task(post_all(node_a, tokens))
+
+            async def read(i: int) -> None:
+                while True:
+                    message = await streams[i].next(wait=WAIT)
+                    received[i].append(message)
+                    arrived.setdefault(message["id"], time.monotonic())
+
+            readers = [asyncio.create_task(read(i)) for i in range(len(tokens))]
+            try:
+                acked = await posting
+                deadline = time.monotonic() + 20
+                while not set(acked) <= set(arrived):
+                    assert time.monotonic() < deadline, (
+                        f"node B's devices got {len(set(acked) & set(arrived))} of {len(acked)}"
+                    )
+                    await asyncio.sleep(0.02)
+                # Anything duplicated or late would arrive before this marker, posted last.
+                markers = await post_marker(node_a, tokens)
+                deadline = time.monotonic() + 20
+                while not set(markers) <= set(arrived):
+                    assert time.monotonic() < deadline, "the markers"
+                    await asyncio.sleep(0.02)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+        latencies = sorted(arrived[i] - acked[i] for i in acked)
+        print(
+            f"\ncross-node: {len(acked)} posts on A, live on B; latency from A's 201 to B's"
+            f" device p50 {statistics.median(latencies) * 1000:.1f} ms,"
+            f" p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms,"
+            f" max {latencies[-1] * 1000:.1f} ms"
+        )
+        return received, starts, acked
+
+    try:
+        received, starts, acked = asyncio.run(scenario())
+        for i, token in enumerate(tokens):
+            messages = received[i]
+            positions = [m["position"] for m in messages]
+            assert positions == sorted(set(positions)), "positions strictly increase"
+            ids = [m["id"] for m in messages]
+            assert len(ids) == len(set(ids)), "no duplicates"
+            delta_ids, head = asyncio.run(delta(node_a, token, starts[i]))
+            assert ids == delta_ids, "the device got what delta returns, in its order"
+            assert positions[-1] == head
+        assert {i for messages in received for i in (m["id"] for m in messages)} >= set(acked)
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+async def post_marker(base: str, tokens: list[str]) -> list[str]:
+    ids = []
+    for token in tokens:
+        async with api(base, token) as client:
+            body = {"targetHostName": HOST, "payload": {"rawContent": "marker"}}
+            r = await client.post("/beta/me/notifications", json=body)
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+    return ids
