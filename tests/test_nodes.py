@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,9 @@ async def delta(base: str, token: str, after: int) -> tuple[list[str], int]:
     raise AssertionError("unreachable")
 
 
-async def post_all(base: str, tokens: list[str]) -> dict[str, float]:
-    """POST `POSTS` notifications to `base`, round-robin over the users; id -> when acked."""
+async def post_all(base: str, tokens: list[str], pause: float = 0.0) -> dict[str, float]:
+    """POST `POSTS` notifications to `base`, round-robin over the users, each client pausing
+    `pause` s between its posts; id -> when acked."""
     acked: dict[str, float] = {}
     numbers = iter(range(POSTS))
 
@@ -82,6 +83,7 @@ async def post_all(base: str, tokens: list[str]) -> dict[str, float]:
                 r = await clients[i % len(tokens)].post("/beta/me/notifications", json=body)
                 assert r.status_code == 201, r.text
                 acked[r.json()["id"]] = time.monotonic()
+                await asyncio.sleep(pause)
         finally:
             for client in clients:
                 await client.aclose()
@@ -90,9 +92,28 @@ async def post_all(base: str, tokens: list[str]) -> dict[str, float]:
     return acked
 
 
+def faults(redis: RedisServer) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """What each test variant does to Redis while A is posted to, and how it ends it."""
+
+    def cut() -> None:
+        assert redis.command("CLIENT", "KILL", "TYPE", "pubsub") == b":2"
+
+    return {
+        "none": (lambda: None, lambda: None),
+        "killed": (redis.kill, redis.start),
+        "pubsub_cut": (cut, lambda: None),
+        "frozen": (redis.freeze, redis.thaw),
+    }
+
+
+@pytest.mark.parametrize("fault", ["none", "killed", "pubsub_cut", "frozen"])
 def test_posts_on_node_a_reach_live_devices_on_node_b(
-    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer, fault: str
 ) -> None:
+    """With `fault`, Redis is killed for 2 s (then started again), its pub/sub connections are
+    cut, or it is frozen (SIGSTOP) for 2 s while A is posted to at about 200/s: B notices, its
+    devices get the rest from the change log, and they end the same, with nothing missing."""
+    apply, undo = faults(redis_service)[fault]
     client_id = register(tmp_path, postgres_store, HOST)
     # One machine: both nodes share the data directory, hence the embedded issuer's key.
     issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
@@ -124,7 +145,6 @@ def test_posts_on_node_a_reach_live_devices_on_node_b(
             ]
             for stream in streams:
                 starts.append(await stream.ready())
-            posting = asyncio.create_task(post_all(node_a, tokens))
 
             async def read(i: int) -> None:
                 while True:
@@ -134,6 +154,16 @@ def test_posts_on_node_a_reach_live_devices_on_node_b(
 
             readers = [asyncio.create_task(read(i)) for i in range(len(tokens))]
             try:
+                posting = asyncio.create_task(
+                    post_all(node_a, tokens, 0.0 if fault == "none" else 0.04)
+                )
+                ended = time.monotonic()
+                if fault != "none":
+                    await asyncio.sleep(0.5)
+                    await asyncio.to_thread(apply)
+                    await asyncio.sleep(2.0)
+                    await asyncio.to_thread(undo)
+                    ended = time.monotonic()
                 acked = await posting
                 deadline = time.monotonic() + 20
                 while not set(acked) <= set(arrived):
@@ -152,11 +182,16 @@ def test_posts_on_node_a_reach_live_devices_on_node_b(
                     reader.cancel()
                 await asyncio.gather(*readers, return_exceptions=True)
         latencies = sorted(arrived[i] - acked[i] for i in acked)
+        # The stated bound (docs/architecture.md: 2 s for a silent Redis), with a margin for
+        # this shared machine.
+        assert latencies[-1] < 3.0, latencies[-1]
+        backlog = max((arrived[i] for i in acked if acked[i] <= ended), default=ended) - ended
         print(
-            f"\ncross-node: {len(acked)} posts on A, live on B; latency from A's 201 to B's"
-            f" device p50 {statistics.median(latencies) * 1000:.1f} ms,"
+            f"\ncross-node, Redis fault {fault}: {len(acked)} posts on A, live on B; from A's 201"
+            f" to B's device p50 {statistics.median(latencies) * 1000:.1f} ms,"
             f" p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms,"
-            f" max {latencies[-1] * 1000:.1f} ms"
+            f" max {latencies[-1] * 1000:.1f} ms; what was acked before the fault ended was"
+            f" delivered {max(0.0, backlog) * 1000:.0f} ms after it ended"
         )
         return received, starts, acked
 
