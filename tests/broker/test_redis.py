@@ -329,3 +329,27 @@ async def test_a_frozen_redis_is_noticed_by_its_silence(
         assert n.broker_b.silences >= 1
         assert n.broker_b.subscriptions > before
         print(f"\nRedis SIGSTOP for 4 s: {figures}")
+
+
+async def test_a_node_started_while_redis_is_down_serves_from_the_log_then_goes_live(
+    redis_service: RedisServer, schema: Callable[[], Store]
+) -> None:
+    """Redis is down when the nodes start: they start anyway (after `2 * timeout`), devices get
+    changes from the log meanwhile, and once Redis is up the nodes subscribe and go live."""
+    redis_service.kill()
+    async with nodes(redis_service, schema, timeout=0.5) as n:
+        assert n.broker_b.subscriptions == 0
+        devices = listen(n)
+        for i in range(10):
+            await n.post(USERS[i % len(USERS)])
+        polled = await complete(n, devices, limit=5.0)
+        redis_service.start()
+        await until(lambda: n.broker_a.subscriptions and n.broker_b.subscriptions, "subscribed")
+        begun = time.monotonic()
+        await n.post(USERS[0])
+        live = await complete(n, devices, limit=5.0)
+        await equal_to_delta(n, devices)
+        print(
+            f"\nstarted without Redis: from the log within {polled * 1000:.0f} ms;"
+            f" once subscribed, live in {live * 1000:.0f} ms ({time.monotonic() - begun:.3f} s)"
+        )
