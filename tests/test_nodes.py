@@ -69,11 +69,13 @@ async def delta(base: str, token: str, after: int) -> tuple[list[str], int]:
     raise AssertionError("unreachable")
 
 
-async def post_all(base: str, tokens: list[str], pause: float = 0.0) -> dict[str, float]:
-    """POST `POSTS` notifications to `base`, round-robin over the users, each client pausing
+async def post_all(
+    base: str, tokens: list[str], pause: float = 0.0, count: int = POSTS
+) -> dict[str, float]:
+    """POST `count` notifications to `base`, round-robin over the users, each client pausing
     `pause` s between its posts; id -> when acked."""
     acked: dict[str, float] = {}
-    numbers = iter(range(POSTS))
+    numbers = iter(range(count))
 
     async def worker() -> None:
         clients = [api(base, token) for token in tokens]
@@ -221,3 +223,75 @@ async def post_marker(base: str, tokens: list[str]) -> list[str]:
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
     return ids
+
+
+def test_a_device_resuming_from_far_behind_catches_up_while_changes_go_on(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """A device resumes from position 0 with 3,000 changes to replay while its user's changes
+    keep coming (through A, the device is on B). The live ones show B's cursor a gap (it starts
+    at the device's resume position); filling it must not flood the stream with what its own
+    replay sends, which would cut it off as too slow."""
+    client_id = register(tmp_path, postgres_store, HOST)
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    token = issuer.mint(client_id=client_id, user_id=f"behind-{uuid.uuid4().hex[:8]}")
+    env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": redis_service.url}
+    ports = free_port(), free_port()
+    node_a, node_b = (f"http://127.0.0.1:{port}" for port in ports)
+    procs = [start(tmp_path, port, postgres_store, **env) for port in ports]
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[str]]:
+        async with api(node_b, token) as client:
+            r = await client.post(
+                "/beta/me/notificationSubscriptions", json=subscription_body(HOST, "live")
+            )
+            assert r.status_code == 201, r.text
+            sub = r.json()["id"]
+        history = await post_all(node_a, [token] * 1, count=3000)
+        stop_live = asyncio.Event()
+
+        async def live() -> list[str]:
+            ids = []
+            async with api(node_a, token) as client:
+                while not stop_live.is_set():
+                    body = {"targetHostName": HOST, "payload": {"rawContent": "live"}}
+                    r = await client.post("/beta/me/notifications", json=body)
+                    assert r.status_code == 201, r.text
+                    ids.append(r.json()["id"])
+                    await asyncio.sleep(0.005)
+            return ids
+
+        poster = asyncio.create_task(live())
+        messages: list[dict[str, Any]] = []
+        try:
+            await asyncio.sleep(0.2)
+            async with open_stream("ws", node_b, sub, token, after=0) as stream:
+                assert await stream.ready() == 0
+                while len(messages) < len(history) + 100:
+                    message = await stream.next(wait=WAIT)
+                    assert message["type"] != "closing", message
+                    messages.append(message)
+                stop_live.set()
+                posted = await poster
+                wanted = set(history) | set(posted)
+                while not wanted <= {m["id"] for m in messages}:
+                    message = await stream.next(wait=WAIT)
+                    assert message["type"] != "closing", message
+                    messages.append(message)
+        finally:
+            stop_live.set()
+            await asyncio.gather(poster, return_exceptions=True)
+        return messages, [*history, *posted]
+
+    try:
+        messages, posted = asyncio.run(scenario())
+        positions = [m["position"] for m in messages]
+        assert positions == sorted(set(positions))
+        ids = [m["id"] for m in messages]
+        delta_ids, _ = asyncio.run(delta(node_a, token, 0))
+        assert ids == delta_ids[: len(ids)]
+        assert set(posted) <= set(ids)
+        print(f"\nresumed from 0: {len(ids)} changes in order, {len(posted) - 3000} of them live")
+    finally:
+        for proc in procs:
+            stop(proc)

@@ -17,7 +17,8 @@ the transport calls it after it reconnects and periodically (`broker/redis.py`).
 A new cursor starts at the first listener's own position (its resume position, never past the
 newest one when it listened): starting from the newest position read later would skip a change
 committed between the listener's registration and that read whose message was lost, and the
-listener's replay may have read the log before it committed.
+listener's replay may have read the log before it committed. Its first fill waits for the
+listeners' replay to end (`settle`), then starts where they are.
 """
 
 from __future__ import annotations
@@ -38,17 +39,22 @@ FILL_BATCH = 500
 # Changes held ahead of a gap; past this they are dropped (the fill reads them from the log).
 MAX_AHEAD = 1000
 RETRY_SECONDS = 0.5
+# A new cursor's first fill waits until its listeners' positions stop moving (a resumed stream
+# replaying the log moves its position with every change it sends), up to SETTLE_LIMIT.
+SETTLE_TICK = 0.05
+SETTLE_LIMIT = 2.0
 HEADS_BATCH = 1000  # users per `ChangeLog.heads` read
 
 
 class Cursor:
     """One user's: where this node's listeners have got to, and what waits behind a gap."""
 
-    __slots__ = ("apps", "ahead", "filler", "seen", "user", "wanted")
+    __slots__ = ("apps", "ahead", "filler", "fresh", "seen", "user", "wanted")
 
     def __init__(self, user: str, seen: int) -> None:
         self.user = user
         self.seen = seen
+        self.fresh = True  # `seen` is still its first listener's resume position
         self.wanted = seen  # the newest position known to exist (from `reconcile`)
         self.apps: dict[str, list[Listener]] = {}
         self.ahead: dict[int, Change] = {}
@@ -60,6 +66,9 @@ class Cursor:
 
     def behind(self) -> bool:
         return bool(self.ahead) or self.wanted > self.seen
+
+    def positions(self) -> list[int]:
+        return [listener.sent for listeners in self.apps.values() for listener in listeners]
 
 
 class Cursors:
@@ -126,6 +135,7 @@ class Cursors:
 
     def advance(self, cursor: Cursor, change: Change) -> None:
         cursor.seen = change.position
+        cursor.fresh = False
         # A copy: a listener may unlisten while it is delivered to (it closes on delivery).
         for listener in tuple(cursor.apps.get(change.app, ())):
             if change.position <= listener.sent:
@@ -154,6 +164,8 @@ class Cursors:
         store fails."""
         try:
             await asyncio.sleep(delay)
+            if cursor.fresh:
+                await self.settle(cursor)
             while self.users.get(cursor.user) is cursor and cursor.behind():
                 try:
                     await self.read(cursor)
@@ -166,6 +178,26 @@ class Cursors:
         finally:
             if cursor.filler is asyncio.current_task():
                 cursor.filler = None
+
+    async def settle(self, cursor: Cursor) -> None:
+        """Wait for a new cursor's listeners to finish replaying.
+
+        A new cursor starts at its first listener's resume position, so its first gap spans
+        whatever that listener replays from the log itself. Filled at once, the fill would race
+        the replay and pile the same changes into the listener's backlog (a stream cuts a
+        client off past `MAX_BACKLOG`); once the replay is over, the listener's position is
+        where the fill starts (`Cursor.floor`). Live changes wait meanwhile (`ahead`)."""
+        positions = cursor.positions()
+        deadline = asyncio.get_running_loop().time() + SETTLE_LIMIT
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SETTLE_TICK)
+            if self.users.get(cursor.user) is not cursor:
+                return
+            now = cursor.positions()
+            if now == positions:
+                break
+            positions = now
+        cursor.fresh = False
 
     async def read(self, cursor: Cursor) -> None:
         """One batch of the change log after `seen`, delivered in order."""
