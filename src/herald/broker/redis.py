@@ -29,7 +29,8 @@ latency; the change log (PostgreSQL) stays the truth and fills whatever pub/sub 
 Delay bounds (defaults), on top of the store read: a lost message followed by another change of
 its user, `GRACE` (20 ms); a lost tail, `reconcile` (5 s); a dropped connection or Redis down,
 `poll` (0.5 s) after it is noticed (at once for a closed connection); a silent subscription,
-`deadline` + `poll` (2 s).
+`deadline` + `poll` (2 s). A resumed stream's first live changes wait for its replay to end
+(`Cursors.settle`, at most 2 s).
 """
 
 from __future__ import annotations
