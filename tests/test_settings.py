@@ -46,11 +46,22 @@ def test_unknown_keys_and_variables_are_reported(tmp_path: Path) -> None:
         {"HERALD_MAX_PENDING_PER_ADDRESS": "0"},
         {"HERALD_LOG_REPEATS": "-1"},
         {"HERALD_MAX_STREAMS_PER_SUBSCRIPTION": "200"},
+        {"HERALD_BROKER": "nats"},
+        {"HERALD_BROKER": "redis"},
+        {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": "127.0.0.1:6379"},
+        {"HERALD_REDIS_URL": "redis://127.0.0.1:6379/0"},
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load({}, env)
+
+
+def test_the_redis_broker_takes_a_redis_url() -> None:
+    env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    s = load({}, env).settings
+    assert (s.broker, s.redis_url) == ("redis", "redis://127.0.0.1:6379/0")
+    assert load({}, {}).settings.broker == "memory"
 
 
 def test_trusted_proxies_take_addresses_and_networks() -> None:

@@ -98,7 +98,11 @@ def build_services(
     verifier = TokenVerifier(
         local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
     )
-    broker = MemoryBroker()
+    broker: Broker = MemoryBroker()
+    if settings.broker == "redis":
+        from herald.broker.redis import RedisBroker  # the `redis` extra
+
+        broker = RedisBroker(settings.redis_url, store)
     metrics = Metrics()
     if isinstance(store, SqliteStore):
         metrics.watch(store.metrics.collectors())

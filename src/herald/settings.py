@@ -50,6 +50,10 @@ class Settings:
     # request waits while the database is unreachable.
     postgres_connect_timeout: float = 5.0
     postgres_statement_timeout: float = 15.0
+    # How changes reach the live streams: "memory" (this process only) or "redis" (every Herald
+    # process sharing `redis_url`; the store's change log fills whatever Redis loses).
+    broker: str = "memory"
+    redis_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
     # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
@@ -330,6 +334,14 @@ def _check(s: Settings) -> None:
         problems.append("default_page_size must be > 0 and <= max_page_size")
     if s.store_url and not s.store_url.startswith(("sqlite:", "postgresql:", "postgres:")):
         problems.append("store_url must start with sqlite: or postgresql:")
+    if s.broker not in {"memory", "redis"}:
+        problems.append("broker must be 'memory' or 'redis'")
+    elif s.broker == "redis" and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(
+            "broker 'redis' needs redis_url (redis://host:port/db, rediss:// or unix://)"
+        )
+    elif s.broker == "memory" and s.redis_url:
+        problems.append("redis_url is set but broker is 'memory': set broker = 'redis' to use it")
     for issuer in s.issuers:
         known = {"issuer", "audience", "jwks_url", "discovery_url"}
         if not {"issuer", "audience"} <= issuer.keys() or not (

@@ -1,18 +1,23 @@
 """Broker backends for the contract suite: every test taking `cluster` or `broker` runs on each.
 
 A backend is a `Cluster`: brokers on several nodes that reach each other through the backend.
-A networked broker (Redis, issue 14) adds a fixture here that opens one started broker per
-`node()` call on a shared server, and its name to `cluster`'s params; the tests do not change.
+The memory broker's nodes are one broker; the Redis broker's are separate brokers on one private
+redis-server (tests/redis.py), each with its own cursors over one change log (a real, empty
+SQLite store: the contract's changes never leave a gap, so nothing is read from it but heads).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from herald.broker import Broker, MemoryBroker
+from herald.broker.redis import RedisBroker
+from herald.store.sqlite import SqliteStore
+from tests.redis import RedisServer, redis_server
 
 
 @dataclass
@@ -36,7 +41,39 @@ async def memory() -> AsyncIterator[Cluster]:
         await broker.close()
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture
+def redis_service() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+@pytest.fixture
+async def change_log(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(f"sqlite:///{tmp_path / 'herald.db'}")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def redis(redis_service: RedisServer, change_log: SqliteStore) -> AsyncIterator[Cluster]:
+    opened: list[RedisBroker] = []
+
+    async def node() -> Broker:
+        broker = RedisBroker(redis_service.url, change_log)
+        await broker.start()
+        opened.append(broker)
+        return broker
+
+    try:
+        yield Cluster("redis", node)
+    finally:
+        for broker in opened:
+            await broker.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
 def cluster(request: pytest.FixtureRequest) -> Cluster:
     value: Cluster = request.getfixturevalue(request.param)
     return value

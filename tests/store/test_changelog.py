@@ -156,3 +156,15 @@ async def test_positions_are_never_reused_after_the_log_is_pruned(store: Store) 
         (4, fresh)
     ]
     assert await store.horizon("u1") == (3, 4)
+
+
+async def test_heads_are_each_users_newest_position_in_one_read(store: Store) -> None:
+    for i in range(3):
+        await store.put("u1", APP, content(f"k{i}"), new_id(), T0)
+    await store.put("u2", APP, content("k"), new_id(), T0)
+    heads = await store.heads(["u1", "u2", "nobody"])
+    assert heads == {"u1": 3, "u2": 1, "nobody": 0}
+    assert await store.heads([]) == {}
+    # Pruning the whole log keeps the head: positions are never reused.
+    await store.sweep(T0 + timedelta(days=400), T0 + timedelta(days=400), 100)
+    assert (await store.heads(["u1"]))["u1"] == (await store.horizon("u1"))[1] >= 3

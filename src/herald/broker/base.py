@@ -8,6 +8,14 @@ from herald.model import Change
 
 
 class Listener(Protocol):
+    @property
+    def sent(self) -> int:
+        """The listener's position: it has every change of its (user, app) up to here (from its
+        own replay of the change log, or delivered) and drops any delivery at or below it. When
+        it calls `listen`, it is the position it resumes from, never past the user's newest
+        position then. A broker that fills gaps (`broker/cursor.py`) fills from the lowest of
+        its listeners' positions, and skips a listener whose position is at or past a change."""
+
     def deliver(self, change: Change) -> None:
         """Take one change. Called on the event loop; must not block or raise."""
 
@@ -28,6 +36,11 @@ class Broker(Protocol):
     * `publish` never waits for a slow listener: listeners buffer for themselves (a stream cuts
       off a client that falls too far behind). A listener that raises is logged and skipped;
       the others still get the change. A listener may unlisten while it is delivered to.
+    * A networked broker may lose messages (a dropped connection, the server restarting): it
+      then fills the gap from the change log (`broker/cursor.py`), so a listener still gets
+      every change of its pair published after it listened, each once and in position order;
+      it reads the listener's `sent` to know where the listener starts. Positions are per user,
+      across apps (`model.Change`), which is what lets a node see that one is missing.
     * `unlisten` stops delivery to that listener only; an unknown listener is ignored.
     * `revoke` reaches the listeners of its (user, app) only.
     * After `close`, nothing more is delivered to this node's listeners; closing twice is

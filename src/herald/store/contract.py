@@ -237,6 +237,11 @@ class ChangeLog(Protocol):
     async def horizon(self, user_id: str) -> tuple[int, int]:
         """(oldest retained position - 1, newest position). Positions <= the first were pruned."""
 
+    async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """The newest position of each of these users (0 for a user without changes), in one
+        read: a broker that fills gaps compares them with what it delivered (`broker/cursor.py`).
+        """
+
     async def seen(self, subscription_id: str, position: int) -> None:
         """Raise the subscription's `seen_position` to `position` (never lowers it; an unknown
         id is ignored)."""

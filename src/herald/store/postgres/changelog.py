@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from herald.model import Change
@@ -37,6 +38,12 @@ class PostgresChangeLog(PostgresWriter, ChangeLog):
                 "SELECT pruned, position FROM feed_heads WHERE user_id = $1", user_id
             )
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(_HEADS_SQL, list(user_ids))
+        found = {str(r[0]): int(r[1]) for r in rows}
+        return {u: found.get(u, 0) for u in user_ids}
 
     async def seen(self, subscription_id: str, position: int) -> None:
         """Calls that arrive while one is waiting for the writer join it: one statement and one
@@ -72,6 +79,7 @@ _CHANGES_SQL = (
     f"SELECT {CHANGE_FIELDS} FROM changes c{NOW_JOIN}"
     " WHERE c.user_id = $2 AND c.position > $3{app_clause} ORDER BY c.position LIMIT $4"
 )
+_HEADS_SQL = "SELECT user_id, position FROM feed_heads WHERE user_id = ANY($1::text[])"
 # Sorted ids: rows are locked in id order, as `settle` locks them.
 _SEEN_SQL = (
     "UPDATE subscriptions s SET seen_position = t.p"

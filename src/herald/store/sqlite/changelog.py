@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from herald.model import Change
@@ -43,6 +45,14 @@ class SqliteChangeLog(SqliteDatabase, ChangeLog):
         )
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
+    async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
+        # As `horizon`: the hot path writes no head row, so the newest change counts too.
+        rows = await self._read(
+            lambda c: c.execute(_HEADS_SQL, (json.dumps(list(user_ids)),)).fetchall()
+        )
+        found = {str(r[0]): max(int(r[1] or 0), int(r[2] or 0)) for r in rows}
+        return {u: found.get(u, 0) for u in user_ids}
+
     async def seen(self, subscription_id: str, position: int) -> None:
         def job(c: Connection) -> None:
             c.execute(
@@ -66,4 +76,9 @@ NOW_JOIN = (
 _CHANGES_SQL = (
     f"SELECT {CHANGE_FIELDS} FROM changes c{NOW_JOIN}"
     " WHERE c.user_id = ? AND c.position > ?{app_clause} ORDER BY c.position LIMIT ?"
+)
+
+_HEADS_SQL = (
+    "SELECT u.value, (SELECT max(position) FROM changes WHERE user_id = u.value),"
+    " (SELECT position FROM feed_heads WHERE user_id = u.value) FROM json_each(?) AS u"
 )
