@@ -111,7 +111,13 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 GC_REPORT_MS = 5.0  # pauses at least this long are listed one by one
 GC_TARGET_MS = 20.0  # no pause longer than this while posting
-EXTRA_LIMITS_ENV = {"HERALD_TOKEN_RATE": "1000000000", "HERALD_TOKEN_BURST": "1000000000"}
+EXTRA_LIMITS_ENV = {
+    "HERALD_TOKEN_RATE": "1000000000",
+    "HERALD_TOKEN_BURST": "1000000000",
+    # Every device connects from 127.0.0.1: its handshakes in flight must not count as one
+    # client's pending connections (a stalled server queues them).
+    "HERALD_MAX_PENDING_PER_ADDRESS": "100000",
+}
 
 
 def log(msg: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,6 +40,7 @@ from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
+from herald.collector import Collector
 from herald.errors import HeraldError
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, RateLimits
@@ -245,14 +245,12 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
     redact_tokens()
     services = build_services(settings, store, clock)
     streams = services.streams
+    collector = Collector(streams)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.store.open()
-        # Everything allocated so far lives as long as the process: keep the cyclic GC from
-        # walking it again and again under load (full collections are the long pauses).
-        gc.collect()
-        gc.freeze()
+        collector.start()  # keeps the cyclic GC off long-lived state (herald/collector.py)
         sweeper = asyncio.create_task(expiry.run(services.store, settings, services.feed.clock))
         reporter = asyncio.create_task(report_repeats(min(1.0, settings.log_repeat_window / 4)))
         await services.broker.start()
@@ -263,6 +261,7 @@ def create_app(settings: Settings, store: Store | None = None, clock: Clock = ut
         try:
             yield
         finally:
+            await collector.stop()
             await streams.stop()
             await services.dispatcher.close()
             if services.pusher is not None:

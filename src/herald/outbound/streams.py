@@ -130,6 +130,7 @@ class Stream:
         s, sub = self.streams, self.subscription
         self.main = asyncio.current_task()
         s.open.add(self)
+        s.opened += 1
         s.idle.clear()
         try:
             await self.sink.start()
@@ -154,6 +155,7 @@ class Stream:
         s, sub = self.streams, self.subscription
         s.broker.unlisten(sub.user_id, sub.app, self)
         s.open.discard(self)
+        s.closed += 1
         if not s.open:
             s.idle.set()
         self.stop()
@@ -273,6 +275,9 @@ class Streams:
         self.settings = settings
         self.clock = clock
         self.open: set[Stream] = set()
+        # Streams opened and closed since the process began (herald.collector watches them).
+        self.opened = 0
+        self.closed = 0
         self.idle = asyncio.Event()  # set while no stream is open
         self.idle.set()
         self.ticker: asyncio.Task[None] | None = None
