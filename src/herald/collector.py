@@ -105,4 +105,3 @@ class Collector:
             "full collection",
             extra={"ms": round(1000 * (time.perf_counter() - began), 1), "open": self.frozen},
         )
-
