@@ -643,7 +643,8 @@ def measure(
     wait_quiet(args.wait_quiet, list(pids.values()))
     sampler = Sampler(pids, args.store == "postgres")
     sampler.start()
-    profiler = start_py_spy(args, herald_pid)
+    # With --preload, the drain alone (ingest excluded): from the last 201 on.
+    profiler = None if args.preload else start_py_spy(args, herald_pid)
     try:
         hold_until = 0.0
         if args.preload:
@@ -656,6 +657,8 @@ def measure(
             + (f"at {args.rate:g}/s" if args.rate > 0 else f"over {args.connections} connections")
         )
         posts = asyncio.run(post_all(base, app_token, users, args.connections, args.rate))
+        if args.preload:
+            profiler = start_py_spy(args, herald_pid)
         result.accepted_while_posting = int(ctl.stats()["accepted"])
         summarise_posts(result, posts)
         if args.preload and time.time() >= hold_until:
