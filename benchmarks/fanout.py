@@ -751,7 +751,9 @@ def python_module(module: str) -> list[str]:
 
 
 def uvicorn_argv(port: int) -> list[str]:
-    return [*python_module("uvicorn"), *ingest.uvicorn_flags("fanout_baseline:app", port)]
+    # Herald's WebSocket settings (server.py): no pings (0 turns them off), no compression.
+    flags = ["--ws-ping-interval", "0", "--ws-per-message-deflate", "false"]
+    return [*python_module("uvicorn"), *ingest.uvicorn_flags("fanout_baseline:app", port), *flags]
 
 
 def check_server_nofile(pid: int, devices: int) -> None:
