@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import yarl
 from aiohttp.abc import ResolveResult
 from multidict import CIMultiDict
 
@@ -41,8 +42,8 @@ def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClie
 
 
 MAX_ANSWER = 16_384  # bytes of a push service's answer that are read; the rest is ignored
-MAX_VALID_URLS = 10_000  # endpoints known to parse (a set, cleared when full)
-_valid_urls: set[str] = set()
+MAX_URLS = 10_000  # endpoints parsed (a dict, cleared when full)
+_urls: dict[str, yarl.URL] = {}
 
 
 class Http1:
@@ -123,18 +124,23 @@ async def _exchange1(
     data: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Answer:
-    if url not in _valid_urls:  # parsed once per endpoint: httpx's parse is a tenth of a push
+    parsed = _urls.get(url)
+    if parsed is None:  # parsed once per endpoint: parsing was a tenth of a push's CPU
         try:
             httpx.URL(url)
         except httpx.InvalidURL as exc:  # registered before a stricter check: never works
             raise httpx.UnsupportedProtocol(f"invalid URL: {exc}") from exc
-        if len(_valid_urls) >= MAX_VALID_URLS:
-            _valid_urls.clear()
-        _valid_urls.add(url)
+        try:
+            parsed = yarl.URL(url)
+        except ValueError as exc:
+            raise httpx.UnsupportedProtocol(f"invalid URL: {exc}") from exc
+        if len(_urls) >= MAX_URLS:
+            _urls.clear()
+        _urls[url] = parsed
     try:
         async with http.open().request(
             method,
-            url,
+            parsed,
             data=content if content is not None else data,
             headers=headers,
             allow_redirects=False,  # a redirect could lead anywhere, a private address too

@@ -80,18 +80,22 @@ def _b64(value: str) -> bytes:
 
 
 MAX_KEYS = 10_000  # subscribers' decoded keys kept (a dict, cleared when full)
-_keys: dict[WebPushKeys, tuple[ec.EllipticCurvePublicKey, bytes]] = {}
+_keys: dict[WebPushKeys, tuple[ec.EllipticCurvePublicKey, bytes, bytes]] = {}
 
 
-def subscriber(keys: WebPushKeys) -> tuple[ec.EllipticCurvePublicKey, bytes]:
-    """The subscriber's public key and auth secret, decoded once (a point's decoding and
-    check cost a tenth of an encryption)."""
+def subscriber(keys: WebPushKeys) -> tuple[ec.EllipticCurvePublicKey, bytes, bytes]:
+    """The subscriber's public key, auth secret and the key info's first part ("WebPush:
+    info", a zero byte, its key), made once (a point's decoding and check cost a tenth of an
+    encryption)."""
     found = _keys.get(keys)
     if found is None:
         point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _b64(keys.p256dh))
         if len(_keys) >= MAX_KEYS:
             _keys.clear()
-        found = _keys[keys] = (point, _b64(keys.auth))
+        info = b"WebPush: info\x00" + point.public_bytes(
+            Encoding.X962, PublicFormat.UncompressedPoint
+        )
+        found = _keys[keys] = (point, _b64(keys.auth), info)
     return found
 
 
@@ -104,13 +108,13 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
     Cipher object, byte concatenations, its checks for other versions) cost as much again as
     the cryptography itself (benchmarks/README.md, "push.py").
     """
-    peer, auth = subscriber(channel.keys)
+    peer, auth, info = subscriber(channel.keys)
     key = ec.generate_private_key(ec.SECP256R1())
     ours = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
     secret = key.exchange(ec.ECDH(), peer)
     salt = os.urandom(16)
     # HKDF (RFC 5869) with SHA-256, one block each: extract, then expand with counter 1.
-    ikm = hmac.digest(hmac.digest(auth, secret, "sha256"), _info(peer) + ours + b"\x01", "sha256")
+    ikm = hmac.digest(hmac.digest(auth, secret, "sha256"), info + ours + b"\x01", "sha256")
     prk = hmac.digest(salt, ikm, "sha256")
     cek = hmac.digest(prk, b"Content-Encoding: aes128gcm\x00\x01", "sha256")[:16]
     nonce = hmac.digest(prk, b"Content-Encoding: nonce\x00\x01", "sha256")[:12]
@@ -119,11 +123,6 @@ def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
 
 
 RECORD_SIZE = (4096).to_bytes(4, "big")  # the header's `rs`, as http_ece writes it
-
-
-def _info(peer: ec.EllipticCurvePublicKey) -> bytes:
-    """The key info's first part: "WebPush: info", a zero byte, the subscriber's key."""
-    return b"WebPush: info\x00" + peer.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
 
 class WebPush:
@@ -203,9 +202,19 @@ class WebPush:
 
 
 def _audience(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    """The push service's origin (the VAPID `aud`), worked out once per endpoint."""
+    found = _audiences.get(endpoint)
+    if found is None:
+        parts = urlsplit(endpoint)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        found = f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+        if len(_audiences) >= MAX_KEYS:
+            _audiences.clear()
+        _audiences[endpoint] = found
+    return found
+
+
+_audiences: dict[str, str] = {}
 
 
 # -- registration --------------------------------------------------------------------------------
