@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from herald.auth.issuer import LocalIssuer
 from tests.conftest import free_port
@@ -98,6 +99,7 @@ def settle(proc: subprocess.Popen[bytes], base: str, level: int | None) -> int:
         time.sleep(0.25)
 
 
+@pytest.mark.timeout(180)  # 45-60 s on the 2-core machine: 50,000 handshakes
 def test_rss_returns_after_50000_connections_in_waves(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert hard >= PER_WAVE + 100, f"open-files hard limit {hard} is below one wave"
