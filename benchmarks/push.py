@@ -1,7 +1,7 @@
 """Web Push benchmark: pushes per second through Herald's whole push path, against the raw rate of
 the encryption library doing the per-message work Herald does, measured in the same run.
 
-    baseline  http_ece.encrypt(aes128gcm) exactly as Herald calls it (a fresh P-256 key and salt
+    baseline  http_ece.encrypt(aes128gcm) as Herald called it until issue 15 (fresh P-256 key, salt
               per message, a real subscriber's p256dh/auth, a ~360-byte JSON message), in a loop
               in this process, single-threaded, for --duration s; measured before and after the
               Herald run and averaged. Informational: the same plus a cached VAPID header and the
@@ -202,7 +202,8 @@ class Baseline:
         return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
     def encrypt(self) -> bytes:
-        """As outbound/providers/webpush.encrypt: fresh ECDH key and salt, keys decoded per call."""
+        """As outbound/providers/webpush.encrypt did before issue 15 (the reference the ratios
+        are to): fresh ECDH key and salt, keys decoded per call."""
         return bytes(
             http_ece.encrypt(
                 self.body,
