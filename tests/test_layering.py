@@ -39,7 +39,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "domain": (("herald.feed", "herald.access", "herald.expiry"), ("base", "store", "auth")),
     "outbound": (("herald.outbound",), ("base", "store", "broker", "domain")),
     "service": (
-        ("herald.service",),
+        ("herald.service", "herald.collector"),
         ("base", "store", "broker", "auth", "domain", "outbound"),
     ),
     "api": (

@@ -26,9 +26,11 @@ attribute stores, not a timer of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
+import socket
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("herald.connections")
 
 SWEEP_SECONDS = 1.0  # at most; shorter when a timeout is short
+KEEPALIVE_IDLE = 20  # s idle before TCP keep-alive probes begin
+KEEPALIVE_INTERVAL = 5  # s between probes
+KEEPALIVE_COUNT = 4  # unanswered probes before the kernel drops the connection
 LINGER_SECONDS = 2.0  # how long a refused connection's further input is read and dropped
 # A request line's parts besides the URL ("GET ", " HTTP/1.1\r\n") and each header's ": \r\n".
 LINE_OVERHEAD = 24
@@ -125,6 +130,7 @@ class Connection(HttpToolsProtocol):
     # -- the connection -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        keep_alive(transport)
         guard = self.guard
         guard.watch(self)
         self.deadline = self.loop.time() + guard.header_timeout
@@ -315,6 +321,21 @@ def _answer(exc: HeraldError) -> bytes:
     ]
     lines += [f"{k.lower()}: {v}" for k, v in error_headers(exc).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def keep_alive(transport: asyncio.Transport) -> None:
+    """TCP keep-alive: the kernel probes a connection idle for KEEPALIVE_IDLE s and drops it
+    when KEEPALIVE_COUNT probes KEEPALIVE_INTERVAL s apart go unanswered. This is how a live
+    stream's vanished device is found (Herald sends no WebSocket pings, see server.py): in
+    about 40 s, as with uvicorn's pings, without a Python object per connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # an option this platform lacks
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def protocol(settings: Settings, metrics: Metrics | None = None) -> type[Connection]:

@@ -51,6 +51,13 @@ def config(app: Herald, host: str, port: int, **options: object) -> uvicorn.Conf
         # which thousands of idle live streams cannot afford; the messages are small JSON.
         ws_per_message_deflate=False,
         ws_max_size=WS_MAX_MESSAGE,
+        # No WebSocket pings: each one (every 20 s per connection) made a timer and a pong
+        # parser's objects that lived until the next one, so with 10,000 idle streams the
+        # cyclic GC always had ~50,000 young-but-lasting objects to walk (tens of ms a full
+        # collection). A vanished device is found by TCP keep-alive instead (connections.py,
+        # about as soon), and Herald's `keepalive` messages keep NATs open.
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
         **options,  # type: ignore[arg-type]
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +20,7 @@ from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
+from herald.collector import Collector
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, Limits, RateLimits
 from herald.logs import redact_tokens, report_repeats
@@ -157,10 +157,11 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
         await s.store.open()
         stack.push_async_callback(s.store.close)
         stack.push_async_callback(s.verifier.aclose)
-        # Everything allocated so far lives as long as the process: keep the cyclic GC from
-        # walking it again and again under load (full collections are the long pauses).
-        gc.collect()
-        gc.freeze()
+        # Keeps the cyclic GC off long-lived state: what start-up allocated, then live streams
+        # as they open (herald/collector.py; full collections are the long pauses).
+        collector = Collector(s.streams)
+        collector.start()
+        stack.push_async_callback(collector.stop)
         period = min(1.0, s.settings.log_repeat_window / 4)
         for job in (expiry.run(s.store, s.settings, s.feed.clock), report_repeats(period)):
             stack.push_async_callback(_cancel, asyncio.create_task(job))

@@ -113,8 +113,8 @@ class Stream:
             if subscription.platform is DevicePlatform.LIVE
             else Platform(subscription.platform.value)
         )
-        # A plain list, swapped out whole when sent: an empty deque costs ten times the memory,
-        # and there are thousands of idle streams.
+        # A plain list, emptied when sent: an empty deque costs ten times the memory, and there
+        # are thousands of idle streams.
         self.backlog: list[Change] = []
         self.unsent = 0  # delivered but not yet sent: the backlog and the batch being sent
         self.end: tuple[str, str] | None = None  # why the stream must close
@@ -135,6 +135,7 @@ class Stream:
         s, sub = self.streams, self.subscription
         self.main = asyncio.current_task()
         s.open.add(self)
+        s.opened += 1
         s.idle.clear()
         try:
             await self.sink.start()
@@ -159,6 +160,7 @@ class Stream:
         s, sub = self.streams, self.subscription
         s.broker.unlisten(sub.user_id, sub.app, self)
         s.open.discard(self)
+        s.closed += 1
         if not s.open:
             s.idle.set()
         self.stop()
@@ -200,12 +202,7 @@ class Stream:
                     await self.sink.close(*self.end)
                     return
                 if self.backlog:
-                    batch, self.backlog = self.backlog, []
-                    for change in batch:
-                        if self.end is not None:
-                            break  # e.g. fell too far behind while this loop waited to send
-                        await self.send(change)
-                        self.unsent -= 1
+                    await self.send_backlog()
                     continue
                 if not await self.on_time() and not self.backlog:
                     return  # (a delivery during on_time's await is sent before returning)
@@ -213,6 +210,22 @@ class Stream:
             self.live = False
         finally:
             self.flusher = None
+
+    async def send_backlog(self) -> None:
+        """Send the backlog, deliveries arriving meanwhile included. The list is kept and
+        emptied, not replaced: a new list per flush would be one more object per stream for
+        the cyclic collector to walk (the frozen one stays frozen, herald/collector.py)."""
+        backlog, done = self.backlog, 0
+        try:
+            while done < len(backlog):
+                if self.end is not None:
+                    return  # e.g. fell too far behind while this loop waited to send
+                change = backlog[done]
+                done += 1
+                await self.send(change)
+                self.unsent -= 1
+        finally:
+            del backlog[:done]
 
     async def send(self, change: Change) -> None:
         if change.position <= self.sent:
@@ -280,6 +293,9 @@ class Streams:
         self.settings = settings
         self.clock = clock
         self.open: set[Stream] = set()
+        # Streams opened and closed since the process began (herald.collector watches them).
+        self.opened = 0
+        self.closed = 0
         self.idle = asyncio.Event()  # set while no stream is open
         self.idle.set()
         self.ticker: asyncio.Task[None] | None = None

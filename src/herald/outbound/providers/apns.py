@@ -25,7 +25,7 @@ from joserfc.jwk import ECKey
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import ApnsChannel, Message, Priority, PushChannel, PushKind
-from herald.outbound.providers.clients import client, exchange
+from herald.outbound.providers.clients import Answer, client, exchange
 from herald.outbound.providers.document import shortened
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import (
@@ -145,7 +145,7 @@ class Apns:
             return failure(exc)
         return self.outcome(app, response)
 
-    def outcome(self, app: str, response: httpx.Response) -> Outcome:
+    def outcome(self, app: str, response: Answer) -> Outcome:
         status = response.status_code
         if status == 200:
             return by_status(status, response.headers, "")

@@ -26,7 +26,7 @@ from google.oauth2 import service_account
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import FcmChannel, Message, Priority, PushChannel, PushKind
-from herald.outbound.providers.clients import Http1, exchange, tls_context
+from herald.outbound.providers.clients import Answer, Http1, exchange, tls_context
 from herald.outbound.providers.document import seconds_left, shortened
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import Outcome, Result, by_status, failure, missing
@@ -128,7 +128,7 @@ class Fcm:
             return failure(exc)
         return self.outcome(app, response)
 
-    def outcome(self, app: str, response: httpx.Response) -> Outcome:
+    def outcome(self, app: str, response: Answer) -> Outcome:
         status = response.status_code
         if status == 200:
             return by_status(status, response.headers, "")
@@ -229,7 +229,7 @@ def _headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 
-def _error(response: httpx.Response) -> tuple[str, str]:
+def _error(response: Answer) -> tuple[str, str]:
     """(FCM error code, a short description) from Google's error body."""
     try:
         error = msgspec.json.decode(response.content)["error"]

@@ -1,14 +1,16 @@
 """Web Push: RFC 8030 delivery, RFC 8291 `aes128gcm` payload encryption, RFC 8292 VAPID.
 
-The crypto is the web-push-libs' own: `http_ece` encrypts, `py_vapid` signs; both wrap
-`cryptography`. Each app has its own VAPID key pair (generated on first use, kept in the store);
-browsers subscribe with its public key as `applicationServerKey`.
+VAPID tokens are signed with the web-push-libs' `py_vapid`; the payload is encrypted with
+`cryptography`'s primitives, as the web-push-libs' `http_ece` does it (see `encrypt`). Each app
+has its own VAPID key pair (generated on first use, kept in the store); browsers subscribe with
+its public key as `applicationServerKey`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import os
 import time
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import http_ece
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from py_vapid import Vapid02
 
 import herald.outbound.providers.guard as guard
@@ -76,18 +79,50 @@ def _b64(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
 
-def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
-    """RFC 8291: a fresh ECDH key and salt per message."""
-    return bytes(
-        http_ece.encrypt(
-            body,
-            salt=os.urandom(16),
-            private_key=ec.generate_private_key(ec.SECP256R1()),
-            dh=_b64(channel.keys.p256dh),
-            auth_secret=_b64(channel.keys.auth),
-            version="aes128gcm",
+MAX_KEYS = 10_000  # subscribers' decoded keys kept (a dict, cleared when full)
+_keys: dict[WebPushKeys, tuple[ec.EllipticCurvePublicKey, bytes, bytes]] = {}
+
+
+def subscriber(keys: WebPushKeys) -> tuple[ec.EllipticCurvePublicKey, bytes, bytes]:
+    """The subscriber's public key, auth secret and the key info's first part ("WebPush:
+    info", a zero byte, its key), made once (a point's decoding and check cost a tenth of an
+    encryption)."""
+    found = _keys.get(keys)
+    if found is None:
+        point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _b64(keys.p256dh))
+        if len(_keys) >= MAX_KEYS:
+            _keys.clear()
+        info = b"WebPush: info\x00" + point.public_bytes(
+            Encoding.X962, PublicFormat.UncompressedPoint
         )
-    )
+        found = _keys[keys] = (point, _b64(keys.auth), info)
+    return found
+
+
+def encrypt(body: bytes, channel: WebPushChannel) -> bytes:
+    """RFC 8291 `aes128gcm` in one record, with a fresh ECDH key and salt per message.
+
+    The same steps as `http_ece.encrypt(body, salt=…, private_key=…, dh=…, auth_secret=…,
+    version="aes128gcm")` (which the Web Push stand-in decrypts every push with), made with
+    `cryptography`'s primitives directly: the library's generic path (three HKDF objects, a
+    Cipher object, byte concatenations, its checks for other versions) cost as much again as
+    the cryptography itself (benchmarks/README.md, "push.py").
+    """
+    peer, auth, info = subscriber(channel.keys)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ours = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    secret = key.exchange(ec.ECDH(), peer)
+    salt = os.urandom(16)
+    # HKDF (RFC 5869) with SHA-256, one block each: extract, then expand with counter 1.
+    ikm = hmac.digest(hmac.digest(auth, secret, "sha256"), info + ours + b"\x01", "sha256")
+    prk = hmac.digest(salt, ikm, "sha256")
+    cek = hmac.digest(prk, b"Content-Encoding: aes128gcm\x00\x01", "sha256")[:16]
+    nonce = hmac.digest(prk, b"Content-Encoding: nonce\x00\x01", "sha256")[:12]
+    sealed = AESGCM(cek).encrypt(nonce, body + b"\x02", None)  # 0x02: the last record
+    return salt + RECORD_SIZE + bytes((len(ours),)) + ours + sealed
+
+
+RECORD_SIZE = (4096).to_bytes(4, "big")  # the header's `rs`, as http_ece writes it
 
 
 class WebPush:
@@ -167,9 +202,19 @@ class WebPush:
 
 
 def _audience(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    """The push service's origin (the VAPID `aud`), worked out once per endpoint."""
+    found = _audiences.get(endpoint)
+    if found is None:
+        parts = urlsplit(endpoint)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        found = f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+        if len(_audiences) >= MAX_KEYS:
+            _audiences.clear()
+        _audiences[endpoint] = found
+    return found
+
+
+_audiences: dict[str, str] = {}
 
 
 # -- registration --------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Connection churn does not leak: a real `herald serve` takes 50,000 live WebSocket streams,
+opened and closed in waves, and its memory (RSS) comes back to within 10 % of where it was
+before the waves (after the first one: see the test). Herald keeps long-lived connection state
+frozen out of the cyclic collector's reach (herald/collector.py); a closed connection's reference
+cycles are only freed when that is undone, which this catches if it never happens.
+
+The devices are raw sockets (a WebSocket handshake written by hand, the `ready` frame read, then
+the socket closed), so the client side stays cheap enough for 50,000 connections in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import resource
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from herald.auth.issuer import LocalIssuer
+from tests.conftest import free_port
+from tests.devices import subscription_body
+from tests.processes import register, start
+
+HOST = "churn.example.com"
+WAVES = 10  # in all, of PER_WAVE connections each
+WARM_UP = 3  # waves before the level the test comes back to (the allocator's plateau)
+PER_WAVE = 5_000
+USERS = 5  # each with one subscription, streamed PER_WAVE / USERS times at once
+IN_FLIGHT = 256  # handshakes at a time
+TOLERANCE = 0.10
+SETTLE_S = 15.0  # how long RSS may take to come back (the collector looks once a second)
+THAW_S = 3.0  # the collector unfreezes a tick after closing pauses, and looks once a second
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def handshake(port: int, sub: str, token: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /beta/me/notificationSubscriptions/{sub}/stream HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+
+async def open_one(port: int, request: bytes, gate: asyncio.Semaphore) -> asyncio.StreamWriter:
+    """A WebSocket stream, open once its `ready` message came."""
+    async with gate:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head[:200]
+        first = await reader.readexactly(2)  # an unmasked text frame, short: `ready`
+        assert first[0] == 0x81 and first[1] < 126, first
+        assert b'"ready"' in await reader.readexactly(first[1])
+        return writer
+
+
+async def wave(port: int, requests: list[bytes], pid: int) -> int:
+    """Open a stream per request, then drop them all; the server's RSS while all were open."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+    writers = await asyncio.gather(*(open_one(port, r, gate) for r in requests))
+    held = rss_kb(pid)
+    for writer in writers:
+        writer.transport.abort()  # the device vanishes: no close handshake
+    return held
+
+
+def streams_open(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("herald_live_streams{")
+    )
+
+
+def settle(proc: subprocess.Popen[bytes], base: str, level: int | None) -> int:
+    """RSS once no stream is open and (given a level) it is back within the tolerance of it, or
+    when time runs out."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        now = rss_kb(proc.pid)
+        if streams_open(base) == 0 and (level is None or now <= level * (1 + TOLERANCE)):
+            return now
+        if time.monotonic() > deadline:
+            return now
+        time.sleep(0.25)
+
+
+@pytest.mark.timeout(180)  # 45-60 s on the 2-core machine: 50,000 handshakes
+def test_rss_returns_after_50000_connections_in_waves(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= PER_WAVE + 100, f"open-files hard limit {hard} is below one wave"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    client_id = register(tmp_path, None, HOST)
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    tokens = [
+        issuer.mint(client_id=client_id, user_id=f"churn-{uuid.uuid4()}") for _ in range(USERS)
+    ]
+    per_sub = str(PER_WAVE // USERS)
+    proc = start(
+        tmp_path,
+        port,
+        None,
+        HERALD_MAX_STREAMS_PER_SUBSCRIPTION=per_sub,
+        HERALD_MAX_STREAMS_PER_USER=per_sub,
+        HERALD_MAX_PENDING_PER_ADDRESS=str(4 * IN_FLIGHT),
+        HERALD_LOG_LEVEL="warning",  # not a line per connection
+    )
+    try:
+        subs = []
+        for token in tokens:
+            r = httpx.post(
+                f"{base}/beta/me/notificationSubscriptions",
+                json=subscription_body(HOST, "live"),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 201, r.text
+            subs.append(r.json()["id"])
+        rss0 = rss_kb(proc.pid)
+        requests = [handshake(port, subs[i % USERS], tokens[i % USERS]) for i in range(PER_WAVE)]
+        # The level before: once the server has held WARM_UP waves. Freed memory is not all given
+        # back to the system (Python's allocator keeps a 1 MiB arena while any object in it
+        # lives, the C heap keeps fragments), so the first waves raise RSS for good even on a
+        # server that frees every object of every connection (measured: 75 MB idle, then 188,
+        # 199, 215, 215 MB while waves 1-4 are held, and 26.2 MB of live Python objects before
+        # and 26.3 after, sys._debugmallocstats); a leak raises it with every wave after that
+        # (never unfreezing: +20 MB a wave, 213 MB before, then 427 MB).
+        first = max(asyncio.run(wave(port, requests, proc.pid)) for _ in range(WARM_UP))
+        settle(proc, base, None)
+        time.sleep(THAW_S)
+        before = rss_kb(proc.pid)
+        peak = max(asyncio.run(wave(port, requests, proc.pid)) for _ in range(WAVES - WARM_UP))
+        after = settle(proc, base, before)
+        print(f"RSS: {rss0} KB idle, {before} KB before, peak {peak} KB, {after} KB after")
+        # What a leak of these connections would add is a fair share of what they hold.
+        assert first > 1.5 * rss0, "a wave does not hold enough memory to tell a leak"
+        assert after <= before * (1 + TOLERANCE), (before, peak, after)
+    finally:
+        proc.terminate()
+        proc.wait(10)
