@@ -1,6 +1,8 @@
 """Connection churn does not leak: a real `herald serve` takes 50,000 live WebSocket streams,
-opened and closed in waves, and its memory (RSS) comes back to within 10 % of where it was
-before the waves (after the first one: see the test). Herald keeps long-lived connection state
+opened and closed in waves, and its memory (RSS) does not grow with churn: after the warm-up
+waves, neither holding a wave nor the idle level after the last one exceeds by more than 10 %
+what the server held during the warm-up waves (why not the idle level between waves: see the
+test). Herald keeps long-lived connection state
 frozen out of the cyclic collector's reach (herald/collector.py); a closed connection's reference
 cycles are only freed when that is undone, which this catches if it never happens.
 
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import os
 import resource
+import statistics
 import subprocess
 import time
 import uuid
@@ -28,7 +31,7 @@ from tests.processes import register, start
 
 HOST = "churn.example.com"
 WAVES = 10  # in all, of PER_WAVE connections each
-WARM_UP = 3  # waves before the level the test comes back to (the allocator's plateau)
+WARM_UP = 4  # waves before the level the test holds to (the allocator's plateau: see the test)
 PER_WAVE = 5_000
 USERS = 5  # each with one subscription, streamed PER_WAVE / USERS times at once
 IN_FLIGHT = 256  # handshakes at a time
@@ -140,16 +143,29 @@ def test_rss_returns_after_50000_connections_in_waves(tmp_path: Path) -> None:
         # 199, 215, 215 MB while waves 1-4 are held, and 26.2 MB of live Python objects before
         # and 26.3 after, sys._debugmallocstats); a leak raises it with every wave after that
         # (never unfreezing: +20 MB a wave, 213 MB before, then 427 MB).
-        first = max(asyncio.run(wave(port, requests, proc.pid)) for _ in range(WARM_UP))
+        # How much of a closed wave's memory goes back to the system between waves varies from
+        # run to run (182-200 MB after three waves, measured), so that idle level is no bound:
+        # comparing with it failed 2 runs in 3 on a server that does not leak. What a wave held
+        # during the warm-up reaches a plateau by the fourth (measured: 188, 199, 215, 215 MB
+        # for waves 1-4; then 198-225 MB for each later wave); a leak adds to it every wave
+        # (never unfreezing: 264 MB held in the warm-up, then 285, 314, 333, 355, 384, 409).
+        held = max(asyncio.run(wave(port, requests, proc.pid)) for _ in range(WARM_UP))
         settle(proc, base, None)
         time.sleep(THAW_S)
-        before = rss_kb(proc.pid)
-        peak = max(asyncio.run(wave(port, requests, proc.pid)) for _ in range(WAVES - WARM_UP))
-        after = settle(proc, base, before)
-        print(f"RSS: {rss0} KB idle, {before} KB before, peak {peak} KB, {after} KB after")
+        between = rss_kb(proc.pid)
+        later = [asyncio.run(wave(port, requests, proc.pid)) for _ in range(WAVES - WARM_UP)]
+        # The median: one wave's RSS may sit a few % above the plateau (measured up to +11 %),
+        # while a leak lifts most of them (+20 MB a wave, so the median by 60 MB and more).
+        peak = statistics.median(later)
+        after = settle(proc, base, held)
+        print(
+            f"RSS: {rss0} KB idle, {held} KB holding a warm-up wave, {between} KB between, "
+            f"{later} KB holding the later waves, {after} KB after"
+        )
         # What a leak of these connections would add is a fair share of what they hold.
-        assert first > 1.5 * rss0, "a wave does not hold enough memory to tell a leak"
-        assert after <= before * (1 + TOLERANCE), (before, peak, after)
+        assert held > 1.5 * rss0, "a wave does not hold enough memory to tell a leak"
+        assert peak <= held * (1 + TOLERANCE), (held, peak, after)
+        assert after <= held * (1 + TOLERANCE), (held, peak, after)
     finally:
         proc.terminate()
         proc.wait(10)
