@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,29 @@ def test_example_config_is_valid_and_complete() -> None:
     missing = [name for name in FIELDS if f"{name} =" not in uncommented and name != "issuers"]
     assert not missing, f"options missing from herald.example.toml: {missing}"
     assert "[[issuers]]" in uncommented
+
+
+def test_the_redis_broker_without_the_redis_extra_is_a_clear_error(tmp_path: Path) -> None:
+    """`broker = "redis"` on an install without the `redis` extra: one line saying what to
+    install, exit 1, no traceback (a stand-in `redis` package that cannot be imported)."""
+    fake = tmp_path / "site" / "redis"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named redis (stand-in)')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path / "site"),
+        "HERALD_DATA": str(tmp_path / "data"),
+        "HERALD_BROKER": "redis",
+        "HERALD_REDIS_URL": "redis://127.0.0.1:9/0",
+        "HERALD_PORT": "9",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "herald", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "pip install 'herald[redis]'" in done.stderr, done.stderr[-2000:]

@@ -8,6 +8,7 @@ a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import json
 import os
@@ -340,6 +341,8 @@ def _check(s: Settings) -> None:
         problems.append(
             "broker 'redis' needs redis_url (redis://host:port/db, rediss:// or unix://)"
         )
+    elif s.broker == "redis" and not _importable("redis.asyncio"):
+        problems.append("broker 'redis' needs the redis extra: pip install 'herald[redis]'")
     elif s.broker == "memory" and s.redis_url:
         problems.append("redis_url is set but broker is 'memory': set broker = 'redis' to use it")
     for issuer in s.issuers:
@@ -364,3 +367,12 @@ def _check(s: Settings) -> None:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _importable(module: str) -> bool:
+    """Whether an optional dependency can be imported (found is not enough: it may be broken)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
