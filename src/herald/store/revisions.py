@@ -10,14 +10,19 @@ from typing import Any
 
 import msgspec
 
-from herald.errors import PayloadTooLarge, PreconditionFailed
+from herald.errors import NotFound, PayloadTooLarge, PreconditionFailed
 from herald.model import Content, DeliveryState, Notification, StatePatch, Subscription
 from herald.store.contract import Once
 
 
-def check_etag(n: Notification, if_match: int | None) -> None:
+def matching(n: Notification | None, id: str, if_match: int | None) -> Notification:
+    """The live notification an update or delete acts on: NotFound when there is none,
+    PreconditionFailed when `if_match` names another version."""
+    if n is None:
+        raise NotFound(f"notification {id} not found")
     if if_match is not None and if_match != n.version:
         raise PreconditionFailed(f"notification {n.id} is at version {n.version}, not {if_match}")
+    return n
 
 
 @dataclass(slots=True)

@@ -8,7 +8,6 @@ from typing import Any
 
 import asyncpg
 
-from herald.errors import NotFound
 from herald.model import ChangeKind, Content, Notification, StatePatch
 from herald.query import Filter, Page, Query
 from herald.store.compiler import POSTGRES, feed_where, order_by
@@ -16,7 +15,7 @@ from herald.store.contract import Notifications, Once, Remembered
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
-from herald.store.revisions import Put, check_etag, patched
+from herald.store.revisions import Put, matching, patched
 from herald.store.rows import NOTIFICATION_COLUMNS, notification_from_row, notification_values
 
 
@@ -91,10 +90,7 @@ class PostgresNotifications(PostgresWriter, Notifications):
         origin: str | None = None,
     ) -> Notification:
         async def run(tx: Tx) -> Notification:
-            old = await _live(tx.conn, user_id, app, id, now)
-            if old is None:
-                raise NotFound(f"notification {id} not found")
-            check_etag(old, if_match)
+            old = matching(await _live(tx.conn, user_id, app, id, now), id, if_match)
             n = patched(old, patch, now)
             await _update_rows(tx.conn, [n])
             tx.append(user_id, ChangeKind.UPDATED, app, n.id, now, origin)
@@ -112,10 +108,7 @@ class PostgresNotifications(PostgresWriter, Notifications):
         origin: str | None = None,
     ) -> None:
         async def run(tx: Tx) -> None:
-            old = await _live(tx.conn, user_id, app, id, now)
-            if old is None:
-                raise NotFound(f"notification {id} not found")
-            check_etag(old, if_match)
+            matching(await _live(tx.conn, user_id, app, id, now), id, if_match)
             await tx.conn.execute("DELETE FROM notifications WHERE id = $1", id)
             tx.append(user_id, ChangeKind.DELETED, app, id, now, origin)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import cast
 
-from herald.errors import NotFound
 from herald.model import ChangeKind, Content, Notification, StatePatch
 from herald.query import DEFAULT_ORDER, Filter, Page, Query
 from herald.store.compiler import SQLITE, feed_where, order_by
 from herald.store.contract import Notifications, Once, Remembered
-from herald.store.revisions import check_etag, patched
+from herald.store.revisions import matching, patched
 from herald.store.rows import (
     NOTIFICATION_COLUMNS,
     from_micros,
@@ -102,10 +101,7 @@ class SqliteNotifications(SqliteDatabase, Notifications):
         origin: str | None = None,
     ) -> None:
         def job(c: Connection) -> None:
-            n = find_live(c, user_id, app, id, to_micros(now))
-            if n is None:
-                raise NotFound(f"notification {id} not found")
-            check_etag(n, if_match)
+            n = matching(find_live(c, user_id, app, id, to_micros(now)), id, if_match)
             remove(c, n.user_id, n.app, n.id, ChangeKind.DELETED, to_micros(now), origin)
 
         await self._write(job)
@@ -151,10 +147,7 @@ def _update(
     origin: str | None,
 ) -> Notification:
     now = now.astimezone(UTC)
-    old = find_live(c, user_id, app, id, to_micros(now))
-    if old is None:
-        raise NotFound(f"notification {id} not found")
-    check_etag(old, if_match)
+    old = matching(find_live(c, user_id, app, id, to_micros(now)), id, if_match)
     n = patched(old, patch, now)
     c.execute(UPDATE_SQL, notification_values(n, to_micros))
     append(c, user_id, ChangeKind.UPDATED, app, n.id, to_micros(now), origin)
