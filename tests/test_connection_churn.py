@@ -1,8 +1,9 @@
 """Connection churn does not leak: a real `herald serve` takes 50,000 live WebSocket streams,
 opened and closed in waves, and its memory (RSS) does not grow with churn: after the warm-up
-waves, neither holding a wave nor the idle level after the last one exceeds by more than 10 %
-what the server held during the warm-up waves (why not the idle level between waves: see the
-test). Herald keeps long-lived connection state
+waves, what the server holds while a wave is open does not climb from wave to wave (the median
+step, at most 3 % of the warm-up level), and neither the waves nor the idle level after
+the last one sit more than 25 % above what the server held during the warm-up (why not the idle
+level between waves, nor a tighter level: see the test). Herald keeps long-lived connection state
 frozen out of the cyclic collector's reach (herald/collector.py); a closed connection's reference
 cycles are only freed when that is undone, which this catches if it never happens.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import resource
 import statistics
@@ -35,7 +37,8 @@ WARM_UP = 4  # waves before the level the test holds to (the allocator's plateau
 PER_WAVE = 5_000
 USERS = 5  # each with one subscription, streamed PER_WAVE / USERS times at once
 IN_FLIGHT = 256  # handshakes at a time
-TOLERANCE = 0.10
+TOLERANCE = 0.25  # above the warm-up level, for the later waves' median and the level after
+GROWTH = 0.03  # of the warm-up level, per wave: the most the later waves may climb
 SETTLE_S = 15.0  # how long RSS may take to come back (the collector looks once a second)
 THAW_S = 3.0  # the collector unfreezes a tick after closing pauses, and looks once a second
 
@@ -154,18 +157,24 @@ def test_rss_returns_after_50000_connections_in_waves(tmp_path: Path) -> None:
         time.sleep(THAW_S)
         between = rss_kb(proc.pid)
         later = [asyncio.run(wave(port, requests, proc.pid)) for _ in range(WAVES - WARM_UP)]
-        # The median: one wave's RSS may sit a few % above the plateau (measured up to +11 %),
-        # while a leak lifts most of them (+20 MB a wave, so the median by 60 MB and more).
+        # A leak is growth from wave to wave, so that is what the test measures: the median of the
+        # steps from each later wave to the next, which one or two steps of the allocator do not
+        # move. Such steps happen after the warm-up on a server that does not leak (measured:
+        # 204 MB held in the warm-up, then 198, 225, 225, 225, 225, 225 MB, where a bound of
+        # +10 % on the waves' median failed; 223, then 202, 202, 214, 214, 216, 216 MB), while a
+        # leak climbs every wave (never unfreezing: +19-29 MB a wave, 7-11 % of 264 MB).
+        growth = statistics.median(b - a for a, b in itertools.pairwise(later))
         peak = statistics.median(later)
         after = settle(proc, base, held)
         print(
             f"RSS: {rss0} KB idle, {held} KB holding a warm-up wave, {between} KB between, "
-            f"{later} KB holding the later waves, {after} KB after"
+            f"{later} KB holding the later waves (growth {growth:.0f} KB a wave), {after} KB after"
         )
         # What a leak of these connections would add is a fair share of what they hold.
         assert held > 1.5 * rss0, "a wave does not hold enough memory to tell a leak"
-        assert peak <= held * (1 + TOLERANCE), (held, peak, after)
-        assert after <= held * (1 + TOLERANCE), (held, peak, after)
+        assert growth <= GROWTH * held, (held, later, growth)
+        assert peak <= held * (1 + TOLERANCE), (held, later, after)
+        assert after <= held * (1 + TOLERANCE), (held, later, after)
     finally:
         proc.terminate()
         proc.wait(10)
