@@ -27,8 +27,17 @@ and over the server's whole life. Halfway through posting each server is made to
 (generation 2) collection, so the worst case always falls inside the window; `--no-full-gc` leaves
 it to chance (see benchmarks/README.md).
 
+With `--nodes N` (N > 1, PostgreSQL) each target runs as N server processes joined by a private
+redis-server started here: Herald as N `herald serve` on one PostgreSQL with the Redis broker,
+the baseline as N processes that relay every POST through one Redis channel. Device d connects to
+node d % N (a user's two devices land on different nodes), the app server posts to node 0, so
+latency is reported apart for devices on the posting node (same-node) and on the others
+(cross-node), with CPU per delivered message for the servers, Redis and PostgreSQL, and GC pauses
+of every node.
+
 Usage: .venv/bin/python benchmarks/fanout.py [--quick] [--devices 10000] [--rate 1000]
        [--duration 20] [--store sqlite|postgres] [--targets baseline,herald] [--no-full-gc]
+       [--nodes 2]
 """
 
 from __future__ import annotations
@@ -111,6 +120,8 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 GC_REPORT_MS = 5.0  # pauses at least this long are listed one by one
 GC_TARGET_MS = 20.0  # no pause longer than this while posting
+NODES_GC_TARGET_MS = 50.0  # --nodes: no node's pause longer than this while posting
+CROSS_NODE_P99_FACTOR = 2.0  # --nodes: cross-node p99 at most this times same-node p99
 EXTRA_LIMITS_ENV = {
     "HERALD_TOKEN_RATE": "1000000000",
     "HERALD_TOKEN_BURST": "1000000000",
@@ -518,6 +529,15 @@ class Result:
     server_cpu_pct: float = 0.0
     server_cpu_s: float = 0.0  # while posting
     db_cpu_pct: float = 0.0  # PostgreSQL's processes (--store postgres)
+    db_cpu_s: float = 0.0
+    redis_cpu_pct: float = 0.0  # the redis-server (--nodes)
+    redis_cpu_s: float = 0.0
+    nodes: int = 1
+    same_p50_ms: float = 0.0  # --nodes: devices on the node the posts go to
+    same_p99_ms: float = 0.0
+    cross_p50_ms: float = 0.0  # --nodes: devices on the other nodes
+    cross_p99_ms: float = 0.0
+    node_gc_ms: list[float] = field(default_factory=list)  # longest pause while posting, by node
     devices_cpu_pct: float = 0.0  # the device worker processes
     poster_cpu_pct: float = 0.0  # this process: the app server posting
     other_cpu_pct: float = 0.0
@@ -600,6 +620,7 @@ def tally(result: Result, posts: Posts, replies: list[Any]) -> None:
     acked = [s in (200, 201) for s in posts.status]
     seen: Counter[tuple[int, int]] = Counter()
     latencies: list[float] = []
+    by_node: tuple[list[float], list[float]] = ([], [])  # same-node, cross-node (--nodes)
     for seqs_b, devs_b, times_b, other, closes in replies:
         seqs, devs, times = (array.array("q") for _ in range(3))
         seqs.frombytes(seqs_b)
@@ -612,6 +633,7 @@ def tally(result: Result, posts: Posts, replies: list[Any]) -> None:
             seen[(seq, dev)] += 1
             if seen[(seq, dev)] == 1 and acked[seq]:
                 latencies.append((t - posts.sent_ns[seq]) / 1e6)
+                by_node[dev % result.nodes != 0].append(latencies[-1])
         for k, v in other.items():
             result.other_messages[k] = result.other_messages.get(k, 0) + v
         for k, v in closes.items():
@@ -625,6 +647,10 @@ def tally(result: Result, posts: Posts, replies: list[Any]) -> None:
     result.p50_ms = percentile(latencies, 50)
     result.p99_ms = percentile(latencies, 99)
     result.max_ms = latencies[-1] if latencies else float("nan")
+    if result.nodes > 1:
+        same, cross = (sorted(xs) for xs in by_node)
+        result.same_p50_ms, result.same_p99_ms = percentile(same, 50), percentile(same, 99)
+        result.cross_p50_ms, result.cross_p99_ms = percentile(cross, 50), percentile(cross, 99)
 
 
 def summarise_posts(result: Result, posts: Posts) -> None:
@@ -638,29 +664,50 @@ def summarise_posts(result: Result, posts: Posts) -> None:
     result.ack_p99_ms = percentile(acks, 99)
 
 
-def measure(args: argparse.Namespace, target: Target, server_pid: int, result: Result) -> None:
+@dataclass(frozen=True)
+class Servers:
+    """The processes of one target: its nodes, and the redis-server joining them (--nodes)."""
+
+    pids: list[int]
+    redis_pid: int | None = None
+
+    def rss_kb(self) -> int:
+        return sum(rss_kb(pid) for pid in self.pids)
+
+    def cpu_seconds(self) -> float:
+        return sum(ingest.proc_cpu_seconds(pid) for pid in self.pids)
+
+    def redis_cpu_seconds(self) -> float:
+        return ingest.proc_cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
+
+    def signal(self, signum: int) -> None:
+        for pid in self.pids:
+            os.kill(pid, signum)
+
+
+def measure(args: argparse.Namespace, target: Target, servers: Servers, result: Result) -> None:
     """Warm up, then run the devices' workers through one measurement."""
     asyncio.run(warm_up(target))
     workers = Workers(make_devices(target, args.devices), args.workers, args.open_rate)
     try:
         workers.check_clock()
-        measure_with(args, target, server_pid, result, workers)
+        measure_with(args, target, servers, result, workers)
     finally:
         workers.stop()
 
 
 def measure_with(
-    args: argparse.Namespace, target: Target, server_pid: int, result: Result, workers: Workers
+    args: argparse.Namespace, target: Target, servers: Servers, result: Result, workers: Workers
 ) -> None:
     """Read memory, connect the devices, read memory, post, drain, tally."""
-    result.rss_before_kb = rss_kb(server_pid)
+    result.rss_before_kb = servers.rss_kb()
     log(f"{target.name}: opening {args.devices:,} WebSockets at {args.open_rate:g}/s")
     t0, connect0 = time.monotonic(), time.monotonic_ns()
     # In two halves: the second half's memory is a marginal figure, free of whatever the
     # server had allocated and released before (e.g. Herald creating the subscriptions).
     result.connected_mid = sum(n for n, _, _ in workers.ask("open-1"))
     time.sleep(SETTLE_S)
-    result.rss_mid_kb = rss_kb(server_pid)
+    result.rss_mid_kb = servers.rss_kb()
     opened = workers.ask("open-2")
     result.open_s = time.monotonic() - t0 - SETTLE_S
     result.connected = sum(n for n, _, _ in opened)
@@ -675,26 +722,27 @@ def measure_with(
             f"{result.connect_failures}"
         )
     time.sleep(SETTLE_S)  # idle: nothing in flight, handshake buffers released
-    result.rss_after_kb = rss_kb(server_pid)
+    result.rss_after_kb = servers.rss_kb()
     result.connecting_ns = (connect0, time.monotonic_ns())
     if args.gc_freeze:  # move everything alive now out of the collector's reach
-        os.kill(server_pid, signal.SIGUSR1)
+        servers.signal(signal.SIGUSR1)
     ingest.wait_quiet(
         args.wait_quiet,
-        lambda: ingest.proc_cpu_seconds(server_pid) + workers.cpu_seconds() + ingest.own_cpu(),
+        lambda: servers.cpu_seconds() + workers.cpu_seconds() + ingest.own_cpu(),
         log,
     )
     log(f"{target.name}: {result.connected:,} connected, posting {args.rate:g}/s")
     cpu0 = (
-        ingest.proc_cpu_seconds(server_pid),
+        servers.cpu_seconds(),
         workers.cpu_seconds(),
         ingest.own_cpu(),
         db_cpu(args),
+        servers.redis_cpu_seconds(),
     )
     busy0, wall0 = ingest.system_busy_seconds(), time.monotonic()
     full_gc = None
     if args.full_gc:  # halfway through posting: the worst case, inside the window for sure
-        full_gc = threading.Timer(args.duration / 2, os.kill, (server_pid, signal.SIGRTMIN))
+        full_gc = threading.Timer(args.duration / 2, servers.signal, (signal.SIGRTMIN,))
         full_gc.start()
     try:
         posts = asyncio.run(
@@ -705,13 +753,17 @@ def measure_with(
             full_gc.cancel()
     summarise_posts(result, posts)
     result.window_ns = (min(posts.sent_ns), max(posts.ack_ns))
-    server_cpu = ingest.proc_cpu_seconds(server_pid) - cpu0[0]
+    server_cpu = servers.cpu_seconds() - cpu0[0]
     devices_cpu, poster_cpu = workers.cpu_seconds() - cpu0[1], ingest.own_cpu() - cpu0[2]
     database_cpu = db_cpu(args) - cpu0[3] if target.name == "herald" else 0.0
+    redis_cpu = servers.redis_cpu_seconds() - cpu0[4]
     wall = time.monotonic() - wall0
     other = ingest.system_busy_seconds() - busy0 - server_cpu - devices_cpu - poster_cpu
-    other -= database_cpu
+    other -= database_cpu + redis_cpu
     result.db_cpu_pct = 100 * database_cpu / wall
+    result.db_cpu_s = database_cpu
+    result.redis_cpu_pct = 100 * redis_cpu / wall
+    result.redis_cpu_s = redis_cpu
     result.server_cpu_pct = 100 * server_cpu / wall
     result.server_cpu_s = server_cpu
     result.devices_cpu_pct = 100 * devices_cpu / wall
@@ -810,10 +862,13 @@ def stop_server(
 ) -> None:
     """Stop the server; its problems are reported apart: during the run, and at shutdown."""
     size = log_path.stat().st_size if log_path.exists() else 0
-    result.gc = gc_record(proc, gc_file)
+    record = gc_record(proc, gc_file)
+    result.gc += record
+    start, end = result.window_ns
+    result.node_gc_ms.append(max((d for _, t, d in record if start <= t <= end), default=0.0))
     procs.stop(proc)
-    result.server_log = log_problems(log_path, 0, size)
-    result.shutdown_log = log_problems(log_path, size, None)
+    result.server_log += log_problems(log_path, 0, size)
+    result.shutdown_log += log_problems(log_path, size, None)
 
 
 def gc_record(proc: subprocess.Popen[bytes], path: Path) -> list[tuple[int, int, float]]:
@@ -834,67 +889,140 @@ def gc_record(proc: subprocess.Popen[bytes], path: Path) -> list[tuple[int, int,
     return [(g, t, d / 1e6) for g, t, d in zip(gens, starts, lengths, strict=True)]
 
 
-def run_baseline(args: argparse.Namespace, procs: ingest.Processes, work: Path) -> Result:
-    result = Result("baseline", args.devices)
-    port = ingest.free_port()
-    log_path = work / "baseline.log"
-    gc_file = work / "baseline.gc"
-    env = ingest.server_env() | {GC_FILE_ENV: str(gc_file)}
-    proc = procs.start(uvicorn_argv(port), env, log_path)
+@dataclass
+class Nodes:
+    """The server processes of one target (one unless --nodes) and the Redis joining them."""
+
+    procs: ingest.Processes
+    work: Path
+    name: str
+    started: list[tuple[subprocess.Popen[bytes], Path, Path]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    redis: subprocess.Popen[bytes] | None = None
+    redis_url: str | None = None
+
+    def start_redis(self) -> None:
+        port = ingest.free_port()
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.work)]
+        self.redis = self.procs.start(argv, dict(os.environ), self.work / f"{self.name}-redis.log")
+        self.redis_url = f"redis://{HOST}:{port}/0"
+        deadline = time.monotonic() + 10
+        while not redis_answers(port):
+            if time.monotonic() > deadline or self.redis.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {self.redis_url}")
+            time.sleep(0.05)
+
+    def start(self, argv_for: Any, env: dict[str, str], health: str) -> None:
+        """One server per node: `argv_for(port)` is its command line."""
+        for node, port in enumerate(self.ports):
+            log_path = self.work / f"{self.name}-{node}.log"
+            gc_file = self.work / f"{self.name}-{node}.gc"
+            proc = self.procs.start(argv_for(port), env | {GC_FILE_ENV: str(gc_file)}, log_path)
+            self.started.append((proc, log_path, gc_file))
+            ingest.wait_ready(proc, port, health, log_path)
+
+    def servers(self) -> Servers:
+        return Servers([p.pid for p, _, _ in self.started], self.redis.pid if self.redis else None)
+
+    def check(self, devices: int) -> None:
+        for proc, log_path, _ in self.started:
+            check_server_nofile(proc.pid, devices)
+            if proc.poll() is not None:
+                raise RuntimeError(f"a server exited during the run:\n{ingest.tail(log_path)}")
+
+    def stop(self, result: Result) -> None:
+        for proc, log_path, gc_file in self.started:
+            stop_server(self.procs, proc, log_path, result, gc_file)
+        if self.redis is not None:
+            self.procs.stop(self.redis)
+
+
+def redis_answers(port: int) -> bool:
+    import socket
+
     try:
-        ingest.wait_ready(proc, port, "/healthz", log_path)
-        check_server_nofile(proc.pid, args.devices)
-        base = f"http://{HOST}:{port}"
-        urls = {d: f"ws://{HOST}:{port}/stream/{user_name(d // 2)}" for d in range(args.devices)}
-        urls |= {-1: f"ws://{HOST}:{port}/stream/{WARMUP_USER}"}
-        urls |= {-2: urls[-1]}
+        with socket.create_connection((HOST, port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def nodes_for(args: argparse.Namespace, procs: ingest.Processes, work: Path, name: str) -> Nodes:
+    nodes = Nodes(procs, work, name, ports=[ingest.free_port() for _ in range(args.nodes)])
+    if args.nodes > 1:
+        nodes.start_redis()
+    return nodes
+
+
+def node_urls(ports: list[int], path_for: Any, devices: dict[int, Any]) -> dict[int, str]:
+    """Device d on node d % len(ports); `path_for(key)` is its stream path."""
+    return {d: f"ws://{HOST}:{ports[d % len(ports)]}{path_for(key)}" for d, key in devices.items()}
+
+
+def run_baseline(args: argparse.Namespace, procs: ingest.Processes, work: Path) -> Result:
+    result = Result("baseline", args.devices, nodes=args.nodes)
+    nodes = nodes_for(args, procs, work, "baseline")
+    try:
+        env = ingest.server_env()
+        if nodes.redis_url:
+            env["FANOUT_REDIS_URL"] = nodes.redis_url
+        nodes.start(uvicorn_argv, env, "/healthz")
+        nodes.check(args.devices)
+        base = f"http://{HOST}:{nodes.ports[0]}"
+        users = {d: user_name(d // 2) for d in range(args.devices)}
+        users |= {-1: WARMUP_USER, -2: WARMUP_USER}  # one on each node (-1 % 2, -2 % 2)
+        urls = node_urls(nodes.ports, "/stream/{}".format, users)
         target = Target("baseline", base, urls, "/users/{user}/notifications", None, {})
-        measure(args, target, proc.pid, result)
+        measure(args, target, nodes.servers(), result)
     except Exception as exc:  # reported in the table; the run goes on to the next target
         result.error = failure(exc)
     finally:
-        stop_server(procs, proc, log_path, result, gc_file)
+        nodes.stop(result)
     return result
 
 
 def run_herald(args: argparse.Namespace, procs: ingest.Processes, work: Path) -> Result:
-    result = Result(f"herald-{args.store}", args.devices)
+    name = f"herald-{args.store}" + (f"-{args.nodes}-nodes" if args.nodes > 1 else "")
+    result = Result(name, args.devices, nodes=args.nodes)
+    # One machine: the nodes share the data directory, hence the embedded issuer's key.
     data = work / "herald"
     data.mkdir()
-    port = ingest.free_port()
-    log_path = work / "herald.log"
-    gc_file = work / "herald.gc"
-    env = ingest.server_env(EXTRA_LIMITS_ENV) | {GC_FILE_ENV: str(gc_file)}
+    env = ingest.server_env(EXTRA_LIMITS_ENV)
     store_url, pg_admin, schema = None, None, f"fanout_{uuid.uuid4().hex[:12]}"
-    proc = None
+    nodes = None
     try:
+        nodes = nodes_for(args, procs, work, "herald")
+        if nodes.redis_url:
+            env |= {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": nodes.redis_url}
         if args.store == "postgres":
             pg_admin = ingest.postgres_url(args)
             ingest.pg(pg_admin, f"CREATE SCHEMA {schema}")
             store_url = ingest.with_search_path(pg_admin, schema)
         client_id = ingest.register_app(data, store_url, env)
         log("herald: minting tokens")
-        app_token, tokens = mint_tokens(data, port, client_id, args.devices // 2)
-        argv = [*python_module("herald"), "serve", "--data", str(data), "--port", str(port)]
-        if store_url:
-            argv += ["--store", store_url]
-        proc = procs.start(argv, env, log_path)
-        ingest.wait_ready(proc, port, "/healthz", log_path)
-        check_server_nofile(proc.pid, args.devices)
-        base = f"http://{HOST}:{port}"
+        app_token, tokens = mint_tokens(data, nodes.ports[0], client_id, args.devices // 2)
+
+        def argv_for(port: int) -> list[str]:
+            argv = [*python_module("herald"), "serve", "--data", str(data), "--port", str(port)]
+            return argv + (["--store", store_url] if store_url else [])
+
+        nodes.start(argv_for, env, "/healthz")
+        nodes.check(args.devices)
+        base = f"http://{HOST}:{nodes.ports[0]}"
         log(f"herald: creating {args.devices:,} subscriptions")
         ids = asyncio.run(subscribe_all(base, tokens, args.devices))
-        stream = f"ws://{HOST}:{port}/beta/me/notificationSubscriptions/{{}}/stream"
-        urls = {d: stream.format(sub) for d, sub in ids.items()}
+        urls = node_urls(nodes.ports, "/beta/me/notificationSubscriptions/{}/stream".format, ids)
         target = Target("herald", base, urls, "/beta/users/{user}/notifications", app_token, tokens)
-        measure(args, target, proc.pid, result)
-        if proc.poll() is not None:
-            raise RuntimeError(f"herald exited during the run:\n{ingest.tail(log_path)}")
+        measure(args, target, nodes.servers(), result)
+        nodes.check(args.devices)
     except Exception as exc:  # reported in the table; Herald's log excerpt goes with it
         result.error = failure(exc)
     finally:
-        if proc is not None:
-            stop_server(procs, proc, log_path, result, gc_file)
+        if nodes is not None:
+            nodes.stop(result)
         if pg_admin is not None:
             with contextlib.suppress(Exception):
                 ingest.pg(pg_admin, f"DROP SCHEMA {schema} CASCADE")
@@ -918,19 +1046,20 @@ def print_table(args: argparse.Namespace, results: list[Result]) -> None:
         f"Live fan-out: {args.devices:,} devices ({args.devices // 2:,} users x 2), "
         f"{args.rate:g} posts/s to random users for {args.duration:g} s, "
         f"{args.workers} device worker process(es)"
+        + (f", {args.nodes} server processes per target joined by Redis" if args.nodes > 1 else "")
     )
     head = (
-        f"{'target':<16} {'conns':>6} {'posts sent/acked':>17} {'deliv expected/recv':>20} "
+        f"{'target':<24} {'conns':>6} {'posts sent/acked':>17} {'deliv expected/recv':>20} "
         f"{'missing':>7} {'dup':>4} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'KB/conn':>7}"
     )
     p(head)
     p("-" * len(head))
     for r in results:
         if r.error and not r.posts_sent:
-            p(f"{r.name:<16} NOT MEASURED: {r.error.splitlines()[0][:200]}")
+            p(f"{r.name:<24} NOT MEASURED: {r.error.splitlines()[0][:200]}")
             continue
         p(
-            f"{r.name:<16} {r.connected:>6,} {f'{r.posts_sent:,}/{r.posts_acked:,}':>17} "
+            f"{r.name:<24} {r.connected:>6,} {f'{r.posts_sent:,}/{r.posts_acked:,}':>17} "
             f"{f'{r.expected:,}/{r.received:,}':>20} {r.missing:>7,} {r.duplicates:>4,} "
             f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.1f} {r.kb_per_conn:>7.1f}"
         )
@@ -964,15 +1093,27 @@ def print_details(r: Result) -> None:
         f"per idle connection ({r.kb_per_conn_marginal:.1f} for the second half); "
         f"client {r.client_kb_per_conn:.1f} KB/conn"
     )
+    if r.nodes > 1:
+        p(
+            f"  same-node devices p50 {r.same_p50_ms:.2f} ms / p99 {r.same_p99_ms:.2f} ms; "
+            f"cross-node p50 {r.cross_p50_ms:.2f} ms / p99 {r.cross_p99_ms:.2f} ms "
+            f"({ratio(r.cross_p99_ms, r.same_p99_ms)}); longest GC pause while posting by node "
+            f"(ms): {', '.join(f'{ms:.1f}' for ms in r.node_gc_ms)}"
+        )
     p(
         f"  CPU while posting (% of one core): server {r.server_cpu_pct:.0f}, "
         + (f"PostgreSQL {r.db_cpu_pct:.0f}, " if r.db_cpu_pct else "")
+        + (f"Redis {r.redis_cpu_pct:.0f}, " if r.nodes > 1 else "")
         + f"devices {r.devices_cpu_pct:.0f}, poster {r.poster_cpu_pct:.0f}, "
         f"everything else {r.other_cpu_pct:.0f}"
     )
     if r.received:
         # The POST that makes them included: what fan-out costs the server, per message out.
-        p(f"  server CPU per delivery: {1e6 * r.server_cpu_s / r.received:.1f} µs")
+        p(
+            f"  CPU per delivery: server {1e6 * r.server_cpu_s / r.received:.1f} µs"
+            + (f", PostgreSQL {1e6 * r.db_cpu_s / r.received:.1f} µs" if r.db_cpu_s else "")
+            + (f", Redis {1e6 * r.redis_cpu_s / r.received:.1f} µs" if r.nodes > 1 else "")
+        )
     print_gc(r)
     extras = {
         "misrouted": r.misrouted,
@@ -1050,7 +1191,16 @@ def print_verdict(r: Result, base: Result | None, target_p99: float) -> None:
 
 def checks(r: Result, target_p99_ms: float = TARGET_P99_MS) -> dict[str, bool]:
     posting_gc = longest_gc(r, "posting")
-    return {
+    nodes = {
+        f"cross-node p99 <= {CROSS_NODE_P99_FACTOR:g}x same-node p99 "
+        f"({r.cross_p99_ms:.2f} / {r.same_p99_ms:.2f})": (
+            0 < r.cross_p99_ms <= CROSS_NODE_P99_FACTOR * r.same_p99_ms
+        ),
+        f"no node's GC pause > {NODES_GC_TARGET_MS:g} ms while posting ({posting_gc:.1f})": (
+            len(r.node_gc_ms) == r.nodes and posting_gc <= NODES_GC_TARGET_MS
+        ),
+    }
+    return (nodes if r.nodes > 1 else {}) | {
         f"p99 <= {target_p99_ms:g} ms ({r.p99_ms:.2f})": r.p99_ms <= target_p99_ms,
         f"max <= {TARGET_MAX_MS:g} ms ({r.max_ms:.1f})": r.max_ms <= TARGET_MAX_MS,
         f"no GC pause > {GC_TARGET_MS:g} ms while posting ({posting_gc:.1f})": (
@@ -1076,6 +1226,10 @@ def summary(r: Result) -> dict[str, Any]:
         "rss_after_kb": r.rss_after_kb,
     }
     out |= {"server_cpu_pct": r.server_cpu_pct, "other_cpu_pct": r.other_cpu_pct}
+    if r.nodes > 1:
+        out |= {k: getattr(r, k) for k in ("same_p50_ms", "same_p99_ms", "cross_p50_ms")}
+        out |= {"cross_p99_ms": r.cross_p99_ms, "redis_cpu_pct": r.redis_cpu_pct}
+        out |= {"node_gc_ms": r.node_gc_ms}
     for phase in GC_PHASES:
         out[f"gc {phase}"] = gc_summary(gc_in(r, phase))
         out[f"gc {phase} longest_ms"] = longest_gc(r, phase)
@@ -1117,6 +1271,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="experiment: gc.freeze() in the servers once all are connected",
     )
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="server processes per target, joined by Redis (> 1: PostgreSQL only)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 1,000 devices, 5 s")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     args = ap.parse_args(argv)
@@ -1127,6 +1287,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if set(args.targets) - {"baseline", "herald"}:
         ap.error("--targets: baseline and/or herald")
+    if args.nodes < 1 or (args.nodes > 1 and args.store != "postgres" and "herald" in args.targets):
+        ap.error("--nodes > 1 needs --store postgres (SQLite serves one process)")
     return args
 
 

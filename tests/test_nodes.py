@@ -218,9 +218,24 @@ def test_posts_on_node_a_reach_live_devices_on_node_b(
             log = (tmp_path / "server.log").read_text()
             assert log.count("Redis subscription lost") >= 2, log[-3000:]
             assert log.count("Redis subscription restored") >= 2, log[-3000:]
+        figures = redis_figures(node_b)  # and said so on /metrics
+        assert figures["herald_redis_subscribed"] == 1
+        losses = figures["herald_redis_subscription_losses_total"]
+        assert figures["herald_redis_subscriptions_total"] == losses + 1
+        assert losses >= (0 if fault == "none" else 1)
+        assert figures["herald_redis_silences_total"] >= (1 if fault == "frozen" else 0)
     finally:
         for proc in procs:
             stop(proc)
+
+
+def redis_figures(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics").text
+    return {
+        name: float(value)
+        for name, value in (line.split(" ", 1) for line in text.splitlines())
+        if name.startswith("herald_redis_")
+    }
 
 
 async def post_marker(base: str, tokens: list[str]) -> list[str]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -176,6 +178,61 @@ class SqliteMetrics:
             self.queries_stopped,
             self.readers_busy,
         ]
+
+
+class BrokerFigures(Protocol):
+    """What the Redis broker counts as it goes (plain attributes: no metrics in the broker)."""
+
+    subscriptions: int
+    losses: int
+    silences: int
+    dropped: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def gaps(self) -> int: ...
+
+    @property
+    def filled(self) -> int: ...
+
+
+class BrokerMetrics:
+    """The Redis broker's figures, read from it when scraped (registered by `Metrics.watch`)."""
+
+    def __init__(self, broker: BrokerFigures) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.broker
+        yield GaugeMetricFamily(
+            "herald_redis_subscribed",
+            "1 while this process's Redis subscription is up, 0 while it reads the change log.",
+            value=int(b.connected),
+        )
+        for name, text, value in (
+            (
+                "subscriptions",
+                "Redis subscriptions made (the first and every restoration).",
+                b.subscriptions,
+            ),
+            ("subscription_losses", "Redis subscriptions lost (error, cut or silence).", b.losses),
+            (
+                "silences",
+                "Subscriptions ended because the node's own heartbeat stopped coming back.",
+                b.silences,
+            ),
+            (
+                "publish_dropped",
+                "Changes not published to Redis (unreachable, queue full); other nodes read them"
+                " from the change log.",
+                b.dropped,
+            ),
+            ("gaps", "Gaps in a user's positions read from the change log.", b.gaps),
+            ("filled_changes", "Changes delivered from the change log instead of Redis.", b.filled),
+        ):
+            yield CounterMetricFamily(f"herald_redis_{name}", text, value=value)
 
 
 class MetricsMiddleware:

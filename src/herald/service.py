@@ -24,7 +24,7 @@ from herald.collector import Collector
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, Limits, RateLimits
 from herald.logs import redact_tokens, report_repeats
-from herald.metrics import Metrics
+from herald.metrics import BrokerMetrics, Metrics
 from herald.outbound.dispatcher import Dispatcher
 from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
@@ -98,12 +98,14 @@ def build_services(
     verifier = TokenVerifier(
         local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
     )
+    metrics = Metrics()
     broker: Broker = MemoryBroker()
     if settings.broker == "redis":
         from herald.broker.redis import RedisBroker  # the `redis` extra
 
-        broker = RedisBroker(settings.redis_url, store)
-    metrics = Metrics()
+        redis = RedisBroker(settings.redis_url, store)
+        metrics.watch([BrokerMetrics(redis)])
+        broker = redis
     if isinstance(store, SqliteStore):
         metrics.watch(store.metrics.collectors())
     keyring = Keyring(store)

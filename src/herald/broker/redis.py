@@ -119,8 +119,21 @@ class RedisBroker:
         self.closed = False
         # What happened, for tests, benchmarks and logs.
         self.subscriptions = 0  # successful (re)subscriptions
+        self.losses = 0  # subscriptions that ended (error, cut, silence)
         self.silences = 0  # subscriptions ended for want of a heartbeat
         self.dropped = 0  # messages not published (Redis unreachable, queue full)
+
+    @property
+    def connected(self) -> bool:
+        return self.subscribed.is_set()
+
+    @property
+    def gaps(self) -> int:
+        return self.cursors.gaps
+
+    @property
+    def filled(self) -> int:
+        return self.cursors.filled
 
     def client(self) -> Redis:
         """A client that never retries or reconnects behind our back (a silent reconnect
@@ -328,6 +341,7 @@ class RedisBroker:
         if isinstance(exc, Silent):
             self.silences += 1
         if self.subscribed.is_set():
+            self.losses += 1
             log.warning("Redis subscription lost", extra={"error": repr(exc)})
         self.subscribed.clear()
         self.changed.set()
