@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -85,6 +93,11 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+
+    def identify(self, worker: int) -> None:
+        """Name this process in every scrape (`herald serve --workers`): which worker, which pid."""
+        info = Info("herald_worker", "This worker process of a supervisor.", registry=self.registry)
+        info.info({"index": str(worker), "pid": str(os.getpid())})
 
     def watch(self, collectors: list[Any]) -> None:
         """Report a component's own collectors (the SQLite store's) with the rest."""

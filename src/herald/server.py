@@ -13,6 +13,7 @@ import contextlib
 import logging
 import resource
 import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -80,6 +81,15 @@ def raise_open_files_limit() -> None:
 
 
 class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, started: Callable[[], object] | None = None):
+        super().__init__(config)
+        self.on_started = started  # the supervisor's: this worker serves
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.app
         if isinstance(app, Herald):
