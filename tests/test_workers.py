@@ -7,6 +7,7 @@ and exits 0. Refused with SQLite or the memory broker (issue 14)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +24,15 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
+from herald.auth.issuer import LocalIssuer
+from tests.devices import CHANGE_TYPES, Refused, api, open_stream, subscription_body
 from tests.pg import fresh_database
-from tests.processes import UNLIMITED
+from tests.processes import UNLIMITED, register
 from tests.redis import RedisServer, redis_server
+from tests.test_nodes import delta
 
 HOST = "workers.example.com"
 WORKERS = 2
@@ -256,3 +262,201 @@ def test_a_killed_worker_is_restarted_and_sigterm_drains_all(
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists(), pid
         assert "all workers have exited" in running.log.read_text()
+
+
+@dataclass
+class Device:
+    """A device that streams, and resumes where it stopped whenever the stream ends."""
+
+    protocol: str
+    subscription: str
+    token: str
+    user: int
+    start: int | None = None
+    received: list[dict[str, Any]] = field(default_factory=list)
+    ends: list[tuple[str | None, int | None]] = field(default_factory=list)  # (closing, code)
+    refused: int = 0
+    streaming: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def last(self) -> int | None:
+        return self.received[-1]["position"] if self.received else self.start
+
+    async def run(self, base: str, done: asyncio.Event) -> None:
+        while not done.is_set():
+            resume = self.last
+            try:
+                async with open_stream(
+                    self.protocol,
+                    base,
+                    self.subscription,
+                    self.token,
+                    after=resume if self.protocol == "ws" else None,
+                    last_event_id=resume if self.protocol == "sse" else None,
+                ) as stream:
+                    position = await stream.ready()
+                    assert resume is None or position == resume, (position, resume)
+                    if self.start is None:
+                        self.start = position
+                    self.streaming.set()
+                    await self.read(stream, done)
+            except (Refused, OSError, httpx.TransportError, websockets.WebSocketException):
+                self.refused += 1  # the port had no worker for a moment: retry, as a client does
+                await asyncio.sleep(0.05)
+
+    async def read(self, stream: Any, done: asyncio.Event) -> None:
+        closing = None
+        while not done.is_set():
+            try:
+                kind, value = await asyncio.wait_for(stream.queue.get(), 0.2)
+            except TimeoutError:
+                continue
+            if kind == "end":
+                self.ends.append((closing, value.code))
+                return
+            if kind == "message" and value["type"] in CHANGE_TYPES:
+                self.received.append(value)
+            elif kind == "message" and value["type"] == "closing":
+                closing = value["reason"]
+
+
+@dataclass
+class Poster:
+    """Posts through the shared port with an Idempotency-Key, retrying what got no answer (or a
+    503) with the same key, as a client does; keeps every acknowledged id."""
+
+    tokens: list[str]
+    acked: dict[str, int] = field(default_factory=dict)  # id -> user
+    statuses: dict[int, int] = field(default_factory=dict)
+    transport_errors: int = 0
+
+    async def run(self, base: str, done: asyncio.Event, client_index: int) -> None:
+        clients = [api(base, token) for token in self.tokens]
+        try:
+            n = 0
+            while not done.is_set():
+                user = (client_index + n) % len(self.tokens)
+                n += 1
+                key = uuid.uuid4().hex
+                body = {"targetHostName": HOST, "payload": {"rawContent": key}}
+                for _ in range(100):
+                    try:
+                        r = await clients[user].post(
+                            "/beta/me/notifications", json=body, headers={"Idempotency-Key": key}
+                        )
+                    except httpx.TransportError:
+                        self.transport_errors += 1
+                        await asyncio.sleep(0.02)
+                        continue
+                    self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 503:
+                        await asyncio.sleep(0.02)
+                        continue
+                    assert r.status_code == 201, r.text
+                    self.acked[r.json()["id"]] = user
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+@pytest.mark.postgres
+def test_rolling_sigterm_of_each_worker_loses_nothing(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """SIGTERM to each worker in turn (the supervisor replaces it) while four clients post
+    through the shared port and WebSocket and SSE devices stream from it: every 201 is in
+    delta; nothing but 201 and 503 is answered; every stream that ended was told `shutdown` and
+    (WebSocket) closed 1012; each device resumed and ends with exactly what delta returns after
+    its first position, in order, once each."""
+    users = 3
+    client_id = register(tmp_path, postgres_store, HOST)
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    tokens = [
+        issuer.mint(client_id=client_id, user_id=f"roll-{i}-{uuid.uuid4().hex[:8]}")
+        for i in range(users)
+    ]
+
+    with workers(tmp_path, postgres_store, redis_service) as running:
+
+        async def scenario() -> tuple[list[Device], Poster, list[float]]:
+            subs = []
+            for token in tokens:
+                async with api(running.base, token) as client:
+                    r = await client.post(
+                        "/beta/me/notificationSubscriptions", json=subscription_body(HOST, "live")
+                    )
+                    assert r.status_code == 201, r.text
+                    subs.append(r.json()["id"])
+            devices: list[Device] = []
+            done, posting = asyncio.Event(), asyncio.Event()
+            tasks = []
+            # Devices on the shared port until each worker streams to at least two of them.
+            while True:
+                k = len(devices)
+                device = Device(
+                    "ws" if k % 2 else "sse", subs[k % users], tokens[k % users], k % users
+                )
+                devices.append(device)
+                tasks.append(asyncio.create_task(device.run(running.base, done)))
+                await asyncio.wait_for(device.streaming.wait(), 10)
+                streams = [
+                    sum(s.value for s in running.scrape(i)["herald_live_streams"])
+                    for i in range(WORKERS)
+                ]
+                if min(streams) >= 2 or k >= 30:
+                    break
+            assert min(streams) >= 2, streams
+            poster = Poster(tokens)
+            posts = [asyncio.create_task(poster.run(running.base, posting, i)) for i in range(4)]
+            drains = []
+            try:
+                await asyncio.sleep(1.0)
+                for index in range(WORKERS):
+                    old = running.pid(index)
+                    os.kill(old, signal.SIGTERM)
+                    drains.append(await asyncio.to_thread(running.wait_ready, index, old))
+                    await asyncio.sleep(1.0)
+                posting.set()
+                await asyncio.gather(*posts)
+                deadline = time.monotonic() + 20
+                while not all(
+                    {m["id"] for m in d.received}
+                    >= {i for i, user in poster.acked.items() if user == d.user}
+                    for d in devices
+                ):
+                    assert time.monotonic() < deadline, "devices did not get every 201"
+                    await asyncio.sleep(0.05)
+            finally:
+                posting.set()
+                done.set()
+                await asyncio.gather(*posts, *tasks, return_exceptions=True)
+            return devices, poster, drains
+
+        devices, poster, drains = asyncio.run(scenario())
+        ended = [end for d in devices for end in d.ends]
+        print(
+            f"\nrolling SIGTERM of {WORKERS} workers: {len(poster.acked)} posts acked,"
+            f" statuses {poster.statuses}, {poster.transport_errors} retried after a transport"
+            f" error; {len(devices)} devices, {len(ended)} streams ended {sorted(set(map(str, ended)))},"
+            f" {sum(d.refused for d in devices)} reconnects refused;"
+            f" replaced in {', '.join(f'{t:.1f}' for t in drains)} s"
+        )
+        assert set(poster.statuses) <= {201, 503}, poster.statuses
+        assert len(ended) >= 2 * WORKERS  # each worker streamed to at least two devices
+        for closing, code in ended:
+            assert closing == "shutdown", ended
+            assert code in (1012, None), ended  # None: SSE (no close code)
+        assert all(code == 1012 for d in devices if d.protocol == "ws" for _, code in d.ends)
+        for user, token in enumerate(tokens):
+            everything, _ = asyncio.run(delta(running.base, token, 0))
+            acked = {i for i, u in poster.acked.items() if u == user}
+            assert acked <= set(everything), "every 201 is in delta"
+            assert len(everything) == len(set(everything))
+        for device in devices:
+            assert device.start is not None
+            positions = [m["position"] for m in device.received]
+            assert positions == sorted(set(positions)), "strictly increasing, no duplicates"
+            ids, head = asyncio.run(delta(running.base, tokens[device.user], device.start))
+            assert [m["id"] for m in device.received] == ids, "the device got what delta returns"
