@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from herald.auth.issuer import LocalIssuer
 from tests.devices import CHANGE_TYPES, Refused, api, open_stream, subscription_body
 from tests.pg import fresh_database
-from tests.processes import UNLIMITED, register
+from tests.processes import UNLIMITED, register, start
 from tests.redis import RedisServer, redis_server
 from tests.test_nodes import delta
 
@@ -439,7 +439,8 @@ def test_rolling_sigterm_of_each_worker_loses_nothing(
         print(
             f"\nrolling SIGTERM of {WORKERS} workers: {len(poster.acked)} posts acked,"
             f" statuses {poster.statuses}, {poster.transport_errors} retried after a transport"
-            f" error; {len(devices)} devices, {len(ended)} streams ended {sorted(set(map(str, ended)))},"
+            f" error; {len(devices)} devices, {len(ended)} streams ended"
+            f" {sorted(set(map(str, ended)))},"
             f" {sum(d.refused for d in devices)} reconnects refused;"
             f" replaced in {', '.join(f'{t:.1f}' for t in drains)} s"
         )
@@ -460,3 +461,48 @@ def test_rolling_sigterm_of_each_worker_loses_nothing(
             assert positions == sorted(set(positions)), "strictly increasing, no duplicates"
             ids, head = asyncio.run(delta(running.base, tokens[device.user], device.start))
             assert [m["id"] for m in device.received] == ids, "the device got what delta returns"
+
+
+def test_a_draining_server_stops_accepting_before_it_closes_its_streams(
+    tmp_path: Path,
+) -> None:
+    """A device told `shutdown` reconnects at once; with SO_REUSEPORT the kernel may hand its new
+    connection to the draining worker itself, which must not take it (the device would be cut
+    again, without a word, when the grace ends). So the listener closes first: while a stream
+    whose client reads nothing holds the drain (its `closing` cannot be written), a new
+    connection is refused, not served."""
+    port = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    client_id = register(tmp_path, None, HOST)
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    token = issuer.mint(client_id=client_id, user_id=f"stalled-{uuid.uuid4().hex[:8]}")
+    proc = start(tmp_path, port, None)
+    stalled = socket.socket()
+    try:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client:
+            r = client.post("/beta/me/notificationSubscriptions", json=subscription_body(HOST))
+            assert r.status_code == 201, r.text
+            path = f"/beta/me/notificationSubscriptions/{r.json()['id']}/stream"
+            # A tiny receive window and segment size (loopback's 64 KB segments would let the
+            # server's kernel buffer grow to megabytes): its socket buffer fills at once.
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            stalled.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+            stalled.connect(("127.0.0.1", port))
+            stalled.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            assert stalled.recv(12).startswith(b"HTTP/1.1 200"), "the stream is open"
+            body = {"targetHostName": HOST, "payload": {"rawContent": "x" * 3500}}
+            for _ in range(60):  # ~210 KB the client never reads: past uvicorn's 64 KiB mark
+                assert client.post("/beta/me/notifications", json=body).status_code == 201
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the drain has begun; the stalled stream holds it for its grace (3 s)
+        assert proc.poll() is None
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/healthz", timeout=2, trust_env=False)
+    finally:
+        stalled.close()
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(15)
