@@ -506,3 +506,31 @@ def test_a_draining_server_stops_accepting_before_it_closes_its_streams(
         if proc.poll() is None:
             proc.terminate()
         proc.wait(15)
+
+
+@pytest.mark.postgres
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """kill -9 of the supervisor: its workers do not live on unsupervised, holding the port;
+    each drains and exits (the kernel signals them: PR_SET_PDEATHSIG)."""
+    with workers(tmp_path, postgres_store, redis_service) as running:
+        running.proc.kill()
+        running.proc.wait()
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{pid}").exists() for pid in running.pids):
+            # A zombie (reaped by init later) has exited too.
+            alive = [pid for pid in running.pids if not zombie(pid)]
+            if not alive:
+                break
+            assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+            time.sleep(0.1)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{running.base}/healthz", timeout=2, trust_env=False)
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

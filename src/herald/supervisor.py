@@ -17,6 +17,7 @@ its replacement: a rolling restart, one worker at a time, loses nothing (docs/de
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -45,6 +46,7 @@ BACKOFF_MAX = 30.0
 # (herald.server.GRACE_SECONDS for streams, then as long again for responses) and a margin.
 DRAIN_SECONDS = 15.0
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's start-up (lifespan) failed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def listener(host: str, port: int, shared: bool) -> socket.socket:
@@ -64,8 +66,9 @@ def listener(host: str, port: int, shared: bool) -> socket.socket:
     return sock
 
 
-def work(settings: Settings, index: int, ready: Event) -> None:
+def work(settings: Settings, index: int, ready: Event, supervisor: int) -> None:
     """A worker process: Herald on its share of the port and on its own port."""
+    follow(supervisor)
     from herald.api.app import build_app
     from herald.logs import configure
     from herald.server import Server, config, raise_open_files_limit
@@ -143,7 +146,7 @@ class Supervisor:
         slot.ready = context.Event()
         slot.process = context.Process(
             target=work,
-            args=(self.settings, slot.index, slot.ready),
+            args=(self.settings, slot.index, slot.ready, os.getpid()),
             name=f"herald-worker-{slot.index}",
         )
         slot.process.start()
@@ -200,6 +203,16 @@ class Supervisor:
                 process.kill()
                 process.join()
         log.info("all workers have exited")
+
+
+def follow(supervisor: int) -> None:
+    """Drain and exit (SIGTERM) when the supervisor dies, even by SIGKILL: a worker left
+    without it would hold its share of the port, unsupervised, until someone found it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("cannot follow the supervisor (prctl failed)")
+    if os.getppid() != supervisor:  # it died before prctl
+        sys.exit(0)
 
 
 def _describe(code: int | None) -> str:
