@@ -534,3 +534,31 @@ def zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
+    """The port is taken (by a socket without SO_REUSEPORT): each worker says so in one line,
+    and the supervisor, with no worker ever serving, stops with a non-zero status instead of
+    restarting them for ever."""
+    first = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        env = {
+            "HERALD_PORT": str(first),
+            "HERALD_WORKER_PORT": str(first + 1),
+            "HERALD_BROKER": "redis",
+            "HERALD_REDIS_URL": "redis://127.0.0.1:1/0",
+        }
+        store_url = "postgresql://herald@127.0.0.1:1/none"  # never reached: binding fails first
+        proc = serve(tmp_path, store_url, 2, **env)
+        try:
+            assert proc.wait(60) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = (tmp_path / "server.log").read_text()
+    assert f"worker 0 cannot listen on ports {first} and {first + 1}" in log, log[-3000:]
+    assert "failed to start (exit code 3); stopping" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

@@ -80,10 +80,15 @@ def work(settings: Settings, index: int, ready: Event, supervisor: int) -> None:
     raise_open_files_limit()
     app = build_app(build_services(settings))
     app.state.services.metrics.identify(index)
-    sockets = [
-        listener(settings.host, settings.port, shared=True),
-        listener(settings.host, settings.first_worker_port + index, shared=False),
-    ]
+    own = settings.first_worker_port + index
+    try:
+        sockets = [
+            listener(settings.host, settings.port, shared=True),
+            listener(settings.host, own, shared=False),
+        ]
+    except OSError as exc:
+        log.error("worker %d cannot listen on ports %d and %d: %s", index, settings.port, own, exc)
+        sys.exit(STARTUP_FAILURE)
     options = {"access_log": False, "log_config": None}
     Server(config(app, settings.host, settings.port, **options), started=ready.set).run(sockets)
 
@@ -98,7 +103,10 @@ class Slot:
     started: float = 0.0
     quick_exits: int = 0
     restart_at: float | None = None
-    served: bool = False  # some process in this slot has served
+    served: bool = False  # an earlier process in this slot has served
+
+    def has_served(self) -> bool:
+        return self.served or (self.ready is not None and self.ready.is_set())
 
 
 @dataclass
@@ -162,13 +170,12 @@ class Supervisor:
             return
         process.join()
         code = process.exitcode
-        served = slot.ready is not None and slot.ready.is_set()
-        slot.served = slot.served or served
+        slot.served = slot.has_served()
         slot.process = None
-        if code == STARTUP_FAILURE and not any(s.served for s in self.slots):
-            # Nothing has ever served: the store, the port or the configuration is wrong, and
+        if not any(s.has_served() for s in self.slots):
+            # No worker has ever served: the store, a port or the configuration is wrong, and
             # every restart would fail the same way (as one `herald serve` exits at once).
-            log.error("worker %d failed to start; stopping", slot.index)
+            log.error("worker %d failed to start (%s); stopping", slot.index, _describe(code))
             self.failed = True
             self.stopping = True
             return
