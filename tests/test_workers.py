@@ -3,7 +3,9 @@ workers share the port (each its own SO_REUSEPORT socket) and connections reach 
 each worker's /metrics is reachable on its own port; a killed worker is replaced; SIGTERM to
 each worker in turn, while a client posts and devices stream, loses no acknowledged post, and
 the devices are told to resume (1012) and end equal to delta; SIGTERM to the supervisor drains
-and exits 0. Refused with SQLite or the memory broker (issue 14)."""
+and exits 0, and a killed supervisor's workers exit too; workers that cannot bind stop the
+supervisor; a draining server takes no new connection. Refused with SQLite or the memory broker
+(issue 14)."""
 
 from __future__ import annotations
 
