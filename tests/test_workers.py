@@ -250,6 +250,11 @@ def test_a_killed_worker_is_restarted_and_sigterm_drains_all(
         victim = running.pids[0]
         os.kill(victim, signal.SIGKILL)
         began = time.monotonic()
+        # Connections the kernel queued on its socket before it died are reset (no
+        # tcp_migrate_req here); once it is gone, the other worker takes every new one.
+        while not zombie(victim):
+            assert time.monotonic() - began < 10
+            time.sleep(0.01)
         for _ in range(20):
             r = httpx.get(f"{running.base}/healthz", timeout=5, trust_env=False)
             assert r.status_code == 200
@@ -561,6 +566,8 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
                 proc.kill()
                 proc.wait()
     log = (tmp_path / "server.log").read_text()
-    assert f"worker 0 cannot listen on ports {first} and {first + 1}" in log, log[-3000:]
+    # Whichever worker fails first stops the supervisor (the other may not get to say it).
+    said = [f"worker {i} cannot listen on ports {first} and {first + 1 + i}" for i in (0, 1)]
+    assert any(line in log for line in said), log[-3000:]
     assert "failed to start (exit code 3); stopping" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
