@@ -9,6 +9,7 @@ server must do for a POST. Run it exactly like Herald runs (`herald serve` uses 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -43,3 +44,52 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         more = message.get("more_body", False)
     await send({"type": "http.response.start", "status": 201, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
+
+
+def serve(port: int, workers: int) -> None:
+    """`workers` processes on `port`, each binding its own SO_REUSEPORT socket, as `herald serve
+    --workers` does (uvicorn's own --workers shares one socket): the baseline for `ingest.py
+    --workers`. SIGINT or SIGTERM stops them all."""
+    import os
+    import signal
+
+    import uvicorn
+
+    from herald.supervisor import listener
+
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: nothing has started a thread or a loop yet
+            config = uvicorn.Config(
+                app,
+                http="httptools",
+                loop="uvloop",
+                ws="websockets-sansio",
+                lifespan="on",
+                access_log=False,
+                log_level="warning",
+            )
+            uvicorn.Server(config).run([listener("127.0.0.1", port, shared=True)])
+            os._exit(0)
+        children.append(pid)
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=serve.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    options = parser.parse_args()
+    serve(options.port, options.workers)

@@ -90,6 +90,12 @@ class Run:
     wrk_cpu_pct: float | None = None  # of one core
     db_cpu_us_per_req: float | None = None  # PostgreSQL server processes, per request
     other_cpu_pct: float | None = None  # everything else on the machine, % of one core
+    workers: int = 1  # server processes (--workers)
+    redis_cpu_us_per_req: float | None = None  # the Redis broker's server, per request
+
+    @property
+    def label(self) -> str:
+        return f"{self.target} x{self.workers}"
 
     @property
     def errors(self) -> int:
@@ -126,6 +132,7 @@ class Target:
     durability: Durability | None = None
     error: str | None = None
     bare: list[Run] = field(default_factory=list)  # the bare runs bracketing this target
+    workers: int = 1
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -174,6 +181,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now (a port and its workers')."""
+    for _ in range(200):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first + 1, first + count):
+                    stack.enter_context(socket.socket()).bind((HOST, port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free range of ports")
+
+
+def start_redis(procs: Processes, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server for the multi-worker runs (the Redis broker), on a free port."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise RuntimeError("redis-server is required for --workers above 1")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    proc = procs.start(argv, dict(os.environ), work / "redis.log")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(64).startswith(b"+PONG"):
+                return proc, f"redis://{HOST}:{port}/0"
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not start:\n{tail(work / 'redis.log')}")
+
+
 def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -201,6 +240,36 @@ def proc_cpu_seconds(pid: int) -> float:
     """user + system CPU of a process and all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its descendants (a supervisor and its workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree, grown = {pid}, True
+    while grown:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError):
+            total += proc_cpu_seconds(member)
+    return total
+
+
+def pids_cpu_seconds(pids: list[int]) -> list[float]:
+    """CPU of each of these processes (0 for one that has exited)."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(proc_cpu_seconds(pid))
+        except OSError:
+            out.append(0.0)
+    return out
 
 
 def postgres_cpu_seconds() -> float:
@@ -288,6 +357,9 @@ def run_wrk(
     tokens: Path,
     seconds: float,
     server_pid: int,
+    workers: int = 1,
+    redis_pid: int | None = None,
+    db_pids: Callable[[], list[int]] | None = None,
 ) -> Run:
     expiration = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     argv = [
@@ -307,19 +379,28 @@ def run_wrk(
         expiration,
         *(["keys"] if args.idempotency_keys else []),
     ]
-    db0 = postgres_cpu_seconds() if target == "postgres" else 0.0
-    cpu0, busy0, kids0 = proc_cpu_seconds(server_pid), system_busy_seconds(), children_cpu_seconds()
+    # With `db_pids` (--workers), only this server's own backends: the PostgreSQL server is
+    # shared, and other sessions' backends come and go (a sum over all of them can even drop).
+    own = db_pids() if db_pids else []
+    db0 = postgres_cpu_seconds() if target == "postgres" and not db_pids else 0.0
+    db0 += sum(pids_cpu_seconds(own))
+    redis0 = proc_cpu_seconds(redis_pid) if redis_pid else 0.0
+    cpu0, busy0, kids0 = tree_cpu_seconds(server_pid), system_busy_seconds(), children_cpu_seconds()
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    cpu1, busy1, kids1 = proc_cpu_seconds(server_pid), system_busy_seconds(), children_cpu_seconds()
-    db_cpu = postgres_cpu_seconds() - db0 if target == "postgres" else 0.0
+    cpu1, busy1, kids1 = tree_cpu_seconds(server_pid), system_busy_seconds(), children_cpu_seconds()
+    db1 = postgres_cpu_seconds() if target == "postgres" and not db_pids else 0.0
+    db_cpu = db1 + sum(pids_cpu_seconds(own)) - db0
+    redis_cpu = proc_cpu_seconds(redis_pid) - redis0 if redis_pid else 0.0
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     w: dict[str, Any] = json.loads(line.removeprefix("WRKJSON "))
     lat, err = w["latency_us"], w["errors"]
     duration = w["duration_us"] / 1e6
+    # The server's own processes are not this script's children (wrk is): they run in their own
+    # session and are only reaped at the end, so RUSAGE_CHILDREN counts wrk alone here.
     server_cpu, wrk_cpu = cpu1 - cpu0, kids1 - kids0
-    other = max(0.0, (busy1 - busy0) - server_cpu - wrk_cpu - db_cpu)
+    other = max(0.0, (busy1 - busy0) - server_cpu - wrk_cpu - db_cpu - redis_cpu)
     return Run(
         target=target,
         phase=phase,
@@ -341,6 +422,10 @@ def run_wrk(
         wrk_cpu_pct=100 * wrk_cpu / duration if duration else None,
         db_cpu_us_per_req=db_cpu / w["requests"] * 1e6 if w["requests"] else None,
         other_cpu_pct=100 * other / duration if duration else None,
+        workers=workers,
+        redis_cpu_us_per_req=redis_cpu / w["requests"] * 1e6
+        if w["requests"] and redis_pid
+        else None,
     )
 
 
@@ -402,6 +487,15 @@ def postgres_url(args: argparse.Namespace) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"scripts/postgres failed:\n{done.stderr}")
     return done.stdout.strip().splitlines()[-1]
+
+
+def backends(admin_url: str, application_name: str) -> Callable[[], list[int]]:
+    """The pids of the PostgreSQL backends serving `application_name` (a store URL's)."""
+    sql = (
+        "SELECT coalesce(string_agg(pid::text, ','), '') FROM pg_stat_activity"
+        f" WHERE application_name = '{application_name}'"
+    )
+    return lambda: [int(pid) for pid in str(pg(admin_url, sql)).split(",") if pid]
 
 
 def with_search_path(url: str, schema: str) -> str:
@@ -480,26 +574,47 @@ def uvicorn_flags(app: str, port: int) -> list[str]:
     ]
 
 
-def bench_bare(args: argparse.Namespace, procs: Processes, work: Path, tokens: Path) -> Run:
+def bench_bare(
+    args: argparse.Namespace, procs: Processes, work: Path, tokens: Path, workers: int = 0
+) -> Run:
+    """The bare app; with `workers`, as that many processes each with its own SO_REUSEPORT
+    socket (bare.py's `serve`, what `herald serve --workers` does)."""
     port = free_port()
     log_path = work / f"bare-{port}.log"
     argv = [sys.executable, "-m", "uvicorn", *uvicorn_flags("bare:app", port)]
+    if workers:
+        argv = [
+            sys.executable,
+            str(HERE / "bare.py"),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
     proc = procs.start(argv, server_env(), log_path)
+    n = max(1, workers)
     try:
         wait_ready(proc, port, "/", log_path)
-        run_wrk(args, "bare", "warmup", port, tokens, args.warmup, proc.pid)
-        return run_wrk(args, "bare", "measured", port, tokens, args.duration, proc.pid)
+        run_wrk(args, "bare", "warmup", port, tokens, args.warmup, proc.pid, n)
+        return run_wrk(args, "bare", "measured", port, tokens, args.duration, proc.pid, n)
     finally:
         procs.stop(proc)
 
 
 def bench_herald(
-    args: argparse.Namespace, procs: Processes, work: Path, name: str, target: Target
+    args: argparse.Namespace,
+    procs: Processes,
+    work: Path,
+    name: str,
+    target: Target,
+    redis: tuple[int, str] | None = None,
 ) -> None:
-    """Run one Herald target: register an app, mint tokens, serve, load, count rows."""
-    data = work / name
+    """Run one Herald target: register an app, mint tokens, serve, load, count rows. With
+    `target.workers` > 1, `herald serve --workers N` on the Redis broker `redis` (pid, URL)."""
+    data = work / f"{name}-{target.workers}"
     data.mkdir()
-    port = free_port()
+    workers = target.workers
+    port = free_ports(workers + 1) if workers > 1 else free_port()
     store_url: str | None = None
     pg_admin: str | None = None
     schema = f"bench_{uuid.uuid4().hex[:12]}"
@@ -507,24 +622,40 @@ def bench_herald(
         pg_admin = postgres_url(args)
         pg(pg_admin, f"CREATE SCHEMA {schema}")
         store_url = with_search_path(pg_admin, schema)
+        if args.workers:  # its own backends, found by their application_name
+            store_url += f"&application_name={schema}"
         store = Store(pg_url=store_url)
     else:
         store = Store(sqlite_path=data / "herald.db")
     try:
         env = server_env()
         client_id = register_app(data, store_url, env)
-        tokens = work / f"tokens-{name}.txt"
+        tokens = work / f"tokens-{name}-{workers}.txt"
         mint_tokens(data, port, client_id, args.users, tokens)
         argv = [herald_bin(), "serve", "--data", str(data), "--port", str(port)]
         if store_url:
             argv += ["--store", store_url]
-        log_path = work / f"herald-{name}.log"
+        redis_pid = None
+        if workers > 1:
+            assert redis is not None
+            redis_pid = redis[0]
+            argv += ["--workers", str(workers)]
+            env.update(
+                HERALD_BROKER="redis", HERALD_REDIS_URL=redis[1], HERALD_WORKER_PORT=str(port + 1)
+            )
+        log_path = work / f"herald-{name}-{workers}.log"
         proc = procs.start(argv, env, log_path)
         try:
             wait_ready(proc, port, "/healthz", log_path)
+            for index in range(workers if workers > 1 else 0):  # every worker serves
+                wait_ready(proc, port + 1 + index, "/healthz", log_path)
             before = store.count("notifications")
-            target.warmup = run_wrk(args, name, "warmup", port, tokens, args.warmup, proc.pid)
-            target.measured = run_wrk(args, name, "measured", port, tokens, args.duration, proc.pid)
+            own = None
+            if pg_admin is not None and args.workers:
+                own = backends(pg_admin, schema)
+            pids = (proc.pid, workers, redis_pid, own)
+            target.warmup = run_wrk(args, name, "warmup", port, tokens, args.warmup, *pids)
+            target.measured = run_wrk(args, name, "measured", port, tokens, args.duration, *pids)
             after = store.settled()
             target.durability = Durability(
                 rows_before=before,
@@ -660,10 +791,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="send a unique Idempotency-Key with every request",
     )
+    ap.add_argument(
+        "--workers",
+        help="worker counts, e.g. 1,2: PostgreSQL with `herald serve --workers N` (Redis broker"
+        " above 1) and the bare app with as many processes, in the same run",
+    )
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     args = ap.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.workers:
+        try:
+            args.workers = [int(n) for n in args.workers.split(",")]
+        except ValueError:
+            ap.error("--workers takes worker counts, e.g. 1,2")
+        if not args.workers or min(args.workers) < 1:
+            ap.error("--workers takes worker counts >= 1, e.g. 1,2")
+        args.targets = ["postgres"]
     unknown = set(args.targets) - set(TARGET_RATIO)
     if unknown:
         ap.error(f"unknown target(s): {', '.join(sorted(unknown))}")
@@ -691,6 +835,8 @@ def signals_stop(procs: Processes) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.wrk = find_wrk(args.install_wrk)
+    if args.workers:
+        return main_workers(args)
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="herald-ingest-"))
     targets = [Target(name) for name in args.targets]
@@ -758,6 +904,164 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print_report(args, targets, bare_runs)
     return 0 if all(v.get("pass") for v in verdicts) else 1
+
+
+# -- --workers: PostgreSQL with 1, 2, ... workers against the bare app with as many --------------
+
+TARGET_SCALING = 1.25  # the largest worker count's durable req/s over one worker's (2 cores)
+
+
+def main_workers(args: argparse.Namespace) -> int:
+    """For each worker count: the bare app, Herald on PostgreSQL, the bare app again (the two
+    bare runs bracket Herald's, as in the default mode); then the scaling of each."""
+    procs = Processes()
+    work = Path(tempfile.mkdtemp(prefix="herald-ingest-"))
+    targets = [Target("postgres", workers=n) for n in args.workers]
+    try:
+        with signals_stop(procs):
+            redis_proc, redis_url = start_redis(procs, work)
+            bare_tokens = work / "tokens-bare.txt"
+            mint_tokens(work / "bare", 0, str(uuid.uuid4()), args.users, bare_tokens)
+            for target in targets:
+                n = target.workers
+                target.bare.append(workers_bare(args, procs, work, bare_tokens, n))
+                log(f"postgres x{n}: running")
+                try:
+                    bench_herald(args, procs, work, "postgres", target, (redis_proc.pid, redis_url))
+                    m = target.measured
+                    assert m is not None
+                    log(f"postgres x{n}: {m.rps:,.0f} req/s, p99 {m.p99_ms:.2f} ms")
+                except (RuntimeError, OSError) as exc:
+                    target.error = str(exc)
+                    log(f"postgres x{n}: {exc}")
+                target.bare.append(workers_bare(args, procs, work, bare_tokens, n))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report = workers_report(targets)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_workers_report(args, targets, report)
+    return 0 if report["pass"] else 1
+
+
+def workers_bare(
+    args: argparse.Namespace, procs: Processes, work: Path, tokens: Path, workers: int
+) -> Run:
+    log(f"bare x{workers}: running")
+    run = bench_bare(args, procs, work, tokens, workers)
+    log(f"bare x{workers}: {run.rps:,.0f} req/s")
+    return run
+
+
+def workers_report(targets: list[Target]) -> dict[str, Any]:
+    rows = []
+    for t in targets:
+        m = t.measured
+        row: dict[str, Any] = {"workers": t.workers, "error": t.error}
+        row["bare"] = [asdict(b) for b in t.bare]
+        row["bare_rps"] = mean([b.rps for b in t.bare])
+        row["bare_cpu_us_per_req"] = mean([b.server_cpu_us_per_req or 0.0 for b in t.bare])
+        if m is not None:
+            row["measured"] = asdict(m)
+            row["ratio_to_bare"] = m.rps / row["bare_rps"] if row["bare_rps"] else 0.0
+            row["durable"] = t.durability is not None and t.durability.ok
+            row["errors"] = m.errors + (t.warmup.errors if t.warmup else 0)
+        rows.append(row)
+    one = next((r for r in rows if r["workers"] == 1 and "measured" in r), None)
+    top = max((r for r in rows if "measured" in r), key=lambda r: r["workers"], default=None)
+    out: dict[str, Any] = {"rows": rows, "pass": False}
+    if one is None or top is None or top is one:
+        return out
+    herald_scaling = top["measured"]["rps"] / one["measured"]["rps"]
+    bare_scaling = top["bare_rps"] / one["bare_rps"] if one["bare_rps"] else 0.0
+    checks = {
+        f"herald x{top['workers']} >= {TARGET_SCALING}x herald x1": herald_scaling
+        >= TARGET_SCALING,
+        **{
+            f"x{r['workers']}: p99 <= {TARGET_P99_MS:g} ms": r["measured"]["p99_ms"]
+            <= TARGET_P99_MS
+            for r in rows
+            if "measured" in r
+        },
+        **{
+            f"x{r['workers']}: rows = 201s, every response 201": r["durable"] and r["errors"] == 0
+            for r in rows
+            if "measured" in r
+        },
+    }
+    out.update(
+        herald_scaling=herald_scaling,
+        bare_scaling=bare_scaling,
+        top=top["workers"],
+        checks=checks,
+        **{"pass": all(checks.values())},
+    )
+    return out
+
+
+def print_workers_report(
+    args: argparse.Namespace, targets: list[Target], report: dict[str, Any]
+) -> None:
+    p = print
+    p()
+    p(
+        f"POST {PATH}, {args.connections} connections, {args.threads} wrk thread(s), "
+        f"{args.users} users, {args.warmup:g} s warm-up + {args.duration:g} s measured; "
+        f"PostgreSQL, Redis broker above 1 worker"
+    )
+    head = (
+        f"{'target':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} "
+        f"{'srv µs/req':>10} {'db µs/req':>9} {'redis µs':>8} {'wrk %':>6} {'other %':>7}"
+    )
+    p(head)
+    p("-" * len(head))
+    for t in targets:
+        for r in [t.bare[0], *([t.measured] if t.measured else []), *t.bare[1:]]:
+            p(
+                f"{r.label:<12} {r.rps:>9,.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.1f} "
+                f"{r.errors:>6} {r.server_cpu_us_per_req or 0:>10.1f} "
+                f"{r.db_cpu_us_per_req or 0:>9.1f} {r.redis_cpu_us_per_req or 0:>8.1f} "
+                f"{r.wrk_cpu_pct or 0:>6.0f} {r.other_cpu_pct or 0:>7.0f}"
+            )
+    p("  srv µs/req = CPU of all the server's processes per request (supervisor and workers);")
+    p("  db µs/req = this server's own PostgreSQL backends (by application_name; the shared")
+    p("  server's WAL writer and checkpointer are left out, they also serve other sessions);")
+    p("  redis µs = the Redis broker's server; other % = anything else, % of one core.")
+    for t, row in zip(targets, report["rows"], strict=True):
+        p()
+        if t.error or t.measured is None:
+            p(f"postgres x{t.workers}: NOT MEASURED: {t.error}")
+            continue
+        m, d = t.measured, t.durability
+        p(
+            f"postgres x{t.workers}: {m.rps:,.0f} durable req/s = {row['ratio_to_bare']:.2f}x the"
+            f" bare app x{t.workers} ({row['bare_rps']:,.0f} req/s, mean of {len(t.bare)} runs"
+            f" around it), p99 {m.p99_ms:.1f} ms"
+        )
+        if d is not None:
+            p(
+                f"  durability: {d.rows:,} rows added, {d.created:,} 201s seen "
+                f"(+{d.unanswered} abandoned in flight by wrk), "
+                f"{d.changes_after:,} change records -> {'OK' if d.ok else 'MISMATCH'}"
+            )
+        if m.first_bad or (t.warmup and t.warmup.first_bad):
+            p(f"  first non-201: {m.first_bad or (t.warmup.first_bad if t.warmup else '')}")
+    if "herald_scaling" in report:
+        p()
+        p(
+            f"scaling x{report['top']} / x1: Herald {report['herald_scaling']:.2f}x,"
+            f" bare app {report['bare_scaling']:.2f}x (same run)"
+        )
+        for name, ok in report["checks"].items():
+            p(f"  [{'PASS' if ok else 'FAIL'}] {name}")
 
 
 if __name__ == "__main__":

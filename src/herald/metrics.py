@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,6 +88,11 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+
+    def identify(self, worker: int) -> None:
+        """Name this process in every scrape (`herald serve --workers`): which worker, which pid."""
+        info = Info("herald_worker", "This worker process of a supervisor.", registry=self.registry)
+        info.info({"index": str(worker), "pid": str(os.getpid())})
 
     def watch(self, collectors: list[Any]) -> None:
         """Report a component's own collectors (the SQLite store's) with the rest."""

@@ -1,9 +1,10 @@
 """The HTTP server: uvicorn, configured for Herald, with a shutdown that closes live streams.
 
 uvicorn's graceful shutdown waits for open responses to finish, and an SSE stream never finishes
-by itself (WebSockets it closes with 1012, without a word to the client). So before uvicorn shuts
-down, every stream is told why it ends (`closing`, reason `shutdown`) and closes itself; only a
-stream that does not manage within the grace period is cut.
+by itself (WebSockets it closes with 1012, without a word to the client). So once the listening
+sockets are closed, and before uvicorn shuts down, every stream is told why it ends (`closing`,
+reason `shutdown`) and closes itself; only a stream that does not manage within the grace period
+is cut.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import resource
 import socket
+from collections.abc import Callable
 
 import uvicorn
 
@@ -80,7 +82,21 @@ def raise_open_files_limit() -> None:
 
 
 class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, started: Callable[[], object] | None = None):
+        super().__init__(config)
+        self.on_started = started  # the supervisor's: this worker serves
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop accepting first: a device told `shutdown` reconnects at once, and with
+        # SO_REUSEPORT (`herald serve --workers`) the kernel could hand it back to this worker,
+        # which would cut it again, without a word, when the grace ends.
+        for server in self.servers:
+            server.close()
         app = self.config.app
         if isinstance(app, Herald):
             app.streams.close_all()

@@ -57,6 +57,11 @@ class Settings:
     redis_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
+    # Worker processes sharing `port` (SO_REUSEPORT; docs/deployment.md). More than 1 needs the
+    # PostgreSQL store and the Redis broker. Worker i also listens alone on `worker_port + i`
+    # (0: port + 1 + i), for its own /metrics.
+    workers: int = 1
+    worker_port: int = 0
     # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
     public_url: str = ""
     log_level: str = "info"
@@ -173,6 +178,10 @@ class Settings:
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def first_worker_port(self) -> int:
+        return self.worker_port or self.port + 1
 
     @property
     def trusted_proxy_list(self) -> list[str]:
@@ -345,6 +354,7 @@ def _check(s: Settings) -> None:
         problems.append("broker 'redis' needs the redis extra: pip install 'herald[redis]'")
     elif s.broker == "memory" and s.redis_url:
         problems.append("redis_url is set but broker is 'memory': set broker = 'redis' to use it")
+    problems += _check_workers(s)
     for issuer in s.issuers:
         known = {"issuer", "audience", "jwks_url", "discovery_url"}
         if not {"issuer", "audience"} <= issuer.keys() or not (
@@ -367,6 +377,30 @@ def _check(s: Settings) -> None:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _check_workers(s: Settings) -> list[str]:
+    if s.workers < 1:
+        return ["workers must be >= 1"]
+    if s.workers == 1:
+        return []
+    problems = []
+    if not s.resolved_store_url.startswith(("postgresql:", "postgres:")):
+        problems.append(
+            "workers > 1 needs the PostgreSQL store (store_url = 'postgresql://...'):"
+            " a SQLite database is written by one process"
+        )
+    if s.broker != "redis":
+        problems.append(
+            "workers > 1 needs broker = 'redis' (and redis_url): with the memory broker a"
+            " worker's streams would not see changes made through the other workers"
+        )
+    first, last = s.first_worker_port, s.first_worker_port + s.workers - 1
+    if first <= s.port <= last or last > 65_535 or s.worker_port < 0:
+        problems.append(
+            f"worker ports {first}-{last} (worker_port + index) must be valid and exclude port"
+        )
+    return problems
 
 
 def _importable(module: str) -> bool:

@@ -11,18 +11,26 @@ from herald.logs import configure
 @click.command()
 @click.option("--host", help="Interface to listen on (HERALD_HOST, default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (HERALD_PORT, default 8080).")
+@click.option(
+    "--workers", type=int, help="Worker processes on the port (HERALD_WORKERS, default 1)."
+)
 @common_options
-def serve(host: str | None, port: int | None, **options: str | None) -> None:
+def serve(host: str | None, port: int | None, workers: int | None, **options: str | None) -> None:
     """Start the HTTP server."""
-    from herald.api.app import build_app
-    from herald.server import Server, config, raise_open_files_limit
-    from herald.service import build_services
-
-    settings = load_settings(host=host, port=port, **options)
+    settings = load_settings(host=host, port=port, workers=workers, **options)
     configure(
         settings.log_level, settings.log_format, settings.log_repeats, settings.log_repeat_window
     )
     click.echo(f"herald: serving on {settings.base_url} (store {_redacted(settings)})", err=True)
+    if settings.workers > 1:
+        from herald.supervisor import supervise
+
+        supervise(settings)
+        return
+    from herald.api.app import build_app
+    from herald.server import Server, config, raise_open_files_limit
+    from herald.service import build_services
+
     raise_open_files_limit()
     app = build_app(build_services(settings))
     Server(config(app, settings.host, settings.port, access_log=False, log_config=None)).run()

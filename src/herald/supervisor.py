@@ -1,0 +1,232 @@
+"""`herald serve --workers N`: N worker processes on one port, kept alive by a supervisor.
+
+Each worker is a whole Herald (its own store pool, broker connection, dispatcher, streams) and
+binds its own listening socket on the port with SO_REUSEPORT, so the kernel spreads new
+connections over the workers by hash instead of handing them from one shared accept queue to
+whichever worker is warm (with one shared socket a few workers take most connections: uvicorn PR
+#2472, gunicorn #2938). Each worker also listens alone on `worker_port + index`, where its own
+/metrics (and the rest of the API) can be reached: a scrape on the shared port reaches a random
+worker.
+
+The supervisor imports no part of the server and holds no socket: it starts the workers (spawned,
+so each starts from a clean interpreter), restarts one that exits (at once after a long run, with
+a doubling delay after quick exits), and on SIGTERM or SIGINT tells every worker to drain and
+exits 0 once all have. SIGTERM to one worker drains that worker only, and the supervisor starts
+its replacement: a rolling restart, one worker at a time, loses nothing (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+from herald.settings import Settings
+
+log = logging.getLogger("herald.supervisor")
+
+BACKLOG = 2048  # uvicorn's default
+# A worker that ran this long before exiting is restarted at once; quicker exits in a row wait
+# BACKOFF_BASE, twice that, ... up to BACKOFF_MAX seconds (a broken store or port would
+# otherwise make the supervisor spin).
+STABLE_SECONDS = 10.0
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 30.0
+# How long the supervisor waits for draining workers before it kills them: their own grace
+# (herald.server.GRACE_SECONDS for streams, then as long again for responses) and a margin.
+DRAIN_SECONDS = 15.0
+STARTUP_FAILURE = 3  # uvicorn's exit code when the app's start-up (lifespan) failed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def listener(host: str, port: int, shared: bool) -> socket.socket:
+    """A listening TCP socket on (host, port); with `shared`, SO_REUSEPORT, so every worker binds
+    its own on the same port."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def work(settings: Settings, index: int, ready: Event, supervisor: int) -> None:
+    """A worker process: Herald on its share of the port and on its own port."""
+    follow(supervisor)
+    from herald.api.app import build_app
+    from herald.logs import configure
+    from herald.server import Server, config, raise_open_files_limit
+    from herald.service import build_services
+
+    configure(
+        settings.log_level, settings.log_format, settings.log_repeats, settings.log_repeat_window
+    )
+    raise_open_files_limit()
+    app = build_app(build_services(settings))
+    app.state.services.metrics.identify(index)
+    own = settings.first_worker_port + index
+    try:
+        sockets = [
+            listener(settings.host, settings.port, shared=True),
+            listener(settings.host, own, shared=False),
+        ]
+    except OSError as exc:
+        log.error("worker %d cannot listen on ports %d and %d: %s", index, settings.port, own, exc)
+        sys.exit(STARTUP_FAILURE)
+    options = {"access_log": False, "log_config": None}
+    Server(config(app, settings.host, settings.port, **options), started=ready.set).run(sockets)
+
+
+@dataclass
+class Slot:
+    """One worker's place: its current process, and how quickly its last ones exited."""
+
+    index: int
+    process: SpawnProcess | None = None
+    ready: Event | None = None
+    started: float = 0.0
+    quick_exits: int = 0
+    restart_at: float | None = None
+    served: bool = False  # an earlier process in this slot has served
+
+    def has_served(self) -> bool:
+        return self.served or (self.ready is not None and self.ready.is_set())
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    slots: list[Slot] = field(default_factory=list)
+    stopping: bool = False
+    failed: bool = False
+
+    def run(self) -> int:
+        """Run the workers until SIGTERM/SIGINT; the exit status (0 unless no worker could
+        start)."""
+        context = multiprocessing.get_context("spawn")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        self.slots = [Slot(i) for i in range(self.settings.workers)]
+        log.info("supervising %d workers (pid %d)", self.settings.workers, os.getpid())
+        for slot in self.slots:
+            self._start(context, slot)
+        while not self.stopping:
+            self._wait(0.5)
+            now = time.monotonic()
+            for slot in self.slots:
+                if self.stopping:
+                    break
+                self._reap(slot, now)
+                if slot.restart_at is not None and slot.restart_at <= now:
+                    self._start(context, slot)
+        self._drain()
+        return 1 if self.failed else 0
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            log.info("draining the workers", extra={"signal": signal.Signals(signum).name})
+        self.stopping = True
+
+    def _wait(self, timeout: float) -> None:
+        sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
+        due = [s.restart_at for s in self.slots if s.restart_at is not None]
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        multiprocessing.connection.wait(sentinels, timeout)
+
+    def _start(self, context: multiprocessing.context.SpawnContext, slot: Slot) -> None:
+        slot.ready = context.Event()
+        slot.process = context.Process(
+            target=work,
+            args=(self.settings, slot.index, slot.ready, os.getpid()),
+            name=f"herald-worker-{slot.index}",
+        )
+        slot.process.start()
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        pid = slot.process.pid
+        log.info("worker %d started (pid %s)", slot.index, pid, extra={"worker": slot.index})
+
+    def _reap(self, slot: Slot, now: float) -> None:
+        """If the slot's worker has exited, log how and schedule its replacement."""
+        process = slot.process
+        if process is None or process.is_alive():
+            return
+        process.join()
+        code = process.exitcode
+        slot.served = slot.has_served()
+        slot.process = None
+        if not any(s.has_served() for s in self.slots):
+            # No worker has ever served: the store, a port or the configuration is wrong, and
+            # every restart would fail the same way (as one `herald serve` exits at once).
+            log.error("worker %d failed to start (%s); stopping", slot.index, _describe(code))
+            self.failed = True
+            self.stopping = True
+            return
+        if now - slot.started >= STABLE_SECONDS:
+            slot.quick_exits = 0
+        else:
+            slot.quick_exits += 1
+        delay = 0.0
+        if slot.quick_exits:
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.quick_exits - 1))
+        slot.restart_at = now + delay
+        log.warning(
+            "worker %d (pid %s) exited (%s); restarting it in %.1f s",
+            slot.index,
+            process.pid,
+            _describe(code),
+            delay,
+            extra={"worker": slot.index},
+        )
+
+    def _drain(self) -> None:
+        """SIGTERM every worker (each drains: docs/devices.md), wait, kill what is left."""
+        running = [s.process for s in self.slots if s.process is not None]
+        for process in running:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker (pid %s) did not drain in time; killed", process.pid)
+                process.kill()
+                process.join()
+        log.info("all workers have exited")
+
+
+def follow(supervisor: int) -> None:
+    """Drain and exit (SIGTERM) when the supervisor dies, even by SIGKILL: a worker left
+    without it would hold its share of the port, unsupervised, until someone found it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("cannot follow the supervisor (prctl failed)")
+    if os.getppid() != supervisor:  # it died before prctl
+        sys.exit(0)
+
+
+def _describe(code: int | None) -> str:
+    if code is not None and code < 0:
+        return signal.Signals(-code).name
+    return f"exit code {code}"
+
+
+def supervise(settings: Settings) -> None:
+    sys.exit(Supervisor(settings).run())
