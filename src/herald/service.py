@@ -142,7 +142,8 @@ def build_services(
         ),
         keyring=keyring,
         pusher=pusher,
-        streams=Streams(store, broker, settings, clock),
+        # Other processes may delete subscriptions only on a shared store (not SQLite's).
+        streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
     )
 
 

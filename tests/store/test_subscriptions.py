@@ -313,3 +313,16 @@ async def test_channel_holder_finds_the_holder_expired_or_not(store: Store) -> N
     assert await store.channel_holder(APP, channel.key) == taker
     await store.delete_subscription("u2", APP, taker.id)
     assert await store.channel_holder(APP, channel.key) is None
+
+
+async def test_live_subscriptions_names_the_unexpired_ones_in_one_read(store: Store) -> None:
+    kept = subscription()
+    deleted = subscription()
+    expired = subscription(user="u2", expires=T0 + timedelta(minutes=1))
+    for sub in (kept, deleted, expired):
+        await store.add_subscription(sub, 10, T0)
+    await store.delete_subscription("u1", APP, deleted.id)
+    ids = [kept.id, deleted.id, expired.id, "no-such-subscription", kept.id]
+    assert await store.live_subscriptions(ids, T0) == {kept.id, expired.id}
+    assert await store.live_subscriptions(ids, T0 + timedelta(minutes=1)) == {kept.id}
+    assert await store.live_subscriptions([], T0) == set()

@@ -324,6 +324,11 @@ class Subscriptions(Protocol):
         """By id alone (the UNS ID names the user); None if absent or expired. Callers check
         that it belongs to the calling app and user."""
 
+    async def live_subscriptions(self, ids: Sequence[str], now: datetime) -> set[str]:
+        """Which of these ids are unexpired subscriptions, in one read (unknown ids are not an
+        error). Streams check theirs with it, so a deletion on another node closes them even
+        if its broker message was lost (`outbound/streams.py`)."""
+
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         """The subscription of `app` (expired or not) holding the push channel `key`, if any:
         the one `add_subscription`/`update_subscription` would release."""

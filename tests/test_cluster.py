@@ -1,0 +1,136 @@
+"""State that must hold across the cluster, not per process (issue 14, item 4): two real
+`herald serve` processes, A and B, on one PostgreSQL and one redis-server.
+
+* Deleting a subscription through A closes its streams on B within a second, even when Redis
+  lost the revocation (`outbound/streams.py`, `Streams.check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from herald.auth.issuer import LocalIssuer
+from tests.conftest import free_port
+from tests.devices import api, open_stream, subscription_body
+from tests.pg import fresh_database
+from tests.processes import register, start
+from tests.redis import RedisServer, redis_server
+
+pytestmark = pytest.mark.postgres
+
+HOST = "cluster.example.com"
+
+
+@pytest.fixture
+def redis_service() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+@pytest.fixture
+def postgres_store() -> Iterator[str]:
+    yield from fresh_database()
+
+
+@dataclass
+class Cluster:
+    a: str  # node A's base URL
+    b: str
+    data: Path  # node A's data directory (the issuer key's, when shared)
+    client_id: str
+
+    def token(self, user: str | None = None) -> str:
+        issuer = LocalIssuer.load_or_create(self.data, "urn:herald:local", "api://herald")
+        return issuer.mint(client_id=self.client_id, user_id=user or f"u-{uuid.uuid4().hex[:8]}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def cluster(
+    tmp_path: Path, store: str, redis: RedisServer, *, machines: bool = False, **env: str
+) -> Iterator[Cluster]:
+    """Nodes A and B on `store` with the Redis broker; `machines`: each its own data directory
+    (as on two machines), else one shared."""
+    data = [tmp_path / "a", tmp_path / "b"] if machines else [tmp_path, tmp_path]
+    for path in data:
+        path.mkdir(exist_ok=True)
+    client_id = register(data[0], store, HOST)
+    env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": redis.url, **env}
+    ports = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for path, port in zip(data, ports, strict=True):
+            procs.append(start(path, port, store, **env))
+        a, b = (f"http://127.0.0.1:{port}" for port in ports)
+        yield Cluster(a, b, data[0], client_id)
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+# -- revocation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["none", "redis_killed", "pubsub_cut"])
+def test_deleting_a_subscription_on_a_closes_its_streams_on_b(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer, fault: str
+) -> None:
+    """B serves a WebSocket and an SSE stream of one subscription; it is deleted through A.
+    Both close within 1 s, saying why (`closing` subscriptionGone; WebSocket code 4404), with
+    Redis up (its revocation message), killed just before the delete (the message is lost for
+    sure), or with every pub/sub connection cut just before it (lost or not, by the race)."""
+    with cluster(tmp_path, postgres_store, redis_service) as c:
+        token = c.token()
+
+        async def scenario() -> float:
+            async with api(c.b, token) as client:
+                r = await client.post(
+                    "/beta/me/notificationSubscriptions", json=subscription_body(HOST, "live")
+                )
+                assert r.status_code == 201, r.text
+                sub = r.json()["id"]
+            async with (
+                open_stream("ws", c.b, sub, token) as ws,
+                open_stream("sse", c.b, sub, token) as sse,
+            ):
+                await ws.ready()
+                await sse.ready()
+                if fault == "redis_killed":
+                    await asyncio.to_thread(redis_service.kill)
+                elif fault == "pubsub_cut":
+                    reply = await asyncio.to_thread(
+                        redis_service.command, "CLIENT", "KILL", "TYPE", "pubsub"
+                    )
+                    assert reply == b":2", reply
+                began = time.monotonic()
+                async with api(c.a, token) as client:
+                    r = await client.delete(f"/beta/me/notificationSubscriptions/{sub}")
+                    assert r.status_code == 204, r.text
+                ends = await asyncio.gather(ws.until_end(1.0), sse.until_end(1.0))
+                took = time.monotonic() - began
+            for protocol, (messages, end) in zip(("ws", "sse"), ends, strict=True):
+                assert [m["type"] for m in messages] == ["closing"], (protocol, messages)
+                assert messages[0]["reason"] == "subscriptionGone", messages
+                if protocol == "ws":
+                    assert end.code == 4404, end
+            return took
+
+        took = asyncio.run(scenario())
+        print(f"\nrevocation on A, Redis {fault}: B's streams closed {took * 1000:.0f} ms later")
