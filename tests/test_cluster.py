@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,56 @@ def test_deleting_a_subscription_on_a_closes_its_streams_on_b(
 
         took = asyncio.run(scenario())
         print(f"\nrevocation on A, Redis {fault}: B's streams closed {took * 1000:.0f} ms later")
+
+
+# -- Idempotency-Key ----------------------------------------------------------------------------
+
+
+def test_a_same_key_pair_split_over_two_nodes_creates_one_notification(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """50 pairs of POSTs with one Idempotency-Key each, the two of a pair sent at once to A and
+    to B, all pairs concurrently: 50 notifications, and both answers of a pair are the first
+    answer (201, same body, Location and ETag). 10 more pairs send different bodies under one
+    key: one 201 and one 409 each (whichever node committed first), one notification each."""
+    with cluster(tmp_path, postgres_store, redis_service) as c:
+        token = c.token()
+
+        async def scenario() -> None:
+            async with api(c.a, token) as on_a, api(c.b, token) as on_b:
+                go = asyncio.Event()
+
+                async def post(client: Any, key: str, text: str) -> Any:
+                    body = {"targetHostName": HOST, "payload": {"rawContent": text}}
+                    await go.wait()
+                    return await client.post(
+                        "/beta/me/notifications", json=body, headers={"Idempotency-Key": key}
+                    )
+
+                same = [
+                    asyncio.gather(
+                        post(on_a, f"same-{i}", f"t{i}"), post(on_b, f"same-{i}", f"t{i}")
+                    )
+                    for i in range(50)
+                ]
+                other = [
+                    asyncio.gather(post(on_a, f"other-{i}", "a"), post(on_b, f"other-{i}", "b"))
+                    for i in range(10)
+                ]
+                await asyncio.sleep(0.1)
+                go.set()
+                pairs = await asyncio.gather(*same, *other)
+                for ra, rb in pairs[:50]:
+                    assert ra.status_code == rb.status_code == 201, (ra.text, rb.text)
+                    assert ra.content == rb.content
+                    assert ra.headers["location"] == rb.headers["location"]
+                    assert ra.headers["etag"] == rb.headers["etag"]
+                for ra, rb in pairs[50:]:
+                    assert sorted((ra.status_code, rb.status_code)) == [201, 409], (ra, rb)
+                r = await on_b.get("/beta/me/notifications", params={"$count": "true", "$top": 1})
+                assert r.status_code == 200, r.text
+                assert r.json()["@odata.count"] == 60
+                ids = {rs.json()["id"] for pair in pairs for rs in pair if rs.status_code == 201}
+                assert len(ids) == 60
+
+        asyncio.run(scenario())
