@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from herald.auth.issuer import LocalIssuer
+from herald.auth.sessions import SIGNIN_GRANT
 from tests.conftest import free_port
 from tests.devices import api, open_stream, subscription_body
 from tests.pg import fresh_database
-from tests.processes import register, start
+from tests.processes import start
 from tests.redis import RedisServer, redis_server
 
 pytestmark = pytest.mark.postgres
@@ -47,6 +51,8 @@ class Cluster:
     b: str
     data: Path  # node A's data directory (the issuer key's, when shared)
     client_id: str
+    secret: str
+    store: str
 
     def token(self, user: str | None = None) -> str:
         issuer = LocalIssuer.load_or_create(self.data, "urn:herald:local", "api://herald")
@@ -72,7 +78,7 @@ def cluster(
     data = [tmp_path / "a", tmp_path / "b"] if machines else [tmp_path, tmp_path]
     for path in data:
         path.mkdir(exist_ok=True)
-    client_id = register(data[0], store, HOST)
+    client_id, secret = create_app(data[0], store)
     env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": redis.url, **env}
     ports = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -80,10 +86,22 @@ def cluster(
         for path, port in zip(data, ports, strict=True):
             procs.append(start(path, port, store, **env))
         a, b = (f"http://127.0.0.1:{port}" for port in ports)
-        yield Cluster(a, b, data[0], client_id)
+        yield Cluster(a, b, data[0], client_id, secret, store)
     finally:
         for proc in procs:
             stop(proc)
+
+
+def herald(data: Path, store: str, *args: str) -> str:
+    """A `herald` command on `data` and `store`; what it printed."""
+    command = [sys.executable, "-m", "herald", *args, "--data", str(data), "--store", store]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def create_app(data: Path, store: str) -> tuple[str, str]:
+    """`herald app create`: the new app's client id and secret."""
+    shown = json.loads(herald(data, store, "app", "create", "--host-name", HOST))
+    return str(shown["clientId"]), str(shown["clientSecret"])
 
 
 # -- revocation ---------------------------------------------------------------------------------
@@ -188,3 +206,44 @@ def test_a_same_key_pair_split_over_two_nodes_creates_one_notification(
                 assert len(ids) == 60
 
         asyncio.run(scenario())
+
+
+# -- the issuer's key and sign-in codes ---------------------------------------------------------
+
+TOKEN = "/oauth2/v2.0/token"
+
+
+def test_a_token_minted_via_a_is_accepted_by_b_on_another_machine(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """A and B have data directories of their own (two machines): each would generate its own
+    signing key. An app-only token from A's token endpoint, and a user's tokens from a sign-in
+    code redeemed on A, work on B; so does a token from `herald token` run on B's machine."""
+    with cluster(tmp_path, postgres_store, redis_service, machines=True) as c:
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        body = {"targetHostName": HOST, "payload": {"rawContent": "hello"}}
+        form = {"grant_type": "client_credentials", "client_id": c.client_id}
+        form |= {"client_secret": c.secret, "scope": "api://herald/.default"}
+        r = httpx.post(c.a + TOKEN, data=form, timeout=10)
+        assert r.status_code == 200, r.text
+        app_token = r.json()["access_token"]
+        headers = {"Authorization": f"Bearer {app_token}"}
+        r = httpx.post(f"{c.b}/beta/users/{user}/notifications", json=body, headers=headers)
+        assert r.status_code == 201, r.text
+
+        link = herald(tmp_path / "a", c.store, "signin", "--app", c.client_id, "--user", user)
+        code = link.rpartition("#signin=")[2]
+        form = {"grant_type": SIGNIN_GRANT, "code": code, "client_id": c.client_id}
+        r = httpx.post(c.a + TOKEN, data=form, timeout=10)
+        assert r.status_code == 200, r.text
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        r = httpx.get(f"{c.b}/beta/me/notifications", headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+        assert [n["payload"]["rawContent"] for n in r.json()["value"]] == ["hello"]
+
+        minted = herald(tmp_path / "b", c.store, "token", "--app", c.client_id, "--user", user)
+        for node in (c.a, c.b):
+            r = httpx.get(
+                f"{node}/beta/me/notifications", headers={"Authorization": f"Bearer {minted}"}
+            )
+            assert r.status_code == 200, r.text

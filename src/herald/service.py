@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from herald import expiry
 from herald.access import Access, Apps, Users
-from herald.auth.issuer import LocalIssuer
+from herald.auth.issuer import LocalIssuer, import_key
 from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
@@ -35,11 +36,14 @@ from herald.store import (
     ChangeLog,
     Directory,
     Idempotency,
+    Issuance,
     Store,
     Subscriptions,
     open_store,
 )
 from herald.store.sqlite import SqliteStore
+
+log = logging.getLogger("herald.service")
 
 
 @dataclass
@@ -157,6 +161,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
     async with contextlib.AsyncExitStack() as stack:
         await s.store.open()
         stack.push_async_callback(s.store.close)
+        if s.issuer is not None and not isinstance(s.store, SqliteStore):
+            await share_issuer_key(s.issuer, s.store)
         stack.push_async_callback(s.verifier.aclose)
         # Keeps the cyclic GC off long-lived state: what start-up allocated, then live streams
         # as they open (herald/collector.py; full collections are the long pauses).
@@ -176,6 +182,19 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s
+
+
+async def share_issuer_key(issuer: LocalIssuer, store: Issuance) -> None:
+    """On a store several processes (machines) share: sign with the key stored there, storing
+    this one (the data directory's) if it holds none, so that a token minted via any node is
+    accepted by every node. (SQLite keeps the data directory's key file.)"""
+    stored = import_key(await store.issuer_key(issuer.private_bytes()))
+    if stored.thumbprint() != issuer.key.thumbprint():
+        log.info(
+            "signing with the store's issuer key, not the data directory's",
+            extra={"kid": stored.kid, "file_kid": issuer.kid},
+        )
+        issuer.use(stored)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -22,6 +22,21 @@ class PostgresRetention(PostgresWriter, Retention):
             self._hooks.fire()
         return expired
 
+    async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
+        async def run(tx: Tx) -> bool:
+            # The row lock orders concurrent callers: the second sees the first's `at`.
+            taken = await tx.conn.fetchval(
+                "INSERT INTO turns (name, at) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+                " SET at = excluded.at WHERE turns.at <= $2 - make_interval(secs => $3)"
+                " RETURNING name",
+                name,
+                now,
+                interval,
+            )
+            return taken is not None
+
+        return await self._op(None, run)
+
 
 async def _sweep(
     conn: asyncpg.Connection, now: datetime, retain_until: datetime, limit: int
@@ -80,4 +95,5 @@ async def _sweep(
         limit,
     )
     await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
+    await conn.execute("DELETE FROM redeemed_codes WHERE expires <= $1", now)
     return len(expired)
