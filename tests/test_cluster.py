@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from herald.auth.issuer import LocalIssuer
-from herald.auth.sessions import SIGNIN_GRANT
+from herald.auth.sessions import SIGNIN_GRANT, Sessions
 from tests.conftest import free_port
 from tests.devices import api, open_stream, subscription_body
 from tests.pg import fresh_database
@@ -54,8 +54,10 @@ class Cluster:
     secret: str
     store: str
 
+    issuer = "urn:herald:local"
+
     def token(self, user: str | None = None) -> str:
-        issuer = LocalIssuer.load_or_create(self.data, "urn:herald:local", "api://herald")
+        issuer = LocalIssuer.load_or_create(self.data, self.issuer, "api://herald")
         return issuer.mint(client_id=self.client_id, user_id=user or f"u-{uuid.uuid4().hex[:8]}")
 
 
@@ -247,3 +249,46 @@ def test_a_token_minted_via_a_is_accepted_by_b_on_another_machine(
                 f"{node}/beta/me/notifications", headers={"Authorization": f"Bearer {minted}"}
             )
             assert r.status_code == 200, r.text
+
+
+def test_a_sign_in_code_works_once_across_the_cluster(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """A code redeemed on A is refused on B (and on A again) with the documented error
+    (400 invalid_grant, "already been used"); 10 codes each sent to A and B at once are each
+    redeemed exactly once."""
+    with cluster(tmp_path, postgres_store, redis_service, machines=True) as c:
+
+        def code(user: str) -> str:
+            link = herald(tmp_path / "a", c.store, "signin", "--app", c.client_id, "--user", user)
+            return link.rpartition("#signin=")[2]
+
+        def redeem(node: str, code: str) -> httpx.Response:
+            form = {"grant_type": SIGNIN_GRANT, "code": code, "client_id": c.client_id}
+            return httpx.post(node + TOKEN, data=form, timeout=10)
+
+        first = code("alice")  # `herald signin`, as an operator makes one
+        r = redeem(c.a, first)
+        assert r.status_code == 200, r.text
+        for node in (c.b, c.a):
+            r = redeem(node, first)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "invalid_grant"
+            assert "already been used" in r.json()["error_description"]
+
+        # Minted here with A's key (the one A stored, starting first): 10 CLI runs take seconds.
+        sessions = Sessions(LocalIssuer.load_or_create(tmp_path / "a", c.issuer, "api://herald"))
+        codes = [sessions.signin_code(c.client_id, f"user-{i}") for i in range(10)]
+
+        async def race() -> list[tuple[int, int]]:
+            async with httpx.AsyncClient(timeout=10) as client:
+
+                async def one(node: str, code: str) -> int:
+                    form = {"grant_type": SIGNIN_GRANT, "code": code, "client_id": c.client_id}
+                    return (await client.post(node + TOKEN, data=form)).status_code
+
+                pairs = [asyncio.gather(one(c.a, k), one(c.b, k)) for k in codes]
+                return [(a, b) for a, b in await asyncio.gather(*pairs)]
+
+        for statuses in asyncio.run(race()):
+            assert sorted(statuses) == [200, 400], statuses

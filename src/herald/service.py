@@ -129,7 +129,7 @@ def build_services(
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,
-        sessions=Sessions(issuer) if issuer else None,
+        sessions=Sessions(issuer, store) if issuer else None,
         verifier=verifier,
         metrics=metrics,
         limits=Limits(
