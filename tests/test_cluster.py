@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,58 @@ def test_a_sign_in_code_works_once_across_the_cluster(
 
         for statuses in asyncio.run(race()):
             assert sorted(statuses) == [200, 400], statuses
+
+
+# -- the expiry sweeper -------------------------------------------------------------------------
+
+
+def sweeps(node: str) -> dict[str, float]:
+    """The node's `herald_expiry_sweeps_total` by outcome."""
+    text = httpx.get(f"{node}/metrics", timeout=10).text
+    found = {"swept": 0.0, "skipped": 0.0}
+    for line in text.splitlines():
+        if line.startswith("herald_expiry_sweeps_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            found[outcome] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_the_sweeper_runs_once_an_interval_across_the_cluster(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """Both nodes tick every 0.25 s; over 4 s the cluster sweeps about 16 times between them, not
+    about 32 (each node once a tick), and a notification that expires is still swept."""
+    interval = 0.25
+    env = {"HERALD_SWEEP_INTERVAL": str(interval)}
+    with cluster(tmp_path, postgres_store, redis_service, **env) as c:
+        token = c.token()
+        body = {"targetHostName": HOST, "payload": {"rawContent": "brief"}}
+        body["expirationDateTime"] = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+        r = httpx.post(
+            f"{c.a}/beta/me/notifications",
+            json=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 201, r.text
+        before = [sweeps(node) for node in (c.a, c.b)]
+        began = time.monotonic()
+        time.sleep(4.0)
+        after = [sweeps(node) for node in (c.a, c.b)]
+        took = time.monotonic() - began
+        ticks = took / interval
+        counts = [{k: after[i][k] - before[i][k] for k in ("swept", "skipped")} for i in range(2)]
+        swept = sum(n["swept"] for n in counts)
+        print(f"\n{took:.1f} s at {interval} s a tick: sweeps per node {counts}")
+        for n in counts:  # each node still ticks every interval
+            assert n["swept"] + n["skipped"] >= ticks * 0.6, counts
+        # Once an interval between them (a tick's jitter may let one interval pass unswept).
+        assert ticks * 0.6 <= swept <= ticks + 2, counts
+        # The sweep itself happened: the notification that expired is gone, with its change.
+        r = httpx.get(
+            f"{c.b}/beta/me/notifications/delta?$deltatoken=0",
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 200, r.text
+        assert [item.get("@removed") for item in r.json()["value"]] == [{"reason": "deleted"}]

@@ -170,7 +170,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
         collector.start()
         stack.push_async_callback(collector.stop)
         period = min(1.0, s.settings.log_repeat_window / 4)
-        for job in (expiry.run(s.store, s.settings, s.feed.clock), report_repeats(period)):
+        sweeper = expiry.run(s.store, s.settings, s.feed.clock, s.metrics)
+        for job in (sweeper, report_repeats(period)):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         await s.broker.start()
         stack.push_async_callback(s.broker.close)
