@@ -348,3 +348,58 @@ def test_the_sweeper_runs_once_an_interval_across_the_cluster(
         )
         assert r.status_code == 200, r.text
         assert [item.get("@removed") for item in r.json()["value"]] == [{"reason": "deleted"}]
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+RATE, BURST, WINDOW = 20.0, 20, 3.0
+
+
+async def flood(nodes: list[str], token: str, seconds: float) -> tuple[list[int], float]:
+    """8 clients per node POST as fast as they are answered for `seconds`; every status, and
+    the time from the first answer to the last (the span the limit applied over: connecting
+    the 16 clients takes a while on a busy machine)."""
+    statuses: list[int] = []
+    answered: list[float] = []
+    began = time.monotonic()
+    body = {"targetHostName": HOST, "payload": {"rawContent": "flood"}}
+
+    async def client(node: str) -> None:
+        async with api(node, token) as c:
+            while time.monotonic() - began < seconds:
+                statuses.append((await c.post("/beta/me/notifications", json=body)).status_code)
+                answered.append(time.monotonic())
+
+    await asyncio.gather(*(client(node) for node in nodes for _ in range(8)))
+    return statuses, max(answered) - min(answered)
+
+
+@pytest.mark.parametrize("redis_state", ["up", "killed", "frozen"])
+def test_an_app_rate_limit_holds_across_the_cluster(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer, redis_state: str
+) -> None:
+    """An app limited to 20/s (burst 20) posts through A and B at once for 3 s, far faster: the
+    two nodes accept at most burst + rate x time between them (+10 %), and at least 90 % of it.
+    With Redis killed or frozen (SIGSTOP), nothing fails: each node limits on its own (so the
+    cluster allows up to twice that) and says so in its log."""
+    env = {"HERALD_APP_RATE": str(RATE), "HERALD_APP_BURST": str(BURST)}
+    with cluster(tmp_path, postgres_store, redis_service, **env) as c:
+        token = c.token()
+        if redis_state == "killed":
+            redis_service.kill()
+        elif redis_state == "frozen":  # connected, answering nothing: each call times out
+            redis_service.freeze()
+        statuses, took = asyncio.run(flood([c.a, c.b], token, WINDOW))
+        accepted = statuses.count(201)
+        allowed = BURST + RATE * took
+        print(
+            f"\nRedis {redis_state}: {len(statuses)} posts in {took:.2f} s over A and B,"
+            f" {accepted} accepted (one node's limit allows {allowed:.0f})"
+        )
+        assert set(statuses) <= {201, 429}, sorted(set(statuses))
+        if redis_state == "up":
+            assert allowed * 0.9 <= accepted <= allowed * 1.1
+        else:
+            assert allowed * 1.1 < accepted <= 2 * allowed * 1.1
+            log = (tmp_path / "server.log").read_text()
+            assert log.count("rate limits are per process until it does") == 2, log[-3000:]

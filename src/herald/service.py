@@ -23,7 +23,7 @@ from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
 from herald.collector import Collector
 from herald.feed import Clock, Feed, utcnow
-from herald.limits import Limiter, Limits, RateLimits
+from herald.limits import Limiter, Limits, RateCheck, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import Metrics
 from herald.outbound.dispatcher import Dispatcher
@@ -114,10 +114,15 @@ def build_services(
     pusher = None
     if settings.push_enabled:
         pusher = Pusher(store, PROVIDERS.senders(settings, keyring), settings, metrics, clock)
-    limiter = RateLimits(
+    local = RateLimits(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
     )
+    limiter: RateCheck = local
+    if settings.broker == "redis":  # the limits hold for the cluster (per process if Redis is out)
+        from herald.broker.limits import ClusterRateLimits
+
+        limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
     return Services(
         settings=settings,
@@ -164,6 +169,7 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
         if s.issuer is not None and not isinstance(s.store, SqliteStore):
             await share_issuer_key(s.issuer, s.store)
         stack.push_async_callback(s.verifier.aclose)
+        stack.push_async_callback(s.access.limits.close)
         # Keeps the cyclic GC off long-lived state: what start-up allocated, then live streams
         # as they open (herald/collector.py; full collections are the long pauses).
         collector = Collector(s.streams)
