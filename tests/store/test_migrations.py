@@ -351,7 +351,7 @@ async def old_database(
             await conn.execute(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
-                " issuer_keys, redeemed_codes, turns, schema_version;"
+                " issuer_keys, redeemed_codes, turns, subscription_removals, schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             for script in scripts:

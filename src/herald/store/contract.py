@@ -336,6 +336,12 @@ class Subscriptions(Protocol):
         error). Streams check theirs with it, so a deletion on another node closes them even
         if its broker message was lost (`outbound/streams.py`)."""
 
+    async def subscription_removals(self) -> int:
+        """A number that changes whenever subscriptions are removed, by any call (a delete, a
+        push channel taken over, `delete_app`, `sweep`) on any process sharing the store: a
+        caller that read it, then checked the subscriptions it cares about
+        (`live_subscriptions`), need check them again only once it has changed."""
+
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         """The subscription of `app` (expired or not) holding the push channel `key`, if any:
         the one `add_subscription`/`update_subscription` would release."""

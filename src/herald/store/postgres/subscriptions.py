@@ -49,6 +49,10 @@ class PostgresSubscriptions(PostgresWriter, Subscriptions):
             )
         return {r[0] for r in rows}
 
+    async def subscription_removals(self) -> int:
+        async with translated(), self._acquire() as conn:
+            return int(await conn.fetchval("SELECT n FROM subscription_removals"))
+
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         async with translated(), self._acquire() as conn:
             return await _channel_holder(conn, app, key)

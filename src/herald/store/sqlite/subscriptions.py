@@ -42,6 +42,12 @@ class SqliteSubscriptions(SqliteDatabase, Subscriptions):
         )
         return {r[0] for r in rows}
 
+    async def subscription_removals(self) -> int:
+        row = await self._read(
+            lambda c: c.execute("SELECT n FROM subscription_removals").fetchone()
+        )
+        return int(row[0])
+
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         return await self._read(lambda c: _channel_holder(c, app, key))
 

@@ -21,3 +21,21 @@ CREATE TABLE turns (
     name text PRIMARY KEY,
     at timestamptz NOT NULL
 );
+
+-- A number that grows with every statement that removes subscriptions (a delete, a shared
+-- browser's channel taken over, an app deleted, the sweeper): each node reads it twice a second
+-- and checks its streams' subscriptions only when it moved (outbound/streams.py).
+CREATE TABLE subscription_removals (n bigint NOT NULL);
+INSERT INTO subscription_removals VALUES (0);
+CREATE OR REPLACE FUNCTION herald_count_subscription_removals() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM removed) THEN
+        UPDATE subscription_removals SET n = n + 1;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER subscriptions_removed AFTER DELETE ON subscriptions
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
+    EXECUTE FUNCTION herald_count_subscription_removals();

@@ -22,3 +22,12 @@ CREATE TABLE turns (
     name TEXT PRIMARY KEY,
     at INTEGER NOT NULL
 );
+
+-- A number that grows whenever subscriptions are removed (the same contract as PostgreSQL's;
+-- a SQLite Herald is one process and does not read it).
+CREATE TABLE subscription_removals (n INTEGER NOT NULL);
+INSERT INTO subscription_removals VALUES (0);
+CREATE TRIGGER subscriptions_removed AFTER DELETE ON subscriptions
+BEGIN
+    UPDATE subscription_removals SET n = n + 1;
+END;
