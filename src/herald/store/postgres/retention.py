@@ -8,6 +8,7 @@ import asyncpg
 
 from herald.model import ChangeKind
 from herald.store.contract import Retention
+from herald.store.postgres.connection import translated
 from herald.store.postgres.deliveries import DELETE_DELIVERIES_OF_S
 from herald.store.postgres.transaction import Tx, append_changes, lock_heads
 from herald.store.postgres.writer import PostgresWriter
@@ -23,9 +24,11 @@ class PostgresRetention(PostgresWriter, Retention):
         return expired
 
     async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
-        async def run(tx: Tx) -> bool:
-            # The row lock orders concurrent callers: the second sees the first's `at`.
-            taken = await tx.conn.fetchval(
+        # One statement of its own (not in a batch of ops, whose other row locks it would join
+        # in an order another node's batch may not share). The row lock orders concurrent
+        # callers: the second sees the first's `at`.
+        async with translated(), self._acquire() as conn:
+            taken = await conn.fetchval(
                 "INSERT INTO turns (name, at) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
                 " SET at = excluded.at WHERE turns.at <= $2 - make_interval(secs => $3)"
                 " RETURNING name",
@@ -33,9 +36,7 @@ class PostgresRetention(PostgresWriter, Retention):
                 now,
                 interval,
             )
-            return taken is not None
-
-        return await self._op(None, run)
+        return taken is not None
 
 
 async def _sweep(
