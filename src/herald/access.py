@@ -14,7 +14,7 @@ from datetime import datetime
 
 from herald.auth.tokens import Principal, TokenVerifier, require_permission
 from herald.errors import AccessDenied, InvalidRequest, NotFound, Unauthenticated
-from herald.limits import RateLimits
+from herald.limits import RateCheck
 from herald.model import App, Subscription
 from herald.store import Directory, Subscriptions
 from herald.users import canonical, is_principal_name, principal_name
@@ -109,7 +109,7 @@ class Access:
 
     verifier: TokenVerifier
     apps: Apps
-    limits: RateLimits
+    limits: RateCheck
     store: Subscriptions
     clock: Callable[[], datetime]
     users: Users
@@ -149,7 +149,7 @@ class Access:
             # X-UNS-ID just names the user, and every device of theirs gets what it does.
             user_id, device = sub.user_id, (sub.id if principal.user_id is not None else None)
         # Per app, not per client id: an app's client ids share its budget.
-        self.limits.check(app.host_name, user_id)
+        await self.limits.check(app.host_name, user_id)
         return Caller(principal, app, user_id, device)
 
     async def subscription(

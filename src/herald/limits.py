@@ -1,6 +1,8 @@
 """Limits: what a notification may be (`Limits`, from the settings) and rate limits.
 
-Rate limits are token buckets per app and per (app, user), in process.
+Rate limits are token buckets per app and per (app, user): in this process (`RateLimits`), or
+shared by every process through Redis when the Redis broker is configured
+(`herald.broker.limits.ClusterRateLimits`, which falls back to these when Redis is unreachable).
 
 A bucket holds up to `burst` tokens and refills at `rate` per second; a request takes one. When a
 bucket is empty the caller gets 429 with the seconds until a token is back (`Retry-After`).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
@@ -70,6 +73,16 @@ class Limiter:
         self.buckets = {k: b for k, b in self.buckets.items() if now - b.stamp < full_after}
 
 
+class RateCheck(Protocol):
+    """The rate limits requests are checked against, wherever their buckets are kept."""
+
+    async def check(self, client_id: str, user_id: str | None) -> None:
+        """Take a token of the app's bucket, then of the (app, user) pair's; `Throttled` with
+        `retry_after` when one is empty (an app's token is spent even if its user's is not)."""
+
+    async def close(self) -> None: ...
+
+
 class RateLimits:
     """The limits one request is checked against: its app, and its (app, user) pair."""
 
@@ -77,14 +90,24 @@ class RateLimits:
         self.app = app
         self.user = user
 
-    def check(self, client_id: str, user_id: str | None) -> None:
+    async def check(self, client_id: str, user_id: str | None) -> None:
+        self.take(client_id, user_id)
+
+    def take(self, client_id: str, user_id: str | None) -> None:
         wait = self.app.wait_time(client_id)
         what = "app"
         if not wait and user_id is not None:
             wait = self.user.wait_time(f"{client_id}\x00{user_id}")
             what = "user"
         if wait:
-            raise Throttled(
-                f"Too many requests for this {what}; retry later.",
-                retry_after=max(1, math.ceil(wait)),
-            )
+            throttle(what, wait)
+
+    async def close(self) -> None:
+        pass
+
+
+def throttle(what: str, wait: float) -> None:
+    """Refuse a request over the `what` ("app", "user") limit, `wait` seconds from a token."""
+    raise Throttled(
+        f"Too many requests for this {what}; retry later.", retry_after=max(1, math.ceil(wait))
+    )

@@ -51,6 +51,13 @@ class Metrics:
             ["protocol"],
             registry=self.registry,
         )
+        self.sweeps = Counter(
+            "herald_expiry_sweeps",
+            "Sweeper intervals by outcome: swept (this process's turn), skipped (another "
+            "process sharing the store swept in this interval).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.dispatched = Counter(
             "herald_dispatched_changes",
             "Changes the dispatcher has published to the broker.",

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from herald import expiry
 from herald.access import Access, Apps, Users
-from herald.auth.issuer import LocalIssuer
+from herald.auth.issuer import LocalIssuer, import_key
 from herald.auth.sessions import Sessions
 from herald.auth.tokens import IssuerConfig, TokenVerifier
 from herald.broker import Broker, MemoryBroker
 from herald.collector import Collector
 from herald.feed import Clock, Feed, utcnow
-from herald.limits import Limiter, Limits, RateLimits
+from herald.limits import Limiter, Limits, RateCheck, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import BrokerMetrics, Metrics
 from herald.outbound.dispatcher import Dispatcher
@@ -35,11 +36,14 @@ from herald.store import (
     ChangeLog,
     Directory,
     Idempotency,
+    Issuance,
     Store,
     Subscriptions,
     open_store,
 )
 from herald.store.sqlite import SqliteStore
+
+log = logging.getLogger("herald.service")
 
 
 @dataclass
@@ -112,10 +116,15 @@ def build_services(
     pusher = None
     if settings.push_enabled:
         pusher = Pusher(store, PROVIDERS.senders(settings, keyring), settings, metrics, clock)
-    limiter = RateLimits(
+    local = RateLimits(
         Limiter(settings.app_rate, settings.app_burst),
         Limiter(settings.user_rate, settings.user_burst),
     )
+    limiter: RateCheck = local
+    if settings.broker == "redis":  # the limits hold for the cluster (per process if Redis is out)
+        from herald.broker.limits import ClusterRateLimits
+
+        limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
     return Services(
         settings=settings,
@@ -127,7 +136,7 @@ def build_services(
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,
-        sessions=Sessions(issuer) if issuer else None,
+        sessions=Sessions(issuer, store) if issuer else None,
         verifier=verifier,
         metrics=metrics,
         limits=Limits(
@@ -144,7 +153,8 @@ def build_services(
         ),
         keyring=keyring,
         pusher=pusher,
-        streams=Streams(store, broker, settings, clock),
+        # Other processes may delete subscriptions only on a shared store (not SQLite's).
+        streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
     )
 
 
@@ -158,14 +168,18 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
     async with contextlib.AsyncExitStack() as stack:
         await s.store.open()
         stack.push_async_callback(s.store.close)
+        if s.issuer is not None and not isinstance(s.store, SqliteStore):
+            await share_issuer_key(s.issuer, s.store)
         stack.push_async_callback(s.verifier.aclose)
+        stack.push_async_callback(s.access.limits.close)
         # Keeps the cyclic GC off long-lived state: what start-up allocated, then live streams
         # as they open (herald/collector.py; full collections are the long pauses).
         collector = Collector(s.streams)
         collector.start()
         stack.push_async_callback(collector.stop)
         period = min(1.0, s.settings.log_repeat_window / 4)
-        for job in (expiry.run(s.store, s.settings, s.feed.clock), report_repeats(period)):
+        sweeper = expiry.run(s.store, s.settings, s.feed.clock, s.metrics)
+        for job in (sweeper, report_repeats(period)):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         await s.broker.start()
         stack.push_async_callback(s.broker.close)
@@ -177,6 +191,19 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s
+
+
+async def share_issuer_key(issuer: LocalIssuer, store: Issuance) -> None:
+    """On a store several processes (machines) share: sign with the key stored there, storing
+    this one (the data directory's) if it holds none, so that a token minted via any node is
+    accepted by every node. (SQLite keeps the data directory's key file.)"""
+    stored = import_key(await store.issuer_key(issuer.private_bytes()))
+    if stored.thumbprint() != issuer.key.thumbprint():
+        log.info(
+            "signing with the store's issuer key, not the data directory's",
+            extra={"kid": stored.kid, "file_kid": issuer.kid},
+        )
+        issuer.use(stored)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from herald.model import ChangeKind
 from herald.store import Store
 
+from .conftest import Backend
 from .support import (
     APP,
     T0,
@@ -84,3 +86,27 @@ async def test_a_swept_subscription_takes_its_deliveries(store: Store) -> None:
     assert await store.get_subscription(expiring.id, T0) is None
     assert await store.count_deliveries() == 1
     assert [d.subscription_id for d in await claim_all(store)] == [keeper.id]
+
+
+async def test_a_turn_is_taken_once_an_interval(store: Store) -> None:
+    assert await store.take_turn("sweep", T0, 30)
+    assert not await store.take_turn("sweep", T0 + timedelta(seconds=29), 30)
+    assert await store.take_turn("other", T0 + timedelta(seconds=29), 30)
+    assert await store.take_turn("sweep", T0 + timedelta(seconds=30), 30)
+    assert not await store.take_turn("sweep", T0 + timedelta(seconds=31), 30)
+
+
+async def test_two_nodes_asking_at_once_get_one_turn(durable_backend: Backend) -> None:
+    a, b = durable_backend.make(), durable_backend.make()
+    await a.open()
+    await b.open()
+    try:
+        for i in range(10):
+            now = T0 + timedelta(seconds=30 * i)
+            turns = await asyncio.gather(
+                *(s.take_turn("sweep", now, 30) for _ in range(3) for s in (a, b))
+            )
+            assert sorted(turns) == [False] * 5 + [True], (i, turns)
+    finally:
+        await a.close()
+        await b.close()

@@ -313,3 +313,62 @@ async def test_channel_holder_finds_the_holder_expired_or_not(store: Store) -> N
     assert await store.channel_holder(APP, channel.key) == taker
     await store.delete_subscription("u2", APP, taker.id)
     assert await store.channel_holder(APP, channel.key) is None
+
+
+async def test_live_subscriptions_names_the_unexpired_ones_in_one_read(store: Store) -> None:
+    kept = subscription()
+    deleted = subscription()
+    expired = subscription(user="u2", expires=T0 + timedelta(minutes=1))
+    for sub in (kept, deleted, expired):
+        await store.add_subscription(sub, 10, T0)
+    await store.delete_subscription("u1", APP, deleted.id)
+    ids = [kept.id, deleted.id, expired.id, "no-such-subscription", kept.id]
+    assert await store.live_subscriptions(ids, T0) == {kept.id, expired.id}
+    assert await store.live_subscriptions(ids, T0 + timedelta(minutes=1)) == {kept.id}
+    assert await store.live_subscriptions([], T0) == set()
+
+
+async def test_the_removal_count_moves_with_every_removal_and_only_then(store: Store) -> None:
+    from herald.model import App
+
+    moves: list[bool] = []
+    last = await store.subscription_removals()
+
+    async def moved() -> None:
+        nonlocal last
+        now = await store.subscription_removals()
+        moves.append(now != last)
+        last = now
+
+    kept = await web_sub(store, endpoint="https://push.example.net/kept")
+    taken = await web_sub(store, endpoint="https://push.example.net/taken")
+    expiring = subscription(user="u3", expires=T0 + timedelta(minutes=1))
+    await store.add_subscription(expiring, 10, T0)
+    await moved()  # adding: no
+    await store.update_subscription(replace(kept, display_name="renamed"), T0)
+    await moved()  # updating: no
+    await store.sweep(T0, T0, 100)
+    await moved()  # a sweep that removes no subscription: no
+    with pytest.raises(NotFound):
+        await store.delete_subscription("u1", APP, "no-such-id")
+    await moved()  # a delete of nothing: no
+    await store.delete_subscription("u1", APP, kept.id)
+    await moved()  # deleted: yes
+    await web_sub(store, user="u2", endpoint="https://push.example.net/taken")
+    await moved()  # another user took the push channel (the old holder is removed): yes
+    await store.sweep(T0 + timedelta(minutes=2), T0, 100)
+    await moved()  # expired and swept: yes
+    await store.add_app(
+        App(
+            client_id="c1",
+            host_name=APP,
+            display_name="app",
+            secret_hash="h",
+            created_date_time=T0,
+            platform=None,
+        )
+    )
+    await store.delete_app(APP)
+    await moved()  # the app (and its subscriptions) deleted: yes
+    assert moves == [False, False, False, False, True, True, True, True]
+    assert await store.get_subscription(taken.id, T0) is None

@@ -266,7 +266,7 @@ async def web_push_key(request: Request) -> Response:
     app = await s.access.apps.get(principal.client_id)
     if app is None:
         raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
-    s.access.limits.check(app.host_name, principal.user_id or principal.client_id)
+    await s.access.limits.check(app.host_name, principal.user_id or principal.client_id)
     pem = await s.keyring.ensure(app.host_name, webpush.KIND, webpush.generate_key)
     body = {"application": app.host_name, "applicationServerKey": webpush.public_key(pem)}
     return json_response(wire.encode(body))

@@ -156,7 +156,8 @@ async def _session_grant(
     sessions: Sessions = services.sessions
     try:
         if grant_type == SIGNIN_GRANT:
-            grant = sessions.redeem(credential, client_id, int(services.settings.session_ttl))
+            session_ttl = int(services.settings.session_ttl)
+            grant = await sessions.redeem(credential, client_id, session_ttl)
         else:
             grant = sessions.refresh(credential, client_id)
     except InvalidGrant as exc:

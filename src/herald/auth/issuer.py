@@ -43,13 +43,22 @@ class LocalIssuer:
     """Mints tokens signed with Herald's own key; `jwks()` publishes the public half."""
 
     def __init__(self, key: RSAKey, *, issuer_url: str, audience: str) -> None:
+        self.issuer = issuer_url
+        self.audience = audience
+        self.use(key)
+
+    def use(self, key: RSAKey) -> None:
+        """Sign with `key` from now on (a cluster's shared key, adopted at start; the verifier
+        follows, `TokenVerifier`)."""
         if not key.is_private:
             raise ValueError("the issuer needs a private key")
         self.key = key
         self.kid: str = key.kid or key.thumbprint()
-        self.issuer = issuer_url
-        self.audience = audience
         self._public = RSAKey.import_key(self._public_dict())
+
+    def private_bytes(self) -> bytes:
+        """The key as stored (a private JWK): `import_key` reads it back."""
+        return _private_bytes(self.key)
 
     @classmethod
     def load_or_create(cls, data_dir: pathlib.Path, issuer_url: str, audience: str) -> LocalIssuer:
@@ -122,7 +131,7 @@ def _create_key_file(path: pathlib.Path) -> None:
     so two processes could each keep signing with a key the other has overwritten.)
     """
     key = RSAKey.generate_key(_KEY_BITS, auto_kid=True)
-    body = json.dumps(dict(key.as_dict(private=True, alg=ALGORITHM, use="sig"))).encode()
+    body = _private_bytes(key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -138,6 +147,19 @@ def _create_key_file(path: pathlib.Path) -> None:
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _private_bytes(key: RSAKey) -> bytes:
+    return json.dumps(dict(key.as_dict(private=True, alg=ALGORITHM, use="sig"))).encode()
+
+
+def import_key(data: bytes) -> RSAKey:
+    """A key `private_bytes` wrote (a stored one: do not guess at a damaged one, which would
+    invalidate every token already issued)."""
+    try:
+        return RSAKey.import_key(json.loads(data))
+    except (ValueError, TypeError, JoseError) as exc:
+        raise RuntimeError(f"cannot read the stored issuer signing key: {exc}") from exc
 
 
 def _load_key(path: pathlib.Path) -> RSAKey:

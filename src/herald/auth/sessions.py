@@ -7,8 +7,9 @@ refresh token renews the access token until the session ends (`session_ttl` afte
 Both are JWTs signed with the issuer's key, each with an audience of its own, so neither passes as
 an access token (whose audience is Herald's) nor as the other. They are stateless, so a refresh
 token cannot be revoked before its session ends except by rotating the issuer's key. Codes are
-single-use within one process, remembered in memory (the embedded issuer serves single-node
-set-ups): after a restart, or on another node, an unexpired code would be accepted once more.
+single-use: a redeemed code's id is recorded in the store until the code expires
+(`Redemptions`, the store's `Issuance`), so a code works once across restarts and across the
+nodes of a cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -45,13 +47,39 @@ class Grant:
     session_end: int
 
 
+class Redemptions(Protocol):
+    """Where redeemed codes are recorded (the store: `herald.store.Issuance.redeem_code`)."""
+
+    async def redeem_code(self, code_id: str, expires: datetime, now: datetime) -> bool:
+        """Record the code as redeemed until `expires`; False if it already was."""
+
+
+class MemoryRedemptions:
+    """Redeemed codes in this process's memory: for a `Sessions` that only mints (the CLI)."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, datetime] = {}  # redeemed code id -> its expiry
+
+    async def redeem_code(self, code_id: str, expires: datetime, now: datetime) -> bool:
+        self.used = {k: v for k, v in self.used.items() if v > now}
+        if code_id in self.used:
+            return False
+        self.used[code_id] = expires
+        return True
+
+
 class Sessions:
     """Mints and redeems sign-in codes and refresh tokens with the embedded issuer's key."""
 
-    def __init__(self, issuer: LocalIssuer, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        issuer: LocalIssuer,
+        codes: Redemptions | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.issuer = issuer
+        self.codes = codes or MemoryRedemptions()
         self.clock = clock
-        self._used: dict[str, int] = {}  # redeemed code id -> its expiry
 
     def signin_code(self, client_id: str, user_id: str, ttl: int = SIGNIN_TTL) -> str:
         """A single-use code that signs `user_id` in to the app `client_id` within `ttl` s."""
@@ -61,15 +89,17 @@ class Sessions:
         """A refresh token of the session `grant`; it expires when the session ends."""
         return self._mint(REFRESH_AUDIENCE, grant.client_id, grant.user_id, grant.session_end)
 
-    def redeem(self, code: str, client_id: str, session_ttl: int) -> Grant:
-        """The session a sign-in code starts; the code cannot be redeemed again."""
+    async def redeem(self, code: str, client_id: str, session_ttl: int) -> Grant:
+        """The session a sign-in code starts; the code cannot be redeemed again, on any node."""
         claims = self._verify(code, SIGNIN_AUDIENCE, client_id, "sign-in code")
         jti, exp = str(claims.get("jti", "")), int(claims["exp"])
         now = int(self.clock())
-        self._used = {k: v for k, v in self._used.items() if v >= now}
-        if not jti or jti in self._used:
+        if not jti:
+            raise InvalidGrant("The sign-in code is not valid.")
+        # Kept a little past the code's expiry: a clock behind by that much still finds it.
+        expires = datetime.fromtimestamp(exp + 60, UTC)
+        if not await self.codes.redeem_code(jti, expires, datetime.fromtimestamp(now, UTC)):
             raise InvalidGrant("The sign-in code has already been used.")
-        self._used[jti] = exp
         return Grant(client_id, str(claims["sub"]), now + session_ttl)
 
     def refresh(self, token: str, client_id: str) -> Grant:

@@ -130,10 +130,7 @@ class TokenVerifier:
             self._sources[cfg.issuer] = (remote, cfg.audience)
         if local is not None:
             # The embedded issuer's key is in memory: no fetch, and it wins over a remote entry.
-            self._sources[local.issuer] = (
-                _StaticKeys({local.kid: local.public_key}),
-                local.audience,
-            )
+            self._sources[local.issuer] = (_IssuerKeys(local), local.audience)
 
     require_permission = staticmethod(require_permission)
 
@@ -348,12 +345,15 @@ def _missing(kid: str | None, issuer: str) -> Unauthenticated:
     return Unauthenticated(f"no key with kid {kid!r} for issuer {issuer!r}")
 
 
-class _StaticKeys(_KeySource):
-    def __init__(self, keys: Mapping[str, Key]) -> None:
-        self._keys = dict(keys)
+class _IssuerKeys(_KeySource):
+    """The embedded issuer's key as it is now (a node adopts its cluster's key at start)."""
+
+    def __init__(self, issuer: LocalIssuer) -> None:
+        self._issuer = issuer
 
     async def key(self, kid: str | None) -> Key:
-        found = _pick(self._keys, kid)
+        issuer = self._issuer
+        found = _pick({issuer.kid: issuer.public_key}, kid)
         if found is None:
             raise _missing(kid, "local")
         return found

@@ -6,10 +6,10 @@ from urllib.parse import quote
 
 import click
 
-from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import SIGNIN_TTL, Sessions
 from herald.cli.apps import find_app
 from herald.cli.command import common_options, load_settings, run
+from herald.cli.token import load_issuer
 
 
 @click.command("signin")
@@ -32,9 +32,7 @@ def signin(client_id: str, user: str, ttl: int, **options: str | None) -> None:
     if not user.strip() or len(user) > 256 or not user.isprintable():
         raise click.BadParameter("must be a printable user id", param_hint="--user")
     run(find_app(settings, client_id))
-    settings.data.mkdir(parents=True, exist_ok=True)
-    issuer = LocalIssuer.load_or_create(settings.data, settings.issuer_url, settings.audience)
-    code = Sessions(issuer).signin_code(client_id, user, ttl)
+    code = Sessions(load_issuer(settings)).signin_code(client_id, user, ttl)
     click.echo(f"{settings.base_url}/inbox/?app={quote(client_id, safe='')}#signin={code}")
 
 

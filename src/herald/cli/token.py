@@ -7,16 +7,35 @@ import click
 from herald.auth.issuer import LocalIssuer
 from herald.cli.apps import find_app
 from herald.cli.command import common_options, load_settings, run
+from herald.service import share_issuer_key
 from herald.settings import Settings
+from herald.store import open_store
 
 
 def mint(settings: Settings, client_id: str, user: str | None, ttl: int) -> str:
     if not settings.local_issuer:
         raise click.ClickException("the embedded issuer is disabled (local_issuer = false)")
     run(find_app(settings, client_id))
+    return load_issuer(settings).mint(client_id=client_id, user_id=user, ttl_seconds=ttl)
+
+
+def load_issuer(settings: Settings) -> LocalIssuer:
+    """The embedded issuer with the key `herald serve` signs with: the data directory's, or on a
+    store several machines share (PostgreSQL) the one stored there."""
     settings.data.mkdir(parents=True, exist_ok=True)
     issuer = LocalIssuer.load_or_create(settings.data, settings.issuer_url, settings.audience)
-    return issuer.mint(client_id=client_id, user_id=user, ttl_seconds=ttl)
+    if not settings.resolved_store_url.startswith("sqlite:"):
+        run(_share(settings, issuer))
+    return issuer
+
+
+async def _share(settings: Settings, issuer: LocalIssuer) -> None:
+    store = open_store(settings.resolved_store_url, settings)
+    await store.open()
+    try:
+        await share_issuer_key(issuer, store)
+    finally:
+        await store.close()
 
 
 @click.command("token")

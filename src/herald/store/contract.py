@@ -250,12 +250,19 @@ class ChangeLog(Protocol):
 class Retention(Protocol):
     """What the sweeper removes: expired rows of every kind, and the change log's old end."""
 
+    async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
+        """Whether the caller runs the periodic job `name` now: True, recording `now` as its last
+        run, if it last ran (on any process sharing the store) `interval` seconds or more before
+        `now`, or never; else False. Of concurrent callers, at most one gets True per interval,
+        so N processes each asking once an interval run the job once an interval between them.
+        """
+
     async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
         """Remove up to `limit` expired notifications (appending EXPIRED changes), up to `limit`
-        expired subscriptions (with their queued deliveries) and every expired idempotency
-        record, and prune change log entries older than `retain_changes_until` (with any outbox
-        entry still pointing at one; `ChangeLog.horizon` moves past them). Returns the number
-        of notifications expired."""
+        expired subscriptions (with their queued deliveries), every expired idempotency record
+        and redeemed sign-in code, and prune change log entries older than
+        `retain_changes_until` (with any outbox entry still pointing at one;
+        `ChangeLog.horizon` moves past them). Returns the number of notifications expired."""
 
 
 class Outbox(Protocol):
@@ -323,6 +330,17 @@ class Subscriptions(Protocol):
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
         """By id alone (the UNS ID names the user); None if absent or expired. Callers check
         that it belongs to the calling app and user."""
+
+    async def live_subscriptions(self, ids: Sequence[str], now: datetime) -> set[str]:
+        """Which of these ids are unexpired subscriptions, in one read (unknown ids are not an
+        error). Streams check theirs with it, so a deletion on another node closes them even
+        if its broker message was lost (`outbound/streams.py`)."""
+
+    async def subscription_removals(self) -> int:
+        """A number that changes whenever subscriptions are removed, by any call (a delete, a
+        push channel taken over, `delete_app`, `sweep`) on any process sharing the store: a
+        caller that read it, then checked the subscriptions it cares about
+        (`live_subscriptions`), need check them again only once it has changed."""
 
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         """The subscription of `app` (expired or not) holding the push channel `key`, if any:
@@ -420,6 +438,23 @@ class Idempotency(Protocol):
         """The stored answer for an Idempotency-Key, unless it has expired."""
 
 
+class Issuance(Protocol):
+    """What the embedded issuer keeps in the store, so that every process sharing it agrees: its
+    signing key (a token minted via one node is accepted by all) and the sign-in codes already
+    redeemed (a code works once, whichever node it reaches)."""
+
+    async def issuer_key(self, candidate: bytes) -> bytes:
+        """The stored signing key; if there is none, `candidate` is stored and returned.
+        Write-once: of concurrent first callers (processes, nodes) one candidate is stored and
+        every caller gets that one. Opaque bytes: the issuer owns the format."""
+
+    async def redeem_code(self, code_id: str, expires: datetime, now: datetime) -> bool:
+        """Record the sign-in code `code_id` as redeemed until `expires`: True the first time,
+        False if it already is (an unexpired record: whoever committed first wins, across
+        processes and nodes). A record expired by `now` is replaced; `Retention.sweep` removes
+        expired ones."""
+
+
 class Store(
     Directory,
     Notifications,
@@ -430,6 +465,7 @@ class Store(
     DeliveryQueue,
     PushCredentials,
     Idempotency,
+    Issuance,
     Protocol,
 ):
     """All of Herald's durable state, as one backend keeps it: what opens, closes and checks the

@@ -13,6 +13,7 @@ from herald.store.postgres.credentials import PostgresPushCredentials
 from herald.store.postgres.deliveries import PostgresDeliveryQueue
 from herald.store.postgres.directory import PostgresDirectory
 from herald.store.postgres.idempotency import PostgresIdempotency
+from herald.store.postgres.issuance import PostgresIssuance
 from herald.store.postgres.notifications import PostgresNotifications
 from herald.store.postgres.outbox import PostgresOutbox
 from herald.store.postgres.retention import PostgresRetention
@@ -31,5 +32,6 @@ class PostgresStore(
     PostgresDeliveryQueue,
     PostgresPushCredentials,
     PostgresIdempotency,
+    PostgresIssuance,
 ):
     """Herald's state in one PostgreSQL database (`herald.store.Store`)."""

@@ -8,6 +8,7 @@ import asyncpg
 
 from herald.model import ChangeKind
 from herald.store.contract import Retention
+from herald.store.postgres.connection import translated
 from herald.store.postgres.deliveries import DELETE_DELIVERIES_OF_S
 from herald.store.postgres.transaction import Tx, append_changes, lock_heads
 from herald.store.postgres.writer import PostgresWriter
@@ -21,6 +22,21 @@ class PostgresRetention(PostgresWriter, Retention):
         if expired:
             self._hooks.fire()
         return expired
+
+    async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
+        # One statement of its own (not in a batch of ops, whose other row locks it would join
+        # in an order another node's batch may not share). The row lock orders concurrent
+        # callers: the second sees the first's `at`.
+        async with translated(), self._acquire() as conn:
+            taken = await conn.fetchval(
+                "INSERT INTO turns (name, at) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+                " SET at = excluded.at WHERE turns.at <= $2 - make_interval(secs => $3)"
+                " RETURNING name",
+                name,
+                now,
+                interval,
+            )
+        return taken is not None
 
 
 async def _sweep(
@@ -80,4 +96,5 @@ async def _sweep(
         limit,
     )
     await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
+    await conn.execute("DELETE FROM redeemed_codes WHERE expires <= $1", now)
     return len(expired)

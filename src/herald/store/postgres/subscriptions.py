@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -37,6 +38,20 @@ class PostgresSubscriptions(PostgresWriter, Subscriptions):
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
         async with translated(), self._acquire() as conn:
             return await _live_subscription(conn, id, now)
+
+    async def live_subscriptions(self, ids: Sequence[str], now: datetime) -> set[str]:
+        async with translated(), self._acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM subscriptions WHERE id = ANY($1::text[])"
+                " AND expiration_date_time > $2",
+                list(ids),
+                now,
+            )
+        return {r[0] for r in rows}
+
+    async def subscription_removals(self) -> int:
+        async with translated(), self._acquire() as conn:
+            return int(await conn.fetchval("SELECT n FROM subscription_removals"))
 
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         async with translated(), self._acquire() as conn:

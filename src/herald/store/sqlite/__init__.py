@@ -11,6 +11,7 @@ from herald.store.sqlite.credentials import SqlitePushCredentials
 from herald.store.sqlite.deliveries import SqliteDeliveryQueue
 from herald.store.sqlite.directory import SqliteDirectory
 from herald.store.sqlite.idempotency import SqliteIdempotency
+from herald.store.sqlite.issuance import SqliteIssuance
 from herald.store.sqlite.notifications import SqliteNotifications
 from herald.store.sqlite.outbox import SqliteOutbox
 from herald.store.sqlite.retention import SqliteRetention
@@ -29,5 +30,6 @@ class SqliteStore(
     SqliteDeliveryQueue,
     SqlitePushCredentials,
     SqliteIdempotency,
+    SqliteIssuance,
 ):
     """Herald's state in one SQLite database (`herald.store.Store`)."""

@@ -17,6 +17,19 @@ class SqliteRetention(SqliteDatabase, Retention):
     async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
         return await self._write(lambda c: _sweep(c, now, retain_changes_until, limit))
 
+    async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
+        at, since = to_micros(now), to_micros(now) - round(interval * 1_000_000)
+        return await self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO turns (name, at) VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+                    " SET at = excluded.at WHERE turns.at <= ? RETURNING name",
+                    (name, at, since),
+                ).fetchone()
+                is not None
+            )
+        )
+
 
 def _sweep(c: Connection, now: datetime, retain_until: datetime, limit: int) -> int:
     at = to_micros(now)
@@ -55,4 +68,5 @@ def _sweep(c: Connection, now: datetime, retain_until: datetime, limit: int) -> 
     ).fetchall()
     delete_deliveries_of(c, swept)
     c.execute("DELETE FROM idempotency WHERE expires <= ?", (at,))
+    c.execute("DELETE FROM redeemed_codes WHERE expires <= ?", (at,))
     return len(expired)

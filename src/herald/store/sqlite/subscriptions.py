@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from herald.errors import NotFound, QuotaExceeded
@@ -29,6 +31,22 @@ class SqliteSubscriptions(SqliteDatabase, Subscriptions):
 
     async def get_subscription(self, id: str, now: datetime) -> Subscription | None:
         return await self._read(lambda c: _live_subscription(c, id, to_micros(now)))
+
+    async def live_subscriptions(self, ids: Sequence[str], now: datetime) -> set[str]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT s.id FROM json_each(?) AS k JOIN subscriptions s ON s.id = k.value"
+                " WHERE s.expiration_date_time > ?",
+                (json.dumps(list(ids)), to_micros(now)),
+            ).fetchall()
+        )
+        return {r[0] for r in rows}
+
+    async def subscription_removals(self) -> int:
+        row = await self._read(
+            lambda c: c.execute("SELECT n FROM subscription_removals").fetchone()
+        )
+        return int(row[0])
 
     async def channel_holder(self, app: str, key: str) -> Subscription | None:
         return await self._read(lambda c: _channel_holder(c, app, key))

@@ -1,0 +1,74 @@
+"""Rate limits in Redis (`broker/limits.py`): the buckets of two processes (two limiters on one
+real redis-server) are one, per app and per (app, user), with the same answers as the
+in-process limits; when Redis stops answering, each process limits on its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from herald.broker.limits import ClusterRateLimits
+from herald.errors import Throttled
+from herald.limits import Limiter, RateLimits
+from tests.redis import RedisServer, redis_server
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+def limits(redis: RedisServer, app: float = 1000, user: float = 1000) -> ClusterRateLimits:
+    return ClusterRateLimits(
+        redis.url, RateLimits(Limiter(app, int(app)), Limiter(user, int(user)))
+    )
+
+
+async def outcomes(limiter: ClusterRateLimits, app: str, user: str | None) -> str:
+    try:
+        await limiter.check(app, user)
+    except Throttled as exc:
+        return f"429 after {exc.retry_after}"
+    return "ok"
+
+
+async def test_two_processes_share_an_app_bucket_and_a_user_bucket(redis: RedisServer) -> None:
+    a, b = limits(redis, app=5), limits(redis, app=5)
+    try:
+        # 8 checks at once, 4 through each: the app's burst of 5, then refused.
+        got = await asyncio.gather(*(outcomes(n, "app1", None) for n in (a, b) * 4))
+        assert sorted(got) == ["429 after 1"] * 3 + ["ok"] * 5, got
+        assert await outcomes(a, "app2", None) == "ok"  # another app, another bucket
+    finally:
+        await a.close()
+        await b.close()
+    a, b = limits(redis, user=2), limits(redis, user=2)
+    try:
+        got = [await outcomes(n, "app3", "alice") for n in (a, b, a, b)]
+        assert got == ["ok", "ok", "429 after 1", "429 after 1"], got
+        assert await outcomes(b, "app3", "bob") == "ok"
+        await asyncio.sleep(0.55)  # 2/s: one token back
+        assert [await outcomes(n, "app3", "alice") for n in (b, a)] == ["ok", "429 after 1"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_without_redis_each_process_limits_on_its_own(redis: RedisServer) -> None:
+    a, b = limits(redis, app=3), limits(redis, app=3)
+    try:
+        assert await outcomes(a, "app1", None) == "ok"
+        redis.kill()
+        # Each process has its own (full) bucket of 3 now; no request fails for want of Redis.
+        got = [await outcomes(n, "app1", None) for n in (a, b) * 4]
+        assert got == ["ok"] * 6 + ["429 after 1"] * 2, got
+        assert a.out and b.out
+        redis.start()
+        await asyncio.sleep(1.1)  # past the pause: Redis is asked again
+        assert await outcomes(a, "app1", None) in {"ok", "429 after 1"}
+        assert not a.out
+    finally:
+        await a.close()
+        await b.close()
