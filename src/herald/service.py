@@ -26,6 +26,7 @@ from herald.limits import Limiter, Limits, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import Metrics
 from herald.outbound.dispatcher import Dispatcher
+from herald.outbound.leases import Leases
 from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
@@ -138,7 +139,12 @@ def build_services(
         token_limiter=Limiter(settings.token_rate, settings.token_burst),
         broker=broker,
         dispatcher=Dispatcher(
-            store, broker, metrics, pushed=pusher.wake if pusher else None, clock=clock
+            store,
+            broker,
+            metrics,
+            pushed=pusher.wake if pusher else None,
+            clock=clock,
+            leases=Leases(store),
         ),
         keyring=keyring,
         pusher=pusher,

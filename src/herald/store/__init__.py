@@ -3,6 +3,7 @@ SQLite and PostgreSQL implementations."""
 
 from herald.settings import Settings
 from herald.store.contract import (
+    SHARDS,
     ChangeLog,
     DeliveryQueue,
     Directory,
@@ -13,6 +14,7 @@ from herald.store.contract import (
     PushCredentials,
     Remembered,
     Retention,
+    Shards,
     Store,
     Subscriptions,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "PushCredentials",
     "Remembered",
     "Retention",
+    "SHARDS",
+    "Shards",
     "Store",
     "Subscriptions",
     "open_store",

@@ -16,6 +16,7 @@ from herald.store.postgres.idempotency import PostgresIdempotency
 from herald.store.postgres.notifications import PostgresNotifications
 from herald.store.postgres.outbox import PostgresOutbox
 from herald.store.postgres.retention import PostgresRetention
+from herald.store.postgres.shards import PostgresShards
 from herald.store.postgres.subscriptions import PostgresSubscriptions
 
 __all__ = ["PostgresStore"]
@@ -27,6 +28,7 @@ class PostgresStore(
     PostgresChangeLog,
     PostgresRetention,
     PostgresOutbox,
+    PostgresShards,
     PostgresSubscriptions,
     PostgresDeliveryQueue,
     PostgresPushCredentials,
