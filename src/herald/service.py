@@ -100,10 +100,13 @@ def build_services(
         local=issuer, issuers=[IssuerConfig(**dict(i)) for i in settings.issuers]
     )
     broker: Broker = MemoryBroker()
+    waker = None
     if settings.broker == "redis":
         from herald.broker.redis import RedisBroker  # the `redis` extra
+        from herald.broker.wake import RedisWake
 
         broker = RedisBroker(settings.redis_url, store)
+        waker = RedisWake(settings.redis_url)
     metrics = Metrics()
     if isinstance(store, SqliteStore):
         metrics.watch(store.metrics.collectors())
@@ -145,6 +148,7 @@ def build_services(
             pushed=pusher.wake if pusher else None,
             clock=clock,
             leases=Leases(store),
+            waker=waker,
         ),
         keyring=keyring,
         pusher=pusher,

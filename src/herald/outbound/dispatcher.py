@@ -12,7 +12,8 @@ a crash) are picked up too.
 
 With `leases`, it drains only the outbox shards this node holds (`leases.py`): each user has one
 dispatcher at a time, so per-user order holds at the source. Entries another node committed to
-a shard held here are found by the poll: every `SHARED_POLL_SECONDS` while shards are shared.
+a shard held here are found on that node's wake-up (`waker`, Redis), or else by the poll: every
+`SHARED_POLL_SECONDS` while shards are shared.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import msgspec
 
@@ -44,6 +46,16 @@ RETRY_SECONDS = 1.0
 MAX_REMOVALS = 4  # outbox removals in flight at once
 
 
+class Waker(Protocol):
+    """Wakes the other nodes' dispatchers (`broker/wake.py`); may lose a wake-up."""
+
+    async def start(self, woken: Callable[[], None]) -> None: ...
+
+    def signal(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -54,10 +66,12 @@ class Dispatcher:
         pushed: Callable[[Iterable[Provider]], None] | None = None,
         clock: Clock = utcnow,
         leases: Leases | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.store = store
         # None: this node drains the whole outbox.
         self.leases = leases
+        self.waker = waker
         self.broker = broker
         self.metrics = metrics
         self.poll = poll
@@ -73,7 +87,9 @@ class Dispatcher:
         self.removals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.store.on_commit(self.wake.set)
+        self.store.on_commit(self.committed)
+        if self.waker is not None:
+            await self.waker.start(self.wake.set)
         if self.leases is not None:
             self.leases.gained = self.wake.set
             await self.leases.start()
@@ -89,6 +105,15 @@ class Dispatcher:
             await asyncio.gather(*self.removals, return_exceptions=True)
         if self.leases is not None:  # after the last removal: no overlap with the next owner
             await self.leases.close()
+        if self.waker is not None:
+            await self.waker.close()
+
+    def committed(self) -> None:
+        """This node committed outbox entries: drain them, and, if other nodes hold shards (of
+        which they may be), wake those."""
+        self.wake.set()
+        if self.waker is not None and self.scope() is not None:
+            self.waker.signal()
 
     async def run(self) -> None:
         while True:
