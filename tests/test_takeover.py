@@ -384,13 +384,19 @@ def test_kill_9_of_the_dispatching_node_mid_burst_loses_and_repeats_nothing(
                 stop(proc)
 
 
+@pytest.mark.parametrize("broker", ["memory", "redis"])
 def test_a_node_stopped_cleanly_hands_its_shards_over_at_once(
-    tmp_path: Path, postgres_store: str
+    tmp_path: Path, postgres_store: str, broker: str, request: pytest.FixtureRequest
 ) -> None:
-    """SIGTERM (a rolling restart): the node releases its shards as it stops, so the other takes
-    them at its next renewal, not when the leases would have run out."""
+    """SIGTERM (a rolling restart): the node releases its shards as it stops. With Redis it says
+    so and the other node takes them at once; without, at its next renewal. Either way not when
+    the leases would have run out."""
+    env: dict[str, str] = {}
+    if broker == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_service")
+        env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": redis.url}
     ports = free_port(), free_port()
-    procs = [start(tmp_path, port, postgres_store) for port in ports]
+    procs = [start(tmp_path, port, postgres_store, **env) for port in ports]
 
     async def scenario() -> float:
         db = await asyncpg.connect(postgres_store)
@@ -407,8 +413,11 @@ def test_a_node_stopped_cleanly_hands_its_shards_over_at_once(
     try:
         handover = asyncio.run(scenario())
         procs[0].wait(10)  # uvicorn re-raises SIGTERM once it has shut down: -15
-        print(f"\nSIGTERM: the other node held every shard {handover:.2f} s after it")
-        assert handover < RENEW_SECONDS + 1.0 < TTL_SECONDS, handover
+        print(f"\nSIGTERM, {broker} broker: the other node held every shard {handover:.2f} s after")
+        # Redis: well under a renewal period (measured 0.17 s, 0.53 s on a loaded machine; 1.01 s
+        # before the hand-over message, when the other node waited for its renewal).
+        bound = 0.75 * RENEW_SECONDS if broker == "redis" else RENEW_SECONDS + 1.0
+        assert handover < bound < TTL_SECONDS, handover
     finally:
         for proc in procs:
             stop(proc)

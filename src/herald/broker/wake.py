@@ -6,10 +6,14 @@ committing node also publishes a wake-up; every other node's dispatcher drains i
 on it. The message carries only the sender (which ignores its own): which shards a commit
 touched is known only to the database (the shard is computed there).
 
+A node that gives shards back (it stops, or another node joined) says so on the same channel,
+and the others renew their leases at once, taking what was released, rather than at their next
+renewal (up to 1 s later).
+
 Only latency rides on this. A lost wake-up (Redis down, a dropped subscription) is caught by the
-dispatcher's poll while shards are shared (`dispatcher.SHARED_POLL_SECONDS`), so the loop
-here is simple: one PUBLISH at a time (commits meanwhile make one more, not one each), and a
-subscription that, on any error, is made again after a short wait.
+dispatcher's poll while shards are shared (`dispatcher.SHARED_POLL_SECONDS`), a lost hand-over by
+the next renewal, so the loop here is simple: one PUBLISH at a time (commits meanwhile make one
+more, not one each), and a subscription that, on any error, is made again after a short wait.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from redis.exceptions import RedisError
 log = logging.getLogger("herald.wake")
 
 CHANNEL = b"herald:wake"
+RELEASED = b"+"  # appended to the sender's name: it gave shards back
 TIMEOUT_SECONDS = 2.0
 RETRY_SECONDS = 0.5
 
@@ -38,7 +43,10 @@ class RedisWake:
         self.timeout = timeout
         self.node = uuid.uuid4().hex.encode()
         self.wanted = asyncio.Event()
+        self.releasing = False  # a hand-over to say with the next message
         self.woken: Callable[[], None] = lambda: None
+        self.released: Callable[[], None] = lambda: None
+        self.publisher: Redis | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.sent = 0  # wake-ups published, for tests and benchmarks
 
@@ -50,9 +58,11 @@ class RedisWake:
             retry=Retry(NoBackoff(), 0),
         )
 
-    async def start(self, woken: Callable[[], None]) -> None:
-        """Call `woken` (on the event loop) whenever another node signals."""
-        self.woken = woken
+    async def start(self, woken: Callable[[], None], released: Callable[[], None]) -> None:
+        """Call `woken` (on the event loop) whenever another node signals, and `released` too
+        when it gave shards back."""
+        self.woken, self.released = woken, released
+        self.publisher = self.client()
         loop = asyncio.get_running_loop()
         self.tasks = [
             loop.create_task(self.publish_forever(), name="herald-wake-publisher"),
@@ -63,28 +73,43 @@ class RedisWake:
         """Wake the other nodes (soon; coalesced with other signals meanwhile)."""
         self.wanted.set()
 
+    def hand_over(self) -> None:
+        """Tell the other nodes that this one gave shards back (soon, or as it closes)."""
+        self.releasing = True
+        self.wanted.set()
+
     async def close(self) -> None:
+        """Stop; a hand-over not said yet is said first."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.tasks = []
+        if self.publisher is not None:
+            if self.releasing:
+                await self.send()
+            await _quietly(self.publisher.aclose())
+            self.publisher = None
 
     async def publish_forever(self) -> None:
-        client = self.client()
+        while True:
+            await self.wanted.wait()
+            self.wanted.clear()
+            if not await self.send():
+                await asyncio.sleep(RETRY_SECONDS)  # the others' polls find the work
+
+    async def send(self) -> bool:
+        assert self.publisher is not None
+        message = self.node + (RELEASED if self.releasing else b"")
+        self.releasing = False
         try:
-            while True:
-                await self.wanted.wait()
-                self.wanted.clear()
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        await client.publish(CHANNEL, self.node)
-                    self.sent += 1
-                except (RedisError, OSError, TimeoutError):
-                    await asyncio.sleep(RETRY_SECONDS)  # the others' polls find the work
-        finally:
-            await _quietly(client.aclose())
+            async with asyncio.timeout(self.timeout):
+                await self.publisher.publish(CHANNEL, message)
+        except (RedisError, OSError, TimeoutError):
+            return False
+        self.sent += 1
+        return True
 
     async def subscribe_forever(self) -> None:
         client = self.client()
@@ -98,12 +123,8 @@ class RedisWake:
                     failing = False
                     while True:
                         message = await pubsub.get_message(timeout=self.timeout)
-                        if (
-                            message is not None
-                            and message.get("type") == "message"
-                            and message.get("data") != self.node
-                        ):
-                            self.woken()
+                        if message is not None and message.get("type") == "message":
+                            self.take(message.get("data"))
                 except (RedisError, OSError, TimeoutError) as exc:
                     if not failing:
                         log.warning("wake-up subscription lost", extra={"error": repr(exc)})
@@ -113,6 +134,13 @@ class RedisWake:
                 await asyncio.sleep(RETRY_SECONDS)
         finally:
             await _quietly(client.aclose())
+
+    def take(self, data: object) -> None:
+        if not isinstance(data, bytes) or data.removesuffix(RELEASED) == self.node:
+            return  # ours
+        if data.endswith(RELEASED):
+            self.released()
+        self.woken()
 
 
 async def _quietly(closing: Awaitable[object]) -> None:

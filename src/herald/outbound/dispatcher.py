@@ -49,9 +49,14 @@ MAX_REMOVALS = 4  # outbox removals in flight at once
 class Waker(Protocol):
     """Wakes the other nodes' dispatchers (`broker/wake.py`); may lose a wake-up."""
 
-    async def start(self, woken: Callable[[], None]) -> None: ...
+    async def start(self, woken: Callable[[], None], released: Callable[[], None]) -> None:
+        """`woken`: another node committed outbox entries; `released`: it gave shards back."""
 
-    def signal(self) -> None: ...
+    def signal(self) -> None:
+        """This node committed outbox entries."""
+
+    def hand_over(self) -> None:
+        """This node gave shards back (said at the latest by `close`)."""
 
     async def close(self) -> None: ...
 
@@ -89,9 +94,12 @@ class Dispatcher:
     async def start(self) -> None:
         self.store.on_commit(self.committed)
         if self.waker is not None:
-            await self.waker.start(self.wake.set)
+            renew = self.leases.renew_soon if self.leases is not None else _nothing
+            await self.waker.start(self.wake.set, renew)
         if self.leases is not None:
             self.leases.gained = self.wake.set
+            if self.waker is not None:
+                self.leases.lost = self.waker.hand_over
             await self.leases.start()
         self.task = asyncio.create_task(self.run(), name="herald-dispatcher")
 
@@ -105,6 +113,8 @@ class Dispatcher:
             await asyncio.gather(*self.removals, return_exceptions=True)
         if self.leases is not None:  # after the last removal: no overlap with the next owner
             await self.leases.close()
+            if self.waker is not None:
+                self.waker.hand_over()
         if self.waker is not None:
             await self.waker.close()
 
@@ -211,3 +221,7 @@ class Dispatcher:
             log.warning("outbox removal failed", extra={"error": exc.message})
         finally:
             self.removing.difference_update(seqs)
+
+
+def _nothing() -> None:
+    pass

@@ -51,8 +51,11 @@ class Leases:
         self.renew_every = renew
         self.held: frozenset[int] = frozenset()
         self.valid_until = 0.0  # monotonic
-        # Called when the node gains shards (their entries may be waiting): the dispatcher's wake.
+        # Called when the node gains shards (their entries may be waiting): the dispatcher's wake;
+        # and when it gives some back (another node joined): tell the others to take them now.
         self.gained: Callable[[], None] = lambda: None
+        self.lost: Callable[[], None] = lambda: None
+        self.soon = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     def shards(self) -> frozenset[int]:
@@ -71,6 +74,12 @@ class Leases:
             )
         if held - before:
             self.gained()
+        if before - held:
+            self.lost()
+
+    def renew_soon(self) -> None:
+        """Renew now rather than at the next period (another node released shards)."""
+        self.soon.set()
 
     async def start(self) -> None:
         await self.attempt()
@@ -84,7 +93,10 @@ class Leases:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.renew_every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.renew_every):
+                    await self.soon.wait()
+            self.soon.clear()
             await self.attempt()
 
     async def close(self) -> None:
