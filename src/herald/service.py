@@ -27,6 +27,7 @@ from herald.limits import Limiter, Limits, RateCheck, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import BrokerMetrics, Metrics
 from herald.outbound.dispatcher import Dispatcher
+from herald.outbound.leases import Leases
 from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
@@ -104,12 +105,15 @@ def build_services(
     )
     metrics = Metrics()
     broker: Broker = MemoryBroker()
+    waker = None
     if settings.broker == "redis":
         from herald.broker.redis import RedisBroker  # the `redis` extra
+        from herald.broker.wake import RedisWake
 
         redis = RedisBroker(settings.redis_url, store)
         metrics.watch([BrokerMetrics(redis)])
         broker = redis
+        waker = RedisWake(settings.redis_url)
     if isinstance(store, SqliteStore):
         metrics.watch(store.metrics.collectors())
     keyring = Keyring(store)
@@ -149,7 +153,13 @@ def build_services(
         token_limiter=Limiter(settings.token_rate, settings.token_burst),
         broker=broker,
         dispatcher=Dispatcher(
-            store, broker, metrics, pushed=pusher.wake if pusher else None, clock=clock
+            store,
+            broker,
+            metrics,
+            pushed=pusher.wake if pusher else None,
+            clock=clock,
+            leases=Leases(store),
+            waker=waker,
         ),
         keyring=keyring,
         pusher=pusher,

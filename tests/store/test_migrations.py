@@ -164,6 +164,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    7: {  # unchanged (schema 7 added the dispatch shards and leases)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -351,7 +355,8 @@ async def old_database(
             await conn.execute(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
-                " issuer_keys, redeemed_codes, turns, subscription_removals, schema_version;"
+                " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
+                " dispatch_shards, schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             for script in scripts:

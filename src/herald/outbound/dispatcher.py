@@ -9,6 +9,11 @@ them. A crash in between publishes those changes again after restart: at-least-o
 streams drop what they have already sent by position; pushes are queued exactly once. It wakes
 on the store's commit signal and also polls, so entries written by another process (or left by
 a crash) are picked up too.
+
+With `leases`, it drains only the outbox shards this node holds (`leases.py`): each user has one
+dispatcher at a time, so per-user order holds at the source. Entries another node committed to
+a shard held here are found on that node's wake-up (`waker`, Redis), or else by the poll: every
+`SHARED_POLL_SECONDS` while shards are shared.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import msgspec
 
@@ -27,14 +33,32 @@ from herald.feed import Clock, utcnow
 from herald.metrics import Metrics
 from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
 from herald.outbound import targets
-from herald.store import Outbox
+from herald.outbound.leases import Leases
+from herald.store import SHARDS, Outbox
 
 log = logging.getLogger("herald.dispatcher")
 
 BATCH = 512
 POLL_SECONDS = 1.0
+# While other nodes hold shards: their commits do not wake this node, whose shards they may touch.
+SHARED_POLL_SECONDS = 0.25
 RETRY_SECONDS = 1.0
 MAX_REMOVALS = 4  # outbox removals in flight at once
+
+
+class Waker(Protocol):
+    """Wakes the other nodes' dispatchers (`broker/wake.py`); may lose a wake-up."""
+
+    async def start(self, woken: Callable[[], None], released: Callable[[], None]) -> None:
+        """`woken`: another node committed outbox entries; `released`: it gave shards back."""
+
+    def signal(self) -> None:
+        """This node committed outbox entries."""
+
+    def hand_over(self) -> None:
+        """This node gave shards back (said at the latest by `close`)."""
+
+    async def close(self) -> None: ...
 
 
 class Dispatcher:
@@ -46,8 +70,13 @@ class Dispatcher:
         poll: float = POLL_SECONDS,
         pushed: Callable[[Iterable[Provider]], None] | None = None,
         clock: Clock = utcnow,
+        leases: Leases | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.store = store
+        # None: this node drains the whole outbox.
+        self.leases = leases
+        self.waker = waker
         self.broker = broker
         self.metrics = metrics
         self.poll = poll
@@ -63,7 +92,15 @@ class Dispatcher:
         self.removals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.store.on_commit(self.wake.set)
+        self.store.on_commit(self.committed)
+        if self.waker is not None:
+            renew = self.leases.renew_soon if self.leases is not None else _nothing
+            await self.waker.start(self.wake.set, renew)
+        if self.leases is not None:
+            self.leases.gained = self.wake.set
+            if self.waker is not None:
+                self.leases.lost = self.waker.hand_over
+            await self.leases.start()
         self.task = asyncio.create_task(self.run(), name="herald-dispatcher")
 
     async def close(self) -> None:
@@ -74,6 +111,19 @@ class Dispatcher:
             self.task = None
         if self.removals:
             await asyncio.gather(*self.removals, return_exceptions=True)
+        if self.leases is not None:  # after the last removal: no overlap with the next owner
+            await self.leases.close()
+            if self.waker is not None:
+                self.waker.hand_over()
+        if self.waker is not None:
+            await self.waker.close()
+
+    def committed(self) -> None:
+        """This node committed outbox entries: drain them, and, if other nodes hold shards (of
+        which they may be), wake those."""
+        self.wake.set()
+        if self.waker is not None and self.scope() is not None:
+            self.waker.signal()
 
     async def run(self) -> None:
         while True:
@@ -90,8 +140,18 @@ class Dispatcher:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll):
+                async with asyncio.timeout(self.interval()):
                     await self.wake.wait()
+
+    def scope(self) -> frozenset[int] | None:
+        """The shards to drain: None for all of them."""
+        if self.leases is None:
+            return None
+        shards = self.leases.shards()
+        return None if len(shards) == SHARDS else shards
+
+    def interval(self) -> float:
+        return self.poll if self.scope() is None else min(self.poll, SHARED_POLL_SECONDS)
 
     async def drain(self) -> int:
         """Publish one batch of pending changes; their removal from the outbox follows."""
@@ -100,7 +160,10 @@ class Dispatcher:
         # An entry whose removal commits while `pending` reads may still come back from it: skip
         # what was being removed when the read began too, or its pushes would be queued twice.
         skip = set(self.removing)
-        pending = await self.store.pending(BATCH + len(skip))
+        shards = self.scope()
+        if shards is not None and not shards:
+            return 0  # no lease (yet, or any more)
+        pending = await self.store.pending(BATCH + len(skip), shards)
         fresh = [e for e in pending if e.seq not in skip and e.seq not in self.removing]
         if not fresh:
             return 0
@@ -158,3 +221,7 @@ class Dispatcher:
             log.warning("outbox removal failed", extra={"error": exc.message})
         finally:
             self.removing.difference_update(seqs)
+
+
+def _nothing() -> None:
+    pass

@@ -3,6 +3,7 @@ SQLite and PostgreSQL implementations."""
 
 from herald.settings import Settings
 from herald.store.contract import (
+    SHARDS,
     ChangeLog,
     DeliveryQueue,
     Directory,
@@ -14,6 +15,7 @@ from herald.store.contract import (
     PushCredentials,
     Remembered,
     Retention,
+    Shards,
     Store,
     Subscriptions,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "PushCredentials",
     "Remembered",
     "Retention",
+    "SHARDS",
+    "Shards",
     "Store",
     "Subscriptions",
     "open_store",

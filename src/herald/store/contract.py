@@ -18,7 +18,7 @@ What holds for every method of every Protocol:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -275,9 +275,13 @@ class Outbox(Protocol):
     entries come out in position order.
     """
 
-    async def pending(self, limit: int) -> builtins.list[Pending]:
+    async def pending(
+        self, limit: int, shards: Collection[int] | None = None
+    ) -> builtins.list[Pending]:
         """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
-        notification as it is now, like `ChangeLog.changes`."""
+        notification as it is now, like `ChangeLog.changes`. `shards`: only the entries of users
+        in these shards (see `Shards`); None: every entry. A backend whose `Shards.lease` always
+        grants every shard (SQLite) takes None only."""
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime
@@ -303,6 +307,40 @@ class Outbox(Protocol):
         """Call `callback` on the event loop after every commit that added outbox entries, so the
         dispatcher need not poll. Other processes' commits are not signalled. A callback that
         raises is logged and fails neither the write nor the other callbacks."""
+
+
+# The outbox is split into this many shards by user (PostgreSQL: `hashtextextended(user_id, 0) &
+# 63`, computed in the database so every node agrees).
+SHARDS = 64
+
+
+class Shards(Protocol):
+    """Who dispatches which users: each of the `SHARDS` shards of the outbox is leased to at most
+    one node at a time, without a leader. A node is a process, named by a string unique to it.
+
+    * A lease lasts `ttl` seconds from the call that granted or renewed it, on the database's
+      clock (nodes' clocks need not agree). A node that stops renewing loses its shards when they
+      expire; another node's next `lease` takes them.
+    * `lease` renews every lease the node holds, records its heartbeat, and balances: with L
+      live nodes (heartbeat younger than `ttl`), a node takes unowned or expired shards up to
+      ceil(SHARDS / L) and releases what it holds beyond that (a joining node gets its share).
+      Two nodes never hold one shard at once: taking is one transaction per node, and a shard
+      held by a live lease is never taken.
+    * `release` gives up every shard of the node and its heartbeat (a clean shutdown: the others
+      take them at their next `lease`, without waiting for the leases to run out).
+    * What a lease does not do: fence. A node that was paused past its lease may still finish a
+      batch of a shard another node has taken. `Outbox.dispatched` keeps pushes exactly once
+      even then, and brokers drop repeated positions; the caller stops dispatching when its
+      lease, measured from before it asked, may have run out.
+
+    SQLite is single-process: every call grants every shard, and `release` does nothing.
+    """
+
+    async def lease(self, node: str, ttl: float) -> frozenset[int]:
+        """Renew, take and balance as above; the shards `node` holds once this has committed."""
+
+    async def release(self, node: str) -> None:
+        """Give up `node`'s shards and heartbeat. Idempotent."""
 
 
 class Subscriptions(Protocol):
@@ -461,6 +499,7 @@ class Store(
     ChangeLog,
     Retention,
     Outbox,
+    Shards,
     Subscriptions,
     DeliveryQueue,
     PushCredentials,

@@ -17,6 +17,7 @@ from herald.store.postgres.issuance import PostgresIssuance
 from herald.store.postgres.notifications import PostgresNotifications
 from herald.store.postgres.outbox import PostgresOutbox
 from herald.store.postgres.retention import PostgresRetention
+from herald.store.postgres.shards import PostgresShards
 from herald.store.postgres.subscriptions import PostgresSubscriptions
 
 __all__ = ["PostgresStore"]
@@ -28,6 +29,7 @@ class PostgresStore(
     PostgresChangeLog,
     PostgresRetention,
     PostgresOutbox,
+    PostgresShards,
     PostgresSubscriptions,
     PostgresDeliveryQueue,
     PostgresPushCredentials,

@@ -3,7 +3,7 @@ of their deliveries (`Outbox`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
@@ -21,9 +21,12 @@ from herald.store.rows import (
 
 
 class PostgresOutbox(PostgresWriter, Outbox):
-    async def pending(self, limit: int) -> list[Pending]:
+    async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
         async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
+            if shards is None:
+                rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
+            else:
+                rows = await conn.fetch(_SHARD_PENDING_SQL, datetime.now(UTC), limit, list(shards))
         return [pending_from_row(tuple(r), identity) for r in rows]
 
     async def push_targets(
@@ -93,6 +96,11 @@ _PENDING_SQL = (
     f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " ORDER BY o.seq LIMIT $2"
+)
+_SHARD_PENDING_SQL = (
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
+    " WHERE o.shard = ANY($3::smallint[]) ORDER BY o.seq LIMIT $2"
 )
 _PUSH_TARGETS_SQL = (
     f"SELECT {', '.join('s.' + col.strip() for col in SUBSCRIPTION_COLUMNS.split(','))}"

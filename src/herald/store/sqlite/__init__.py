@@ -15,6 +15,7 @@ from herald.store.sqlite.issuance import SqliteIssuance
 from herald.store.sqlite.notifications import SqliteNotifications
 from herald.store.sqlite.outbox import SqliteOutbox
 from herald.store.sqlite.retention import SqliteRetention
+from herald.store.sqlite.shards import SqliteShards
 from herald.store.sqlite.subscriptions import SqliteSubscriptions
 
 __all__ = ["SqliteStore"]
@@ -26,6 +27,7 @@ class SqliteStore(
     SqliteChangeLog,
     SqliteRetention,
     SqliteOutbox,
+    SqliteShards,
     SqliteSubscriptions,
     SqliteDeliveryQueue,
     SqlitePushCredentials,

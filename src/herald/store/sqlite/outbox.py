@@ -4,7 +4,7 @@ their deliveries (`Outbox`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
@@ -23,7 +23,9 @@ from herald.store.sqlite.database import SqliteDatabase
 
 
 class SqliteOutbox(SqliteDatabase, Outbox):
-    async def pending(self, limit: int) -> list[Pending]:
+    async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
+        if shards is not None:
+            raise ValueError("SQLite is single-process: its one node holds every shard")
         rows = await self._read(
             lambda c: c.execute(_PENDING_SQL, (to_micros(datetime.now(UTC)), limit)).fetchall()
         )
