@@ -43,8 +43,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
-log = logging.getLogger("uvicorn.error")  # uvicorn's lines, filtered by herald.logs
-protocol_log = logging.getLogger("websockets.server")
+# uvicorn's logger, for its lines and the library's ("connection open"), as uvicorn does:
+# herald.logs filters it (tokens in query strings).
+log = logging.getLogger("uvicorn.error")
 
 CLOSE_TIMEOUT = 10.0  # s for the client to answer our close frame
 CONNECTING, ACCEPTED, ANSWERING, CLOSED = range(4)  # `phase`: ANSWERING = an HTTP answer
@@ -93,7 +94,7 @@ class WebSocket(asyncio.Protocol):
         self.default_headers = server_state.default_headers
         self.app_state = app_state
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
-        self.protocol = ServerProtocol(max_size=config.ws_max_size, logger=protocol_log)
+        self.protocol = ServerProtocol(max_size=config.ws_max_size, logger=log)
         self.phase = CONNECTING
         self.close_sent = False  # our close frame (or HTTP answer) is out
         self.disconnected = False  # the transport is gone
