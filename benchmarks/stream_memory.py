@@ -4,7 +4,7 @@ use, and the minimal fan-out baseline, with the same client harness and the same
 Candidates (each a server process on 127.0.0.1, started and stopped by this script):
 
     baseline            fanout_baseline.py (Starlette, a set of sockets per user) under uvicorn
-                        with the flags `herald serve` uses (ws="websockets-sansio")
+                        as fanout.py runs it (uvicorn's ws="websockets-sansio")
     herald              `herald serve` as configured (server.py)
     herald:<ws>         `herald serve` with uvicorn's `ws=<ws>` instead: websockets-sansio,
                         websockets (the asyncio implementation), wsproto
