@@ -6,8 +6,8 @@ uvicorn's own implementation on the same library (`ws="websockets-sansio"`) keep
 every connection, an `asyncio.Queue` (four deques and an Event), a "writable" Event, the
 handshake request and response with their headers, and a scope with a copy of every header; the
 websockets library's parse generator also keeps the request in its frame. This one keeps the
-ServerProtocol, the scope, and a future only while the app waits: the receive queue is a list
-made when a message arrives before the app asks for it (a live stream's client sends nothing),
+ServerProtocol, the scope and the app's task: events for the app are in a list only until the
+app takes them (a live stream's client sends nothing), it waits for one on a future made then,
 the request is dropped once accepted (the parser restarted on an empty buffer), and writing
 waits on a future made only while the transport is paused. Same port, same URLs: uvicorn's HTTP
 protocol (herald.connections) parses the upgrade request and hands the connection over.
