@@ -22,7 +22,8 @@ frame outside the standard library: herald, uvicorn, websockets, starlette, ...)
 GC-tracked objects per connection by type.
 
 Usage: .venv/bin/python benchmarks/stream_memory.py [--connections 10000]
-       [--candidates baseline,herald:websockets-sansio,herald:websockets,herald:wsproto] [--census]
+       [--candidates baseline,herald:websockets-sansio,herald:websockets,herald:wsproto,herald]
+       [--census]
 """
 
 from __future__ import annotations
@@ -355,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections", type=int, default=10_000, help="streams per candidate")
     ap.add_argument(
         "--candidates",
-        default="baseline,herald,herald:websockets,herald:wsproto",
+        default="baseline,herald:websockets-sansio,herald:websockets,herald:wsproto,herald",
         help="baseline, herald (as configured), herald:<uvicorn ws>",
     )
     ap.add_argument("--census", action="store_true", help="also a traced pass per candidate")
