@@ -47,7 +47,13 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("base", "store", "broker", "auth", "domain", "outbound", "service"),
     ),
     "process": (
-        ("herald.__main__", "herald.cli", "herald.server", "herald.connections"),
+        (
+            "herald.__main__",
+            "herald.cli",
+            "herald.server",
+            "herald.connections",
+            "herald.websocket",
+        ),
         ("base", "store", "broker", "auth", "domain", "outbound", "service", "api"),
     ),
 }
