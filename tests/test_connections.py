@@ -375,6 +375,95 @@ def test_a_websocket_message_over_64_kib_closes_the_stream(herald: Herald) -> No
     assert asyncio.run(send_big()) == 1009
 
 
+def _live_sub(herald: Herald) -> tuple[str, dict[str, str], str]:
+    """A user's token header, a live subscription's stream URL, and the user's id."""
+    user = f"user-{uuid.uuid4()}"
+    me = {"Authorization": f"Bearer {herald.token(user)}"}
+    body = {"application": herald.host_name, "platform": "live"}
+    sub = httpx.post(f"{herald.url}/beta/me/notificationSubscriptions", headers=me, json=body)
+    assert sub.status_code == 201, sub.text
+    url = f"ws://127.0.0.1:{herald.port}/beta/me/notificationSubscriptions/{sub.json()['id']}"
+    return url + "/stream", me, user
+
+
+def test_pings_and_fragmented_messages_leave_a_stream_working(herald: Herald) -> None:
+    """What a client may send a live stream (herald/websocket.py): a ping is answered with a
+    pong, a message in fragments is taken (and ignored), and the stream still delivers."""
+    url, me, user = _live_sub(herald)
+
+    async def talk() -> dict[str, Any]:
+        async with websockets.connect(url, additional_headers=me) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            async with asyncio.timeout(5):
+                await (await ws.ping(b"are you there"))  # the pong came
+            await ws.send(iter(["frag", "mented"]))
+            await ws.send(iter([b"bin", b"ary"]))
+            async with asyncio.timeout(5):
+                await (await ws.ping())
+            posted = await asyncio.to_thread(
+                httpx.post,
+                f"{herald.url}/beta/users/{user}/notifications",
+                headers={"Authorization": f"Bearer {herald.token(None)}"},
+                json={
+                    "targetHostName": herald.host_name,
+                    "payload": {"visualContent": {"title": "after the chatter"}},
+                },
+            )
+            assert posted.status_code == 201, posted.text
+            async with asyncio.timeout(5):
+                while True:
+                    message: dict[str, Any] = json.loads(await ws.recv())
+                    if message["type"] == "created":
+                        return message
+
+    message = asyncio.run(talk())
+    assert message["notification"]["payload"]["visualContent"]["title"] == "after the chatter"
+
+
+def test_invalid_utf8_text_closes_the_stream_with_1007(herald: Herald) -> None:
+    url, me, _ = _live_sub(herald)
+
+    async def send_garbage() -> int | None:
+        async with websockets.connect(url, additional_headers=me) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(b"\xff\xfe not UTF-8", text=True)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            return ws.close_code
+
+    assert asyncio.run(send_garbage()) == 1007
+
+
+def test_a_client_close_ends_the_stream_with_its_code(herald: Herald) -> None:
+    """The client closes with a code: the server answers the closing handshake with it, and the
+    stream is gone from the open streams (the metrics gauge)."""
+    url, me, _ = _live_sub(herald)
+
+    async def close() -> tuple[int | None, int | None]:
+        async with websockets.connect(url, additional_headers=me) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.close(4000, "bye")
+            rcvd = ws.protocol.close_rcvd  # the server's answering close frame
+            return ws.close_code, rcvd.code if rcvd else None
+
+    assert asyncio.run(close()) == (4000, 4000)
+    deadline = time.monotonic() + 5
+    while _streams_open(herald) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _streams_open(herald) == 0
+
+
+def _streams_open(herald: Herald) -> float:
+    text = httpx.get(f"{herald.url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("herald_live_streams{")
+    )
+
+
 # -- per address --------------------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "herald.server",
             "herald.connections",
             "herald.supervisor",
+            "herald.websocket",
         ),
         ("base", "store", "broker", "auth", "domain", "outbound", "service", "api"),
     ),
