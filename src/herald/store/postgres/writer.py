@@ -140,6 +140,23 @@ class PostgresWriter:
         self._failing_since: float | None = None
         self._refusal: tuple[float, str] | None = None
 
+    def _idle_limit(self) -> str:
+        """A transaction left open longer than a statement may take is ended by the server.
+        Only a process that stopped mid-transaction (frozen, paused, cut off) leaves one open,
+        and its row locks would otherwise hold up every other node's writes to those rows (a
+        node SIGSTOPped inside `dispatched` kept the other's push settlements waiting on its
+        subscriptions' rows until it resumed). Its batch is then answered in doubt, as for any
+        connection lost mid-batch. A SET, not a startup parameter (PgBouncer refuses unknown
+        ones), so it is made again after the pool's `RESET ALL` on every release."""
+        return f"SET idle_in_transaction_session_timeout = {int(self._statement_timeout * 1000)};"
+
+    async def _init(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(self._idle_limit())
+
+    async def _reset(self, conn: asyncpg.Connection) -> None:
+        # asyncpg's own reset query and the limit in one round trip, as the reset alone was.
+        await conn.execute(conn.get_reset_query() + "\n" + self._idle_limit())
+
     def on_commit(self, callback: Callable[[], None]) -> None:
         """`Outbox.on_commit`: `_commit` fires the callbacks after a batch that appended changes
         (so outbox entries), `sweep` after one that expired notifications."""
@@ -157,6 +174,8 @@ class PostgresWriter:
                 server_settings=self._server_settings,
                 timeout=self._connect_timeout,
                 command_timeout=self._statement_timeout,
+                init=self._init,
+                reset=self._reset,
             )
             try:
                 async with self._pool.acquire() as conn:
