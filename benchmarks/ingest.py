@@ -710,6 +710,20 @@ def verdict(t: Target) -> dict[str, Any]:
     return out
 
 
+def print_durability(t: Target) -> None:
+    """After a Herald target's figures: its rows against its 201s, and its first non-201."""
+    m, d = t.measured, t.durability
+    assert m is not None
+    if d is not None:
+        print(
+            f"  durability: {d.rows:,} rows added, {d.created:,} 201s seen "
+            f"(+{d.unanswered} requests abandoned in flight by wrk at the end of an interval), "
+            f"{d.changes_after:,} change records -> {'OK' if d.ok else 'MISMATCH'}"
+        )
+    if m.first_bad or (t.warmup and t.warmup.first_bad):
+        print(f"  first non-201: {m.first_bad or (t.warmup.first_bad if t.warmup else '')}")
+
+
 def print_report(args: argparse.Namespace, targets: list[Target], bare_runs: list[Run]) -> None:
     p = print
     p()
@@ -741,21 +755,14 @@ def print_report(args: argparse.Namespace, targets: list[Target], bare_runs: lis
             p(f"{t.name}: NOT MEASURED: {t.error}")
             continue
         v = verdict(t)
-        m, d = t.measured, t.durability
+        m = t.measured
         assert m is not None
         p(
             f"{t.name}: {m.rps:,.0f} req/s = {v['ratio']:.2f}x bare ({v['bare_rps']:,.0f} req/s, "
             f"mean of {len(t.bare)} bracketing runs); CPU per request {v['cpu_ratio']:.2f}x bare's "
             f"efficiency ({m.server_cpu_us_per_req or 0:.0f} vs {v['bare_cpu_us_per_req']:.0f} µs)"
         )
-        if d is not None:
-            p(
-                f"  durability: {d.rows:,} rows added, {d.created:,} 201s seen "
-                f"(+{d.unanswered} requests abandoned in flight by wrk at the end of an interval), "
-                f"{d.changes_after:,} change records -> {'OK' if d.ok else 'MISMATCH'}"
-            )
-        if m.first_bad or (t.warmup and t.warmup.first_bad):
-            p(f"  first non-201: {m.first_bad or (t.warmup.first_bad if t.warmup else '')}")
+        print_durability(t)
         for name, ok in v["checks"].items():
             p(f"  [{'PASS' if ok else 'FAIL'}] {name}")
         if not v["valid"]:
@@ -1040,20 +1047,13 @@ def print_workers_report(
         if t.error or t.measured is None:
             p(f"postgres x{t.workers}: NOT MEASURED: {t.error}")
             continue
-        m, d = t.measured, t.durability
+        m = t.measured
         p(
             f"postgres x{t.workers}: {m.rps:,.0f} durable req/s = {row['ratio_to_bare']:.2f}x the"
             f" bare app x{t.workers} ({row['bare_rps']:,.0f} req/s, mean of {len(t.bare)} runs"
             f" around it), p99 {m.p99_ms:.1f} ms"
         )
-        if d is not None:
-            p(
-                f"  durability: {d.rows:,} rows added, {d.created:,} 201s seen "
-                f"(+{d.unanswered} abandoned in flight by wrk), "
-                f"{d.changes_after:,} change records -> {'OK' if d.ok else 'MISMATCH'}"
-            )
-        if m.first_bad or (t.warmup and t.warmup.first_bad):
-            p(f"  first non-201: {m.first_bad or (t.warmup.first_bad if t.warmup else '')}")
+        print_durability(t)
     if "herald_scaling" in report:
         p()
         p(
