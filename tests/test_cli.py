@@ -8,7 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from herald.cli import main
-from tests.conftest import RegisteredApp, Server
+from tests.conftest import RegisteredApp, Server, free_port
+from tests.redis import redis_server
 
 
 def test_app_create_list_and_token_work_while_server_runs(server: Server) -> None:
@@ -84,3 +85,19 @@ def test_config_check(tmp_path: Path) -> None:
     assert bad_store.exit_code == 1 and "secret" not in bad_store.output
     defaults = runner.invoke(main, ["config", "defaults"])
     assert "max_payload_bytes = 4096" in defaults.stdout
+
+
+def test_config_check_pings_redis_with_the_redis_broker(tmp_path: Path) -> None:
+    """With broker = 'redis', `config check` answers for Redis too: a dead Redis fails it (the
+    password never printed), a running one passes."""
+    runner = CliRunner()
+    args = ["config", "check", "--data", str(tmp_path)]
+    dead = free_port()  # nothing listens there
+    env = {"HERALD_BROKER": "redis", "HERALD_REDIS_URL": f"redis://:hush@127.0.0.1:{dead}/0"}
+    down = runner.invoke(main, args, env=env)
+    assert down.exit_code == 1 and "redis 127.0.0.1" in down.output, down.output
+    assert "hush" not in down.output
+    for redis in redis_server():
+        env["HERALD_REDIS_URL"] = redis.url
+        up = runner.invoke(main, args, env=env)
+        assert up.exit_code == 0 and f"127.0.0.1:{redis.port}/0 answers" in up.stdout, up.output

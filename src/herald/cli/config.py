@@ -21,7 +21,8 @@ def config_group() -> None:
 @click.option("--strict", is_flag=True, help="Fail on unknown keys and variables too.")
 @common_options
 def check(strict: bool, config: str | None, **flags: str | None) -> None:
-    """Load the configuration as `herald serve` would, open the store, and report problems."""
+    """Load the configuration as `herald serve` would, open the store (and Redis, with the Redis
+    broker), and report problems."""
     try:
         loaded = load({k: v for k, v in flags.items() if v}, file=Path(config) if config else None)
     except ConfigError as exc:
@@ -36,6 +37,13 @@ def check(strict: bool, config: str | None, **flags: str | None) -> None:
         run(_ping(s.resolved_store_url))
     except (HeraldError, OSError, ValueError) as exc:
         raise click.ClickException(f"store {where}: {exc}") from exc
+    if s.broker == "redis":
+        redis_where = s.redis_url.split("@")[-1]
+        try:
+            run(_ping_redis(s.redis_url))
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"redis {redis_where}: {exc}") from exc
+        where += f", redis {redis_where}"
     click.echo(f"ok: store {where} answers, listening on {s.base_url}")
 
 
@@ -46,6 +54,21 @@ async def _ping(url: str) -> None:
         await store.ping()
     finally:
         await store.close()
+
+
+async def _ping_redis(url: str) -> None:
+    # Imported here: the redis extra is optional, and settings already refused broker 'redis'
+    # without it.
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except RedisError as exc:
+        raise OSError(str(exc) or type(exc).__name__) from exc
+    finally:
+        await client.aclose()
 
 
 @config_group.command("defaults")
