@@ -350,6 +350,17 @@ async def test_the_resource_round_trips_with_etags(
     other = user.me.get("/beta/users/someone-else/notificationPreferences")
     assert_graph_error(other, 403, "accessDenied")
     assert user.me.get(PREFS).json()["mutedGroups"] == ["a", "b"]
+    # Described in /openapi.json, with the platform names it takes.
+    doc = user.me.get("/openapi.json").json()
+    assert {"get", "patch"} <= set(doc["paths"]["/beta/me/notificationPreferences"])
+    assert {"get", "patch"} <= set(doc["paths"]["/beta/users/{user}/notificationPreferences"])
+    schema = doc["components"]["schemas"]["NotificationPreferences"]["properties"]
+    assert set(schema["mutedPlatforms"]["items"]["enum"]) == {
+        "iOS",
+        "android",
+        "webPush",
+        "windows",
+    }
 
 
 BAD: list[tuple[Any, str]] = [

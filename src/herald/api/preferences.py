@@ -97,3 +97,77 @@ def routes() -> list[BaseRoute]:
             Route(base, patch_one, methods=["PATCH"]),
         ]
     return table
+
+
+# -- /openapi.json ---------------------------------------------------------------------------
+
+_TIME = {"type": "string", "pattern": r"^\d\d:\d\d(:\d\d(\.\d+)?)?$", "examples": ["22:00"]}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The user's notification preferences for the calling app (docs/api.md). "
+    "They affect alerting pushes only; notifications are stored and synced regardless.",
+    "properties": {
+        "mutedGroups": {
+            "type": "array",
+            "maxItems": preferences.MAX_MUTED_GROUPS,
+            "items": {"type": "string", "minLength": 1, "maxLength": preferences.MAX_GROUP_LENGTH},
+            "description": "No alerting push for a notification of these groupNames.",
+        },
+        "mutedPlatforms": {
+            "type": "array",
+            "items": {"enum": [p.value for p in preferences.PUSH_PLATFORMS.values()]},
+            "description": "No alerting push to the user's devices of these platforms.",
+        },
+        "quietHours": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "required": ["timeZone", "startTime", "endTime"],
+            "properties": {
+                "timeZone": {"type": "string", "examples": ["Europe/Berlin"]},
+                "startTime": _TIME,
+                "endTime": _TIME,
+                "daysOfWeek": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": list(preferences.DAYS)},
+                },
+                "allowHighPriority": {"type": "boolean", "default": False},
+            },
+        },
+        "lastModifiedDateTime": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "readOnly": True,
+        },
+        "@odata.etag": {"type": "string", "readOnly": True},
+        "@odata.context": {"type": "string", "readOnly": True},
+    },
+    "additionalProperties": False,
+}
+
+
+def openapi_paths(err: dict[str, Any]) -> dict[str, Any]:
+    """The resource's operations, at /me and at /users/{user}."""
+    ref = {"$ref": "#/components/schemas/NotificationPreferences"}
+    ok = {"description": "The preferences (ETag: their version)", "content": _json(ref)}
+    user = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+    operations = {
+        "get": {
+            "summary": "The user's notification preferences for the calling app",
+            "responses": {"200": ok, "4XX": err},
+        },
+        "patch": {
+            "summary": "Replace the properties given (If-Match honoured); quietHours: null "
+            "turns quiet hours off",
+            "requestBody": {"content": _json(ref)},
+            "responses": {"200": ok, "4XX": err},
+        },
+    }
+    return {
+        "/beta/me/notificationPreferences": operations,
+        "/beta/users/{user}/notificationPreferences": {"parameters": [user], **operations},
+    }
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
