@@ -90,27 +90,33 @@ class Decision(enum.Enum):
 
 
 def verdict(
-    prefs: NotificationPreferences, message: Message, platform: DevicePlatform, now: datetime
-) -> tuple[Decision, datetime | None]:
+    prefs: NotificationPreferences,
+    message: Message,
+    platform: DevicePlatform,
+    quiet_end: datetime | None,
+) -> Decision:
     """What to do with one push to a device of `platform`: send it, drop it (muted), or hold it
-    until the returned time (quiet hours). Silent pushes (sync, remove) are always sent: they
-    only keep the device's state right."""
+    until `quiet_end` (the end of the quiet period now falls in, from `quiet_period_end`; None:
+    not in one). Silent pushes (sync, remove) are always sent: they only keep the device's state
+    right."""
     if message.kind not in ALERTING:
-        return Decision.SEND, None
+        return Decision.SEND
     if platform in prefs.muted_platforms or (
         message.group_name is not None and message.group_name in prefs.muted_groups
     ):
-        return Decision.DROP, None
+        return Decision.DROP
     quiet = prefs.quiet_hours
-    if quiet is None:
-        return Decision.SEND, None
+    if quiet_end is None or quiet is None:
+        return Decision.SEND
     if quiet.allow_high_priority and message.priority is Priority.HIGH:
-        return Decision.SEND, None
-    until = quiet_until(quiet, now)
-    if until is None:
-        return Decision.SEND, None
+        return Decision.SEND
     # One summary replaces them all: an iOS fallback of a held alert is not held too.
-    return (Decision.HOLD, until) if message.kind is PushKind.ALERT else (Decision.DROP, None)
+    return Decision.HOLD if message.kind is PushKind.ALERT else Decision.DROP
+
+
+def quiet_period_end(prefs: NotificationPreferences, now: datetime) -> datetime | None:
+    """The end (UTC) of the quiet period `now` falls in, if the preferences have one."""
+    return None if prefs.quiet_hours is None else quiet_until(prefs.quiet_hours, now)
 
 
 def quiet_until(quiet: QuietHours, now: datetime) -> datetime | None:

@@ -35,7 +35,13 @@ from herald.metrics import Metrics
 from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
 from herald.outbound import targets
 from herald.outbound.leases import Leases
-from herald.preferences import Decision, HeldPush, NotificationPreferences, verdict
+from herald.preferences import (
+    Decision,
+    HeldPush,
+    NotificationPreferences,
+    quiet_period_end,
+    verdict,
+)
 from herald.store import SHARDS, Outbox, Preferences
 
 log = logging.getLogger("herald.dispatcher")
@@ -254,8 +260,9 @@ def _apply(
 ) -> None:
     """Send, drop or hold each push as the user's preferences say."""
     platform = {s.id: s.platform for s in subs}
+    until = quiet_period_end(prefs, now)
     for d in made:
-        decision, until = verdict(prefs, d.message, platform[d.subscription_id], now)
+        decision = verdict(prefs, d.message, platform[d.subscription_id], until)
         if decision is Decision.SEND:
             out.append(d)
         elif decision is Decision.HOLD and until is not None:
