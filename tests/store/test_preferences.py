@@ -10,6 +10,7 @@ import pytest
 
 from herald.errors import PreconditionFailed
 from herald.model import (
+    App,
     DevicePlatform,
     NewDelivery,
     Provider,
@@ -168,3 +169,25 @@ async def test_two_nodes_release_a_held_push_once(durable_backend: Backend) -> N
         released = sorted(d.user_id for batch in results for d in batch)
         assert released == ["u1", "u2", "u3"]
         assert len(await claim_all(a, END)) == 3
+
+
+async def test_delete_app_removes_its_preferences_and_held_pushes(store: Store) -> None:
+    for host, client_id in ((APP, "a1"), (OTHER_APP, "b1")):
+        await store.add_app(
+            App(
+                client_id=client_id,
+                host_name=host,
+                display_name=host,
+                secret_hash="h",
+                created_date_time=T0,
+            )
+        )
+    await _held(store, count=2)
+    await store.put_preferences("u1", APP, QUIET, None, T0)
+    await store.put_preferences("u1", OTHER_APP, QUIET, None, T0)
+    counts = await store.delete_app(APP)
+    assert counts is not None
+    assert counts["heldPushes"] == 2 and counts["notificationPreferences"] == 1
+    assert await store.count_held("u1", APP) == 0
+    assert await store.get_preferences("u1", APP) is None
+    assert await store.get_preferences("u1", OTHER_APP) is not None
