@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "herald",
             "herald.errors",
             "herald.model",
+            "herald.preferences",
             "herald.fields",
             "herald.query",
             "herald.settings",

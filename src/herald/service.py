@@ -26,6 +26,7 @@ from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, Limits, RateCheck, RateLimits
 from herald.logs import redact_tokens, report_repeats
 from herald.metrics import BrokerMetrics, Metrics
+from herald.outbound import holds
 from herald.outbound.dispatcher import Dispatcher
 from herald.outbound.leases import Leases
 from herald.outbound.providers import PROVIDERS
@@ -38,6 +39,7 @@ from herald.store import (
     Directory,
     Idempotency,
     Issuance,
+    Preferences,
     Store,
     Subscriptions,
     open_store,
@@ -58,6 +60,7 @@ class Services:
     changelog: ChangeLog
     subscriptions: Subscriptions
     idempotency: Idempotency
+    preferences: Preferences
     feed: Feed
     access: Access
     issuer: LocalIssuer | None
@@ -137,6 +140,7 @@ def build_services(
         changelog=store,
         subscriptions=store,
         idempotency=store,
+        preferences=store,
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,
@@ -198,6 +202,11 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
             stack.push_async_callback(s.pusher.close)
         await s.dispatcher.start()
         stack.push_async_callback(s.dispatcher.close)
+        if s.pusher is not None:  # pushes held for quiet hours: their summaries when they end
+            release = holds.run(
+                s.store, s.settings.quiet_release_interval, s.feed.clock, s.pusher.wake
+            )
+            stack.push_async_callback(_cancel, asyncio.create_task(release))
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

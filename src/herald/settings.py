@@ -120,6 +120,9 @@ class Settings:
     max_page_size: int = 999
     # Expiry sweeper period (s) and how long the change log (delta history) is kept.
     sweep_interval: float = 30.0
+    # Seconds between releases of pushes held for quiet hours (one per interval across the
+    # processes sharing a store): a summary arrives at most this long after a quiet period ends.
+    quiet_release_interval: float = 15.0
     change_retention: int = 30 * DAY
     idempotency_ttl: int = DAY
     # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
@@ -293,6 +296,7 @@ def _check(s: Settings) -> None:
         "max_payload_bytes",
         "max_body_bytes",
         "sweep_interval",
+        "quiet_release_interval",
         "max_subscriptions",
         "keepalive_interval",
         "max_streams_per_subscription",

@@ -22,6 +22,7 @@ from herald.model import (
     Subscription,
 )
 from herald.outbound.dispatcher import Dispatcher
+from herald.preferences import HeldPush
 from herald.store import Store
 from tests.store.support import APP, content, new_id
 
@@ -88,10 +89,15 @@ class FailingRemovals:
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
 
-    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+    async def dispatched(
+        self,
+        seqs: Sequence[int],
+        deliveries: Sequence[NewDelivery] = (),
+        held: Sequence[HeldPush] = (),
+    ) -> None:
         if self.failing:
             raise Unavailable("the database went away")
-        await self.store.dispatched(seqs, deliveries)
+        await self.store.dispatched(seqs, deliveries, held)
 
 
 async def test_a_change_whose_removal_failed_is_published_again(store: Store) -> None:

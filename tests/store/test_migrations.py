@@ -168,6 +168,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    8: {  # unchanged (schema 8 added notification preferences and held pushes)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -356,7 +360,7 @@ async def old_database(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
-                " dispatch_shards, schema_version;"
+                " dispatch_shards, notification_preferences, held_pushes, schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             for script in scripts:

@@ -19,6 +19,7 @@ from herald.api import (
     metadata,
     notifications,
     operations,
+    preferences,
     stream,
     subscriptions,
     token,
@@ -44,6 +45,7 @@ def api_routes() -> list[BaseRoute]:
         delta.routes()
         + notifications.routes()
         + subscriptions.routes()
+        + preferences.routes()
         + batch.routes()
         + metadata.routes()
     )

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Protocol
 
 import msgspec
@@ -34,7 +35,14 @@ from herald.metrics import Metrics
 from herald.model import ChangeKind, NewDelivery, Pending, Provider, Subscription
 from herald.outbound import targets
 from herald.outbound.leases import Leases
-from herald.store import SHARDS, Outbox
+from herald.preferences import (
+    Decision,
+    HeldPush,
+    NotificationPreferences,
+    quiet_period_end,
+    verdict,
+)
+from herald.store import SHARDS, Outbox, Preferences
 
 log = logging.getLogger("herald.dispatcher")
 
@@ -61,10 +69,14 @@ class Waker(Protocol):
     async def close(self) -> None: ...
 
 
+class DispatchStore(Outbox, Preferences, Protocol):
+    pass
+
+
 class Dispatcher:
     def __init__(
         self,
-        store: Outbox,
+        store: DispatchStore,
         broker: Broker,
         metrics: Metrics,
         poll: float = POLL_SECONDS,
@@ -171,20 +183,22 @@ class Dispatcher:
         for entry in fresh:
             await self.broker.publish(entry.change)
             self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
-        deliveries = await self.deliveries(fresh) if self.pushed is not None else []
+        deliveries, held = await self.deliveries(fresh) if self.pushed is not None else ([], [])
         seqs = [entry.seq for entry in fresh]
         self.removing.update(seqs)
-        task = asyncio.create_task(self.remove(seqs, deliveries))
+        task = asyncio.create_task(self.remove(seqs, deliveries, held))
         self.removals.add(task)
         task.add_done_callback(self.removals.discard)
         return len(fresh)
 
-    async def deliveries(self, entries: list[Pending]) -> list[NewDelivery]:
-        """The pushes these changes make, to their users' push subscriptions."""
+    async def deliveries(self, entries: list[Pending]) -> tuple[list[NewDelivery], list[HeldPush]]:
+        """The pushes these changes make, to their users' push subscriptions, and those of them
+        the users' preferences hold for quiet hours (docs/push.md)."""
         pairs = sorted({(e.change.user_id, e.change.app) for e in entries})
         now = self.clock()
         found: dict[tuple[str, str], list[Subscription]] = {}
-        for sub in await self.store.push_targets(pairs, now):
+        subs, prefs = await self.store.push_audience(pairs, now)
+        for sub in subs:
             found.setdefault((sub.user_id, sub.app), []).append(sub)
         # As the store does across batches, a later change of a notification in this batch
         # supersedes the earlier ones (their pushes would only arrive after it on a retry);
@@ -197,22 +211,31 @@ class Dispatcher:
             if e.change.kind is ChangeKind.CREATED or e.change.replaced:
                 fresh.add(key)
         out: list[NewDelivery] = []
+        held: list[HeldPush] = []
         for e in entries:
             key = (e.change.user_id, e.change.notification_id)
-            subs = found.get((e.change.user_id, e.change.app))
-            if not subs or e.change.position < latest[key]:
+            pair = (e.change.user_id, e.change.app)
+            targeted = found.get(pair)
+            if not targeted or e.change.position < latest[key]:
                 continue
             change = e.change
             if key in fresh and change.kind is ChangeKind.UPDATED:
                 change = msgspec.structs.replace(change, replaced=True)
-            out.extend(targets.deliveries(change, subs, now))
-        return out
+            made = targets.deliveries(change, targeted, now)
+            wanted = prefs.get(pair)
+            if wanted is None:  # no preferences: nothing to decide
+                out.extend(made)
+            else:
+                _apply(wanted, list(made), targeted, now, out, held)
+        return out, held
 
-    async def remove(self, seqs: list[int], deliveries: list[NewDelivery]) -> None:
+    async def remove(
+        self, seqs: list[int], deliveries: list[NewDelivery], held: list[HeldPush]
+    ) -> None:
         """Delete published entries and queue their pushes. If that fails the entries stay, and
         are published again later: streams drop a position they have already sent."""
         try:
-            await self.store.dispatched(seqs, deliveries)
+            await self.store.dispatched(seqs, deliveries, held)
             self.dispatched += len(seqs)
             self.metrics.dispatched.inc(len(seqs))
             if deliveries and self.pushed is not None:
@@ -225,3 +248,33 @@ class Dispatcher:
 
 def _nothing() -> None:
     pass
+
+
+def _apply(
+    prefs: NotificationPreferences,
+    made: list[NewDelivery],
+    subs: list[Subscription],
+    now: datetime,
+    out: list[NewDelivery],
+    held: list[HeldPush],
+) -> None:
+    """Send, drop or hold each push as the user's preferences say."""
+    platform = {s.id: s.platform for s in subs}
+    until = quiet_period_end(prefs, now)
+    for d in made:
+        decision = verdict(prefs, d.message, platform[d.subscription_id], until)
+        if decision is Decision.SEND:
+            out.append(d)
+        elif decision is Decision.HOLD and until is not None:
+            held.append(
+                HeldPush(
+                    subscription_id=d.subscription_id,
+                    user_id=d.user_id,
+                    app=d.app,
+                    provider=d.provider.value,
+                    notification_id=d.message.notification_id,
+                    position=d.message.position,
+                    expires=d.message.expires,
+                    release=until,
+                )
+            )

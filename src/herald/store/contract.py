@@ -38,6 +38,7 @@ from herald.model import (
     StatePatch,
     Subscription,
 )
+from herald.preferences import HeldPush, HeldSummary, NotificationPreferences, StoredPreferences
 from herald.query import Filter, Page, Query
 
 
@@ -289,9 +290,15 @@ class Outbox(Protocol):
         """The subscriptions of these (user_id, app) pairs that have a push channel, are
         unexpired and not gone; ordered by (user_id, app, created_date_time)."""
 
-    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
-        """Remove these outbox entries (unknown seqs are ignored) and enqueue `deliveries`, in
-        one transaction: a crash leaves either both or neither.
+    async def dispatched(
+        self,
+        seqs: Sequence[int],
+        deliveries: Sequence[NewDelivery] = (),
+        held: Sequence[HeldPush] = (),
+    ) -> None:
+        """Remove these outbox entries (unknown seqs are ignored) and enqueue `deliveries`, and
+        keep the alerting pushes `held` for quiet hours (`Preferences`), in one transaction: a
+        crash leaves either all or none. `held` is queued exactly once as deliveries are.
 
         Exactly once, across processes: a delivery is inserted only if the outbox entry of its
         change (user_id, message.position) was removed by *this* call (two nodes draining one
@@ -493,6 +500,51 @@ class Issuance(Protocol):
         expired ones."""
 
 
+class Preferences(Protocol):
+    """Each user's notification preferences per app, and the alerting pushes held during their
+    quiet hours (docs/push.md, "Preferences and quiet hours").
+
+    Held pushes are rows until their release: they survive restarts, and go with their
+    subscription (deleted, taken over, expired) and with `Directory.delete_app`.
+    """
+
+    async def get_preferences(self, user_id: str, app: str) -> StoredPreferences | None:
+        """The preferences of (user, app); None if never set."""
+
+    async def put_preferences(
+        self,
+        user_id: str,
+        app: str,
+        preferences: NotificationPreferences,
+        if_match: int | None,
+        now: datetime,
+        release: datetime | None = None,
+    ) -> StoredPreferences:
+        """Replace them (creating them at version 1), version + 1. `PreconditionFailed` if
+        `if_match` is given and is not the current version (0: never set). `release`: when the
+        pushes (user, app) has held are now to be released (the new quiet hours decide), in
+        the same transaction; None leaves them as they are."""
+
+    async def push_audience(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> tuple[builtins.list[Subscription], dict[tuple[str, str], NotificationPreferences]]:
+        """`Outbox.push_targets`, and the preferences of those pairs that have subscriptions
+        and preferences, in one read."""
+
+    async def release_held(
+        self, now: datetime, limit: int, summary: Callable[[HeldSummary], NewDelivery]
+    ) -> builtins.list[NewDelivery]:
+        """Release the held pushes due by `now` of up to `limit` subscriptions: all of each
+        one's due pushes are deleted, and, if any of their notifications is still unexpired,
+        unread and neither dismissed nor activated, `summary` (called inside the transaction,
+        must not await) makes the one delivery queued for that subscription in the same
+        transaction. Returns what was queued. Exactly once across processes: a held push is
+        released by one call only."""
+
+    async def count_held(self, user_id: str, app: str) -> int:
+        """How many pushes (user, app) has held."""
+
+
 class Store(
     Directory,
     Notifications,
@@ -505,6 +557,7 @@ class Store(
     PushCredentials,
     Idempotency,
     Issuance,
+    Preferences,
     Protocol,
 ):
     """All of Herald's durable state, as one backend keeps it: what opens, closes and checks the

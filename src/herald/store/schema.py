@@ -40,6 +40,8 @@ DELETE_APP = (
         " AND c.user_id = outbox.user_id AND c.position = outbox.position)",
     ),
     ("deliveries", "DELETE FROM deliveries WHERE app = {p}"),
+    ("heldPushes", "DELETE FROM held_pushes WHERE app = {p}"),
+    ("notificationPreferences", "DELETE FROM notification_preferences WHERE app = {p}"),
     ("changes", "DELETE FROM changes WHERE app = {p}"),
     ("notifications", "DELETE FROM notifications WHERE app = {p}"),
     ("subscriptions", "DELETE FROM subscriptions WHERE app = {p}"),

@@ -1122,6 +1122,28 @@ export class HeraldClient extends EventTarget {
   }
 
   /**
+   * The signed-in user's notification preferences for this app (docs/api.md, "Notification
+   * preferences"): `{mutedGroups, mutedPlatforms, quietHours, lastModifiedDateTime}`.
+   * @returns {Promise<object>}
+   * @throws {HttpError|NetworkError|SessionExpired}
+   */
+  preferences() {
+    return this.#request("GET", "/me/notificationPreferences");
+  }
+
+  /**
+   * Change them: the properties given replace the stored ones (`quietHours: null` turns quiet
+   * hours off); answers the preferences as stored.
+   * @param {object} patch
+   * @returns {Promise<object>}
+   * @throws {HttpError} refused (400 names the bad property); {@link NetworkError};
+   *   {@link SessionExpired}.
+   */
+  setPreferences(patch) {
+    return this.#request("PATCH", "/me/notificationPreferences", patch);
+  }
+
+  /**
    * Set this browser's push channel (`PushSubscription.toJSON()`), or clear it with null (the
    * device goes live-only). Call `start()` first; this waits until it has the subscription.
    * The channel is remembered and sent again if the subscription has to be registered anew.

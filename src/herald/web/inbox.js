@@ -511,6 +511,75 @@ function startClient() {
   initPush();
 }
 
+// -- notification settings (docs/inbox.md) -------------------------------------------------------
+
+function localZone() {
+  return Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+}
+
+function showSettings(p) {
+  $("muted-groups").value = (p.mutedGroups ?? []).join(", ");
+  for (const box of document.getElementsByName("muted-platform")) {
+    box.checked = (p.mutedPlatforms ?? []).includes(box.value);
+  }
+  const q = p.quietHours;
+  $("quiet-enabled").checked = Boolean(q);
+  $("quiet-start").value = q ? q.startTime.slice(0, 5) : "22:00";
+  $("quiet-end").value = q ? q.endTime.slice(0, 5) : "07:00";
+  $("quiet-zone").value = q ? q.timeZone : localZone();
+  $("quiet-high").checked = Boolean(q?.allowHighPriority);
+  const state = $("settings-state");
+  state.dataset.state = "loaded";
+  state.textContent = "";
+}
+
+function settingsPatch() {
+  const groups = $("muted-groups").value.split(",").map((g) => g.trim()).filter(Boolean);
+  const platforms = [...document.getElementsByName("muted-platform")]
+    .filter((box) => box.checked)
+    .map((box) => box.value);
+  const quiet = $("quiet-enabled").checked
+    ? {
+        timeZone: $("quiet-zone").value.trim(),
+        startTime: $("quiet-start").value,
+        endTime: $("quiet-end").value,
+        allowHighPriority: $("quiet-high").checked,
+      }
+    : null;
+  return { mutedGroups: groups, mutedPlatforms: platforms, quietHours: quiet };
+}
+
+function settingsState(state, text) {
+  const el = $("settings-state");
+  el.dataset.state = state;
+  el.textContent = text;
+}
+
+async function loadSettings() {
+  if (!$("settings").open || !client) return;
+  settingsState("loading", "Loading…");
+  try {
+    showSettings(await client.preferences());
+  } catch (error) {
+    settingsState("error", `Could not load your settings: ${describe(error)}`);
+  }
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const button = $("save-settings");
+  button.disabled = true;
+  settingsState("saving", "Saving…");
+  try {
+    showSettings(await client.setPreferences(settingsPatch()));
+    settingsState("saved", "Saved.");
+  } catch (error) {
+    settingsState("error", `Not saved: ${describe(error)}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
 function signInFailed(error) {
   const what = {
     invalid_grant: "This sign-in link has expired or has already been used.",
@@ -638,6 +707,8 @@ async function main() {
   $("retry").addEventListener("click", () => client?.reconnect());
   $("enable-push").addEventListener("click", enablePush);
   $("disable-push").addEventListener("click", disablePush);
+  $("settings").addEventListener("toggle", loadSettings);
+  $("settings-form").addEventListener("submit", saveSettings);
   $("sign-out").addEventListener("click", async () => {
     $("switch-user").hidden = true;
     const signingOut = client?.signOut({ cleanup: unsubscribePush });

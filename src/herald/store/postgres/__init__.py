@@ -16,6 +16,7 @@ from herald.store.postgres.idempotency import PostgresIdempotency
 from herald.store.postgres.issuance import PostgresIssuance
 from herald.store.postgres.notifications import PostgresNotifications
 from herald.store.postgres.outbox import PostgresOutbox
+from herald.store.postgres.preferences import PostgresPreferences
 from herald.store.postgres.retention import PostgresRetention
 from herald.store.postgres.shards import PostgresShards
 from herald.store.postgres.subscriptions import PostgresSubscriptions
@@ -35,5 +36,6 @@ class PostgresStore(
     PostgresPushCredentials,
     PostgresIdempotency,
     PostgresIssuance,
+    PostgresPreferences,
 ):
     """Herald's state in one PostgreSQL database (`herald.store.Store`)."""

@@ -7,9 +7,11 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
+from herald.preferences import HeldPush
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity, translated
+from herald.store.postgres.preferences import insert_held
 from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import (
@@ -41,7 +43,12 @@ class PostgresOutbox(PostgresWriter, Outbox):
             )
         return [subscription_from_row(r, identity) for r in rows]
 
-    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+    async def dispatched(
+        self,
+        seqs: Sequence[int],
+        deliveries: Sequence[NewDelivery] = (),
+        held: Sequence[HeldPush] = (),
+    ) -> None:
         """Two statements in one transaction. The first removes the entries and answers which
         ones it removed: another node removing one of them at the same time makes it wait for
         that node's commit, then skip the entry. The second, with a snapshot taken after that
@@ -87,6 +94,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 *rows,
                 created,
             )
+            if held:
+                await insert_held(tx.conn, held, mine)
 
         await self._op(None, run)
 

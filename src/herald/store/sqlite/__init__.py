@@ -14,6 +14,7 @@ from herald.store.sqlite.idempotency import SqliteIdempotency
 from herald.store.sqlite.issuance import SqliteIssuance
 from herald.store.sqlite.notifications import SqliteNotifications
 from herald.store.sqlite.outbox import SqliteOutbox
+from herald.store.sqlite.preferences import SqlitePreferences
 from herald.store.sqlite.retention import SqliteRetention
 from herald.store.sqlite.shards import SqliteShards
 from herald.store.sqlite.subscriptions import SqliteSubscriptions
@@ -33,5 +34,6 @@ class SqliteStore(
     SqlitePushCredentials,
     SqliteIdempotency,
     SqliteIssuance,
+    SqlitePreferences,
 ):
     """Herald's state in one SQLite database (`herald.store.Store`)."""

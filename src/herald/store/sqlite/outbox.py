@@ -8,6 +8,7 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
+from herald.preferences import HeldPush
 from herald.store.contract import Outbox
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
@@ -20,6 +21,7 @@ from herald.store.rows import (
 from herald.store.sqlite.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.sqlite.connection import Connection
 from herald.store.sqlite.database import SqliteDatabase
+from herald.store.sqlite.preferences import insert_held
 
 
 class SqliteOutbox(SqliteDatabase, Outbox):
@@ -42,7 +44,12 @@ class SqliteOutbox(SqliteDatabase, Outbox):
         )
         return [subscription_from_row(r, from_micros) for r in rows]
 
-    async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
+    async def dispatched(
+        self,
+        seqs: Sequence[int],
+        deliveries: Sequence[NewDelivery] = (),
+        held: Sequence[HeldPush] = (),
+    ) -> None:
         """In the write transaction (which excludes every other writer, other processes on the
         file included): see which entries are still there, remove them, supersede for those,
         and queue only the deliveries of those."""
@@ -78,6 +85,8 @@ class SqliteOutbox(SqliteDatabase, Outbox):
                 c.executemany(_DELIVERY_INSERT_SQL, rows)
             else:  # some entries were gone: queue for the rest only
                 c.executemany(_DELIVERY_INSERT_SQL, [r for r in rows if (r[1], r[6]) in mine])
+            if held:
+                insert_held(c, held, mine)
 
         await self._write(job)
 
