@@ -4,6 +4,7 @@ SQLite and PostgreSQL implementations."""
 from herald.settings import Settings
 from herald.store.contract import (
     SHARDS,
+    ChangeFeed,
     ChangeLog,
     DeliveryQueue,
     Directory,
@@ -18,9 +19,12 @@ from herald.store.contract import (
     Shards,
     Store,
     Subscriptions,
+    Webhook,
+    Webhooks,
 )
 
 __all__ = [
+    "ChangeFeed",
     "ChangeLog",
     "DeliveryQueue",
     "Directory",
@@ -36,6 +40,8 @@ __all__ = [
     "Shards",
     "Store",
     "Subscriptions",
+    "Webhook",
+    "Webhooks",
     "open_store",
 ]
 

@@ -1,0 +1,66 @@
+"""SQLite: each app's change feed (`ChangeFeed`). A trigger on `changes` adds the feed's row in
+the change's transaction (migrations/sqlite/0008); the single writer commits in rowid order, so
+seq order is commit order."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from herald.model import Change
+from herald.store.contract import ChangeFeed
+from herald.store.rows import change_from_row, from_micros, to_micros
+from herald.store.sqlite.changelog import CHANGE_FIELDS, NOW_JOIN
+from herald.store.sqlite.connection import Connection
+from herald.store.sqlite.database import SqliteDatabase
+
+
+class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
+    async def app_changes(
+        self, app: str, after: int, limit: int
+    ) -> tuple[list[tuple[int, Change]], int]:
+        def job(c: Connection) -> tuple[list[tuple[int, Change]], int]:
+            now = to_micros(datetime.now(UTC))
+            rows = c.execute(_FEED_SQL, (now, app, after, limit)).fetchall()
+            entries = [
+                (int(r[0]), change_from_row(r[1], r[3:], from_micros))
+                for r in rows
+                if r[2] is not None  # the change is still in the log
+            ]
+            return entries, int(rows[-1][0]) if rows else after
+
+        return await self._read(job)
+
+    async def feed_bounds(self) -> tuple[int, int]:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT (SELECT pruned FROM app_changes_horizon),"
+                " coalesce((SELECT max(seq) FROM app_changes), 0)"
+            ).fetchone()
+        )
+        return int(row[0]), max(int(row[0]), int(row[1]))
+
+    async def prune_feed(self, before: datetime) -> int:
+        return await self._write(lambda c: _prune(c, to_micros(before)))
+
+
+def _prune(c: Connection, before: int) -> int:
+    # Walks the oldest rows up to the first young one: as many as it then deletes.
+    first_young = c.execute(
+        "SELECT seq FROM app_changes WHERE at >= ? ORDER BY seq LIMIT 1", (before,)
+    ).fetchone()
+    last = c.execute("SELECT max(seq) FROM app_changes").fetchone()[0]
+    if last is None:
+        return 0
+    keep = int(first_young[0]) if first_young is not None else int(last)
+    gone = c.execute("DELETE FROM app_changes WHERE seq < ?", (keep,)).rowcount
+    if gone:
+        c.execute("UPDATE app_changes_horizon SET pruned = max(pruned, ?)", (keep - 1,))
+    return int(gone)
+
+
+# The feed row, its change (NULL columns once pruned) and the notification as it is now.
+_FEED_SQL = (
+    f"SELECT f.seq, f.user_id, c.position, {CHANGE_FIELDS} FROM app_changes f"
+    " LEFT JOIN changes c ON c.user_id = f.user_id AND c.position = f.position"
+    f"{NOW_JOIN} WHERE f.app = ? AND f.seq > ? ORDER BY f.seq LIMIT ?"
+)
