@@ -32,6 +32,7 @@ from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
+from herald.outbound.webhooks import Delivery
 from herald.settings import Settings
 from herald.store import (
     ChangeLog,
@@ -72,6 +73,7 @@ class Services:
     keyring: Keyring
     pusher: Pusher | None
     streams: Streams
+    webhooks: Delivery
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -130,6 +132,7 @@ def build_services(
 
         limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
+    leases = Leases(store)
     return Services(
         settings=settings,
         store=store,
@@ -158,13 +161,15 @@ def build_services(
             metrics,
             pushed=pusher.wake if pusher else None,
             clock=clock,
-            leases=Leases(store),
+            leases=leases,
             waker=waker,
         ),
         keyring=keyring,
         pusher=pusher,
         # Other processes may delete subscriptions only on a shared store (not SQLite's).
         streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
+        # Webhooks go by the dispatch shards' leases: one node delivers each (outbound/webhooks).
+        webhooks=Delivery(store, settings, clock, leases),
     )
 
 
@@ -198,6 +203,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
             stack.push_async_callback(s.pusher.close)
         await s.dispatcher.start()
         stack.push_async_callback(s.dispatcher.close)
+        s.webhooks.start()
+        stack.push_async_callback(s.webhooks.close)
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

@@ -23,11 +23,12 @@ async def feed_of(store: Store, app: str = APP, after: int = 0) -> list[tuple[in
     """(seq, user, position, kind) of every entry after `after`, read a few at a time."""
     found = []
     while True:
-        entries, after2 = await store.app_changes(app, after, 3)
-        found += [(seq, c.user_id, c.position, str(c.kind)) for seq, c in entries]
-        if after2 == after:
+        page = await store.app_changes(app, after, 3)
+        found += [(seq, c.user_id, c.position, str(c.kind)) for seq, c in page.entries]
+        assert page.cursor >= after
+        if not page.more:
             return found
-        after = after2
+        after = page.cursor
 
 
 async def test_every_kind_of_change_is_in_the_feed_in_commit_order(store: Store) -> None:
@@ -55,24 +56,28 @@ async def test_every_kind_of_change_is_in_the_feed_in_commit_order(store: Store)
     seqs = [seq for seq, *_ in feed]
     assert seqs == sorted(set(seqs))
     assert (await store.feed_bounds())[1] >= seqs[-1]
-    entries, _ = await store.app_changes(APP, 0, 100)
+    entries = (await store.app_changes(APP, 0, 100)).entries
     replaced = [c for _, c in entries if c.replaced]
     assert len(replaced) == 1 and replaced[0].notification is None  # deleted since
     other = await feed_of(store, OTHER_APP)
-    assert [(user, position, kind) for _, user, position, kind in other] == [
-        ("u1", 2, "created")
-    ]
+    assert [(user, position, kind) for _, user, position, kind in other] == [("u1", 2, "created")]
     assert b not in {c.notification_id for _, c in entries if c.kind is ChangeKind.CREATED} - {b}
 
 
 async def test_a_read_from_a_cursor_returns_only_what_follows(store: Store) -> None:
     for i in range(5):
         await put(store, f"n{i}", user=f"u{i % 2}")
-    first, cursor = await store.app_changes(APP, 0, 2)
-    assert len(first) == 2 and cursor == first[-1][0]
-    rest, end = await store.app_changes(APP, cursor, 100)
-    assert [seq for seq, _ in first + rest] == [seq for seq, *_ in await feed_of(store)]
-    assert (await store.app_changes(APP, end, 100)) == ([], end)
+    first = await store.app_changes(APP, 0, 2)
+    assert len(first.entries) == 2 and first.cursor == first.entries[-1][0] and first.more
+    await put(store, "other", app=OTHER_APP, target_host_name=OTHER_APP)
+    rest = await store.app_changes(APP, first.cursor, 100)
+    assert not rest.more
+    seqs = [seq for seq, _ in first.entries + rest.entries]
+    assert seqs == [seq for seq, *_ in await feed_of(store)]
+    # Not full: the cursor is the feed's head, past the other app's entry.
+    assert rest.cursor == (await store.feed_bounds())[1] > seqs[-1]
+    end = await store.app_changes(APP, rest.cursor, 100)
+    assert (end.entries, end.cursor, end.more) == ([], rest.cursor, False)
 
 
 async def test_two_nodes_writing_at_once_give_each_user_their_order(
@@ -110,9 +115,10 @@ async def test_an_entry_whose_change_was_pruned_is_skipped(store: Store) -> None
     await put(store, "old", at=T0)
     await put(store, "new", at=T0 + 2 * DAY)
     await store.sweep(T0 + 2 * DAY, T0 + DAY, 100)  # prunes the first change from the log
-    entries, cursor = await store.app_changes(APP, 0, 100)
-    assert [c.position for _, c in entries] == [2]
-    assert cursor == entries[-1][0]
+    page = await store.app_changes(APP, 0, 1)  # the pruned entry: skipped, but more follow
+    assert page.entries == [] and page.more
+    page = await store.app_changes(APP, page.cursor, 1)
+    assert [c.position for _, c in page.entries] == [2]
 
 
 def hook(id: str = "w1", app: str = APP, **kw: object) -> Webhook:
@@ -189,7 +195,9 @@ async def test_an_error_is_stored_printable(store: Store) -> None:
 async def test_deleting_an_app_takes_its_feed_and_webhooks(store: Store) -> None:
     from herald.model import App
 
-    app = App(client_id="c1", host_name=APP, display_name="A", secret_hash="h", created_date_time=T0)
+    app = App(
+        client_id="c1", host_name=APP, display_name="A", secret_hash="h", created_date_time=T0
+    )
     await store.add_app(app)
     await put(store, "a")
     await store.add_webhook(hook(), limit=5)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.api import (
     batch,
+    changes,
     delta,
     inbox,
     metadata,
@@ -22,6 +23,7 @@ from herald.api import (
     stream,
     subscriptions,
     token,
+    webhooks,
 )
 from herald.api.errors import (
     RequestIdMiddleware,
@@ -46,6 +48,8 @@ def api_routes() -> list[BaseRoute]:
         + subscriptions.routes()
         + batch.routes()
         + metadata.routes()
+        + changes.routes()
+        + webhooks.routes()
     )
 
 

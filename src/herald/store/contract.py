@@ -519,6 +519,18 @@ class Webhook(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
 
 
+class FeedPage(msgspec.Struct, frozen=True):
+    """One read of an app's feed: `entries` (seq, change); `cursor`, the seq to read on from;
+    `more`, whether entries of the app may follow it now. Entries whose change was pruned from
+    the log are skipped, so `entries` may be shorter than the limit while `more` holds. Once
+    `more` is False, `cursor` is the feed's newest seq as of the read (every entry of the app up
+    to it was read, whatever other apps added)."""
+
+    entries: builtins.list[tuple[int, Change]]
+    cursor: int
+    more: bool
+
+
 class ChangeFeed(Protocol):
     """Each app's change feed: every change of the app's notifications, of all its users, in one
     order (docs/api.md "Change feed").
@@ -533,13 +545,9 @@ class ChangeFeed(Protocol):
     * a seq is never reused, and the feed is pruned only at its old end (`prune_feed`).
     """
 
-    async def app_changes(
-        self, app: str, after: int, limit: int
-    ) -> tuple[builtins.list[tuple[int, Change]], int]:
-        """(up to `limit` (seq, change) of `app` with seq > `after`, ascending, each change with
-        the notification as it is now, like `ChangeLog.changes`; the seq read up to). Entries
-        whose change was pruned from the log are skipped, so the list may be shorter than
-        `limit` while more follow: go on from the returned seq."""
+    async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
+        """Up to `limit` entries of `app` with seq > `after`, ascending, each change with the
+        notification as it is now, like `ChangeLog.changes` (see `FeedPage`)."""
 
     async def feed_bounds(self) -> tuple[int, int]:
         """(the newest pruned seq, the newest seq): a cursor below the first is behind the

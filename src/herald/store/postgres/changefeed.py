@@ -16,8 +16,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from herald.model import Change
-from herald.store.contract import ChangeFeed
+from herald.store.contract import ChangeFeed, FeedPage
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.writer import PostgresWriter
@@ -28,18 +27,24 @@ STAMP_LOCK = "hashtext('herald-feed-stamp')"
 
 
 class PostgresChangeFeed(PostgresWriter, ChangeFeed):
-    async def app_changes(
-        self, app: str, after: int, limit: int
-    ) -> tuple[list[tuple[int, Change]], int]:
+    async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
         await self._stamp()
-        async with translated(), self._acquire() as conn:
+        async with (
+            translated(),
+            self._acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             rows = await conn.fetch(_FEED_SQL, datetime.now(UTC), app, after, limit)
+            # One snapshot with the rows: nothing of the app lies between them and this head.
+            head = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM app_changes")
         entries = [
             (int(r[0]), change_from_row(r[1], tuple(r)[3:], identity))
             for r in rows
             if r[2] is not None  # the change is still in the log
         ]
-        return entries, int(rows[-1][0]) if rows else after
+        if len(rows) == limit:
+            return FeedPage(entries, int(rows[-1][0]), True)
+        return FeedPage(entries, max(after, int(head)), False)
 
     async def feed_bounds(self) -> tuple[int, int]:
         await self._stamp()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from herald.model import Change
-from herald.store.contract import ChangeFeed
+from herald.store.contract import ChangeFeed, FeedPage
 from herald.store.rows import change_from_row, from_micros, to_micros
 from herald.store.sqlite.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.sqlite.connection import Connection
@@ -15,10 +14,8 @@ from herald.store.sqlite.database import SqliteDatabase
 
 
 class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
-    async def app_changes(
-        self, app: str, after: int, limit: int
-    ) -> tuple[list[tuple[int, Change]], int]:
-        def job(c: Connection) -> tuple[list[tuple[int, Change]], int]:
+    async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
+        def job(c: Connection) -> FeedPage:
             now = to_micros(datetime.now(UTC))
             rows = c.execute(_FEED_SQL, (now, app, after, limit)).fetchall()
             entries = [
@@ -26,7 +23,11 @@ class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
                 for r in rows
                 if r[2] is not None  # the change is still in the log
             ]
-            return entries, int(rows[-1][0]) if rows else after
+            if len(rows) == limit:
+                return FeedPage(entries, int(rows[-1][0]), True)
+            # The same read transaction: nothing of the app lies between the rows and the head.
+            (head,) = c.execute("SELECT coalesce(max(seq), 0) FROM app_changes").fetchone()
+            return FeedPage(entries, max(after, int(head)), False)
 
         return await self._read(job)
 
