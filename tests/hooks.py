@@ -1,11 +1,14 @@
 """A webhook receiver for the tests: an HTTP server on 127.0.0.1 that records every POST and
-answers each as planned (a status, or "hang": no answer until after Herald's timeout)."""
+answers each as planned: a status; "hang", no answer until after Herald's timeout; or a float,
+the seconds to hold the request before answering 200 (Herald may be killed meanwhile). Only
+answers that were ints below 300 count as accepted."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +22,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # monotonic
-    answer: int | str
+    answer: int | str | float
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -29,15 +32,21 @@ class Received:
 
 class Receiver:
     def __init__(self, hang: float = 2.0) -> None:
-        self.plan: list[int | str] = []  # answers for the next POSTs, in order; then 200
+        self.plan: list[int | str | float] = []  # answers for the next POSTs, in order; then 200
         self.received: list[Received] = []
         self.hang = hang
         self.changed = threading.Condition()
+        self.path = f"/hook/{uuid.uuid4()}"
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if self.path != receiver.path:  # a webhook of an earlier receiver on this port
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with receiver.changed:
                     answer = receiver.plan.pop(0) if receiver.plan else 200
                     headers = {k.lower(): v for k, v in self.headers.items()}
@@ -45,6 +54,9 @@ class Receiver:
                     receiver.changed.notify_all()
                 if answer == HANG:
                     time.sleep(receiver.hang)
+                    answer = 200
+                elif isinstance(answer, float):
+                    time.sleep(answer)
                     answer = 200
                 assert isinstance(answer, int)
                 self.send_response(answer)
@@ -61,7 +73,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
 
     def wait(self, done: Callable[[list[Received]], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -74,7 +86,7 @@ class Receiver:
     def accepted(self) -> list[Received]:
         """The POSTs answered with a 2xx."""
         with self.changed:
-            return [r for r in self.received if isinstance(r.answer, int) and r.answer < 300]
+            return [r for r in self.received if type(r.answer) is int and r.answer < 300]
 
     def events(self) -> list[dict[str, Any]]:
         """Each event once (by its id), in the order first accepted: a receiver's de-duplication

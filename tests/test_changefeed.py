@@ -1,6 +1,8 @@
 """The pull feed, `GET /beta/notificationChanges`, against a running server whose clock the test
 moves (expiry and retention without sleeping): cursor paging, per-user order, every kind of
-change (created, updated, deleted, expired), and Graph errors for bad and expired cursors."""
+change (created, updated, deleted, expired), and Graph errors for bad and expired cursors. And,
+on this server with the default settings' SSRF guard, that a webhook may not name a private
+address (tests/test_webhooks.py has delivery)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 from herald.api.app import create_app
 from herald.server import Server as HeraldServer
 from herald.server import config
+from herald.settings import Settings
 from tests.conftest import RegisteredApp, Server, make_settings
 
 HOUR = timedelta(hours=1)
@@ -37,10 +40,17 @@ class Clock:
 
 
 def serve(data: Path, clock: Clock, store_url: str = "") -> Iterator[Server]:
+    # Webhooks keep the default guard here (the session's server lets them reach 127.0.0.1).
     settings = make_settings(
-        data, store_url=store_url, sweep_interval=0.1, change_retention=6 * 3600
+        data,
+        store_url=store_url,
+        sweep_interval=0.1,
+        change_retention=6 * 3600,
+        webhook_allow_private_endpoints=Settings().webhook_allow_private_endpoints,
     )
-    server = HeraldServer(config(create_app(settings, clock=clock), "127.0.0.1", settings.port, log_level="warning"))
+    server = HeraldServer(
+        config(create_app(settings, clock=clock), "127.0.0.1", settings.port, log_level="warning")
+    )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -217,3 +227,22 @@ def test_a_cursor_behind_the_retained_history_is_gone(timed: tuple[Server, Clock
     fresh, _ = read_all(feed, FEED)  # starting again works
     assert [e["notification"]["appNotificationId"] for e in fresh if e["userId"] == user] == ["new"]
     del stale
+
+
+def test_a_webhook_to_a_private_address_is_refused(timed: tuple[Server, Clock]) -> None:
+    server, _ = timed
+    assert not server.settings.webhook_allow_private_endpoints  # the default
+    c = server.client(server.token(server.register(), None))
+    for url in (
+        "https://127.0.0.1/hook",
+        "https://10.1.2.3/hook",
+        "https://169.254.169.254/latest",
+        "https://[::1]/hook",
+        "https://[::ffff:192.168.0.1]/hook",
+        "https://localhost/hook",
+        "http://hooks.example.net/hook",  # not https
+    ):
+        r = c.post("/beta/notificationWebhooks", json={"url": url})
+        assert r.status_code == 400, (url, r.text)
+        assert r.json()["error"]["code"] == "invalidRequest", url
+    assert c.get("/beta/notificationWebhooks").json()["value"] == []

@@ -35,12 +35,14 @@ from herald.outbound.streams import Streams
 from herald.outbound.webhooks import Delivery
 from herald.settings import Settings
 from herald.store import (
+    ChangeFeed,
     ChangeLog,
     Directory,
     Idempotency,
     Issuance,
     Store,
     Subscriptions,
+    Webhooks,
     open_store,
 )
 from herald.store.sqlite import SqliteStore
@@ -59,6 +61,8 @@ class Services:
     changelog: ChangeLog
     subscriptions: Subscriptions
     idempotency: Idempotency
+    changefeed: ChangeFeed  # the app-wide feed (api/changes.py, api/webhooks.py)
+    hooks: Webhooks
     feed: Feed
     access: Access
     issuer: LocalIssuer | None
@@ -140,6 +144,8 @@ def build_services(
         changelog=store,
         subscriptions=store,
         idempotency=store,
+        changefeed=store,
+        hooks=store,
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,

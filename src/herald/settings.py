@@ -172,7 +172,7 @@ class Settings:
     webhook_timeout: float = 10.0
     webhook_backoff_base: float = 5.0
     webhook_backoff_max: float = 3600.0
-    webhook_give_up: float = 3 * DAY
+    webhook_give_up: float = 3.0 * DAY
     webhook_batch: int = 100
     webhook_poll_interval: float = 1.0
     max_webhooks: int = 10

@@ -65,7 +65,7 @@ async def changes(request: Request) -> Response:
     s = services(request)
     name, value = _token(request)
     size, preferred = _page_size(request)
-    pruned, head = await s.store.feed_bounds()
+    pruned, head = await s.changefeed.feed_bounds()
     if name == "$deltatoken" and value == LATEST:
         page = FeedPage([], head, False)
     else:
@@ -78,7 +78,7 @@ async def changes(request: Request) -> Response:
                 f" pruned. Start again with GET /{version(request)}{PATH} without a token"
                 " (and resync each user's notifications with delta)."
             )
-        page = await s.store.app_changes(app.host_name, after, size)
+        page = await s.changefeed.app_changes(app.host_name, after, size)
     base = f"{s.settings.base_url}/{version(request)}{PATH}"
     body: dict[str, Any] = {
         "@odata.context": f"{s.settings.base_url}/{version(request)}/$metadata#notificationChanges",

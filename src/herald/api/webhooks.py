@@ -55,7 +55,7 @@ def _out(request: Request, hook: Webhook, secret: bool = False) -> dict[str, Any
 
 async def _with_state(request: Request, hook: Webhook) -> dict[str, Any]:
     s = services(request)
-    page = await s.store.app_changes(hook.app, hook.cursor, 1)
+    page = await s.changefeed.app_changes(hook.app, hook.cursor, 1)
     oldest = page.entries[0][1].at if page.entries else None
     body = _out(request, hook)
     body["delivery"] = describe(hook, s.feed.clock(), oldest)
@@ -137,7 +137,7 @@ async def create(request: Request) -> Response:
         created=now,
         last_modified=now,
     )
-    stored = await s.store.add_webhook(hook, s.settings.max_webhooks)
+    stored = await s.hooks.add_webhook(hook, s.settings.max_webhooks)
     s.webhooks.wake.set()
     body = {"@odata.context": _context(request, "/$entity"), **_out(request, stored, secret=True)}
     location = f"{s.settings.base_url}/{version(request)}{PATH}/{stored.id}"
@@ -146,7 +146,7 @@ async def create(request: Request) -> Response:
 
 async def _own(request: Request, app: App) -> Webhook:
     id = request.path_params["id"]
-    hook = await services(request).store.get_webhook(app.host_name, id)
+    hook = await services(request).hooks.get_webhook(app.host_name, id)
     if hook is None:
         raise NotFound(f"Webhook '{id[:64]}' does not exist.")
     return hook
@@ -161,7 +161,7 @@ async def get(request: Request) -> Response:
 
 async def list_all(request: Request) -> Response:
     app = await app_caller(request)
-    hooks = await services(request).store.list_webhooks(app.host_name)
+    hooks = await services(request).hooks.list_webhooks(app.host_name)
     items = [await _with_state(request, h) for h in hooks]
     return json_response(wire.encode({"@odata.context": _context(request), "value": items}))
 
@@ -183,7 +183,7 @@ async def update(request: Request) -> Response:
         if changes["status"] == "active" and hook.status != "active":
             # Re-enabled: start afresh from the cursor (the give-up clock restarts).
             changes |= {"failures": 0, "failing_since": None, "next_attempt": None}
-    stored = await s.store.update_webhook(msgspec.structs.replace(hook, **changes))
+    stored = await s.hooks.update_webhook(msgspec.structs.replace(hook, **changes))
     s.webhooks.wake.set()
     body = {"@odata.context": _context(request, "/$entity"), **await _with_state(request, stored)}
     return json_response(wire.encode(body))
@@ -191,7 +191,7 @@ async def update(request: Request) -> Response:
 
 async def delete(request: Request) -> Response:
     app = await app_caller(request)
-    if not await services(request).store.delete_webhook(app.host_name, request.path_params["id"]):
+    if not await services(request).hooks.delete_webhook(app.host_name, request.path_params["id"]):
         raise NotFound(f"Webhook '{request.path_params['id'][:64]}' does not exist.")
     return Response(status_code=204)
 

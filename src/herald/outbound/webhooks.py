@@ -52,7 +52,9 @@ PRUNE_TURN = "change-feed-prune"
 USER_AGENT = "Herald-Webhooks/1"
 
 
-class Store(ChangeFeed, Webhooks, Retention, Protocol):
+class HookStore(ChangeFeed, Webhooks, Retention, Protocol):
+    """What delivery uses: the feed, the webhooks, turns for pruning, and commit signals."""
+
     def on_commit(self, callback: Callable[[], None]) -> None: ...
 
 
@@ -102,7 +104,7 @@ class Delivery:
     """Delivers every due webhook this node holds, one batch in flight per webhook."""
 
     def __init__(
-        self, store: Store, settings: Settings, clock: Clock, leases: Leases | None = None
+        self, store: HookStore, settings: Settings, clock: Clock, leases: Leases | None = None
     ) -> None:
         self.store = store
         self.settings = settings

@@ -22,8 +22,9 @@ from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import change_from_row
 
-# The advisory lock key of the stamper (any constant other locks do not use).
-STAMP_LOCK = "hashtext('herald-feed-stamp')"
+# The advisory lock of the stampers of this schema (advisory locks are database-wide, and several
+# Herald schemas may share a database).
+STAMP_LOCK = "hashtext('herald-feed-stamp:' || current_schema())"
 
 
 class PostgresChangeFeed(PostgresWriter, ChangeFeed):
@@ -85,11 +86,11 @@ class PostgresChangeFeed(PostgresWriter, ChangeFeed):
 
 
 async def stamp(conn: asyncpg.Connection) -> None:
-    """Number what has committed to the pending table, in a transaction of its own (unless
-    another stamper is at it: then what it takes is read at the next call)."""
+    """Number what has committed to the pending table, in a transaction of its own, after any
+    stamping under way (so a reader sees every change that committed before it asked)."""
     async with conn.transaction():
-        if await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({STAMP_LOCK})"):
-            await conn.execute(_STAMP_SQL)
+        await conn.execute(f"SELECT pg_advisory_xact_lock({STAMP_LOCK})")
+        await conn.execute(_STAMP_SQL)
 
 
 # DELETE sees the rows committed before this statement; the rest wait for the next stamping.
