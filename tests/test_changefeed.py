@@ -130,6 +130,8 @@ def test_the_feed_pages_in_order_with_every_kind_of_change(timed: tuple[Server, 
     u1, u2 = f"u1-{uuid.uuid4()}", f"u2-{uuid.uuid4()}"
     c1, c2 = server.client(server.token(app, u1)), server.client(server.token(app, u2))
     feed = server.client(server.token(app, None))
+    first = feed.get(FEED)  # the first read starts the app's feed
+    assert first.status_code == 200 and first.json()["value"] == []
     n1 = post(c1, app, "n1")
     n2 = post(c2, app, "n2")
     n3 = post(c1, app, "n3", expires=clock() + HOUR)
@@ -171,13 +173,26 @@ def test_the_feed_pages_in_order_with_every_kind_of_change(timed: tuple[Server, 
     assert read_all(feed, delta2)[0] == []
 
 
+def test_changes_are_recorded_from_the_first_read_on(timed: tuple[Server, Clock]) -> None:
+    server, _ = timed
+    app = server.register()
+    user = f"u-{uuid.uuid4()}"
+    c = server.client(server.token(app, user))
+    post(c, app, "unrecorded")  # before the app used its feed
+    feed = server.client(server.token(app, None))
+    assert read_all(feed, FEED)[0] == []
+    nid = post(c, app, "recorded")
+    assert summary(read_all(feed, FEED)[0], user) == [(2, "created", nid)]
+
+
 def test_latest_starts_at_the_end(timed: tuple[Server, Clock]) -> None:
     server, _ = timed
     app = server.register()
     user = f"u-{uuid.uuid4()}"
     c = server.client(server.token(app, user))
-    post(c, app, "before")
     feed = server.client(server.token(app, None))
+    assert read_all(feed, FEED)[0] == []
+    post(c, app, "before")
     body = feed.get(FEED, params={"$deltatoken": "latest"}).json()
     assert body["value"] == [] and "@odata.deltaLink" in body
     nid = post(c, app, "after")

@@ -31,7 +31,23 @@ async def feed_of(store: Store, app: str = APP, after: int = 0) -> list[tuple[in
         after = page.cursor
 
 
+async def test_only_the_changes_of_an_enabled_app_are_recorded(store: Store) -> None:
+    await put(store, "before")
+    await store.enable_feed(OTHER_APP, T0)
+    await put(store, "unrecorded")  # APP has not enabled its feed
+    assert await feed_of(store) == []
+    await store.enable_feed(APP, T0)
+    await store.enable_feed(APP, T0)  # idempotent
+    await put(store, "after")
+    assert [(user, position) for _, user, position, _ in await feed_of(store)] == [("u1", 3)]
+    w = await store.add_webhook(hook(app=OTHER_APP), limit=5)  # enables the app's feed too
+    await put(store, "x", app=OTHER_APP, target_host_name=OTHER_APP)
+    assert [seq for seq, *_ in await feed_of(store, OTHER_APP)] == [w.cursor + 1]
+
+
 async def test_every_kind_of_change_is_in_the_feed_in_commit_order(store: Store) -> None:
+    await store.enable_feed(APP, T0)
+    await store.enable_feed(OTHER_APP, T0)
     a, _ = await put(store, "a", user="u1")
     await put(store, "x", user="u1", app=OTHER_APP, target_host_name=OTHER_APP)
     b, _ = await put(store, "b", user="u2", expiration_date_time=T0 + DAY)
@@ -65,6 +81,8 @@ async def test_every_kind_of_change_is_in_the_feed_in_commit_order(store: Store)
 
 
 async def test_a_read_from_a_cursor_returns_only_what_follows(store: Store) -> None:
+    await store.enable_feed(APP, T0)
+    await store.enable_feed(OTHER_APP, T0)
     for i in range(5):
         await put(store, f"n{i}", user=f"u{i % 2}")
     first = await store.app_changes(APP, 0, 2)
@@ -84,6 +102,7 @@ async def test_two_nodes_writing_at_once_give_each_user_their_order(
     durable_backend: Backend,
 ) -> None:
     async with two_nodes(durable_backend) as (a, b):
+        await a.enable_feed(APP, T0)
 
         async def post(node: Store, i: int) -> None:
             user = f"u{i % 5}"
@@ -100,6 +119,7 @@ async def test_two_nodes_writing_at_once_give_each_user_their_order(
 
 
 async def test_pruning_keeps_the_newest_entry_and_moves_the_horizon(store: Store) -> None:
+    await store.enable_feed(APP, T0)
     for i in range(3):
         await put(store, f"n{i}", at=T0 + i * DAY)
     seqs = [seq for seq, *_ in await feed_of(store)]
@@ -112,6 +132,7 @@ async def test_pruning_keeps_the_newest_entry_and_moves_the_horizon(store: Store
 
 
 async def test_an_entry_whose_change_was_pruned_is_skipped(store: Store) -> None:
+    await store.enable_feed(APP, T0)
     await put(store, "old", at=T0)
     await put(store, "new", at=T0 + 2 * DAY)
     await store.sweep(T0 + 2 * DAY, T0 + DAY, 100)  # prunes the first change from the log
@@ -137,7 +158,8 @@ def hook(id: str = "w1", app: str = APP, **kw: object) -> Webhook:
 
 
 async def test_a_new_webhook_starts_at_the_head_of_the_feed(store: Store) -> None:
-    await put(store, "before")
+    await store.enable_feed(OTHER_APP, T0)
+    await put(store, "before", app=OTHER_APP, target_host_name=OTHER_APP)
     _, head = await store.feed_bounds()
     added = await store.add_webhook(hook(), limit=2)
     assert added.cursor == head > 0 and added.kinds == ("created", "updated")
@@ -199,9 +221,11 @@ async def test_deleting_an_app_takes_its_feed_and_webhooks(store: Store) -> None
         client_id="c1", host_name=APP, display_name="A", secret_hash="h", created_date_time=T0
     )
     await store.add_app(app)
-    await put(store, "a")
     await store.add_webhook(hook(), limit=5)
+    await put(store, "a")
+    assert len(await feed_of(store)) == 1
     counts = await store.delete_app(APP)
     assert counts is not None and counts["changeFeed"] == 1 and counts["webhooks"] == 1
+    assert counts["changeFeedEnabled"] == 1
     assert await feed_of(store) == []
     assert await store.list_webhooks(APP) == []

@@ -361,7 +361,7 @@ async def old_database(
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
                 " dispatch_shards, app_changes_pending, app_changes, app_changes_horizon,"
-                " webhooks, schema_version;"
+                " app_feeds, webhooks, schema_version;"
                 " DROP FUNCTION herald_put_batch, herald_changes_pending"
             )
             for script in scripts:

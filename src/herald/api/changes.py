@@ -65,6 +65,8 @@ async def changes(request: Request) -> Response:
     s = services(request)
     name, value = _token(request)
     size, preferred = _page_size(request)
+    # The first read starts the app's feed: its changes are recorded from then on.
+    await s.changefeed.enable_feed(app.host_name, s.feed.clock())
     pruned, head = await s.changefeed.feed_bounds()
     if name == "$deltatoken" and value == LATEST:
         page = FeedPage([], head, False)

@@ -118,6 +118,9 @@ class Delivery:
         )
         self.wake = asyncio.Event()
         self.flying: dict[str, asyncio.Task[None]] = {}
+        # Webhooks woken while a delivery of theirs was in flight (it may have read the feed
+        # before the change that woke us): looked at again as soon as it ends.
+        self.again: set[str] = set()
         self.active = False  # whether the last look found due webhooks: commits wake us then
         self.task: asyncio.Task[None] | None = None
 
@@ -162,6 +165,7 @@ class Delivery:
         held = self.leases.shards() if self.leases is not None else None
         for hook in due:
             if hook.id in self.flying:
+                self.again.add(hook.id)
                 continue
             if held is not None and zlib.crc32(hook.id.encode()) % SHARDS not in held:
                 continue
@@ -171,7 +175,9 @@ class Delivery:
 
     def done(self, id: str, task: asyncio.Task[None]) -> None:
         self.flying.pop(id, None)
-        self.wake.set()  # it may have stopped at a full batch's end, or failed: look again
+        if id in self.again:
+            self.again.discard(id)
+            self.wake.set()
 
     async def prune(self) -> None:
         now = self.clock()

@@ -535,8 +535,10 @@ class ChangeFeed(Protocol):
     """Each app's change feed: every change of the app's notifications, of all its users, in one
     order (docs/api.md "Change feed").
 
-    Every appended `Change` gets its place in the feed in the change's own transaction (nothing
-    committed is ever missing from it), numbered by a global `seq`:
+    An app's changes are recorded from when it starts using the feed (`enable_feed`): changes
+    of apps that never did cost no more than a lookup. From then on every appended `Change` of
+    the app gets its place in the feed in the change's own transaction (nothing committed is
+    ever missing from it), numbered by a global `seq`:
 
     * a reader that saw seq N and later reads "> N" never misses a change: the store hands out
       seqs only to committed changes, each above every seq handed out before;
@@ -544,6 +546,11 @@ class ChangeFeed(Protocol):
       written in (for changes that were not written at the same time, their commit order);
     * a seq is never reused, and the feed is pruned only at its old end (`prune_feed`).
     """
+
+    async def enable_feed(self, app: str, now: datetime) -> None:
+        """Record the app's changes from now on (idempotent). Once this returns, every change
+        of the app that commits afterwards is in the feed (PostgreSQL waits for writes already
+        under way, which may not have seen the app enabled, to end first)."""
 
     async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
         """Up to `limit` entries of `app` with seq > `after`, ascending, each change with the
@@ -565,7 +572,8 @@ class Webhooks(Protocol):
 
     async def add_webhook(self, hook: Webhook, limit: int) -> Webhook:
         """Store a new webhook, its cursor at the feed's newest seq (it delivers what comes
-        next). `QuotaExceeded` if the app would have more than `limit`; `Conflict` if the id is
+        next), the app's feed enabled first (`ChangeFeed.enable_feed`).
+        `QuotaExceeded` if the app would have more than `limit`; `Conflict` if the id is
         taken."""
 
     async def get_webhook(self, app: str, id: str) -> Webhook | None: ...

@@ -42,6 +42,7 @@ DELETE_APP = (
     ("deliveries", "DELETE FROM deliveries WHERE app = {p}"),
     ("changes", "DELETE FROM changes WHERE app = {p}"),
     ("changeFeed", "DELETE FROM app_changes WHERE app = {p}"),
+    ("changeFeedEnabled", "DELETE FROM app_feeds WHERE app = {p}"),
     ("webhooks", "DELETE FROM webhooks WHERE app = {p}"),
     ("notifications", "DELETE FROM notifications WHERE app = {p}"),
     ("subscriptions", "DELETE FROM subscriptions WHERE app = {p}"),

@@ -12,6 +12,7 @@ commit in order, so the rows of one user that a stamping sees follow those alrea
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -27,7 +28,23 @@ from herald.store.rows import change_from_row
 STAMP_LOCK = "hashtext('herald-feed-stamp:' || current_schema())"
 
 
+ENABLED_TTL = 60.0  # seconds an app's enabled feed is remembered
+
+
 class PostgresChangeFeed(PostgresWriter, ChangeFeed):
+    # Apps known to be enabled, and when that was checked: a read of the feed writes nothing,
+    # but an app deleted (by the CLI, another process) and registered again is enabled anew.
+    _feeds: dict[str, float] | None = None
+
+    async def enable_feed(self, app: str, now: datetime) -> None:
+        if self._feeds is None:
+            self._feeds = {}
+        if time.monotonic() - self._feeds.get(app, -ENABLED_TTL) < ENABLED_TTL:
+            return
+        async with translated(), self._acquire() as conn:
+            await enable(conn, app, now)
+        self._feeds[app] = time.monotonic()
+
     async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
         await self._stamp()
         async with (
@@ -83,6 +100,20 @@ class PostgresChangeFeed(PostgresWriter, ChangeFeed):
     async def _stamp(self) -> None:
         async with translated(), self._acquire() as conn:
             await stamp(conn)
+
+
+async def enable(conn: asyncpg.Connection, app: str, now: datetime) -> None:
+    """Enable the app's feed, then wait until every write to `changes` that was under way when
+    it committed has ended: one may have appended a change of the app without seeing it
+    enabled, and a reader must not see a later change before that one has committed. (A SHARE
+    lock waits for them, as every writer holds ROW EXCLUSIVE until it ends; new writers queue
+    behind it for that moment, once per app.)"""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO app_feeds (app, since) VALUES ($1, $2) ON CONFLICT DO NOTHING", app, now
+        )
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE changes IN SHARE MODE")
 
 
 async def stamp(conn: asyncpg.Connection) -> None:

@@ -8,7 +8,7 @@ import asyncpg
 
 from herald.errors import Conflict, NotFound, QuotaExceeded
 from herald.store.contract import Webhook, Webhooks
-from herald.store.postgres.changefeed import stamp
+from herald.store.postgres.changefeed import enable, stamp
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.settlement import clean_error
@@ -18,6 +18,7 @@ from herald.store.webhooks import WEBHOOK_COLUMNS, webhook_from_row
 class PostgresWebhooks(PostgresWriter, Webhooks):
     async def add_webhook(self, hook: Webhook, limit: int) -> Webhook:
         async with translated(), self._acquire() as conn:
+            await enable(conn, hook.app, hook.created)
             await stamp(conn)  # the head below then counts every change committed before
             return await _add(conn, hook, limit)
 

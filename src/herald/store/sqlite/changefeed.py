@@ -4,6 +4,7 @@ seq order is commit order."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from herald.store.contract import ChangeFeed, FeedPage
@@ -12,8 +13,22 @@ from herald.store.sqlite.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.sqlite.connection import Connection
 from herald.store.sqlite.database import SqliteDatabase
 
+ENABLED_TTL = 60.0  # seconds an app's enabled feed is remembered
+
 
 class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
+    # Apps known to be enabled, and when that was checked: a read of the feed writes nothing,
+    # but an app deleted (by the CLI, another process) and registered again is enabled anew.
+    _feeds: dict[str, float] | None = None
+
+    async def enable_feed(self, app: str, now: datetime) -> None:
+        if self._feeds is None:
+            self._feeds = {}
+        if time.monotonic() - self._feeds.get(app, -ENABLED_TTL) < ENABLED_TTL:
+            return
+        await self._write(lambda c: enable(c, app, to_micros(now)))
+        self._feeds[app] = time.monotonic()
+
     async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
         def job(c: Connection) -> FeedPage:
             now = to_micros(datetime.now(UTC))
@@ -42,6 +57,11 @@ class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
 
     async def prune_feed(self, before: datetime) -> int:
         return await self._write(lambda c: _prune(c, to_micros(before)))
+
+
+def enable(c: Connection, app: str, at: int) -> None:
+    """Record the app's changes from this write on (the single writer: no change is under way)."""
+    c.execute("INSERT INTO app_feeds (app, since) VALUES (?, ?) ON CONFLICT DO NOTHING", (app, at))
 
 
 def _prune(c: Connection, before: int) -> int:

@@ -9,6 +9,7 @@ from herald.errors import Conflict, NotFound, QuotaExceeded
 from herald.store.contract import Webhook, Webhooks
 from herald.store.rows import from_micros, to_micros
 from herald.store.settlement import clean_error
+from herald.store.sqlite.changefeed import enable
 from herald.store.sqlite.connection import Connection
 from herald.store.sqlite.database import SqliteDatabase
 from herald.store.webhooks import WEBHOOK_COLUMNS, webhook_from_row
@@ -26,6 +27,7 @@ class SqliteWebhooks(SqliteDatabase, Webhooks):
             ).fetchone()
             if count >= limit:
                 raise QuotaExceeded(f"An app may have at most {limit} webhooks.")
+            enable(c, hook.app, to_micros(hook.created))
             (head,) = c.execute("SELECT coalesce(max(seq), 0) FROM app_changes").fetchone()
             try:
                 c.execute(

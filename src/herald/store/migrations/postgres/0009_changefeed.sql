@@ -25,13 +25,22 @@ CREATE TABLE app_changes (
     at timestamptz NOT NULL
 );
 CREATE INDEX app_changes_app ON app_changes (app, seq);
-INSERT INTO app_changes (app, user_id, position, at)
-    SELECT app, user_id, position, at FROM changes ORDER BY at, user_id, position;
+
+-- The apps whose changes are recorded: those that use the feed (a webhook, a read of the pull
+-- feed), from then on (store/postgres/changefeed.py `enable_feed`).
+CREATE TABLE app_feeds (
+    app text COLLATE "C" PRIMARY KEY,
+    since timestamptz NOT NULL
+);
 
 CREATE FUNCTION herald_changes_pending() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO app_changes_pending (user_id, position, app, at)
-        SELECT user_id, position, app, at FROM appended ORDER BY user_id, position;
+    IF EXISTS (SELECT 1 FROM app_feeds) THEN
+        INSERT INTO app_changes_pending (user_id, position, app, at)
+            SELECT a.user_id, a.position, a.app, a.at FROM appended a
+            WHERE EXISTS (SELECT 1 FROM app_feeds f WHERE f.app = a.app)
+            ORDER BY a.user_id, a.position;
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -12,9 +12,16 @@ CREATE TABLE app_changes (
     at INTEGER NOT NULL
 );
 CREATE INDEX app_changes_app ON app_changes (app, seq);
-INSERT INTO app_changes (app, user_id, position, at)
-    SELECT app, user_id, position, at FROM changes ORDER BY at, user_id, position;
+
+-- The apps whose changes are recorded: those that use the feed (a webhook, a read of the pull
+-- feed), from then on. Others pay one lookup in this small table per change, not a row.
+CREATE TABLE app_feeds (
+    app TEXT PRIMARY KEY,
+    since INTEGER NOT NULL
+) WITHOUT ROWID;
+
 CREATE TRIGGER changes_feed AFTER INSERT ON changes
+    WHEN EXISTS (SELECT 1 FROM app_feeds WHERE app = NEW.app)
 BEGIN
     INSERT INTO app_changes (app, user_id, position, at)
         VALUES (NEW.app, NEW.user_id, NEW.position, NEW.at);
