@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from herald import appfeed
 from herald.api import odata, wire
 from herald.api.appcaller import app_caller
+from herald.api.delta import PREFER_PAGE
 from herald.api.requests import json_response, services, version
 from herald.errors import Gone, InvalidRequest
 from herald.store import FeedPage
@@ -51,8 +52,6 @@ def _token(request: Request) -> tuple[str | None, str | None]:
 
 
 def _page_size(request: Request) -> tuple[int, bool]:
-    from herald.api.delta import PREFER_PAGE
-
     s = services(request).settings
     m = PREFER_PAGE.search(request.headers.get("prefer", ""))
     if m is None:
@@ -73,7 +72,9 @@ async def changes(request: Request) -> Response:
     else:
         after = pruned if name is None or value is None else appfeed.seq_of(value, name)
         if after > head:
-            raise InvalidRequest(f"{name} is ahead of the feed: not one this server issued.")
+            raise InvalidRequest(
+                f"{name} is ahead of the feed: not one this server issued.", target=name
+            )
         if after < pruned:
             raise Gone(
                 "The token is older than the retained change history: changes after it were"
