@@ -134,6 +134,14 @@ def make_settings(data: Path, **overrides: object) -> Settings:
         "user_burst": 100_000,
         # The push stand-ins listen on 127.0.0.1 (tests/test_push.py checks the default).
         "push_allow_private_endpoints": True,
+        # Webhook receivers too (tests/test_webhooks.py; tests/test_changefeed.py checks the
+        # default), with short timeouts and retries.
+        "webhook_allow_private_endpoints": True,
+        "webhook_timeout": 0.5,
+        "webhook_backoff_base": 0.2,
+        "webhook_backoff_max": 0.8,
+        "webhook_give_up": 1.0,
+        "webhook_poll_interval": 0.1,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -37,7 +37,10 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "store": (("herald.store",), ("base",)),
     "broker": (("herald.broker",), ("base", "store")),
     "auth": (("herald.auth",), ("base",)),
-    "domain": (("herald.feed", "herald.access", "herald.expiry"), ("base", "store", "auth")),
+    "domain": (
+        ("herald.feed", "herald.access", "herald.expiry", "herald.appfeed"),
+        ("base", "store", "auth"),
+    ),
     "outbound": (("herald.outbound",), ("base", "store", "broker", "domain")),
     "service": (
         ("herald.service", "herald.collector"),

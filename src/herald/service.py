@@ -33,8 +33,10 @@ from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
+from herald.outbound.webhooks import Delivery
 from herald.settings import Settings
 from herald.store import (
+    ChangeFeed,
     ChangeLog,
     Directory,
     Idempotency,
@@ -42,6 +44,7 @@ from herald.store import (
     Preferences,
     Store,
     Subscriptions,
+    Webhooks,
     open_store,
 )
 from herald.store.sqlite import SqliteStore
@@ -61,6 +64,8 @@ class Services:
     subscriptions: Subscriptions
     idempotency: Idempotency
     preferences: Preferences
+    changefeed: ChangeFeed  # the app-wide feed (api/changes.py, api/webhooks.py)
+    hooks: Webhooks
     feed: Feed
     access: Access
     issuer: LocalIssuer | None
@@ -75,6 +80,7 @@ class Services:
     keyring: Keyring
     pusher: Pusher | None
     streams: Streams
+    webhooks: Delivery
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -133,6 +139,7 @@ def build_services(
 
         limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
+    leases = Leases(store)
     return Services(
         settings=settings,
         store=store,
@@ -141,6 +148,8 @@ def build_services(
         subscriptions=store,
         idempotency=store,
         preferences=store,
+        changefeed=store,
+        hooks=store,
         feed=Feed(store, clock),
         access=Access(verifier, Apps(store), limiter, store, clock, users),
         issuer=issuer,
@@ -162,13 +171,15 @@ def build_services(
             metrics,
             pushed=pusher.wake if pusher else None,
             clock=clock,
-            leases=Leases(store),
+            leases=leases,
             waker=waker,
         ),
         keyring=keyring,
         pusher=pusher,
         # Other processes may delete subscriptions only on a shared store (not SQLite's).
         streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
+        # Webhooks go by the dispatch shards' leases: one node delivers each (outbound/webhooks).
+        webhooks=Delivery(store, settings, clock, leases),
     )
 
 
@@ -207,6 +218,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
                 s.store, s.settings.quiet_release_interval, s.feed.clock, s.pusher.wake
             )
             stack.push_async_callback(_cancel, asyncio.create_task(release))
+        s.webhooks.start()
+        stack.push_async_callback(s.webhooks.close)
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

@@ -167,6 +167,21 @@ class Settings:
     push_backoff_base: float = 2.0
     push_backoff_max: float = 3600.0
     push_lease: float = 60.0
+    # Webhooks (docs/api.md "Change feed"): seconds per POST; the first retry's delay and the
+    # cap of the doubling delays (s); how long delivery may keep failing before the webhook is
+    # marked failed (s; less than change_retention, which prunes what it would deliver);
+    # changes per POST; how often each process looks for due webhooks besides the wake-ups its
+    # own writes give (s); webhooks per app.
+    webhook_timeout: float = 10.0
+    webhook_backoff_base: float = 5.0
+    webhook_backoff_max: float = 3600.0
+    webhook_give_up: float = 3.0 * DAY
+    webhook_batch: int = 100
+    webhook_poll_interval: float = 1.0
+    max_webhooks: int = 10
+    # Webhook URLs on loopback or private networks are refused, at registration and at connect
+    # time (as push endpoints are); allow them for a receiver on the LAN, or a test.
+    webhook_allow_private_endpoints: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -313,9 +328,22 @@ def _check(s: Settings) -> None:
         "push_max_attempts",
         "push_backoff_base",
         "push_backoff_max",
+        "webhook_timeout",
+        "webhook_backoff_base",
+        "webhook_backoff_max",
+        "webhook_give_up",
+        "webhook_batch",
+        "webhook_poll_interval",
+        "max_webhooks",
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.webhook_backoff_base > s.webhook_backoff_max:
+        problems.append("webhook_backoff_base must be <= webhook_backoff_max")
+    if s.webhook_give_up >= s.change_retention:
+        problems.append("webhook_give_up must be < change_retention")
+    if s.webhook_batch > 1000:
+        problems.append("webhook_batch must be <= 1000")
     if s.log_repeats < 0:
         problems.append("log_repeats must be >= 0")
     if s.max_url_bytes > s.max_header_bytes:

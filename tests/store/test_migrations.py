@@ -172,6 +172,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    9: {  # unchanged (schema 9 added the app-wide change feed and webhooks)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -360,8 +364,9 @@ async def old_database(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
-                " dispatch_shards, notification_preferences, held_pushes, schema_version;"
-                " DROP FUNCTION herald_put_batch"
+                " dispatch_shards, notification_preferences, held_pushes, app_changes_pending,"
+                " app_changes, app_changes_horizon, app_feeds, webhooks, schema_version;"
+                " DROP FUNCTION herald_put_batch, herald_changes_pending"
             )
             for script in scripts:
                 await conn.execute(script)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.api import (
     batch,
+    changes,
     delta,
     inbox,
     metadata,
@@ -23,6 +24,7 @@ from herald.api import (
     stream,
     subscriptions,
     token,
+    webhooks,
 )
 from herald.api.errors import (
     RequestIdMiddleware,
@@ -48,6 +50,8 @@ def api_routes() -> list[BaseRoute]:
         + preferences.routes()
         + batch.routes()
         + metadata.routes()
+        + changes.routes()
+        + webhooks.routes()
     )
 
 

@@ -9,10 +9,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from herald import __version__
+from herald import __version__, appfeed
 from herald.api import preferences, schemas
 from herald.api.subscriptions import SubscriptionOut
 from herald.errors import HeraldError
+from herald.outbound.webhooks import Envelope
 
 READ_ONLY = ("id", "createdDateTime", "lastModifiedDateTime", "@odata.context", "@odata.etag")
 
@@ -120,6 +121,7 @@ def openapi_document() -> dict[str, Any]:
     paths.update(_device_paths(err, ident))
     paths.update(preferences.openapi_paths(err))
     components["NotificationPreferences"] = preferences.SCHEMA
+    paths.update(_app_feed_paths(err, ident, components))
     return {
         "openapi": "3.1.0",
         "info": {"title": "Herald", "version": __version__},
@@ -192,6 +194,103 @@ def _device_paths(err: dict[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
                 },
             }
             for name in ("delta", "delta()", "microsoft.graph.delta()")
+        },
+    }
+
+
+def _app_feed_paths(
+    err: dict[str, Any], ident: dict[str, Any], components: dict[str, Any]
+) -> dict[str, Any]:
+    """The app-wide change feed and webhooks (docs/api.md, "Change feed for app servers")."""
+    _, found = msgspec.json.schema_components(
+        [appfeed.ChangeEvent, Envelope], ref_template="#/components/schemas/{name}"
+    )
+    components.update(found)
+    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
+    kinds = {"type": "array", "items": {"enum": list(appfeed.KINDS)}}
+    webhook_in = {
+        "type": "object",
+        "properties": {
+            "url": text,
+            "secret": {**text, "description": "whsec_ + base64 of 24-64 bytes; write-only"},
+            "changeTypes": kinds,
+            "status": {"enum": ["active", "disabled"]},
+        },
+        "additionalProperties": False,
+    }
+    components["WebhookCreate"] = {**webhook_in, "required": ["url"]}
+    components["WebhookUpdate"] = webhook_in
+    components["Webhook"] = {
+        "type": "object",
+        "properties": {
+            "id": text,
+            "url": text,
+            "secret": {**text, "description": "only in the answer to the POST that set it"},
+            "changeTypes": kinds,
+            "status": {"enum": ["active", "disabled", "failed"]},
+            "createdDateTime": stamp,
+            "lastModifiedDateTime": stamp,
+            "delivery": {
+                "type": "object",
+                "description": "Delivery state (GET and PATCH answers)",
+                "properties": {
+                    "cursor": text,
+                    "consecutiveFailures": {"type": "integer"},
+                    "failingSinceDateTime": stamp,
+                    "lastAttemptDateTime": stamp,
+                    "lastSuccessDateTime": stamp,
+                    "lastStatusCode": {"type": ["integer", "null"]},
+                    "lastError": {"type": ["string", "null"]},
+                    "nextAttemptDateTime": stamp,
+                    "oldestPendingChangeDateTime": stamp,
+                    "lagSeconds": {"type": "number"},
+                },
+            },
+        },
+    }
+    hook = {"$ref": "#/components/schemas/Webhook"}
+    ok = {"description": "The webhook", "content": _json(hook)}
+    page = {
+        "type": "object",
+        "properties": {
+            "value": {"type": "array", "items": {"$ref": "#/components/schemas/ChangeEvent"}},
+            "@odata.nextLink": text,
+            "@odata.deltaLink": text,
+        },
+    }
+    hooks = "/beta/notificationWebhooks"
+    return {
+        "/beta/notificationChanges": {
+            "get": {
+                "summary": "The app's change feed, all users (app-only token), from a cursor",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": text}
+                    for n in ("$deltatoken", "$skiptoken")
+                ],
+                "responses": {
+                    "200": {"description": "A page of changes", "content": _json(page)},
+                    "410": err,
+                    "4XX": err,
+                },
+            }
+        },
+        hooks: {
+            "post": {
+                "summary": "Register a webhook (app-only token); the answer has the secret",
+                "requestBody": {"content": _json({"$ref": "#/components/schemas/WebhookCreate"})},
+                "responses": {"201": ok, "4XX": err},
+            },
+            "get": {"summary": "The app's webhooks, with their delivery state", "responses": {}},
+        },
+        f"{hooks}/{{id}}": {
+            "parameters": [ident],
+            "get": {"summary": "One webhook and its delivery state", "responses": {"200": ok}},
+            "patch": {
+                "summary": "Change url, secret, changeTypes; disable, or re-enable a failed one",
+                "requestBody": {"content": _json({"$ref": "#/components/schemas/WebhookUpdate"})},
+                "responses": {"200": ok, "4XX": err},
+            },
+            "delete": {"summary": "Remove", "responses": {"204": {"description": "Removed"}}},
         },
     }
 

@@ -4,9 +4,11 @@ SQLite and PostgreSQL implementations."""
 from herald.settings import Settings
 from herald.store.contract import (
     SHARDS,
+    ChangeFeed,
     ChangeLog,
     DeliveryQueue,
     Directory,
+    FeedPage,
     Idempotency,
     Issuance,
     Notifications,
@@ -19,12 +21,16 @@ from herald.store.contract import (
     Shards,
     Store,
     Subscriptions,
+    Webhook,
+    Webhooks,
 )
 
 __all__ = [
+    "ChangeFeed",
     "ChangeLog",
     "DeliveryQueue",
     "Directory",
+    "FeedPage",
     "Idempotency",
     "Issuance",
     "Notifications",
@@ -38,6 +44,8 @@ __all__ = [
     "Shards",
     "Store",
     "Subscriptions",
+    "Webhook",
+    "Webhooks",
     "open_store",
 ]
 

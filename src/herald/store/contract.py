@@ -545,6 +545,127 @@ class Preferences(Protocol):
         """How many pushes (user, app) has held."""
 
 
+class Webhook(msgspec.Struct, frozen=True, kw_only=True):
+    """An app's webhook: where Herald POSTs the app's change feed, and how far delivery got.
+
+    `cursor` is the feed seq delivered up to (`ChangeFeed`); `status` is "active", "failed"
+    (delivery gave up: `settings.webhook_give_up`) or "disabled" (by the app). `failures`
+    counts the failed attempts since the last success, the first of them at `failing_since`.
+    """
+
+    id: str
+    app: str
+    url: str
+    secret: str
+    kinds: tuple[str, ...]
+    status: str
+    cursor: int
+    created: datetime
+    last_modified: datetime
+    failures: int = 0
+    failing_since: datetime | None = None
+    next_attempt: datetime | None = None
+    last_attempt: datetime | None = None
+    last_success: datetime | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class FeedPage(msgspec.Struct, frozen=True):
+    """One read of an app's feed: `entries` (seq, change); `cursor`, the seq to read on from;
+    `more`, whether entries of the app may follow it now. Entries whose change was pruned from
+    the log are skipped, so `entries` may be shorter than the limit while `more` holds. Once
+    `more` is False, `cursor` is the feed's newest seq as of the read (every entry of the app up
+    to it was read, whatever other apps added)."""
+
+    entries: builtins.list[tuple[int, Change]]
+    cursor: int
+    more: bool
+
+
+class ChangeFeed(Protocol):
+    """Each app's change feed: every change of the app's notifications, of all its users, in one
+    order (docs/api.md "Change feed").
+
+    An app's changes are recorded from when it starts using the feed (`enable_feed`): changes
+    of apps that never did cost no more than a lookup. From then on every appended `Change` of
+    the app gets its place in the feed in the change's own transaction (nothing committed is
+    ever missing from it), numbered by a global `seq`:
+
+    * a reader that saw seq N and later reads "> N" never misses a change: the store hands out
+      seqs only to committed changes, each above every seq handed out before;
+    * for one user, seq order is position order; across users it is the order the changes were
+      written in (for changes that were not written at the same time, their commit order);
+    * a seq is never reused, and the feed is pruned only at its old end (`prune_feed`).
+    """
+
+    async def enable_feed(self, app: str, now: datetime) -> None:
+        """Record the app's changes from now on (idempotent). Once this returns, every change
+        of the app that commits afterwards is in the feed (PostgreSQL waits for writes already
+        under way, which may not have seen the app enabled, to end first)."""
+
+    async def app_changes(self, app: str, after: int, limit: int) -> FeedPage:
+        """Up to `limit` entries of `app` with seq > `after`, ascending, each change with the
+        notification as it is now, like `ChangeLog.changes` (see `FeedPage`)."""
+
+    async def feed_bounds(self) -> tuple[int, int]:
+        """(the newest pruned seq, the newest seq): a cursor below the first is behind the
+        horizon, one above the second was never issued."""
+
+    async def prune_feed(self, before: datetime) -> int:
+        """Remove the feed's oldest entries, those of changes made before `before`, up to the
+        first younger one (a prefix; the newest entry always stays, so seqs go on from it).
+        Returns how many went."""
+
+
+class Webhooks(Protocol):
+    """Each app's webhooks and their delivery state. A webhook of another app is absent (None,
+    NotFound, False), never an error that reveals it."""
+
+    async def add_webhook(self, hook: Webhook, limit: int) -> Webhook:
+        """Store a new webhook, its cursor at the feed's newest seq (it delivers what comes
+        next), the app's feed enabled first (`ChangeFeed.enable_feed`).
+        `QuotaExceeded` if the app would have more than `limit`; `Conflict` if the id is
+        taken."""
+
+    async def get_webhook(self, app: str, id: str) -> Webhook | None: ...
+
+    async def list_webhooks(self, app: str) -> builtins.list[Webhook]:
+        """The app's webhooks, oldest first."""
+
+    async def update_webhook(self, hook: Webhook) -> Webhook:
+        """Replace url, secret, kinds, status, last_modified and the retry state (failures,
+        failing_since, next_attempt) of `hook.id` of `hook.app`; the cursor and the record of
+        attempts are kept. `NotFound` if absent."""
+
+    async def delete_webhook(self, app: str, id: str) -> bool: ...
+
+    async def due_webhooks(self, now: datetime) -> builtins.list[Webhook]:
+        """Every active webhook (of every app) whose next attempt is due (or not set)."""
+
+    async def webhook_delivered(
+        self, id: str, after: int, cursor: int, now: datetime, status: int | None
+    ) -> bool:
+        """Move the cursor from `after` to `cursor` and clear the retry state; `status` (the
+        receiver's answer, None if nothing needed sending) is recorded as the last attempt's.
+        Only if the cursor is still `after` (compare and set: a node that lost the webhook
+        meanwhile cannot move it back); returns whether it did."""
+
+    async def webhook_failed(
+        self,
+        id: str,
+        after: int,
+        now: datetime,
+        status: int | None,
+        error: str,
+        next_attempt: datetime,
+        give_up: bool,
+    ) -> bool:
+        """Record a failed attempt at delivering from `after` (if the cursor is still there):
+        failures + 1, failing_since set if unset, the next attempt; status "failed" if
+        `give_up`. `error` is stored printable and cut to a bounded length."""
+
+
 class Store(
     Directory,
     Notifications,
@@ -558,6 +679,8 @@ class Store(
     Idempotency,
     Issuance,
     Preferences,
+    ChangeFeed,
+    Webhooks,
     Protocol,
 ):
     """All of Herald's durable state, as one backend keeps it: what opens, closes and checks the

@@ -8,6 +8,7 @@ did in one class. The server-side functions are kept in functions/ and applied a
 (schema.py).
 """
 
+from herald.store.postgres.changefeed import PostgresChangeFeed
 from herald.store.postgres.changelog import PostgresChangeLog
 from herald.store.postgres.credentials import PostgresPushCredentials
 from herald.store.postgres.deliveries import PostgresDeliveryQueue
@@ -20,6 +21,7 @@ from herald.store.postgres.preferences import PostgresPreferences
 from herald.store.postgres.retention import PostgresRetention
 from herald.store.postgres.shards import PostgresShards
 from herald.store.postgres.subscriptions import PostgresSubscriptions
+from herald.store.postgres.webhooks import PostgresWebhooks
 
 __all__ = ["PostgresStore"]
 
@@ -37,5 +39,7 @@ class PostgresStore(
     PostgresIdempotency,
     PostgresIssuance,
     PostgresPreferences,
+    PostgresChangeFeed,
+    PostgresWebhooks,
 ):
     """Herald's state in one PostgreSQL database (`herald.store.Store`)."""

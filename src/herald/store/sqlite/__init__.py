@@ -6,6 +6,7 @@ and each a subclass of `SqliteDatabase` (database.py: connections, reads, readin
 layer between them, so the put path costs what it did in one class.
 """
 
+from herald.store.sqlite.changefeed import SqliteChangeFeed
 from herald.store.sqlite.changelog import SqliteChangeLog
 from herald.store.sqlite.credentials import SqlitePushCredentials
 from herald.store.sqlite.deliveries import SqliteDeliveryQueue
@@ -18,6 +19,7 @@ from herald.store.sqlite.preferences import SqlitePreferences
 from herald.store.sqlite.retention import SqliteRetention
 from herald.store.sqlite.shards import SqliteShards
 from herald.store.sqlite.subscriptions import SqliteSubscriptions
+from herald.store.sqlite.webhooks import SqliteWebhooks
 
 __all__ = ["SqliteStore"]
 
@@ -35,5 +37,7 @@ class SqliteStore(
     SqliteIdempotency,
     SqliteIssuance,
     SqlitePreferences,
+    SqliteChangeFeed,
+    SqliteWebhooks,
 ):
     """Herald's state in one SQLite database (`herald.store.Store`)."""
