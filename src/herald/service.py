@@ -32,8 +32,10 @@ from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
+from herald.sender import Sender
 from herald.settings import Settings
 from herald.store import (
+    Audiences,
     ChangeLog,
     Directory,
     Idempotency,
@@ -72,6 +74,8 @@ class Services:
     keyring: Keyring
     pusher: Pusher | None
     streams: Streams
+    audiences: Audiences
+    sender: Sender
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -130,6 +134,7 @@ def build_services(
 
         limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
+    leases = Leases(store)
     return Services(
         settings=settings,
         store=store,
@@ -158,13 +163,16 @@ def build_services(
             metrics,
             pushed=pusher.wake if pusher else None,
             clock=clock,
-            leases=Leases(store),
+            leases=leases,
             waker=waker,
         ),
         keyring=keyring,
         pusher=pusher,
         # Other processes may delete subscriptions only on a shared store (not SQLite's).
         streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
+        audiences=store,
+        # Runs the sends of the dispatch shards this node leases (the dispatcher renews them).
+        sender=Sender(store, clock, settings.send_batch, settings.send_pause, leases),
     )
 
 
@@ -198,6 +206,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
             stack.push_async_callback(s.pusher.close)
         await s.dispatcher.start()
         stack.push_async_callback(s.dispatcher.close)
+        s.sender.start()
+        stack.push_async_callback(s.sender.close)
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

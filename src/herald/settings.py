@@ -122,6 +122,15 @@ class Settings:
     sweep_interval: float = 30.0
     change_retention: int = 30 * DAY
     idempotency_ttl: int = DAY
+    # Sends to many users (docs/api.md "Audiences"): user ids per request (a send's list, or
+    # members added or removed at once), members per audience, audiences per app, and how many
+    # recipients the background runner writes per batch (one group-committed transaction).
+    send_max_recipients: int = 10_000
+    audience_max_members: int = 1_000_000
+    max_audiences: int = 1_000
+    send_batch: int = 200
+    # Seconds the runner waits between batches (0: it only yields to the event loop).
+    send_pause: float = 0.0
     # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
     app_rate: float = 2000.0
     app_burst: int = 4000
@@ -309,9 +318,15 @@ def _check(s: Settings) -> None:
         "push_max_attempts",
         "push_backoff_base",
         "push_backoff_max",
+        "send_max_recipients",
+        "audience_max_members",
+        "max_audiences",
+        "send_batch",
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if s.send_pause < 0:
+        problems.append("send_pause must be >= 0")
     if s.log_repeats < 0:
         problems.append("log_repeats must be >= 0")
     if s.max_url_bytes > s.max_header_bytes:

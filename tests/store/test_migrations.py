@@ -168,6 +168,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    10: {  # unchanged (schema 10 added audiences and sends)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -356,7 +360,8 @@ async def old_database(
                 "DROP TABLE outbox, subscriptions, changes, notifications, feed_heads, apps,"
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
-                " dispatch_shards, schema_version;"
+                " dispatch_shards, audiences, audience_members, sends, send_recipients,"
+                " send_failures, schema_version;"
                 " DROP FUNCTION herald_put_batch"
             )
             for script in scripts:

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.api import (
+    audiences,
     batch,
     delta,
     inbox,
@@ -46,6 +47,7 @@ def api_routes() -> list[BaseRoute]:
         + subscriptions.routes()
         + batch.routes()
         + metadata.routes()
+        + audiences.routes()
     )
 
 

@@ -4,9 +4,12 @@ SQLite and PostgreSQL implementations."""
 from herald.settings import Settings
 from herald.store.contract import (
     SHARDS,
+    Audience,
+    Audiences,
     ChangeLog,
     DeliveryQueue,
     Directory,
+    Failure,
     Idempotency,
     Issuance,
     Notifications,
@@ -15,12 +18,17 @@ from herald.store.contract import (
     PushCredentials,
     Remembered,
     Retention,
+    Send,
     Shards,
     Store,
     Subscriptions,
 )
 
 __all__ = [
+    "Audience",
+    "Audiences",
+    "Failure",
+    "Send",
     "ChangeLog",
     "DeliveryQueue",
     "Directory",

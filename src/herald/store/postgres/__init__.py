@@ -8,6 +8,7 @@ did in one class. The server-side functions are kept in functions/ and applied a
 (schema.py).
 """
 
+from herald.store.postgres.audiences import PostgresAudiences
 from herald.store.postgres.changelog import PostgresChangeLog
 from herald.store.postgres.credentials import PostgresPushCredentials
 from herald.store.postgres.deliveries import PostgresDeliveryQueue
@@ -35,5 +36,6 @@ class PostgresStore(
     PostgresPushCredentials,
     PostgresIdempotency,
     PostgresIssuance,
+    PostgresAudiences,
 ):
     """Herald's state in one PostgreSQL database (`herald.store.Store`)."""
