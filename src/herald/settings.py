@@ -128,7 +128,7 @@ class Settings:
     send_max_recipients: int = 10_000
     audience_max_members: int = 1_000_000
     max_audiences: int = 1_000
-    send_batch: int = 200
+    send_batch: int = 50
     # Seconds the runner waits between batches (0: it only yields to the event loop).
     send_pause: float = 0.0
     # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
