@@ -295,3 +295,23 @@ async def test_a_ten_thousand_user_send_leaves_another_users_posts_fast(
     p99 = latencies[int(len(latencies) * 0.99)]
     print(f"10,000-user send: {len(latencies)} posts during it, p99 {p99 * 1000:.1f} ms")
     assert p99 < 0.050, latencies[-10:]
+
+
+def test_openapi_describes_audiences_and_operations(server: Server) -> None:
+    doc = server.client().get("/openapi.json").json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    send = paths[SEND]["post"]
+    assert "202" in send["responses"]
+    body = send["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["notification"]["$ref"].endswith("/NotificationCreate")
+    for path in (
+        AUDIENCES,
+        f"{AUDIENCES}/{{id}}/addMembers",
+        f"{AUDIENCES}/{{id}}/sendNotification",
+    ):
+        assert path in paths, path
+    operation = paths["/beta/notificationOperations/{id}"]["get"]["responses"]["200"]
+    ref = operation["content"]["application/json"]["schema"]["$ref"]
+    status = schemas[ref.rsplit("/", 1)[1]]["properties"]["status"]
+    assert status["enum"] == ["notStarted", "running", "succeeded", "failed"]
+    assert "NotificationAudience" in schemas

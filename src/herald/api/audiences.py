@@ -324,3 +324,162 @@ def routes() -> list[BaseRoute]:
         Route("/sendNotification", send_to_users, methods=["POST"]),
         Route("/notificationOperations/{id}", get_operation, methods=["GET"]),
     ]
+
+
+# -- /openapi.json ---------------------------------------------------------------------------
+
+
+def openapi(err: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """The paths of this module, adding their schemas to `components` (api/operations.py)."""
+    text, count = {"type": "string"}, {"type": "integer"}
+    when = {"type": ["string", "null"], "format": "date-time"}
+    ids = {"type": "array", "items": text, "minItems": 1, "maxItems": 10_000}
+    components["NotificationAudience"] = {
+        "type": "object",
+        "properties": {
+            "id": text,
+            "displayName": {"type": ["string", "null"]},
+            "createdDateTime": when,
+            "memberCount": count,
+        },
+        "required": ["id"],
+    }
+    components["NotificationOperation"] = {
+        "type": "object",
+        "description": "A send to many users as a Graph long-running operation.",
+        "properties": {
+            "id": text,
+            "status": {"enum": ["notStarted", "running", "succeeded", "failed"]},
+            "createdDateTime": when,
+            "lastActionDateTime": when,
+            "finishedDateTime": when,
+            "audienceId": {"type": ["string", "null"]},
+            "totalCount": count,
+            "processedCount": count,
+            "succeededCount": count,
+            "failedCount": count,
+            "percentageComplete": count,
+            "errors": {
+                "type": "array",
+                "description": f"Per-recipient failures (the first {ERRORS_SHOWN}).",
+                "items": {
+                    "type": "object",
+                    "properties": {"userId": text, "code": text, "message": text},
+                },
+            },
+        },
+    }
+    note = {"$ref": "#/components/schemas/NotificationCreate"}
+    audience = {"$ref": "#/components/schemas/NotificationAudience"}
+    operation = {"$ref": "#/components/schemas/NotificationOperation"}
+    members = {"type": "object", "properties": {"userIds": ids}, "required": ["userIds"]}
+    key = {"name": "Idempotency-Key", "in": "header", "schema": text}
+    accepted = {
+        "description": "Accepted: the operation (Location and Operation-Location name it)",
+        "content": _content(operation),
+    }
+    ident = {"name": "id", "in": "path", "required": True, "schema": text}
+    base = "/beta/notificationAudiences"
+    counted = {"description": "How many", "content": _content({"type": "object"})}
+    return {
+        "/beta/sendNotification": {
+            "post": {
+                "summary": "Send one notification to each of these users (app-only token)",
+                "parameters": [key],
+                "requestBody": {
+                    "content": _content(
+                        {
+                            "type": "object",
+                            "properties": {"userIds": ids, "notification": note},
+                            "required": ["userIds", "notification"],
+                        }
+                    )
+                },
+                "responses": {"202": accepted, "4XX": err},
+            }
+        },
+        base: {
+            "post": {
+                "summary": "Create an audience (app-only token)",
+                "requestBody": {"content": _content(audience)},
+                "responses": {
+                    "201": {"description": "Created", "content": _content(audience)},
+                    "4XX": err,
+                },
+            },
+            "get": {
+                "summary": "The app's audiences",
+                "responses": {"200": {"description": "value"}},
+            },
+        },
+        f"{base}/{{id}}": {
+            "parameters": [ident],
+            "get": {
+                "summary": "Get one",
+                "responses": {
+                    "200": {"description": "The audience", "content": _content(audience)},
+                    "4XX": err,
+                },
+            },
+            "delete": {
+                "summary": "Delete it and its members",
+                "responses": {"204": {"description": "Gone"}, "4XX": err},
+            },
+        },
+        f"{base}/{{id}}/addMembers": {
+            "parameters": [ident],
+            "post": {
+                "summary": "Add users (already members are ignored)",
+                "requestBody": {"content": _content(members)},
+                "responses": {"200": counted, "4XX": err},
+            },
+        },
+        f"{base}/{{id}}/removeMembers": {
+            "parameters": [ident],
+            "post": {
+                "summary": "Remove users (non-members are ignored)",
+                "requestBody": {"content": _content(members)},
+                "responses": {"200": counted, "4XX": err},
+            },
+        },
+        f"{base}/{{id}}/members": {
+            "parameters": [ident],
+            "get": {
+                "summary": "Members by user id, a page at a time (@odata.nextLink)",
+                "parameters": [
+                    {"name": n, "in": "query", "schema": text} for n in ("$top", "$skiptoken")
+                ],
+                "responses": {"200": {"description": "A page"}, "4XX": err},
+            },
+        },
+        f"{base}/{{id}}/sendNotification": {
+            "parameters": [ident, key],
+            "post": {
+                "summary": "Send one notification to each member, as of now (app-only token)",
+                "requestBody": {
+                    "content": _content(
+                        {
+                            "type": "object",
+                            "properties": {"notification": note},
+                            "required": ["notification"],
+                        }
+                    )
+                },
+                "responses": {"202": accepted, "4XX": err},
+            },
+        },
+        "/beta/notificationOperations/{id}": {
+            "parameters": [ident],
+            "get": {
+                "summary": "A send's progress",
+                "responses": {
+                    "200": {"description": "The operation", "content": _content(operation)},
+                    "4XX": err,
+                },
+            },
+        },
+    }
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}

@@ -10,7 +10,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from herald import __version__
-from herald.api import schemas
+from herald.api import audiences, schemas
 from herald.api.subscriptions import SubscriptionOut
 from herald.errors import HeraldError
 
@@ -118,6 +118,7 @@ def openapi_document() -> dict[str, Any]:
             if rest:
                 paths[me]["parameters"] = rest
     paths.update(_device_paths(err, ident))
+    paths.update(audiences.openapi(err, components))
     return {
         "openapi": "3.1.0",
         "info": {"title": "Herald", "version": __version__},
