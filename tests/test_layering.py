@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "broker": (("herald.broker",), ("base", "store")),
     "auth": (("herald.auth",), ("base",)),
     "domain": (("herald.feed", "herald.access", "herald.expiry"), ("base", "store", "auth")),
-    "outbound": (("herald.outbound", "herald.sender"), ("base", "store", "broker", "domain")),
+    "outbound": (("herald.outbound", "herald.sends"), ("base", "store", "broker", "domain")),
     "service": (
         ("herald.service", "herald.collector"),
         ("base", "store", "broker", "auth", "domain", "outbound"),

@@ -32,7 +32,7 @@ from herald.outbound.providers import PROVIDERS
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
-from herald.sender import Sender
+from herald.sends import Sends
 from herald.settings import Settings
 from herald.store import (
     Audiences,
@@ -75,7 +75,7 @@ class Services:
     pusher: Pusher | None
     streams: Streams
     audiences: Audiences
-    sender: Sender
+    sends: Sends
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -172,7 +172,7 @@ def build_services(
         streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
         audiences=store,
         # Runs the sends of the dispatch shards this node leases (the dispatcher renews them).
-        sender=Sender(store, clock, settings.send_batch, settings.send_pause, leases),
+        sends=Sends(store, clock, settings.send_batch, settings.send_pause, leases),
     )
 
 
@@ -206,8 +206,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
             stack.push_async_callback(s.pusher.close)
         await s.dispatcher.start()
         stack.push_async_callback(s.dispatcher.close)
-        s.sender.start()
-        stack.push_async_callback(s.sender.close)
+        s.sends.start()
+        stack.push_async_callback(s.sends.close)
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

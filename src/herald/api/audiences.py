@@ -5,7 +5,7 @@
 * `POST /sendNotification` (to `userIds`) and `POST /notificationAudiences/{id}/sendNotification`
   (to its members as of the request): 202 Accepted with a long-running operation,
   `GET /notificationOperations/{id}`. The send is stored whole before the answer;
-  `herald.sender` creates each recipient's notification in the background.
+  `herald.sends` creates each recipient's notification in the background.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ async def _send(request: Request, audience: str | None) -> Response:
     if stored.fingerprint != fingerprint:
         raise Conflict("This Idempotency-Key was already used with a different request.")
     if created:
-        s.sender.wake()
+        s.sends.wake()
     location = f"{_base(request)}/notificationOperations/{stored.id}"
     headers = {"Location": location, "Operation-Location": location, "Retry-After": "1"}
     return _json(await _operation(request, stored), 202, headers)

@@ -32,21 +32,32 @@ from herald.errors import HeraldError
 from herald.feed import Clock, new_id
 from herald.model import Content, Notification
 from herald.outbound.leases import Leases
-from herald.store import SHARDS, Audiences, Directory, Failure, Notifications, Once, Remembered
+from herald.store import (
+    SHARDS,
+    Audiences,
+    Directory,
+    Failure,
+    Notifications,
+    Once,
+    Outbox,
+    Remembered,
+)
 from herald.store.contract import Send
 from herald.users import canonical, is_principal_name, principal_name
 
-log = logging.getLogger("herald.sender")
+log = logging.getLogger("herald.sends")
 
 POLL_SECONDS = 1.0  # sends accepted by other nodes are found this late at most
 SLICE_SECONDS = 1.0
 LIST_LIMIT = 16
 # How long a recipient's record stays: a send left unfinished longer could repeat a recipient.
 RECORD_TTL = timedelta(days=30)
+BACKLOG_WAIT = 2.0
+BACKLOG_POLL = 0.005
 RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
 
 
-class SenderStore(Audiences, Notifications, Directory, Protocol):
+class SendsStore(Audiences, Notifications, Directory, Outbox, Protocol):
     """What the runner needs of the store."""
 
 
@@ -56,20 +67,22 @@ def scope_of(send_id: str) -> str:
     return f":send:{send_id}"
 
 
-class Sender:
+class Sends:
     def __init__(
         self,
-        store: SenderStore,
+        store: SendsStore,
         clock: Clock,
         batch: int,
         pause: float = 0.0,
         leases: Leases | None = None,
+        backlog_wait: float = BACKLOG_WAIT,
     ) -> None:
         self.store = store
         self.clock = clock
         self.batch = batch
         self.pause = pause
         self.leases = leases
+        self.backlog_wait = backlog_wait
         self.woken = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -78,7 +91,7 @@ class Sender:
         self.woken.set()
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name="herald-sender")
+        self.task = asyncio.create_task(self.run(), name="herald.sends")
 
     async def close(self) -> None:
         if self.task is not None:
@@ -133,8 +146,22 @@ class Sender:
             await self.store.send_progress(send.id, done, failures, status, self.clock())
             if status != RUNNING or time.monotonic() >= deadline:
                 return
-            # Let the other work of the process in between batches.
+            # Let the other work of the process in between batches, and the dispatcher catch up.
             await asyncio.sleep(self.pause)
+            await self.backlog()
+
+    async def backlog(self) -> None:
+        """Wait (up to `backlog_wait` s) until less than a batch of changes waits in the outbox.
+
+        The outbox is drained oldest first: a change another user's post makes while a send runs
+        waits behind every entry of the send still there. Keeping that queue under a batch keeps
+        its wait short; the bound keeps a send going when dispatch lags elsewhere (another node's
+        shards, a dispatcher that cannot write)."""
+        deadline = time.monotonic() + self.backlog_wait
+        while len(await self.store.pending(self.batch)) >= self.batch:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(BACKLOG_POLL)
 
     async def _batch(self, send: Send, content: Content, users: list[str]) -> list[Failure]:
         """Put the notification of each user (all at once: the writer commits them together)."""
