@@ -137,6 +137,8 @@ class Sends:
         done, failed = send.done, send.failed
         while True:
             users = await self.store.send_recipients(send.id, done, self.batch)
+            if not users:  # the send is gone (its app was deleted)
+                return
             failures = await self._batch(send, content, users)
             done += len(users)
             failed += len(failures)  # (a redone batch's failures count once in the store)

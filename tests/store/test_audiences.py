@@ -9,11 +9,12 @@ from datetime import timedelta
 import pytest
 
 from herald.errors import Conflict, NotFound, QuotaExceeded
+from herald.model import App
 from herald.store import Send, Store
 from herald.store.contract import Failure
 
 from .conftest import Backend
-from .support import APP, T0, two_nodes
+from .support import APP, T0, content, new_id, once, two_nodes
 
 OTHER = "other.example.com"
 
@@ -147,3 +148,33 @@ async def test_the_first_of_two_nodes_stores_a_key(durable_backend: Backend) -> 
         first = results[0][0] if results[0][1] else results[1][0]
         assert [r[0] for r in results] == [first, first]
         assert len(await a.unfinished_sends(10)) == 1
+
+
+async def test_deleting_the_app_removes_its_audiences_and_sends(store: Store) -> None:
+    await store.add_app(
+        App(client_id="a1", host_name=APP, display_name="A", secret_hash="h", created_date_time=T0)
+    )
+    await store.add_app(
+        App(
+            client_id="b1", host_name=OTHER, display_name="B", secret_hash="h", created_date_time=T0
+        )
+    )
+    for app in (APP, OTHER):
+        await store.put_audience(app, "a", None, 10, T0)
+        await store.add_members(app, "a", ["u1", "u2"], 10)
+        await store.start_send(send(f"s-{app}", app=app), ["u1"], 10)
+        await store.send_progress(f"s-{app}", 1, [Failure("u1", "expired", "x")], "failed", T0)
+        record = once("u2", scope=f":send:s-{app}")  # a recipient's record (herald/sends.py)
+        await store.put_once("u2", app, content(target_host_name=app), new_id(), T0, record)
+    counts = await store.delete_app(APP)
+    assert counts is not None
+    assert (counts["audiences"], counts["audienceMembers"], counts["sends"]) == (1, 2, 1)
+    assert (counts["sendRecipients"], counts["sendFailures"], counts["sendRecords"]) == (1, 1, 1)
+    assert await store.recall(f":send:s-{APP}", "u2", T0) is None
+    assert await store.recall(f":send:s-{OTHER}", "u2", T0) is not None
+    assert (
+        await store.get_audience(APP, "a") is None and await store.get_send(APP, f"s-{APP}") is None
+    )
+    assert await store.send_recipients(f"s-{APP}", 0, 10) == []
+    assert await store.members(OTHER, "a", None, 10) == ["u1", "u2"]
+    assert await store.send_recipients(f"s-{OTHER}", 0, 10) == ["u1"]
