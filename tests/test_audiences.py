@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import RegisteredApp, Server
+from tests.conftest import RegisteredApp, Server, make_settings, serve_in_thread
 from tests.devices import (
     api,
     assert_graph_error,
@@ -315,3 +316,17 @@ def test_openapi_describes_audiences_and_operations(server: Server) -> None:
     status = schemas[ref.rsplit("/", 1)[1]]["properties"]["status"]
     assert status["enum"] == ["notStarted", "running", "succeeded", "failed"]
     assert "NotificationAudience" in schemas
+
+
+def test_audience_requests_count_against_the_apps_rate_limit(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, app_rate=1.0, app_burst=2)
+    for url in serve_in_thread(settings):
+        srv = Server(settings, url)
+        app = srv.register()
+        c = srv.client(srv.token(app, None))
+        codes = [c.get(AUDIENCES).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        r = c.post(SEND, json={"userIds": ["u1"], "notification": content(app)})
+        assert_graph_error(r, 429, "activityLimitReached")
+        assert int(r.headers["retry-after"]) >= 1
+        srv.close_clients()

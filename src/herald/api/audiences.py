@@ -64,6 +64,9 @@ async def app_of(request: Request) -> App:
     app = await access.apps.get(principal.client_id)
     if app is None:
         raise AccessDenied(f"The app '{principal.client_id}' is not registered with Herald.")
+    # One request of the app's budget (a send is one, whatever its recipients: they are paced
+    # by the runner instead).
+    await access.limits.check(app.host_name, None)
     return app
 
 
