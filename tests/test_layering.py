@@ -41,7 +41,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("herald.feed", "herald.access", "herald.expiry", "herald.appfeed"),
         ("base", "store", "auth"),
     ),
-    "outbound": (("herald.outbound",), ("base", "store", "broker", "domain")),
+    "outbound": (("herald.outbound", "herald.sends"), ("base", "store", "broker", "domain")),
     "service": (
         ("herald.service", "herald.collector"),
         ("base", "store", "broker", "auth", "domain", "outbound"),

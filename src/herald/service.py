@@ -34,8 +34,10 @@ from herald.outbound.providers.keyring import Keyring
 from herald.outbound.pusher import Pusher
 from herald.outbound.streams import Streams
 from herald.outbound.webhooks import Delivery
+from herald.sends import Sends
 from herald.settings import Settings
 from herald.store import (
+    Audiences,
     ChangeFeed,
     ChangeLog,
     Directory,
@@ -81,6 +83,8 @@ class Services:
     pusher: Pusher | None
     streams: Streams
     webhooks: Delivery
+    audiences: Audiences
+    sends: Sends
     # Per Idempotency-Key: the lock and how many requests hold or wait for it.
     locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -180,6 +184,9 @@ def build_services(
         streams=Streams(store, broker, settings, clock, audit=not isinstance(store, SqliteStore)),
         # Webhooks go by the dispatch shards' leases: one node delivers each (outbound/webhooks).
         webhooks=Delivery(store, settings, clock, leases),
+        audiences=store,
+        # Runs the sends of the dispatch shards this node leases (the dispatcher renews them).
+        sends=Sends(store, clock, settings.send_batch, settings.send_pause, leases),
     )
 
 
@@ -220,6 +227,8 @@ async def lifespan(services: Services) -> AsyncIterator[Services]:
             stack.push_async_callback(_cancel, asyncio.create_task(release))
         s.webhooks.start()
         stack.push_async_callback(s.webhooks.close)
+        s.sends.start()
+        stack.push_async_callback(s.sends.close)
         s.streams.start()
         stack.push_async_callback(s.streams.stop)
         yield s

@@ -125,6 +125,15 @@ class Settings:
     quiet_release_interval: float = 15.0
     change_retention: int = 30 * DAY
     idempotency_ttl: int = DAY
+    # Sends to many users (docs/api.md "Audiences"): user ids per request (a send's list, or
+    # members added or removed at once), members per audience, audiences per app, and how many
+    # recipients the background runner writes per batch (one group-committed transaction).
+    send_max_recipients: int = 10_000
+    audience_max_members: int = 1_000_000
+    max_audiences: int = 1_000
+    send_batch: int = 50
+    # Seconds the runner waits between batches (0: it only yields to the event loop).
+    send_pause: float = 0.0
     # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
     app_rate: float = 2000.0
     app_burst: int = 4000
@@ -335,6 +344,10 @@ def _check(s: Settings) -> None:
         "webhook_batch",
         "webhook_poll_interval",
         "max_webhooks",
+        "send_max_recipients",
+        "audience_max_members",
+        "max_audiences",
+        "send_batch",
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
@@ -344,6 +357,8 @@ def _check(s: Settings) -> None:
         problems.append("webhook_give_up must be < change_retention")
     if s.webhook_batch > 1000:
         problems.append("webhook_batch must be <= 1000")
+    if s.send_pause < 0:
+        problems.append("send_pause must be >= 0")
     if s.log_repeats < 0:
         problems.append("log_repeats must be >= 0")
     if s.max_url_bytes > s.max_header_bytes:

@@ -176,6 +176,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    10: {  # unchanged (schema 10 added audiences and sends)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -365,7 +369,8 @@ async def old_database(
                 " idempotency, deliveries, push_credentials, app_clients, user_names,"
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
                 " dispatch_shards, notification_preferences, held_pushes, app_changes_pending,"
-                " app_changes, app_changes_horizon, app_feeds, webhooks, schema_version;"
+                " app_changes, app_changes_horizon, app_feeds, webhooks, audiences,"
+                " audience_members, sends, send_recipients, send_failures, schema_version;"
                 " DROP FUNCTION herald_put_batch, herald_changes_pending"
             )
             for script in scripts:

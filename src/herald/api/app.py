@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.api import (
+    audiences,
     batch,
     changes,
     delta,
@@ -52,6 +53,7 @@ def api_routes() -> list[BaseRoute]:
         + metadata.routes()
         + changes.routes()
         + webhooks.routes()
+        + audiences.routes()
     )
 
 

@@ -10,7 +10,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from herald import __version__, appfeed
-from herald.api import preferences, schemas
+from herald.api import audiences, preferences, schemas
 from herald.api.subscriptions import SubscriptionOut
 from herald.errors import HeraldError
 from herald.outbound.webhooks import Envelope
@@ -122,6 +122,7 @@ def openapi_document() -> dict[str, Any]:
     paths.update(preferences.openapi_paths(err))
     components["NotificationPreferences"] = preferences.SCHEMA
     paths.update(_app_feed_paths(err, ident, components))
+    paths.update(audiences.openapi(err, components))
     return {
         "openapi": "3.1.0",
         "info": {"title": "Herald", "version": __version__},

@@ -4,10 +4,13 @@ SQLite and PostgreSQL implementations."""
 from herald.settings import Settings
 from herald.store.contract import (
     SHARDS,
+    Audience,
+    Audiences,
     ChangeFeed,
     ChangeLog,
     DeliveryQueue,
     Directory,
+    Failure,
     FeedPage,
     Idempotency,
     Issuance,
@@ -18,6 +21,7 @@ from herald.store.contract import (
     PushCredentials,
     Remembered,
     Retention,
+    Send,
     Shards,
     Store,
     Subscriptions,
@@ -27,6 +31,10 @@ from herald.store.contract import (
 
 __all__ = [
     "ChangeFeed",
+    "Audience",
+    "Audiences",
+    "Failure",
+    "Send",
     "ChangeLog",
     "DeliveryQueue",
     "Directory",

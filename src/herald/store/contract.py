@@ -666,6 +666,123 @@ class Webhooks(Protocol):
         `give_up`. `error` is stored printable and cut to a bounded length."""
 
 
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """A named set of users an app maintains (`Audiences`)."""
+
+    app: str
+    id: str
+    display_name: str | None
+    created: datetime
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One request to reach many users, and how far it has got (`Audiences`).
+
+    `status`: "notStarted", "running", "succeeded" or "failed" (every recipient failed).
+    `done` recipients (in order of the snapshot) have been handled, `failed` of them with a
+    `Failure`. `content` is the notification as accepted (msgpack of `model.Content`)."""
+
+    id: str
+    app: str
+    idempotency_key: str | None
+    fingerprint: str
+    audience: str | None
+    content: bytes
+    total: int
+    done: int
+    failed: int
+    status: str
+    created: datetime
+    last_action: datetime
+    finished: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one recipient of a send got no notification."""
+
+    user_id: str
+    code: str
+    message: str
+
+
+class Audiences(Protocol):
+    """Audiences (named sets of users, per app) and sends to many users.
+
+    * Every call is scoped by app: another app's audiences and sends are absent (None,
+      `NotFound`).
+    * A send is stored whole (content and the recipients, an audience's as of the call) before
+      `start_send` returns; a runner then creates each recipient's notification through
+      `Notifications.put_once` and records its progress with `send_progress`.
+    """
+
+    async def put_audience(
+        self, app: str, id: str, display_name: str | None, limit: int, now: datetime
+    ) -> Audience:
+        """Create an empty audience. `Conflict` if the app has one with this id,
+        `QuotaExceeded` if the app would have more than `limit`."""
+
+    async def get_audience(self, app: str, id: str) -> Audience | None: ...
+
+    async def list_audiences(self, app: str) -> builtins.list[Audience]:
+        """Every audience of the app, by id."""
+
+    async def delete_audience(self, app: str, id: str) -> bool:
+        """Remove it with its members (sends already made keep their snapshot)."""
+
+    async def add_members(self, app: str, id: str, users: Sequence[str], limit: int) -> int:
+        """Add these users (already members are ignored); the number added. `NotFound` if no
+        such audience; `QuotaExceeded`, and nothing added, if it would have more than `limit`
+        members."""
+
+    async def remove_members(self, app: str, id: str, users: Sequence[str]) -> int:
+        """Remove these users (non-members are ignored); the number removed. `NotFound`."""
+
+    async def members(self, app: str, id: str, after: str | None, limit: int) -> builtins.list[str]:
+        """Up to `limit` member user ids greater than `after`, ascending. `NotFound`."""
+
+    async def start_send(
+        self,
+        send: Send,
+        recipients: Sequence[str] | None,
+        limit: int,
+    ) -> tuple[Send, bool]:
+        """Store a send with its recipients in one transaction: `recipients`, or (None) the
+        members of `send.audience` as of now. Returns (send, True); or, if the app already has
+        a send with this `idempotency_key`, (that send, False) and nothing is written (its
+        fingerprint may differ: the caller refuses then). `NotFound` if the audience does not
+        exist, `QuotaExceeded` if it has more than `limit` members."""
+
+    async def get_send(self, app: str, id: str) -> Send | None: ...
+
+    async def send_failures(self, app: str, id: str, limit: int) -> builtins.list[Failure]:
+        """Up to `limit` failures of the send, by user id."""
+
+    async def unfinished_sends(
+        self, limit: int, shards: Collection[int] | None = None
+    ) -> builtins.list[Send]:
+        """Up to `limit` sends not yet finished, oldest first; `shards` as in
+        `Outbox.pending` (a send's shard is that of its id)."""
+
+    async def send_recipients(self, id: str, offset: int, limit: int) -> builtins.list[str]:
+        """The recipients of the send from position `offset` (0-based) on, at most `limit`."""
+
+    async def send_progress(
+        self,
+        id: str,
+        done: int,
+        failures: Sequence[Failure],
+        status: str,
+        now: datetime,
+    ) -> None:
+        """Record that the first `done` recipients are handled, adding `failures` (one per
+        user: a repeated one is ignored, and `failed` counts each once). `done` never goes
+        back. A final `status` ("succeeded", "failed") sets `finished`."""
+
+
 class Store(
     Directory,
     Notifications,
@@ -681,6 +798,7 @@ class Store(
     Preferences,
     ChangeFeed,
     Webhooks,
+    Audiences,
     Protocol,
 ):
     """All of Herald's durable state, as one backend keeps it: what opens, closes and checks the

@@ -55,6 +55,26 @@ DELETE_APP = (
         " WHERE a.host_name = {p}"
         " AND substr(idempotency.scope, 1, length(a.client_id) + 1) = a.client_id || ':')",
     ),
+    # Sends (docs/api.md "Audiences"): their recipients' idempotency records first (found
+    # through the sends), then the sends, then the audiences.
+    (
+        "sendRecords",
+        "DELETE FROM idempotency WHERE EXISTS (SELECT 1 FROM sends AS s WHERE s.app = {p}"
+        " AND idempotency.scope = ':send:' || s.id)",
+    ),
+    (
+        "sendRecipients",
+        "DELETE FROM send_recipients WHERE EXISTS (SELECT 1 FROM sends AS s WHERE s.app = {p}"
+        " AND s.id = send_recipients.send_id)",
+    ),
+    (
+        "sendFailures",
+        "DELETE FROM send_failures WHERE EXISTS (SELECT 1 FROM sends AS s WHERE s.app = {p}"
+        " AND s.id = send_failures.send_id)",
+    ),
+    ("sends", "DELETE FROM sends WHERE app = {p}"),
+    ("audienceMembers", "DELETE FROM audience_members WHERE app = {p}"),
+    ("audiences", "DELETE FROM audiences WHERE app = {p}"),
     ("clientIds", "DELETE FROM app_clients WHERE host_name = {p}"),
     ("apps", "DELETE FROM apps WHERE host_name = {p}"),
 )

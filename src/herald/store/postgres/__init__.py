@@ -8,6 +8,7 @@ did in one class. The server-side functions are kept in functions/ and applied a
 (schema.py).
 """
 
+from herald.store.postgres.audiences import PostgresAudiences
 from herald.store.postgres.changefeed import PostgresChangeFeed
 from herald.store.postgres.changelog import PostgresChangeLog
 from herald.store.postgres.credentials import PostgresPushCredentials
@@ -41,5 +42,6 @@ class PostgresStore(
     PostgresPreferences,
     PostgresChangeFeed,
     PostgresWebhooks,
+    PostgresAudiences,
 ):
     """Herald's state in one PostgreSQL database (`herald.store.Store`)."""

@@ -6,6 +6,7 @@ and each a subclass of `SqliteDatabase` (database.py: connections, reads, readin
 layer between them, so the put path costs what it did in one class.
 """
 
+from herald.store.sqlite.audiences import SqliteAudiences
 from herald.store.sqlite.changefeed import SqliteChangeFeed
 from herald.store.sqlite.changelog import SqliteChangeLog
 from herald.store.sqlite.credentials import SqlitePushCredentials
@@ -39,5 +40,6 @@ class SqliteStore(
     SqlitePreferences,
     SqliteChangeFeed,
     SqliteWebhooks,
+    SqliteAudiences,
 ):
     """Herald's state in one SQLite database (`herald.store.Store`)."""
