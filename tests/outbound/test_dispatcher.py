@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
 
 from herald.errors import Unavailable
 from herald.metrics import Metrics
@@ -23,6 +26,8 @@ from herald.model import (
 )
 from herald.outbound.dispatcher import Dispatcher
 from herald.store import Store
+from tests.pg import StatementCounter
+from tests.store.conftest import Backend
 from tests.store.support import APP, content, new_id
 
 WAIT = 10.0
@@ -204,3 +209,40 @@ async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: 
     [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
     assert claimed.message.kind is PushKind.ALERT and claimed.message.position == 2
     assert claimed.message.priority is Priority.LOW
+
+
+@pytest.mark.postgres
+async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) -> None:
+    """What a change costs PostgreSQL from commit to removal, with no pushes to queue: the put
+    (one statement), the dispatcher's outbox read (one, on a connection it keeps: a pooled read
+    also waited for the pool's reset on release, before publishing), and the removal (BEGIN,
+    DELETE, COMMIT: no statement queueing zero pushes). Counted by a proxy on the wire."""
+    from herald.store.postgres import PostgresStore
+
+    assert postgres.dsn is not None
+    parts = urlsplit(postgres.dsn)
+    counter = StatementCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await counter.start()
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+    query = parts.query + "&sslmode=disable"  # plain protocol on the wire, for the counter
+    store = PostgresStore(urlunsplit((parts.scheme, netloc, parts.path, query, "")), min_size=1)
+    await store.open()
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        now = datetime.now().astimezone()
+        for n in range(1, 4):  # the first rounds prepare the statements on each connection
+            before = counter.statements
+            await store.put("u1", APP, content(), new_id(), now)
+            await until(
+                lambda n=n: len(broker.published) == n and not dispatcher.removals, "removal"
+            )
+            await asyncio.sleep(0.1)  # anything else that would follow
+            statements = counter.statements - before
+        assert await store.pending(10) == []
+    finally:
+        await dispatcher.close()
+        await store.close()
+        await counter.close()
+    assert statements <= 5, f"{statements} statements for one live delivery"

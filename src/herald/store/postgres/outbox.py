@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
-from herald.store.postgres.connection import identity, translated
+from herald.store.postgres.connection import identity
 from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import (
@@ -22,11 +22,12 @@ from herald.store.rows import (
 
 class PostgresOutbox(PostgresWriter, Outbox):
     async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
-        async with translated(), self._acquire() as conn:
-            if shards is None:
-                rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
-            else:
-                rows = await conn.fetch(_SHARD_PENDING_SQL, datetime.now(UTC), limit, list(shards))
+        now = datetime.now(UTC)
+        if shards is None:
+            rows = await self._kept_read(lambda conn: conn.fetch(_PENDING_SQL, now, limit))
+        else:
+            args = (now, limit, list(shards))
+            rows = await self._kept_read(lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
         return [pending_from_row(tuple(r), identity) for r in rows]
 
     async def push_targets(
@@ -35,10 +36,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
         if not pairs:
             return []
         keys = sorted(set(pairs))
-        async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(
-                _PUSH_TARGETS_SQL, [k[0] for k in keys], [k[1] for k in keys], now
-            )
+        users, apps = [k[0] for k in keys], [k[1] for k in keys]
+        rows = await self._kept_read(lambda conn: conn.fetch(_PUSH_TARGETS_SQL, users, apps, now))
         return [subscription_from_row(r, identity) for r in rows]
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
@@ -79,6 +78,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 keep = [i for i, change in enumerate(changes) if change in mine]
                 rows = [[column[i] for i in keep] for column in columns]
             superseding = [r for r in removed if r[2] is not None]
+            if not superseding and not rows[0]:
+                return  # nothing to supersede or queue: spare the statement (no pushes, say)
             await tx.conn.execute(
                 _DISPATCHED_SQL,
                 [r[0] for r in superseding],

@@ -135,6 +135,9 @@ class PostgresWriter:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
+        # The dispatcher's reads (`_kept_read`), one at a time on a connection of their own.
+        self._reader = _Link(self)
+        self._reader_lock = asyncio.Lock()
         # Since when (monotonic) write batches fail for a database reason (logged on change),
         # and the last one the server refused, as (time, reason): None once a batch succeeds.
         self._failing_since: float | None = None
@@ -200,6 +203,8 @@ class PostgresWriter:
         self._wake.set()
         writers, self._writers = self._writers, []
         await asyncio.gather(*writers)
+        async with self._reader_lock:
+            await self._reader.release()
         pool, self._pool = self._pool, None
         try:
             # Graceful (each connection told goodbye), unless the server does not answer.
@@ -227,6 +232,18 @@ class PostgresWriter:
         except TimeoutError as e:
             message = f"the database did not answer within {PING_TIMEOUT:g} s"
             raise Unavailable(message, retry_after=1) from e
+
+    async def _kept_read(self, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """A read on a connection kept across reads, for the dispatcher, whose outbox read lies
+        on the path of every live delivery: a pooled read waits, before answering, for the
+        pool's reset on release (a round trip of five statements, as much work for PostgreSQL
+        as the read)."""
+        async with self._reader_lock, translated():
+            try:
+                return await run(await self._reader.connection())
+            except BaseException:
+                self._reader.drop()  # lost, timed out or cancelled mid-statement: start afresh
+                raise
 
     async def _read_probe(self) -> None:
         async with translated(), self._acquire() as conn:
