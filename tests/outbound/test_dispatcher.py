@@ -118,6 +118,54 @@ async def test_a_change_whose_removal_failed_is_published_again(store: Store) ->
         await dispatcher.close()
 
 
+class SlowTargets:
+    """The store, except that looking up push targets waits until `answer` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.answer = asyncio.Event()
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    async def push_targets(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> list[Subscription]:
+        self.asked += 1
+        await self.answer.wait()
+        return await self.store.push_targets(pairs, now)
+
+
+async def test_live_delivery_does_not_wait_for_the_push_target_lookup(store: Store) -> None:
+    """A batch's push targets are looked up after it is published, and the next batch is
+    published while that lookup is still waiting; the pushes are queued all the same."""
+    now = datetime.now().astimezone()
+    await add_phone(store, "u1", "ab" * 32, now)
+    slow = SlowTargets(store)
+    broker = Recorder()
+    dispatcher = Dispatcher(
+        slow,  # type: ignore[arg-type]
+        broker,  # type: ignore[arg-type]
+        Metrics(),
+        poll=0.05,
+        pushed=lambda providers: None,
+    )
+    await dispatcher.start()
+    try:
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 1 and slow.asked == 1, "the first lookup")
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 2, "the second batch published")
+        assert await store.count_deliveries() == 0  # nothing queued while the lookup waits
+        slow.answer.set()
+        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "removed")
+        assert await store.pending(10) == []
+        assert await store.count_deliveries(Provider.APNS) == 2
+    finally:
+        await dispatcher.close()
+
+
 async def add_phone(store: Store, user: str, token: str, now: datetime) -> None:
     """An iOS subscription of `user` with an APNs channel."""
     sub = Subscription(
