@@ -294,3 +294,27 @@ async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) 
         await store.close()
         await counter.close()
     assert statements <= 5, f"{statements} statements for one live delivery"
+
+
+@pytest.mark.postgres
+async def test_a_small_pool_keeps_a_connection_for_other_reads(postgres: Backend) -> None:
+    """The dispatcher keeps connections for its reads only when the pool has room for them
+    besides the writers' and at least one for every other read: with 3 connections in all (two
+    writers), a read through the pool still gets one while the dispatcher works."""
+    from herald.store.postgres import PostgresStore
+
+    assert postgres.dsn is not None
+    store = PostgresStore(postgres.dsn, min_size=1, max_size=3)
+    await store.open()
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=0.05)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        now = datetime.now().astimezone()
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 1 and not dispatcher.removals, "dispatch")
+        async with asyncio.timeout(WAIT):
+            assert await store.get_subscription("none", now) is None
+    finally:
+        await dispatcher.close()
+        await store.close()

@@ -11,7 +11,7 @@ from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity
 from herald.store.postgres.transaction import Tx
-from herald.store.postgres.writer import PostgresWriter
+from herald.store.postgres.writer import OUTBOX, TARGETS, PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
     encode_message,
@@ -24,10 +24,10 @@ class PostgresOutbox(PostgresWriter, Outbox):
     async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
         now = datetime.now(UTC)
         if shards is None:
-            rows = await self._kept_read(lambda conn: conn.fetch(_PENDING_SQL, now, limit))
+            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, now, limit))
         else:
             args = (now, limit, list(shards))
-            rows = await self._kept_read(lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
+            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
         return [pending_from_row(tuple(r), identity) for r in rows]
 
     async def push_targets(
@@ -37,7 +37,9 @@ class PostgresOutbox(PostgresWriter, Outbox):
             return []
         keys = sorted(set(pairs))
         users, apps = [k[0] for k in keys], [k[1] for k in keys]
-        rows = await self._kept_read(lambda conn: conn.fetch(_PUSH_TARGETS_SQL, users, apps, now))
+        rows = await self._kept_read(
+            TARGETS, lambda conn: conn.fetch(_PUSH_TARGETS_SQL, users, apps, now)
+        )
         return [subscription_from_row(r, identity) for r in rows]
 
     async def dispatched(self, seqs: Sequence[int], deliveries: Sequence[NewDelivery] = ()) -> None:
