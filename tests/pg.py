@@ -150,3 +150,64 @@ def private_cluster() -> Iterator[Cluster]:
         if cluster.running():
             cluster.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+class StatementCounter:
+    """A TCP proxy in front of PostgreSQL that counts the statements its clients send: simple
+    queries ('Q') and extended-protocol executions ('E': preparing one sends none), i.e. the
+    round trips a store makes. Point a store at `url(...)`."""
+
+    SPECIAL = (80877103, 80877104)  # SSLRequest, GSSENCRequest: untyped, like the startup
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.statements = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.target)
+        back = asyncio.create_task(_pipe(server_r, client_w))
+        try:
+            await self._count(client_r, server_w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            server_w.close()
+            await back
+
+    async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        typed = False
+        while True:
+            if typed:
+                kind = await reader.readexactly(1)
+                head = await reader.readexactly(4)
+                body = await reader.readexactly(int.from_bytes(head) - 4)
+                if kind in (b"Q", b"E"):
+                    self.statements += 1
+                writer.write(kind + head + body)
+            else:
+                head = await reader.readexactly(4)
+                body = await reader.readexactly(int.from_bytes(head) - 4)
+                typed = int.from_bytes(body[:4]) not in self.SPECIAL  # the startup message
+                writer.write(head + body)
+            await writer.drain()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()

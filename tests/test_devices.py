@@ -966,6 +966,32 @@ async def test_keepalive(server: Server, app: RegisteredApp, protocol: str) -> N
             assert await next_change(s) == change("created", 1, n)
 
 
+async def test_keepalives_due_together_go_out_spread_over_a_second(
+    server: Server, app: RegisteredApp
+) -> None:
+    """Streams opened together fall due for a keep-alive together; the server sends those
+    keep-alives spread over the next second, not in one burst (with thousands of streams, a
+    burst of sends is what the deliveries made at that moment wait behind)."""
+    user = new_user()
+    token, base = server.token(app, user), server.base_url
+    async with api(base, token) as a, contextlib.AsyncExitStack() as stack:
+        ids = [await subscribe(a, app.host_name) for _ in range(30)]
+        streams = await asyncio.gather(
+            *(stack.enter_async_context(open_stream("ws", base, d, token)) for d in ids)
+        )
+        await asyncio.gather(*(s.ready() for s in streams))
+
+        async def first_keepalive(s: Stream) -> float:
+            assert await s.next(wait=2 * KEEPALIVE + 2, keepalive=True) == {"type": "keepalive"}
+            return time.monotonic()
+
+        arrived = sorted(await asyncio.gather(*(first_keepalive(s) for s in streams)))
+    # Bursts: keep-alives less than 40 ms apart. All at once came in one or two (the ticker's
+    # second may have begun while the streams were opening).
+    bursts = 1 + sum(1 for a, b in zip(arrived, arrived[1:], strict=False) if b - a > 0.04)
+    assert bursts >= 4, [round(t - arrived[0], 3) for t in arrived]
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_access_token_in_the_query(server: Server, app: RegisteredApp, protocol: str) -> None:
     user = new_user()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
 
 from herald.errors import Unavailable
 from herald.metrics import Metrics
@@ -22,8 +25,10 @@ from herald.model import (
     Subscription,
 )
 from herald.outbound.dispatcher import Dispatcher
-from herald.preferences import HeldPush
+from herald.preferences import HeldPush, NotificationPreferences
 from herald.store import Store
+from tests.pg import StatementCounter
+from tests.store.conftest import Backend
 from tests.store.support import APP, content, new_id
 
 WAIT = 10.0
@@ -119,6 +124,55 @@ async def test_a_change_whose_removal_failed_is_published_again(store: Store) ->
         await dispatcher.close()
 
 
+class SlowTargets:
+    """The store, except that looking up push targets (with their users' preferences) waits
+    until `answer` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.answer = asyncio.Event()
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    async def push_audience(
+        self, pairs: Sequence[tuple[str, str]], now: datetime
+    ) -> tuple[list[Subscription], dict[tuple[str, str], NotificationPreferences]]:
+        self.asked += 1
+        await self.answer.wait()
+        return await self.store.push_audience(pairs, now)
+
+
+async def test_live_delivery_does_not_wait_for_the_push_target_lookup(store: Store) -> None:
+    """A batch's push targets are looked up after it is published, and the next batch is
+    published while that lookup is still waiting; the pushes are queued all the same."""
+    now = datetime.now().astimezone()
+    await add_phone(store, "u1", "ab" * 32, now)
+    slow = SlowTargets(store)
+    broker = Recorder()
+    dispatcher = Dispatcher(
+        slow,  # type: ignore[arg-type]
+        broker,  # type: ignore[arg-type]
+        Metrics(),
+        poll=0.05,
+        pushed=lambda providers: None,
+    )
+    await dispatcher.start()
+    try:
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 1 and slow.asked == 1, "the first lookup")
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 2, "the second batch published")
+        assert await store.count_deliveries() == 0  # nothing queued while the lookup waits
+        slow.answer.set()
+        await until(lambda: dispatcher.dispatched == 2 and not dispatcher.removing, "removed")
+        assert await store.pending(10) == []
+        assert await store.count_deliveries(Provider.APNS) == 2
+    finally:
+        await dispatcher.close()
+
+
 async def add_phone(store: Store, user: str, token: str, now: datetime) -> None:
     """An iOS subscription of `user` with an APNs channel."""
     sub = Subscription(
@@ -210,3 +264,64 @@ async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: 
     [claimed] = await store.claim(Provider.APNS, datetime.now().astimezone(), 60.0, 10)
     assert claimed.message.kind is PushKind.ALERT and claimed.message.position == 2
     assert claimed.message.priority is Priority.LOW
+
+
+@pytest.mark.postgres
+async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) -> None:
+    """What a change costs PostgreSQL from commit to removal, with no pushes to queue: the put
+    (one statement), the dispatcher's outbox read (one, on a connection it keeps: a pooled read
+    also waited for the pool's reset on release, before publishing), and the removal (BEGIN,
+    DELETE, COMMIT: no statement queueing zero pushes). Counted by a proxy on the wire."""
+    from herald.store.postgres import PostgresStore
+
+    assert postgres.dsn is not None
+    parts = urlsplit(postgres.dsn)
+    counter = StatementCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await counter.start()
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+    query = parts.query + "&sslmode=disable"  # plain protocol on the wire, for the counter
+    store = PostgresStore(urlunsplit((parts.scheme, netloc, parts.path, query, "")), min_size=1)
+    await store.open()
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        now = datetime.now().astimezone()
+        for n in range(1, 4):  # the first rounds prepare the statements on each connection
+            before = counter.statements
+            await store.put("u1", APP, content(), new_id(), now)
+            await until(
+                lambda n=n: len(broker.published) == n and not dispatcher.removals, "removal"
+            )
+            await asyncio.sleep(0.1)  # anything else that would follow
+            statements = counter.statements - before
+        assert await store.pending(10) == []
+    finally:
+        await dispatcher.close()
+        await store.close()
+        await counter.close()
+    assert statements <= 5, f"{statements} statements for one live delivery"
+
+
+@pytest.mark.postgres
+async def test_a_small_pool_keeps_a_connection_for_other_reads(postgres: Backend) -> None:
+    """The dispatcher keeps connections for its reads only when the pool has room for them
+    besides the writers' and at least one for every other read: with 3 connections in all (two
+    writers), a read through the pool still gets one while the dispatcher works."""
+    from herald.store.postgres import PostgresStore
+
+    assert postgres.dsn is not None
+    store = PostgresStore(postgres.dsn, min_size=1, max_size=3)
+    await store.open()
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=0.05)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        now = datetime.now().astimezone()
+        await store.put("u1", APP, content(), new_id(), now)
+        await until(lambda: len(broker.published) == 1 and not dispatcher.removals, "dispatch")
+        async with asyncio.timeout(WAIT):
+            assert await store.get_subscription("none", now) is None
+    finally:
+        await dispatcher.close()
+        await store.close()

@@ -1,10 +1,11 @@
 """The dispatcher: turns committed outbox entries into deliveries.
 
 The store writes an outbox entry with every change, in the same transaction (see
-`store/base.py`). This loop reads them oldest first, publishes each change to the broker (the live
-streams), works out the pushes for the devices' push channels (`targets.py`), and only then
-removes the entries while queueing those pushes, in one transaction (while it goes on with the
-next batch: that commit does not hold up live delivery). The push engine (`pusher.py`) sends
+`store/contract.py`). This loop reads them oldest first and publishes each change to the broker
+(the live streams); then, while it goes on with the next batch (neither the read of push targets
+nor the commit holds up live delivery), the batch's removal works out the pushes for the devices'
+push channels (`targets.py`) and removes the entries while queueing those pushes, in one
+transaction; removals are queued in batch order. The push engine (`pusher.py`) sends
 them. A crash in between publishes those changes again after restart: at-least-once, and
 streams drop what they have already sent by position; pushes are queued exactly once. It wakes
 on the store's commit signal and also polls, so entries written by another process (or left by
@@ -102,6 +103,9 @@ class Dispatcher:
         # is read (and published) without waiting for that commit, and skips them.
         self.removing: set[int] = set()
         self.removals: set[asyncio.Task[None]] = set()
+        # Done once the last batch's removal has looked up its push targets and been handed to
+        # the store: the next one waits for it, so removals are queued in batch order.
+        self.looked_up: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self.store.on_commit(self.committed)
@@ -183,10 +187,12 @@ class Dispatcher:
         for entry in fresh:
             await self.broker.publish(entry.change)
             self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
-        deliveries, held = await self.deliveries(fresh) if self.pushed is not None else ([], [])
-        seqs = [entry.seq for entry in fresh]
-        self.removing.update(seqs)
-        task = asyncio.create_task(self.remove(seqs, deliveries, held))
+        self.removing.update(entry.seq for entry in fresh)
+        # The push targets are looked up by the removal, not here: that read is not on the path
+        # of the next batch's live delivery.
+        looked_up = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self.remove(fresh, self.looked_up, looked_up))
+        self.looked_up = looked_up
         self.removals.add(task)
         task.add_done_callback(self.removals.discard)
         return len(fresh)
@@ -230,11 +236,23 @@ class Dispatcher:
         return out, held
 
     async def remove(
-        self, seqs: list[int], deliveries: list[NewDelivery], held: list[HeldPush]
+        self,
+        entries: list[Pending],
+        before: asyncio.Future[None] | None,
+        looked_up: asyncio.Future[None],
     ) -> None:
-        """Delete published entries and queue their pushes. If that fails the entries stay, and
-        are published again later: streams drop a position they have already sent."""
+        """Work out the pushes of published entries, then delete the entries and queue their
+        pushes. If that fails the entries stay, and are published again later: streams drop a
+        position they have already sent. `before`: the previous batch's `looked_up`."""
+        seqs = [entry.seq for entry in entries]
         try:
+            if before is not None:
+                await before
+            no_pushes: tuple[list[NewDelivery], list[HeldPush]] = ([], [])
+            deliveries, held = (
+                await self.deliveries(entries) if self.pushed is not None else no_pushes
+            )
+            looked_up.set_result(None)  # the next batch's removal may go on: it is queued after
             await self.store.dispatched(seqs, deliveries, held)
             self.dispatched += len(seqs)
             self.metrics.dispatched.inc(len(seqs))
@@ -242,7 +260,11 @@ class Dispatcher:
                 self.pushed({d.provider for d in deliveries})
         except HeraldError as exc:
             log.warning("outbox removal failed", extra={"error": exc.message})
+        except Exception:  # a bug: the entries stay in the outbox
+            log.exception("outbox removal failed")
         finally:
+            if not looked_up.done():
+                looked_up.set_result(None)
             self.removing.difference_update(seqs)
 
 

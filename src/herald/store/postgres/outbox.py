@@ -10,10 +10,10 @@ from herald.model import ChangeKind, NewDelivery, Pending, Subscription
 from herald.preferences import HeldPush
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
-from herald.store.postgres.connection import identity, translated
+from herald.store.postgres.connection import identity
 from herald.store.postgres.preferences import insert_held
 from herald.store.postgres.transaction import Tx
-from herald.store.postgres.writer import PostgresWriter
+from herald.store.postgres.writer import OUTBOX, TARGETS, PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
     encode_message,
@@ -24,11 +24,12 @@ from herald.store.rows import (
 
 class PostgresOutbox(PostgresWriter, Outbox):
     async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
-        async with translated(), self._acquire() as conn:
-            if shards is None:
-                rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
-            else:
-                rows = await conn.fetch(_SHARD_PENDING_SQL, datetime.now(UTC), limit, list(shards))
+        now = datetime.now(UTC)
+        if shards is None:
+            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, now, limit))
+        else:
+            args = (now, limit, list(shards))
+            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
         return [pending_from_row(tuple(r), identity) for r in rows]
 
     async def push_targets(
@@ -37,10 +38,10 @@ class PostgresOutbox(PostgresWriter, Outbox):
         if not pairs:
             return []
         keys = sorted(set(pairs))
-        async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(
-                _PUSH_TARGETS_SQL, [k[0] for k in keys], [k[1] for k in keys], now
-            )
+        users, apps = [k[0] for k in keys], [k[1] for k in keys]
+        rows = await self._kept_read(
+            TARGETS, lambda conn: conn.fetch(_PUSH_TARGETS_SQL, users, apps, now)
+        )
         return [subscription_from_row(r, identity) for r in rows]
 
     async def dispatched(
@@ -86,15 +87,17 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 keep = [i for i, change in enumerate(changes) if change in mine]
                 rows = [[column[i] for i in keep] for column in columns]
             superseding = [r for r in removed if r[2] is not None]
-            await tx.conn.execute(
-                _DISPATCHED_SQL,
-                [r[0] for r in superseding],
-                [r[2] for r in superseding],
-                [r[1] for r in superseding],
-                *rows,
-                created,
-            )
-            if held:
+            # Nothing to supersede or queue (no pushes, say): spare the statement.
+            if superseding or rows[0]:
+                await tx.conn.execute(
+                    _DISPATCHED_SQL,
+                    [r[0] for r in superseding],
+                    [r[2] for r in superseding],
+                    [r[1] for r in superseding],
+                    *rows,
+                    created,
+                )
+            if held:  # pushes held for quiet hours, even when nothing else is queued
                 await insert_held(tx.conn, held, mine)
 
         await self._op(None, run)

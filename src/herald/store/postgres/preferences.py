@@ -22,7 +22,7 @@ from herald.preferences import (
 from herald.store.contract import Preferences
 from herald.store.postgres.connection import identity, translated
 from herald.store.postgres.transaction import Tx
-from herald.store.postgres.writer import PostgresWriter
+from herald.store.postgres.writer import TARGETS, PostgresWriter
 from herald.store.rows import SUBSCRIPTION_COLUMNS, encode_message, subscription_from_row
 
 
@@ -82,8 +82,11 @@ class PostgresPreferences(PostgresWriter, Preferences):
         if not pairs:
             return [], {}
         keys = sorted(set(pairs))
-        async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(_AUDIENCE_SQL, [k[0] for k in keys], [k[1] for k in keys], now)
+        users, apps = [k[0] for k in keys], [k[1] for k in keys]
+        # On the dispatcher's kept connection for push targets, as `Outbox.push_targets`.
+        rows = await self._kept_read(
+            TARGETS, lambda conn: conn.fetch(_AUDIENCE_SQL, users, apps, now)
+        )
         subs = [subscription_from_row(r, identity) for r in rows]
         prefs = {}
         for sub, row in zip(subs, rows, strict=True):

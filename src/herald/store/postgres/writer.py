@@ -46,6 +46,8 @@ SPLIT_AT = 32
 # pool, waiting for a free one included, within their sum. Defaults when no settings are given:
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 15.0
+# The dispatcher's kept reads (`PostgresWriter._kept_read`).
+OUTBOX, TARGETS = 0, 1
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 # Attempts at a batch that fails before any of it is sent, because its connection had closed.
@@ -135,6 +137,12 @@ class PostgresWriter:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
+        # The dispatcher's reads (`_kept_read`): outbox entries (`OUTBOX`) and push targets
+        # (`TARGETS`, looked up while the next batch is read), each one at a time on a
+        # connection of its own; through the pool if that would leave it none for other reads.
+        self._readers = [_Link(self), _Link(self)]
+        self._reader_locks = [asyncio.Lock(), asyncio.Lock()]
+        self._keep_readers = max_size >= self._writer_count + len(self._readers) + 1
         # Since when (monotonic) write batches fail for a database reason (logged on change),
         # and the last one the server refused, as (time, reason): None once a batch succeeds.
         self._failing_since: float | None = None
@@ -200,6 +208,9 @@ class PostgresWriter:
         self._wake.set()
         writers, self._writers = self._writers, []
         await asyncio.gather(*writers)
+        for link, lock in zip(self._readers, self._reader_locks, strict=True):
+            async with lock:
+                await link.release()
         pool, self._pool = self._pool, None
         try:
             # Graceful (each connection told goodbye), unless the server does not answer.
@@ -227,6 +238,22 @@ class PostgresWriter:
         except TimeoutError as e:
             message = f"the database did not answer within {PING_TIMEOUT:g} s"
             raise Unavailable(message, retry_after=1) from e
+
+    async def _kept_read(self, which: int, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """A read on a connection kept across reads (`which`: OUTBOX or TARGETS), for the
+        dispatcher, whose outbox read lies on the path of every live delivery: a pooled read
+        waits, before answering, for the pool's reset on release (a round trip of five
+        statements, as much work for PostgreSQL as the read)."""
+        if not self._keep_readers:
+            async with translated(), self._acquire() as conn:
+                return await run(conn)
+        link = self._readers[which]
+        async with self._reader_locks[which], translated():
+            try:
+                return await run(await link.connection())
+            except BaseException:
+                link.drop()  # lost, timed out or cancelled mid-statement: start afresh
+                raise
 
     async def _read_probe(self) -> None:
         async with translated(), self._acquire() as conn:
