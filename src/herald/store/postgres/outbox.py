@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from herald.model import ChangeKind, NewDelivery, Pending, Subscription
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
-from herald.store.postgres.connection import identity, translated
+from herald.store.postgres.connection import identity
 from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import (
@@ -22,7 +22,7 @@ from herald.store.rows import (
 
 class PostgresOutbox(PostgresWriter, Outbox):
     async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
-        async with translated(), self._acquire() as conn:
+        async with self._kept() as conn:
             if shards is None:
                 rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
             else:
@@ -35,7 +35,7 @@ class PostgresOutbox(PostgresWriter, Outbox):
         if not pairs:
             return []
         keys = sorted(set(pairs))
-        async with translated(), self._acquire() as conn:
+        async with self._kept() as conn:
             rows = await conn.fetch(
                 _PUSH_TARGETS_SQL, [k[0] for k in keys], [k[1] for k in keys], now
             )

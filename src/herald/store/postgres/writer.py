@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -131,6 +131,11 @@ class PostgresWriter:
         # Leave the pool at least one connection for reads.
         self._writer_count = max(1, min(writers, max_size - 1))
         self._writers: list[asyncio.Task[None]] = []
+        # The dispatcher's reads (`Outbox.pending`, `push_targets`), one at a time on a pooled
+        # connection kept across them: a pooled read pays a reset round trip on every release
+        # (asyncpg's RESET ALL & co. and our SET), two per dispatched batch otherwise.
+        self._reads = _Link(self)
+        self._reads_lock = asyncio.Lock()
         self._ops_lock = asyncio.Lock()
         self._idle = 0  # writers waiting for work
         self._closing = False
@@ -187,6 +192,7 @@ class PostgresWriter:
         self._closing = False
         self._wake = asyncio.Event()
         self._ops_lock = asyncio.Lock()
+        self._reads, self._reads_lock = _Link(self), asyncio.Lock()
         self._failing_since = self._refusal = None
         self._writers = [
             asyncio.create_task(self._write_loop(), name=f"herald-postgres-writer-{i}")
@@ -200,6 +206,8 @@ class PostgresWriter:
         self._wake.set()
         writers, self._writers = self._writers, []
         await asyncio.gather(*writers)
+        async with self._reads_lock:  # the pool's close waits for every connection
+            await self._reads.release()
         pool, self._pool = self._pool, None
         try:
             # Graceful (each connection told goodbye), unless the server does not answer.
@@ -227,6 +235,18 @@ class PostgresWriter:
         except TimeoutError as e:
             message = f"the database did not answer within {PING_TIMEOUT:g} s"
             raise Unavailable(message, retry_after=1) from e
+
+    @contextlib.asynccontextmanager
+    async def _kept(self) -> AsyncIterator[asyncpg.Connection]:
+        """The kept read connection (see `_reads`), for a caller's statements; a driver error
+        gives it up (its state unknown), as does a cancellation mid-statement; the next read
+        opens another."""
+        async with translated(), self._reads_lock:
+            try:
+                yield await self._reads.connection()
+            except (asyncio.CancelledError, *DRIVER):
+                self._reads.drop()
+                raise
 
     async def _read_probe(self) -> None:
         async with translated(), self._acquire() as conn:
