@@ -181,7 +181,10 @@ class Dispatcher:
 
     async def deliveries(self, entries: list[Pending]) -> list[NewDelivery]:
         """The pushes these changes make, to their users' push subscriptions."""
-        pairs = sorted({(e.change.user_id, e.change.app) for e in entries})
+        # Only the pairs that had a push target when read (most changes have none).
+        pairs = sorted({(e.change.user_id, e.change.app) for e in entries if e.pushable})
+        if not pairs:
+            return []
         now = self.clock()
         found: dict[tuple[str, str], list[Subscription]] = {}
         for sub in await self.store.push_targets(pairs, now):

@@ -14,8 +14,8 @@ from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
+    change_from_row,
     encode_message,
-    pending_from_row,
     subscription_from_row,
 )
 
@@ -27,7 +27,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 rows = await conn.fetch(_PENDING_SQL, datetime.now(UTC), limit)
             else:
                 rows = await conn.fetch(_SHARD_PENDING_SQL, datetime.now(UTC), limit, list(shards))
-        return [pending_from_row(tuple(r), identity) for r in rows]
+        # The last column: whether the entry's (user, app) has a push target (`_PUSHABLE`).
+        return [Pending(r[0], change_from_row(r[1], tuple(r)[2:-1], identity), r[-1]) for r in rows]
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime
@@ -79,6 +80,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 keep = [i for i, change in enumerate(changes) if change in mine]
                 rows = [[column[i] for i in keep] for column in columns]
             superseding = [r for r in removed if r[2] is not None]
+            if not superseding and not rows[0]:
+                return  # nothing to supersede or queue (new notifications, no push channel)
             await tx.conn.execute(
                 _DISPATCHED_SQL,
                 [r[0] for r in superseding],
@@ -91,14 +94,21 @@ class PostgresOutbox(PostgresWriter, Outbox):
         await self._op(None, run)
 
 
+# Whether an entry's (user, app) has a subscription with a push channel, not gone (an index
+# probe of subscriptions_owner): the dispatcher asks `push_targets` only for those pairs, which
+# also leaves out the expired ones by the dispatcher's clock.
+_PUSHABLE = (
+    "EXISTS (SELECT FROM subscriptions s WHERE s.user_id = o.user_id AND s.app = c.app"
+    " AND s.push_channel IS NOT NULL AND s.gone IS NULL)"
+)
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).
 _PENDING_SQL = (
-    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " ORDER BY o.seq LIMIT $2"
 )
 _SHARD_PENDING_SQL = (
-    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " WHERE o.shard = ANY($3::smallint[]) ORDER BY o.seq LIMIT $2"
 )
