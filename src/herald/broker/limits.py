@@ -11,12 +11,12 @@ A node takes tokens *ahead*: a check that finds none held here asks its bucket f
 (`chunk`: 1 % of the burst or of a second's refill, whichever is less, at least 1; while one
 request's chunk is being asked, the others ask only their own token) and keeps the rest for
 the next requests, for at most `HOLD_SECONDS`. Every accepted request still spent a token of
-the Redis bucket, so the cluster never accepts more than the bucket allows, plus at most what
-was taken within the last `HOLD_SECONDS` and used after the bucket would have refused (held
-tokens are never older than that); and never fewer than it allows less the tokens held here and
-there (one chunk per node and bucket). A limit of 20/s (burst 20) takes one token at a time, as
-before; the defaults (2,000/s per app, 20/s per user) take the app's 20 at a time, so a loaded
-node asks Redis about its users only.
+the Redis bucket, and a node holds at most a chunk less one per bucket, so over any span the
+cluster accepts at most what the bucket allows plus one chunk per node (what the nodes held
+when the span began), and at least what it allows less one chunk per node (tokens held unused
+where no request came). A limit of 20/s (burst 20) takes one token at a time, as before; the
+defaults (2,000/s per app, 20/s per user) take the app's 20 at a time, so a loaded node asks
+Redis about its users only.
 
 When Redis does not answer (down, unreachable, frozen: a call that takes over `timeout`), the
 requests are checked against this process's own buckets instead (each process then allows the
@@ -101,8 +101,9 @@ return out
 # What a node may take of a bucket at once: 1/SHARE of its burst or of what it refills in
 # HOLD_SECONDS, whichever is less, and at least one token (a limit of 20/s takes one at a time).
 SHARE = 100
-# Tokens taken ahead and not used within this are given up (never used later: see the module).
-HOLD_SECONDS = 1.0
+# Tokens taken ahead and not used within this are given up: a node holds at most a chunk less
+# one per bucket, so this bounds only how long those few are kept from the other nodes.
+HOLD_SECONDS = 10.0
 MAX_AHEAD = 100_000  # buckets with tokens held here; past this, those run out are dropped
 
 # (app bucket, user bucket or None, tokens wanted of each (0: not asked), the answer: which
