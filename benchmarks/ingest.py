@@ -29,6 +29,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -182,13 +183,18 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports that are free now (a port and its workers')."""
-    for _ in range(200):
-        first = free_port()
+    """The first of `count` consecutive ports that are free now (a port and its workers'). Taken
+    below the kernel's ephemeral range, where client connections take their ports: on a machine
+    with many connections open, consecutive free ports there are rare."""
+    rng = random.Random()
+    for _ in range(500):
+        first = rng.randrange(20_000, 32_000 - count)
         try:
             with contextlib.ExitStack() as stack:
-                for port in range(first + 1, first + count):
-                    stack.enter_context(socket.socket()).bind((HOST, port))
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+                    sock.bind((HOST, port))
             return first
         except OSError:
             continue

@@ -261,10 +261,13 @@ class Subscription(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Pending(msgspec.Struct, frozen=True):
-    """An outbox entry not yet dispatched: its sequence number and the change it announces."""
+    """An outbox entry not yet dispatched: its sequence number and the change it announces.
+    `pushable`: False if the change's (user, app) had no push target when the entry was read
+    (no `Outbox.push_targets` to ask); a backend that does not tell says True."""
 
     seq: int
     change: Change
+    pushable: bool = True
 
 
 # -- push deliveries ----------------------------------------------------------------------------

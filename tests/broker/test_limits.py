@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from redis.asyncio import Redis
 
 from herald.broker.limits import ClusterRateLimits
 from herald.errors import Throttled
@@ -70,5 +71,36 @@ async def test_without_redis_each_process_limits_on_its_own(redis: RedisServer) 
         assert await outcomes(a, "app1", None) in {"ok", "429 after 1"}
         assert not a.out
     finally:
+        await a.close()
+        await b.close()
+
+
+async def test_tokens_taken_ahead_still_hold_the_limit_across_processes(
+    redis: RedisServer,
+) -> None:
+    """A bucket large enough is taken from in chunks (1 % of a second's refill), so most checks
+    need no Redis call; the two processes together still accept no more than one bucket allows,
+    and at most the tokens held ahead (a chunk per process and bucket) less than it."""
+    a, b = limits(redis, app=1000), limits(redis, app=1000)
+    client = Redis.from_url(redis.url)
+
+    async def script_calls() -> int:
+        stats = await client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+    try:
+        start = asyncio.get_running_loop().time()
+        # 1,400 checks at once, 700 through each: the app's burst of 1,000, then refused.
+        got = await asyncio.gather(*(outcomes(n, "app1", None) for n in (a, b) * 700))
+        elapsed = asyncio.get_running_loop().time() - start
+        accepted = got.count("ok")
+        assert set(got) <= {"ok", "429 after 1"}, set(got)
+        assert 1000 - 2 * 10 <= accepted <= 1000 + 1000 * elapsed, (accepted, elapsed)
+        # Sequential checks (one request at a time) take a chunk per 10 requests.
+        calls = await script_calls()
+        assert [await outcomes(a, "app2", "alice") for _ in range(50)] == ["ok"] * 50
+        assert await script_calls() - calls <= 6
+    finally:
+        await client.aclose()
         await a.close()
         await b.close()

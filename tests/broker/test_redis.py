@@ -254,6 +254,40 @@ async def test_two_publishers_of_the_same_changes_deliver_each_once(
         await equal_to_delta(n, devices)
 
 
+async def test_changes_published_together_travel_as_one_batch(
+    redis_service: RedisServer, schema: Callable[[], Store]
+) -> None:
+    """What a dispatcher publishes in one go (one batch of the outbox) goes to Redis as a few
+    messages, not one each, and still reaches the other node's devices each once, in order."""
+    from redis.asyncio import Redis
+
+    async with nodes(redis_service, schema, dispatch=False) as n:
+        devices = listen(n)
+        for i in range(100):
+            await n.post(USERS[i % len(USERS)])
+        changes = sorted(
+            [c for u in USERS for c in await n.a.changes(u, None, 0, 1000)],
+            key=lambda c: (c.at, c.position),
+        )
+        client = Redis.from_url(redis_service.url)
+        try:
+
+            async def publishes() -> int:
+                stats = await client.info("commandstats")
+                return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+            before = await publishes()
+            for change in changes:
+                await n.broker_a.publish(change)
+            await complete(n, devices)
+            sent = await publishes() - before
+        finally:
+            await client.aclose()
+        await equal_to_delta(n, devices)
+        # 100 changes; the rest are the two nodes' heartbeats (one each per 0.5 s).
+        assert sent < 20, f"{sent} PUBLISHes for 100 changes"
+
+
 # -- Redis failures under publishing ---------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from herald.model import (
     Subscription,
 )
 from herald.store import Store
+from herald.store.postgres import PostgresStore
 
 from .conftest import Backend
 from .support import (
@@ -266,6 +267,29 @@ async def test_push_targets(store: Store) -> None:
     assert [s.id for s in targets] == [older.id, newer.id, other_app.id, u2.id]
     assert targets[0] == await fetch(store, older)
     assert await store.push_targets([], now) == []
+
+
+async def test_an_entry_without_push_targets_may_say_so(store: Store) -> None:
+    """`Pending.pushable` is False only where `push_targets` finds nobody: the dispatcher then
+    skips that read. A pair with a push channel is pushable (also on another app of the user)."""
+    await web_sub(store, "pushed")
+    await store.add_subscription(subscription(user="live"), 10, T0)  # no push channel
+    for user in ("pushed", "live", "plain"):
+        await put(store, user=user)
+    await put(store, user="pushed", app=OTHER_APP)
+    entries = await store.pending(10)
+    assert len(entries) == 4
+    now = T0 + timedelta(seconds=1)
+    for entry in entries:
+        pair = (entry.change.user_id, entry.change.app)
+        if not entry.pushable:
+            assert await store.push_targets([pair], now) == [], pair
+        if pair == ("pushed", APP):
+            assert entry.pushable
+    if isinstance(store, PostgresStore):  # it tells; SQLite always says True
+        assert {(e.change.user_id, e.change.app) for e in entries if e.pushable} == {
+            ("pushed", APP)
+        }
 
 
 async def test_dispatched_removes_entries_and_queues_deliveries(store: Store) -> None:

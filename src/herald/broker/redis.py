@@ -1,16 +1,19 @@
 """The Redis broker: changes travel between Herald processes over Redis pub/sub, which only cuts
 latency; the change log (PostgreSQL) stays the truth and fills whatever pub/sub loses.
 
-* **Channels.** A change goes to `herald:c:{shard}`, shard = crc32(user) % `SHARDS`, and every
-  node subscribes to all of them when it starts, so `listen` needs no round trip: a listener
-  registered before a publish gets it (the contract), and a node sees every change of its
-  users whatever the app, which is what shows it a gap (`broker/cursor.py`). Each node drops
-  the changes of users it has no listener for after reading a small header. (Per-user channels
-  would confirm a SUBSCRIBE after `listen` returned, losing the first changes of every stream
-  to a gap; see docs/architecture.md "The Redis broker" for the measurement.)
+* **One channel, batched.** Changes and revocations go to `herald:changes`, which every node
+  subscribes to when it starts, so `listen` needs no round trip: a listener registered before a
+  publish gets it (the contract), and a node sees every change of its users whatever the app,
+  which is what shows it a gap (`broker/cursor.py`). A message is a *batch*: the envelopes the
+  writer found queued, in order (one PUBLISH, and one message for every other node to read,
+  per writer round rather than per change: per message, redis-py's reading costs a node about
+  10 us). Each node drops the changes of users it has no listener for after reading a small
+  header. (Per-user channels would confirm a SUBSCRIBE after `listen` returned, losing the
+  first changes of every stream to a gap; see docs/architecture.md "The Redis broker".)
 * **Publishing.** A change is delivered to this node's listeners directly (no round trip, and
   same-node delivery goes on while Redis is down), then queued for one writer task that
-  pipelines PUBLISHes in order on one connection. A node skips its own messages coming back.
+  publishes what is queued, in order, as one batch (with the heartbeat, if due) on one
+  connection. A node skips its own messages coming back.
   A publish that fails is dropped and logged, never retried or waited for: the other nodes'
   cursors fill it from the log, and dispatch goes on (pushes are queued) while Redis is down.
 * **Subscribing.** Herald owns the loop (redis-py's asyncio PubSub does not reconnect by
@@ -40,7 +43,6 @@ import contextlib
 import logging
 import time
 import uuid
-import zlib
 from collections import deque
 
 import msgspec
@@ -57,15 +59,17 @@ from herald.store.contract import ChangeLog
 
 log = logging.getLogger("herald.broker")
 
-SHARDS = 64
 PREFIX = "herald:"
+# Not `herald:c:{shard}`, where Herald before 0.x published one change per message: during a
+# rolling upgrade the two formats do not meet (each side fills the other's changes from the log).
+CHANGES = f"{PREFIX}changes".encode()
 BEAT_SECONDS = 0.5
 DEADLINE_SECONDS = 1.5
 RECONCILE_SECONDS = 5.0
 POLL_SECONDS = 0.5
 TIMEOUT_SECONDS = 2.0  # connect, SUBSCRIBE confirmation, a pipeline of PUBLISHes
 MAX_QUEUED = 10_000  # messages waiting for the writer; past this the oldest are dropped
-PIPELINE = 1000
+BATCH = 1000  # envelopes per message at most
 BACKOFF = (0.05, 0.5)  # first and longest wait between subscription attempts
 
 
@@ -81,7 +85,7 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     change: msgspec.Raw  # a change's, encoded; nil in a revocation
 
 
-_envelopes = msgspec.msgpack.Decoder(Envelope)
+_batches = msgspec.msgpack.Decoder(list[Envelope])
 _changes = msgspec.msgpack.Decoder(Change)
 _encoder = msgspec.msgpack.Encoder()
 _NIL = msgspec.Raw(_encoder.encode(None))
@@ -106,11 +110,12 @@ class RedisBroker:
         self.url = url
         self.cursors = Cursors(log)
         self.node = uuid.uuid4().hex
-        self.channels = [f"{PREFIX}c:{shard}".encode() for shard in range(SHARDS)]
         self.beat_channel = f"{PREFIX}b:{self.node}".encode()
         self.beat, self.deadline, self.timeout = beat, deadline, timeout
         self.reconcile_every, self.poll = reconcile, poll
-        self.queue: deque[tuple[bytes, bytes]] = deque()
+        # Encoded envelopes (changes, revocations) for the writer; a heartbeat is due.
+        self.queue: deque[msgspec.Raw] = deque()
+        self.beat_due = False
         self.queued = asyncio.Event()
         self.changed = asyncio.Event()  # the subscription went up or down: reconcile now
         self.subscribed = asyncio.Event()
@@ -121,7 +126,8 @@ class RedisBroker:
         self.subscriptions = 0  # successful (re)subscriptions
         self.losses = 0  # subscriptions that ended (error, cut, silence)
         self.silences = 0  # subscriptions ended for want of a heartbeat
-        self.dropped = 0  # messages not published (Redis unreachable, queue full)
+        self.dropped = 0  # envelopes not published (Redis unreachable, queue full)
+        self.messages = 0  # batches published
 
     @property
     def connected(self) -> bool:
@@ -198,43 +204,44 @@ class RedisBroker:
             "",
             msgspec.Raw(_encoder.encode(change)),
         )
-        self.send(self.channel(change.user_id), _encoder.encode(envelope))
+        self.send(msgspec.Raw(_encoder.encode(envelope)))
 
     async def revoke(self, user_id: str, app: str, subscription_id: str) -> None:
         self.revoked(user_id, app, subscription_id)
         envelope = Envelope(self.node, "r", user_id, app, subscription_id, _NIL)
-        self.send(self.channel(user_id), _encoder.encode(envelope))
+        self.send(msgspec.Raw(_encoder.encode(envelope)))
 
     def listeners(self) -> int:
         return self.cursors.count()
 
     # -- publishing --------------------------------------------------------------------------
-    def channel(self, user_id: str) -> bytes:
-        return self.channels[zlib.crc32(user_id.encode()) % SHARDS]
-
-    def send(self, channel: bytes, data: bytes) -> None:
+    def send(self, envelope: msgspec.Raw) -> None:
         if self.closed:
             return
         if len(self.queue) >= MAX_QUEUED:
             self.queue.popleft()
             self.dropped += 1
-        self.queue.append((channel, data))
+        self.queue.append(envelope)
         self.queued.set()
 
     async def write_forever(self) -> None:
-        """PUBLISH what is queued, in order, a pipeline at a time on one connection."""
+        """PUBLISH what is queued, in order, in batches of up to `BATCH` envelopes, with the
+        heartbeat when one is due, on one connection."""
         assert self.publisher is not None
         failing = False
         while True:
             await self.queued.wait()
             self.queued.clear()
-            while self.queue:
-                batch = [self.queue.popleft() for _ in range(min(PIPELINE, len(self.queue)))]
+            while self.queue or self.beat_due:
+                batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+                beat, self.beat_due = self.beat_due, False
                 try:
                     async with asyncio.timeout(self.timeout):
                         pipe = self.publisher.pipeline(transaction=False)
-                        for channel, data in batch:
-                            pipe.publish(channel, data)
+                        if batch:
+                            pipe.publish(CHANGES, _encoder.encode(batch))
+                        if beat:
+                            pipe.publish(self.beat_channel, b"")
                         await pipe.execute()
                 except (RedisError, OSError, TimeoutError) as exc:
                     self.dropped += len(batch)
@@ -243,12 +250,15 @@ class RedisBroker:
                     failing = True
                     await asyncio.sleep(BACKOFF[0])
                 else:
+                    self.messages += bool(batch)
                     failing = False
 
     async def beat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.beat)
-            self.send(self.beat_channel, b"")
+            if not self.closed:
+                self.beat_due = True
+                self.queued.set()
 
     # -- subscribing -------------------------------------------------------------------------
     async def subscribe_forever(self) -> None:
@@ -276,11 +286,11 @@ class RedisBroker:
                     await subscriber.aclose()
 
     async def confirm(self, pubsub: PubSub) -> None:
-        """Subscribe to every channel and wait until Redis has confirmed each (messages that
-        arrive meanwhile are taken)."""
-        wanted = len(self.channels) + 1
+        """Subscribe to the changes and this node's heartbeat, and wait until Redis has confirmed
+        both (messages that arrive meanwhile are taken)."""
+        wanted = 2
         async with asyncio.timeout(self.timeout):
-            await pubsub.subscribe(*self.channels, self.beat_channel)
+            await pubsub.subscribe(CHANGES, self.beat_channel)
             while wanted:
                 message = await pubsub.get_message(timeout=self.timeout)
                 if message is None:
@@ -313,15 +323,21 @@ class RedisBroker:
         if message.get("type") != "message" or not isinstance(data, bytes):
             return
         try:
-            envelope = _envelopes.decode(data)
-            if envelope.node == self.node or envelope.user not in self.cursors.users:
-                return  # ours (delivered directly), or nobody listens for that user here
-            if envelope.kind == "c":
-                self.cursors.offer(_changes.decode(envelope.change))
-            elif envelope.kind == "r":
-                self.revoked(envelope.user, envelope.app, envelope.subscription)
-        except msgspec.DecodeError as exc:
+            envelopes = _batches.decode(data)
+        except msgspec.DecodeError as exc:  # (the cursors fill what it held from the log)
             log.warning("undecodable broker message", extra={"error": str(exc)})
+            return
+        users = self.cursors.users
+        for envelope in envelopes:
+            if envelope.node == self.node or envelope.user not in users:
+                continue  # ours (delivered directly), or nobody listens for that user here
+            try:
+                if envelope.kind == "c":
+                    self.cursors.offer(_changes.decode(envelope.change))
+                elif envelope.kind == "r":
+                    self.revoked(envelope.user, envelope.app, envelope.subscription)
+            except msgspec.DecodeError as exc:
+                log.warning("undecodable broker message", extra={"error": str(exc)})
 
     def revoked(self, user_id: str, app: str, subscription_id: str) -> None:
         for listener in self.cursors.listeners(user_id, app):

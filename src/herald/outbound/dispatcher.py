@@ -200,7 +200,10 @@ class Dispatcher:
     async def deliveries(self, entries: list[Pending]) -> tuple[list[NewDelivery], list[HeldPush]]:
         """The pushes these changes make, to their users' push subscriptions, and those of them
         the users' preferences hold for quiet hours (docs/push.md)."""
-        pairs = sorted({(e.change.user_id, e.change.app) for e in entries})
+        # Only the pairs that had a push target when read (most changes have none).
+        pairs = sorted({(e.change.user_id, e.change.app) for e in entries if e.pushable})
+        if not pairs:
+            return [], []
         now = self.clock()
         found: dict[tuple[str, str], list[Subscription]] = {}
         subs, prefs = await self.store.push_audience(pairs, now)

@@ -282,7 +282,8 @@ class Outbox(Protocol):
         """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
         notification as it is now, like `ChangeLog.changes`. `shards`: only the entries of users
         in these shards (see `Shards`); None: every entry. A backend whose `Shards.lease` always
-        grants every shard (SQLite) takes None only."""
+        grants every shard (SQLite) takes None only. `Pending.pushable` may be False only if
+        `push_targets` would have found no subscription of the change's (user, app) then."""
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime

@@ -16,8 +16,8 @@ from herald.store.postgres.transaction import Tx
 from herald.store.postgres.writer import OUTBOX, TARGETS, PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
+    change_from_row,
     encode_message,
-    pending_from_row,
     subscription_from_row,
 )
 
@@ -30,7 +30,8 @@ class PostgresOutbox(PostgresWriter, Outbox):
         else:
             args = (now, limit, list(shards))
             rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
-        return [pending_from_row(tuple(r), identity) for r in rows]
+        # The last column: whether the entry's (user, app) has a push target (`_PUSHABLE`).
+        return [Pending(r[0], change_from_row(r[1], tuple(r)[2:-1], identity), r[-1]) for r in rows]
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime
@@ -103,14 +104,21 @@ class PostgresOutbox(PostgresWriter, Outbox):
         await self._op(None, run)
 
 
+# Whether an entry's (user, app) has a subscription with a push channel, not gone (an index
+# probe of subscriptions_owner): the dispatcher asks `push_targets` only for those pairs, which
+# also leaves out the expired ones by the dispatcher's clock.
+_PUSHABLE = (
+    "EXISTS (SELECT FROM subscriptions s WHERE s.user_id = o.user_id AND s.app = c.app"
+    " AND s.push_channel IS NOT NULL AND s.gone IS NULL)"
+)
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).
 _PENDING_SQL = (
-    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " ORDER BY o.seq LIMIT $2"
 )
 _SHARD_PENDING_SQL = (
-    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " WHERE o.shard = ANY($3::smallint[]) ORDER BY o.seq LIMIT $2"
 )
