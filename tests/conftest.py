@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from herald.api.app import create_app
 from herald.auth.issuer import LocalIssuer
 from herald.cli import main
+from herald.feed import Clock, utcnow
 from herald.server import Server as HeraldServer
 from herald.server import config
 from herald.settings import Settings
@@ -105,9 +106,10 @@ class Server:
             self.clients.pop().close()
 
 
-def serve_in_thread(settings: Settings) -> Iterator[str]:
-    """Run Herald under uvicorn in a background thread; yield its base URL."""
-    app = create_app(settings)
+def serve_in_thread(settings: Settings, clock: Clock = utcnow) -> Iterator[str]:
+    """Run Herald under uvicorn in a background thread (on `clock`: tests/clock.py); yield its
+    base URL."""
+    app = create_app(settings, clock=clock)
     server = HeraldServer(config(app, "127.0.0.1", settings.port, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
@@ -161,16 +163,18 @@ def servers(store: str, data: Path, **overrides: object) -> Iterator[Server]:
     """A running Herald on `store` ("sqlite": a file under `data`; "postgres": a fresh schema),
     with these settings overridden; its clients are closed afterwards."""
     if store == "sqlite":
-        yield from _serve(make_settings(data, **overrides))
+        yield from serve(make_settings(data, **overrides))
         return
     from tests.pg import fresh_database
 
     for store_url in fresh_database():
-        yield from _serve(make_settings(data, store_url=store_url, **overrides))
+        yield from serve(make_settings(data, store_url=store_url, **overrides))
 
 
-def _serve(settings: Settings) -> Iterator[Server]:
-    for url in serve_in_thread(settings):
+def serve(settings: Settings, clock: Clock = utcnow) -> Iterator[Server]:
+    """A running Herald with these settings, on `clock` (tests/clock.py); its clients are
+    closed afterwards."""
+    for url in serve_in_thread(settings, clock):
         server = Server(settings, url)
         try:
             yield server

@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,6 +23,7 @@ from herald.api.app import create_app
 from herald.server import Server as HeraldServer
 from herald.server import config
 from herald.settings import Settings
+from tests.clock import Clock
 from tests.conftest import RegisteredApp, Server, make_settings
 from tests.devices import assert_graph_error, open_stream
 from tests.pushes import (
@@ -41,19 +42,6 @@ from tests.standins import TlsFiles, make_tls
 PREFS = "/beta/me/notificationPreferences"
 ZONE = "America/New_York"
 DAY = 86_400  # notifications outlive every clock jump here
-
-
-class Clock:
-    """Real time plus an offset the test moves forward (Herald's injected clock)."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
 
 
 class Running:
