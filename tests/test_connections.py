@@ -312,6 +312,27 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(herald: Herald) -> 
     assert TIMEOUT - 0.2 < answer.seconds < TIMEOUT + 1.0, answer
 
 
+def test_an_idle_connection_outlasts_a_client_keep_alive(tmp_path: Path) -> None:
+    """httpx (the Graph SDK's transport) reuses a connection idle for up to its keep-alive expiry
+    (5 s). Were Herald's idle timeout as short, it could close a connection just as a request
+    goes out on it, and the client would read a reset for a request it cannot tell whether to
+    repeat (CI saw one: httpx.ReadError in the middle of a burst of posts). With the default
+    settings the client is the one that lets go."""
+    expiry = httpx.Limits().keepalive_expiry
+    assert expiry is not None
+    request = b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"
+    for server in servers("sqlite", tmp_path):
+        with connect(server.settings.port) as sock:
+            sock.sendall(request)
+            first = b""
+            while not first.endswith(b'{"status":"ok"}'):
+                first += sock.recv(4096)
+            time.sleep(expiry + 0.5)  # the client kept it this long, and a little more
+            sock.sendall(request)
+            again = sock.recv(4096)
+        assert again.startswith(b"HTTP/1.1 200"), again
+
+
 @pytest.mark.parametrize("protocol", ["ws", "sse"])
 def test_live_streams_outlive_every_connection_timeout(herald: Herald, protocol: str) -> None:
     """A live stream stays open well past the header, body and idle timeouts (its keep-alives

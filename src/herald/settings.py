@@ -84,7 +84,10 @@ class Settings:
     max_url_bytes: int = 16_384
     header_timeout: float = 10.0
     body_timeout: float = 30.0
-    idle_timeout: float = 5.0
+    # Longer than the clients' own keep-alive expiry (httpx, the Graph SDK's transport: 5 s;
+    # aiohttp 15 s; a load balancer's 60 s), so the client, not Herald, closes an idle connection:
+    # a server closing one just as a request goes out on it gets that request a reset.
+    idle_timeout: float = 75.0
     max_pending_per_address: int = 64
     # Embedded issuer: Herald mints tokens itself (client credentials endpoint, `herald token`).
     local_issuer: bool = True
