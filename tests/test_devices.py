@@ -1475,31 +1475,33 @@ async def test_a_client_too_far_behind_is_closed_and_resumes(
         url = f"{ws_url(base)}{SUBS}/{d}/stream?access_token={token}"
         ws = ClientProtocol(parse_uri(url))
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        sock.settimeout(WAIT)
-        sock.connect(("127.0.0.1", server.settings.port))
-        ws.send_request(ws.connect())
-        sock.sendall(b"".join(ws.data_to_send()))
-        frames: list[Frame] = []
-        while not frames:  # the handshake response, then `ready`
-            ws.receive_data(sock.recv(65536))
-            frames += [e for e in ws.events_received() if isinstance(e, Frame)]
-        assert json.loads(frames[0].data) == {"type": "ready", "position": 0}
-        ids = await post_many(base, token, host, count, size)
-        caught_up = False  # a keepalive: all sent and still open, never found behind
-        while ws.state is not State.CLOSED and not caught_up:
-            data = await asyncio.to_thread(sock.recv, 65536)
-            if not data:
-                break
-            ws.receive_data(data)
-            sock.sendall(b"".join(ws.data_to_send()))  # pongs, the close reply
-            for event in ws.events_received():
-                if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
-                    message = json.loads(event.data)
-                    caught_up = caught_up or message["type"] == "keepalive"
-                    if message["type"] != "keepalive":
-                        messages.append(message)
-        sock.close()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            sock.settimeout(WAIT)
+            sock.connect(("127.0.0.1", server.settings.port))
+            ws.send_request(ws.connect())
+            sock.sendall(b"".join(ws.data_to_send()))
+            frames: list[Frame] = []
+            while not frames:  # the handshake response, then `ready`
+                ws.receive_data(sock.recv(65536))
+                frames += [e for e in ws.events_received() if isinstance(e, Frame)]
+            assert json.loads(frames[0].data) == {"type": "ready", "position": 0}
+            ids = await post_many(base, token, host, count, size)
+            caught_up = False  # a keepalive: all sent and still open, never found behind
+            while ws.state is not State.CLOSED and not caught_up:
+                data = await asyncio.to_thread(sock.recv, 65536)
+                if not data:
+                    break
+                ws.receive_data(data)
+                sock.sendall(b"".join(ws.data_to_send()))  # pongs, the close reply
+                for event in ws.events_received():
+                    if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                        message = json.loads(event.data)
+                        caught_up = caught_up or message["type"] == "keepalive"
+                        if message["type"] != "keepalive":
+                            messages.append(message)
+        finally:
+            sock.close()  # also when a post fails: a leaked socket fails a later test's setup
         code = ws.close_rcvd.code if ws.close_rcvd is not None else None
     else:
         timeout = httpx.Timeout(WAIT, read=None)
