@@ -78,6 +78,13 @@ WHERE c.id = d.id ORDER BY c.attempts DESC LIMIT 1) c WHERE c.node = 'herald-a'
 AND c.attempts = d.attempts
 """
 
+# The nodes' sessions, for a failure message: what each one was doing, and since when.
+SESSIONS_SQL = """
+SELECT application_name, pid, state, wait_event_type, wait_event, now() - xact_start AS xact,
+now() - state_change AS since, left(query, 80) AS query FROM pg_stat_activity
+WHERE application_name LIKE 'herald-%' ORDER BY application_name, xact_start
+"""
+
 
 @pytest.fixture
 def redis_service() -> Iterator[RedisServer]:
@@ -105,6 +112,22 @@ async def until_owned(db: asyncpg.Connection, want: dict[str, int], wait: float 
         if all(counts[pid] == n for pid, n in want.items()):
             return time.monotonic() - began
         assert time.monotonic() - began < wait, f"shards held: {dict(counts)}, wanted {want}"
+        await asyncio.sleep(0.05)
+
+
+async def until_quiet(db: asyncpg.Connection, node: str) -> None:
+    """Until none of a stopped node's statements is still running. What it sent just before it
+    stopped is carried out after: a settle's COMMIT, say, deleting pushes that a snapshot taken
+    at once would count as in flight (CI saw B never claim again pushes A had sent, and A's log
+    said its settle was cut off by the freeze)."""
+    quiet = 0
+    while quiet < 3:
+        active = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND state NOT IN ('idle', 'idle in transaction')",
+            node,
+        )
+        quiet = quiet + 1 if active == 0 else 0
         await asyncio.sleep(0.05)
 
 
@@ -288,6 +311,7 @@ def test_kill_9_of_the_dispatching_node_mid_burst_loses_and_repeats_nothing(
             else:
                 procs[0].send_signal(signal.SIGSTOP)
             killed = time.monotonic()
+            await until_quiet(db, "herald-a")
             in_flight = await db.fetch(IN_FLIGHT_SQL)
             await until_owned(db, {pid_b: SHARDS})
             takeover = time.monotonic() - killed
@@ -296,7 +320,15 @@ def test_kill_9_of_the_dispatching_node_mid_burst_loses_and_repeats_nothing(
                 # A finishes the batch it was dispatching, of shards that are B's now.
                 deadline = time.monotonic() + WAIT
                 while not await all_reclaimed(db, in_flight):
-                    assert time.monotonic() < deadline, "B did not claim A's pushes again"
+                    if time.monotonic() >= deadline:
+                        rows = await db.fetch(
+                            "SELECT id, attempts, due, now() FROM deliveries WHERE id = ANY($1)",
+                            [r[0] for r in in_flight],
+                        )
+                        sessions = await db.fetch(SESSIONS_SQL)
+                        raise AssertionError(
+                            f"B did not claim A's pushes again: {rows}; {sessions}"
+                        )
                     await asyncio.sleep(0.05)
                 procs[0].send_signal(signal.SIGCONT)
             await posting
