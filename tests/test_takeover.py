@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from herald.auth.issuer import LocalIssuer
@@ -81,7 +82,8 @@ AND c.attempts = d.attempts
 # The nodes' sessions, for a failure message: what each one was doing, and since when.
 SESSIONS_SQL = """
 SELECT application_name, pid, state, wait_event_type, wait_event, now() - xact_start AS xact,
-now() - state_change AS since, left(query, 80) AS query FROM pg_stat_activity
+now() - state_change AS since, pg_blocking_pids(pid) AS blocked_by, left(query, 80) AS query
+FROM pg_stat_activity
 WHERE application_name LIKE 'herald-%' ORDER BY application_name, xact_start
 """
 
@@ -113,6 +115,15 @@ async def until_owned(db: asyncpg.Connection, want: dict[str, int], wait: float 
             return time.monotonic() - began
         assert time.monotonic() - began < wait, f"shards held: {dict(counts)}, wanted {want}"
         await asyncio.sleep(0.05)
+
+
+async def node_sessions(url: str) -> list[asyncpg.Record]:
+    """The nodes' sessions (on a connection of its own: the test's may be busy)."""
+    db = await asyncpg.connect(url)
+    try:
+        return await db.fetch(SESSIONS_SQL)
+    finally:
+        await db.close()
 
 
 async def until_quiet(db: asyncpg.Connection, node: str) -> None:
@@ -289,9 +300,14 @@ def test_kill_9_of_the_dispatching_node_mid_burst_loses_and_repeats_nothing(
                             "targetHostName": HOST,
                             "payload": {"visualContent": {"title": f"message {i}"}},
                         }
-                        r = await sessions[i % len(tokens)].post(
-                            "/beta/me/notifications", json=body
-                        )
+                        try:
+                            r = await sessions[i % len(tokens)].post(
+                                "/beta/me/notifications", json=body
+                            )
+                        except httpx.TimeoutException as e:  # what held it up, in the message
+                            raise AssertionError(
+                                f"post {i} timed out: {await node_sessions(postgres_store)}"
+                            ) from e
                         assert r.status_code == 201, r.text
                         acked[r.json()["id"]] = tokens[i % len(tokens)]
                         await asyncio.sleep(PAUSE)
@@ -325,10 +341,8 @@ def test_kill_9_of_the_dispatching_node_mid_burst_loses_and_repeats_nothing(
                             "SELECT id, attempts, due, now() FROM deliveries WHERE id = ANY($1)",
                             [r[0] for r in in_flight],
                         )
-                        sessions = await db.fetch(SESSIONS_SQL)
-                        raise AssertionError(
-                            f"B did not claim A's pushes again: {rows}; {sessions}"
-                        )
+                        held = await node_sessions(postgres_store)
+                        raise AssertionError(f"B did not claim A's pushes again: {rows}; {held}")
                     await asyncio.sleep(0.05)
                 procs[0].send_signal(signal.SIGCONT)
             await posting
