@@ -136,3 +136,32 @@ async def _read_only(admin: asyncpg.Connection, on: bool) -> None:
     await admin.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
     await admin.execute("SELECT pg_reload_conf()")
     await asyncio.sleep(0.2)  # backends apply the reload at their next command
+
+
+async def test_an_op_waiting_on_a_row_lock_holds_up_no_post(
+    shared: tuple[PostgresStore, str, str, str],
+) -> None:
+    """A node frozen mid-transaction keeps its row locks until PostgreSQL ends its session
+    (`idle_in_transaction_session_timeout`). Another node's ops needing those rows wait as long;
+    its posts must not wait with them. (CI: a node SIGSTOPped inside a push settle held the
+    other node's posts over 10 s: its second writer waited for the first's ops transaction.)"""
+    store, url, _, schema = shared
+    n1, n2 = await put(store, "u1"), await put(store, "u2")
+    frozen = await asyncpg.connect(url, server_settings={"search_path": schema})
+    tx = frozen.transaction()
+    await tx.start()
+    try:
+        # As a node stopped inside a transaction that changed u1's feed.
+        await frozen.execute("SELECT 1 FROM feed_heads WHERE user_id = 'u1' FOR UPDATE")
+        held = asyncio.create_task(store.delete("u1", "app.example.com", n1, None, NOW))
+        await asyncio.sleep(0.3)  # a writer's ops transaction now waits on the lock
+        other = asyncio.create_task(store.delete("u2", "app.example.com", n2, None, NOW))
+        await asyncio.sleep(0.3)  # and the other writer has taken this op
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(put(store, f"u{i}") for i in range(3, 13)))
+        assert not held.done()
+    finally:
+        await tx.rollback()
+        await frozen.close()
+    async with asyncio.timeout(5):
+        await asyncio.gather(held, other)

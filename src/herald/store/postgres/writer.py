@@ -134,6 +134,7 @@ class PostgresWriter:
         self._writer_count = max(1, min(writers, max_size - 1))
         self._writers: list[asyncio.Task[None]] = []
         self._ops_lock = asyncio.Lock()
+        self._ops_waiting: list[_Call] = []  # ops left by writers to the one running ops
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
@@ -195,6 +196,7 @@ class PostgresWriter:
         self._closing = False
         self._wake = asyncio.Event()
         self._ops_lock = asyncio.Lock()
+        self._ops_waiting = []
         self._failing_since = self._refusal = None
         self._writers = [
             asyncio.create_task(self._write_loop(), name=f"herald-postgres-writer-{i}")
@@ -320,11 +322,25 @@ class PostgresWriter:
         # Puts of one key go to successive calls: the first ones, then the second ones...
         for k, generation in enumerate(_generations(puts)):
             await self._commit(link, generation, put_batch if k == 0 else put_again)
-        if ops:
-            # One ops transaction at a time per store: they may take other row locks
-            # (apps, idempotency keys) in any order, which could deadlock two of them.
-            async with self._ops_lock:
-                await self._commit(link, ops, run_ops)
+        if not ops:
+            return
+        # One ops transaction at a time per store: they may take other row locks (apps,
+        # idempotency keys) in any order, which could deadlock two of them. A writer does not
+        # wait for another's: it leaves its ops to the one running ops, which takes them next,
+        # and goes back to the puts. An ops transaction waiting on a row lock (held by another
+        # node, say one frozen mid-transaction until PostgreSQL ends it) holds up only the ops,
+        # never the posts (CI: a node SIGSTOPped inside a settle held the other's posts 10 s).
+        self._ops_waiting.extend(ops)
+        if self._ops_lock.locked():
+            return
+        async with self._ops_lock:
+            while self._ops_waiting:  # no await between the last look and the release
+                ops, self._ops_waiting = self._ops_waiting, []
+                try:
+                    await self._commit(link, ops, run_ops)
+                except Exception as e:  # a bug: answer them (other writers' too), go on
+                    log.exception("postgres writer failed")
+                    _answer(ops, [(False, HeraldError(f"write failed: {e!r}"))] * len(ops))
 
     async def _commit(
         self,
