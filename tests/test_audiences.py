@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.clock import Clock
 from tests.conftest import RegisteredApp, Server, make_settings, serve_in_thread
 from tests.devices import (
     api,
@@ -258,7 +260,10 @@ async def test_a_ten_thousand_user_send_leaves_another_users_posts_fast(
     server: Server, app: RegisteredApp
 ) -> None:
     """While 10,000 notifications are created, another user's own posts reach their device live
-    with p99 under 50 ms (from before the POST to the stream message)."""
+    without waiting for the send: their p99 (from before the POST to the stream message) is a
+    small fraction of the send's duration, whatever the machine's load. A post queued behind the
+    send would wait for much of it. (The latency itself is measured by benchmarks/audience.py:
+    a bound in milliseconds here would fail on a busy machine, not on a regression.)"""
     carol = new_user()
     token, base = server.token(app, carol), server.base_url
     recipients = [new_user() for _ in range(10_000)]
@@ -275,6 +280,7 @@ async def test_a_ten_thousand_user_send_leaves_another_users_posts_fast(
             r = await srv.post(SEND, json={"userIds": recipients, "notification": content(app)})
             assert r.status_code == 202, r.text
             location = r.headers["location"]
+            began = time.perf_counter()
             samples: list[tuple[float, float]] = []  # (when it arrived, latency)
             running_at = 0.0  # when the send was last seen running
             op: dict[str, Any] = {"status": "notStarted"}
@@ -290,12 +296,16 @@ async def test_a_ten_thousand_user_send_leaves_another_users_posts_fast(
                     running_at = time.perf_counter()
             # Counted: the posts that arrived while the send was surely running.
             latencies = [latency for at, latency in samples if at <= running_at]
+            took = time.perf_counter() - began
             assert (op["status"], op["succeededCount"]) == ("succeeded", 10_000), op
     latencies.sort()
     assert len(latencies) >= 20, latencies
     p99 = latencies[int(len(latencies) * 0.99)]
-    print(f"10,000-user send: {len(latencies)} posts during it, p99 {p99 * 1000:.1f} ms")
-    assert p99 < 0.050, latencies[-10:]
+    print(
+        f"10,000-user send: {took:.2f} s; {len(latencies)} posts during it,"
+        f" p99 {p99 * 1000:.1f} ms"
+    )
+    assert p99 < took / 10, (took, latencies[-10:])
 
 
 def test_openapi_describes_audiences_and_operations(server: Server) -> None:
@@ -329,4 +339,45 @@ def test_audience_requests_count_against_the_apps_rate_limit(tmp_path: Path) -> 
         r = c.post(SEND, json={"userIds": ["u1"], "notification": content(app)})
         assert_graph_error(r, 429, "activityLimitReached")
         assert int(r.headers["retry-after"]) >= 1
+        srv.close_clients()
+
+
+def test_a_finished_operation_is_removed_after_operation_retention(
+    tmp_path: Path, store_url: str | None
+) -> None:
+    """The sweeper removes a finished operation `operation_retention` after it finished (moved
+    clock, not sleeps): its id answers 404, its Idempotency-Key makes a new send, and the
+    notifications it created stay."""
+    clock = Clock()
+    overrides: dict[str, Any] = {"sweep_interval": 0.2, "operation_retention": 3600}
+    if store_url is not None:
+        overrides["store_url"] = store_url
+    settings = make_settings(tmp_path, **overrides)
+    for url in serve_in_thread(settings, clock):
+        srv = Server(settings, url)
+        app = srv.register()
+        c = srv.client(srv.token(app, None))
+        users = [new_user() for _ in range(2)]
+        key = {"Idempotency-Key": f"campaign-{uuid.uuid4()}"}
+        request = {"userIds": users, "notification": content(app)}
+        r = c.post(SEND, json=request, headers=key)
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        deadline = time.monotonic() + 10
+        while c.get(location).json()["status"] != "succeeded":
+            assert time.monotonic() < deadline, c.get(location).text
+            time.sleep(0.05)
+        clock.advance(timedelta(seconds=3600 - 60))
+        time.sleep(1.0)  # five sweeps: not yet
+        assert c.get(location).status_code == 200
+        clock.advance(timedelta(seconds=120))
+        deadline = time.monotonic() + 10
+        while (gone := c.get(location)).status_code == 200:
+            assert time.monotonic() < deadline, "the finished operation was never removed"
+            time.sleep(0.05)
+        assert_graph_error(gone, 404, "itemNotFound")
+        for user in users:
+            assert len(c.get(f"/beta/users/{user}/notifications").json()["value"]) == 1
+        again = c.post(SEND, json=request, headers=key)
+        assert again.status_code == 202 and again.json()["id"] != r.json()["id"], again.text
         srv.close_clients()

@@ -22,7 +22,8 @@ BATCH = 1000  # rows per sweep transaction: keeps each write short next to reque
 
 
 async def sweep_once(store: Retention, settings: Settings, clock: Clock) -> int:
-    """Expire everything due now; returns how many notifications expired."""
+    """Expire everything due now, and remove sends finished longer than `operation_retention`
+    ago; returns how many notifications expired."""
     total = 0
     while True:
         now = clock()
@@ -30,7 +31,11 @@ async def sweep_once(store: Retention, settings: Settings, clock: Clock) -> int:
         expired = await store.sweep(now, retain_from, BATCH)
         total += expired
         if expired < BATCH:
-            return total
+            break
+    finished_before = clock() - timedelta(seconds=settings.operation_retention)
+    while await store.prune_sends(finished_before, BATCH) == BATCH:
+        pass
+    return total
 
 
 async def run(store: Retention, settings: Settings, clock: Clock, metrics: Metrics) -> None:

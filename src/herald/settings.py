@@ -135,6 +135,9 @@ class Settings:
     audience_max_members: int = 1_000_000
     max_audiences: int = 1_000
     send_batch: int = 50
+    # A finished send's operation (its status, counts, failures, Idempotency-Key) is kept this
+    # long, then the sweeper removes it (s).
+    operation_retention: int = 7 * DAY
     # Seconds the runner waits between batches (0: it only yields to the event loop).
     send_pause: float = 0.0
     # Rate limits (token buckets): requests per second and burst, per app and per (app, user).
@@ -351,6 +354,7 @@ def _check(s: Settings) -> None:
         "audience_max_members",
         "max_audiences",
         "send_batch",
+        "operation_retention",
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")

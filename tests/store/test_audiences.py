@@ -178,3 +178,39 @@ async def test_deleting_the_app_removes_its_audiences_and_sends(store: Store) ->
     assert await store.send_recipients(f"s-{APP}", 0, 10) == []
     assert await store.members(OTHER, "a", None, 10) == ["u1", "u2"]
     assert await store.send_recipients(f"s-{OTHER}", 0, 10) == ["u1"]
+
+
+async def test_finished_sends_are_pruned_after_their_retention(store: Store) -> None:
+    """`prune_sends`: sends finished before the cut go, oldest first and `limit` at a time, with
+    their recipients, failures and recipients' records; their key is free again. A send still
+    running stays, however old."""
+    early, late = T0 + timedelta(seconds=10), T0 + timedelta(seconds=20)
+    for id, finished in (("s1", early), ("s2", late), ("s3", early), ("s4", None)):
+        await store.start_send(send(id, key=f"k-{id}"), ["u1", "u2"], 10)
+        failure = [Failure("u2", "userNotFound", "x")]
+        await store.send_progress(id, 1, failure, "running", T0)
+        if finished is not None:
+            await store.send_progress(id, 2, [], "succeeded", finished)
+        record = once("u1", scope=f":send:{id}")  # a recipient's record (herald/sends.py)
+        await store.put_once("u1", APP, content(), new_id(), T0, record)
+    cut = late  # s2 finished at the cut: kept
+    assert await store.prune_sends(cut, 1) == 1
+    assert await store.prune_sends(cut, 10) == 1
+    assert await store.prune_sends(cut, 10) == 0
+    for id in ("s1", "s3"):
+        assert await store.get_send(APP, id) is None
+        assert await store.send_recipients(id, 0, 10) == []
+        assert await store.send_failures(APP, id, 10) == []
+        assert await store.recall(f":send:{id}", "u1", T0) is None
+    for id in ("s2", "s4"):
+        kept = await store.get_send(APP, id)
+        assert kept is not None and await store.send_recipients(id, 0, 10) == ["u1", "u2"]
+        assert len(await store.send_failures(APP, id, 10)) == 1
+        assert await store.recall(f":send:{id}", "u1", T0) is not None
+    # The key of a pruned send makes a new send; a kept one's still answers with its own.
+    _, created = await store.start_send(send("s5", key="k-s1"), ["u1"], 10)
+    assert created
+    _, created = await store.start_send(send("s6", key="k-s2"), ["u1"], 10)
+    assert not created
+    assert await store.prune_sends(T0 + timedelta(days=1), 10) == 1  # s2; s4..s6 not finished
+    assert [s.id for s in await store.unfinished_sends(10)] == ["s4", "s5"]

@@ -265,6 +265,12 @@ class Retention(Protocol):
         `retain_changes_until` (with any outbox entry still pointing at one;
         `ChangeLog.horizon` moves past them). Returns the number of notifications expired."""
 
+    async def prune_sends(self, finished_before: datetime, limit: int) -> int:
+        """Remove up to `limit` sends (`Audiences`) that finished before `finished_before`,
+        oldest first, with their recipients, failures and recipients' idempotency records: the
+        operation is then unknown, and its Idempotency-Key free again. A send not finished is
+        never removed. Returns how many went."""
+
 
 class Outbox(Protocol):
     """What the dispatcher drains: the changes not yet published, whom to push them to, and the

@@ -23,6 +23,12 @@ class PostgresRetention(PostgresWriter, Retention):
             self._hooks.fire()
         return expired
 
+    async def prune_sends(self, finished_before: datetime, limit: int) -> int:
+        # One statement: atomic without a transaction of ops (see take_turn).
+        async with translated(), self._acquire() as conn:
+            gone: int = await conn.fetchval(_PRUNE_SENDS_SQL, finished_before, limit)
+        return gone
+
     async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
         # One statement of its own (not in a batch of ops, whose other row locks it would join
         # in an order another node's batch may not share). The row lock orders concurrent
@@ -98,3 +104,16 @@ async def _sweep(
     await conn.execute("DELETE FROM idempotency WHERE expires <= $1", now)
     await conn.execute("DELETE FROM redeemed_codes WHERE expires <= $1", now)
     return len(expired)
+
+
+# A finished send never changes again (the runner leaves it), so deleting it with its rows in one
+# statement races nothing. `sends_unfinished` does not serve `finished <`: a scan of the sends,
+# one row per request, once a sweep interval.
+_PRUNE_SENDS_SQL = (
+    "WITH gone AS (DELETE FROM sends WHERE id IN (SELECT id FROM sends WHERE finished < $1"
+    " ORDER BY finished LIMIT $2) RETURNING id),"
+    " recipients AS (DELETE FROM send_recipients WHERE send_id IN (SELECT id FROM gone)),"
+    " failures AS (DELETE FROM send_failures WHERE send_id IN (SELECT id FROM gone)),"
+    " records AS (DELETE FROM idempotency WHERE scope IN (SELECT ':send:' || id FROM gone))"
+    " SELECT count(*) FROM gone"
+)

@@ -17,6 +17,9 @@ class SqliteRetention(SqliteDatabase, Retention):
     async def sweep(self, now: datetime, retain_changes_until: datetime, limit: int) -> int:
         return await self._write(lambda c: _sweep(c, now, retain_changes_until, limit))
 
+    async def prune_sends(self, finished_before: datetime, limit: int) -> int:
+        return await self._write(lambda c: _prune_sends(c, to_micros(finished_before), limit))
+
     async def take_turn(self, name: str, now: datetime, interval: float) -> bool:
         at, since = to_micros(now), to_micros(now) - round(interval * 1_000_000)
         return await self._write(
@@ -70,3 +73,17 @@ def _sweep(c: Connection, now: datetime, retain_until: datetime, limit: int) -> 
     c.execute("DELETE FROM idempotency WHERE expires <= ?", (at,))
     c.execute("DELETE FROM redeemed_codes WHERE expires <= ?", (at,))
     return len(expired)
+
+
+def _prune_sends(c: Connection, before: int, limit: int) -> int:
+    ids = [
+        r[0]
+        for r in c.execute(
+            "SELECT id FROM sends WHERE finished < ? ORDER BY finished LIMIT ?", (before, limit)
+        ).fetchall()
+    ]
+    for table, column in (("send_recipients", "send_id"), ("send_failures", "send_id")):
+        c.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
+    c.executemany("DELETE FROM idempotency WHERE scope = ':send:' || ?", [(i,) for i in ids])
+    c.executemany("DELETE FROM sends WHERE id = ?", [(i,) for i in ids])
+    return len(ids)
