@@ -43,6 +43,7 @@ from herald.store import (
     Remembered,
 )
 from herald.store.contract import Send
+from herald.store.schema import SEND_SCOPE
 from herald.users import canonical, is_principal_name, principal_name
 
 log = logging.getLogger("herald.sends")
@@ -62,9 +63,8 @@ class SendsStore(Audiences, Notifications, Directory, Outbox, Protocol):
 
 
 def scope_of(send_id: str) -> str:
-    """The idempotency scope of a send's recipients. It starts with a colon, which no request's
-    scope (`{client id}:{user}`) does."""
-    return f":send:{send_id}"
+    """The idempotency scope of a send's recipients (`SEND_SCOPE`)."""
+    return f"{SEND_SCOPE}{send_id}"
 
 
 class Sends:

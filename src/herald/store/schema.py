@@ -30,6 +30,10 @@ def check_version(current: int, known: int) -> None:
         )
 
 
+# The idempotency scope of a send's recipients' records is this and the send's id
+# (herald/sends.py); no request's scope (`{client id}:{user}`) starts with a colon.
+SEND_SCOPE = ":send:"
+
 # What `delete_app` removes, in this order (outbox entries and deliveries before the changes and
 # subscriptions they refer to; client ids last: idempotency scopes are found through them). Each
 # statement takes the host name as its only parameter, `{p}` its placeholder.
@@ -60,7 +64,7 @@ DELETE_APP = (
     (
         "sendRecords",
         "DELETE FROM idempotency WHERE EXISTS (SELECT 1 FROM sends AS s WHERE s.app = {p}"
-        " AND idempotency.scope = ':send:' || s.id)",
+        f" AND idempotency.scope = '{SEND_SCOPE}' || s.id)",
     ),
     (
         "sendRecipients",

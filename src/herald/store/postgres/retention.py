@@ -12,6 +12,7 @@ from herald.store.postgres.connection import translated
 from herald.store.postgres.deliveries import DELETE_DELIVERIES_OF_S
 from herald.store.postgres.transaction import Tx, append_changes, lock_heads
 from herald.store.postgres.writer import PostgresWriter
+from herald.store.schema import SEND_SCOPE
 
 
 class PostgresRetention(PostgresWriter, Retention):
@@ -114,6 +115,6 @@ _PRUNE_SENDS_SQL = (
     " ORDER BY finished LIMIT $2) RETURNING id),"
     " recipients AS (DELETE FROM send_recipients WHERE send_id IN (SELECT id FROM gone)),"
     " failures AS (DELETE FROM send_failures WHERE send_id IN (SELECT id FROM gone)),"
-    " records AS (DELETE FROM idempotency WHERE scope IN (SELECT ':send:' || id FROM gone))"
+    f" records AS (DELETE FROM idempotency WHERE scope IN (SELECT '{SEND_SCOPE}' || id FROM gone))"
     " SELECT count(*) FROM gone"
 )

@@ -7,6 +7,7 @@ from datetime import datetime
 from herald.model import ChangeKind
 from herald.store.contract import Retention
 from herald.store.rows import to_micros
+from herald.store.schema import SEND_SCOPE
 from herald.store.sqlite.appends import remove
 from herald.store.sqlite.connection import Connection
 from herald.store.sqlite.database import SqliteDatabase
@@ -82,8 +83,9 @@ def _prune_sends(c: Connection, before: int, limit: int) -> int:
             "SELECT id FROM sends WHERE finished < ? ORDER BY finished LIMIT ?", (before, limit)
         ).fetchall()
     ]
-    for table, column in (("send_recipients", "send_id"), ("send_failures", "send_id")):
-        c.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
-    c.executemany("DELETE FROM idempotency WHERE scope = ':send:' || ?", [(i,) for i in ids])
-    c.executemany("DELETE FROM sends WHERE id = ?", [(i,) for i in ids])
+    keys = [(i,) for i in ids]
+    c.executemany("DELETE FROM send_recipients WHERE send_id = ?", keys)
+    c.executemany("DELETE FROM send_failures WHERE send_id = ?", keys)
+    c.executemany(f"DELETE FROM idempotency WHERE scope = '{SEND_SCOPE}' || ?", keys)
+    c.executemany("DELETE FROM sends WHERE id = ?", keys)
     return len(ids)
