@@ -160,7 +160,7 @@ class Sends:
         its wait short; the bound keeps a send going when dispatch lags elsewhere (another node's
         shards, a dispatcher that cannot write)."""
         deadline = time.monotonic() + self.backlog_wait
-        while len(await self.store.pending(self.batch)) >= self.batch:
+        while await self.store.waiting(self.batch) >= self.batch:
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(BACKLOG_POLL)

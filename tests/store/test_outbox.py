@@ -116,6 +116,31 @@ async def test_pending_is_oldest_first_and_limited(store: Store) -> None:
     assert await store.pending(0) == []
 
 
+async def test_pending_leaves_out_the_skipped_entries_and_fills_its_limit_with_others(
+    store: Store,
+) -> None:
+    for i in range(5):
+        await put(store, f"k{i}", user=f"user{i % 2}")
+    everything = await store.pending(100)
+    skipped = {everything[0].seq, everything[2].seq}
+    # The limit counts only the entries returned: the dispatcher reads a full batch past the
+    # entries it is still removing.
+    assert await store.pending(2, skip=skipped) == [everything[1], everything[3]]
+    assert await store.pending(100, skip=skipped) == [everything[i] for i in (1, 3, 4)]
+    assert await store.pending(100, skip=[]) == everything
+
+
+async def test_waiting_counts_the_undispatched_entries_up_to_its_limit(store: Store) -> None:
+    assert await store.waiting(10) == 0
+    for i in range(5):
+        await put(store, f"k{i}", user=f"user{i % 2}")
+    assert await store.waiting(10) == 5
+    assert await store.waiting(3) == 3
+    everything = await store.pending(100)
+    await store.dispatched([p.seq for p in everything[:2]])
+    assert await store.waiting(10) == 3
+
+
 async def test_pending_keeps_each_users_position_order_under_concurrency(store: Store) -> None:
     users = [f"user{i:02d}" for i in range(25)]
     first = {u: (await put(store, "seed", user=u))[0] for u in users}

@@ -179,7 +179,7 @@ class Dispatcher:
         shards = self.scope()
         if shards is not None and not shards:
             return 0  # no lease (yet, or any more)
-        pending = await self.store.pending(BATCH + len(skip), shards)
+        pending = await self.store.pending(BATCH, shards, skip)
         fresh = [e for e in pending if e.seq not in skip and e.seq not in self.removing]
         if not fresh:
             return 0

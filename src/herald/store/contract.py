@@ -283,13 +283,19 @@ class Outbox(Protocol):
     """
 
     async def pending(
-        self, limit: int, shards: Collection[int] | None = None
+        self, limit: int, shards: Collection[int] | None = None, skip: Collection[int] = ()
     ) -> builtins.list[Pending]:
         """Up to `limit` undispatched outbox entries, ascending by seq. Each change carries the
         notification as it is now, like `ChangeLog.changes`. `shards`: only the entries of users
         in these shards (see `Shards`); None: every entry. A backend whose `Shards.lease` always
-        grants every shard (SQLite) takes None only. `Pending.pushable` may be False only if
+        grants every shard (SQLite) takes None only. `skip`: seqs to leave out, not counted in
+        `limit` (the dispatcher's entries whose removal has not committed yet: read again, each
+        would cost its joins once per batch until then). `Pending.pushable` may be False only if
         `push_targets` would have found no subscription of the change's (user, app) then."""
+
+    async def waiting(self, limit: int) -> int:
+        """How many outbox entries wait to be dispatched (any node's), counted up to `limit`;
+        no change is read. For the pacing of sends, apart from the dispatcher's own reads."""
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime

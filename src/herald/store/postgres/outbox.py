@@ -13,7 +13,7 @@ from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity
 from herald.store.postgres.preferences import insert_held
 from herald.store.postgres.transaction import Tx
-from herald.store.postgres.writer import OUTBOX, TARGETS, PostgresWriter
+from herald.store.postgres.writer import BACKLOG, OUTBOX, TARGETS, PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
     change_from_row,
@@ -23,15 +23,21 @@ from herald.store.rows import (
 
 
 class PostgresOutbox(PostgresWriter, Outbox):
-    async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
-        now = datetime.now(UTC)
+    async def pending(
+        self, limit: int, shards: Collection[int] | None = None, skip: Collection[int] = ()
+    ) -> list[Pending]:
+        args: tuple[object, ...] = (datetime.now(UTC), limit, list(skip))
         if shards is None:
-            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, now, limit))
+            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, *args))
         else:
-            args = (now, limit, list(shards))
+            args += (list(shards),)
             rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
         # The last column: whether the entry's (user, app) has a push target (`_PUSHABLE`).
         return [Pending(r[0], change_from_row(r[1], tuple(r)[2:-1], identity), r[-1]) for r in rows]
+
+    async def waiting(self, limit: int) -> int:
+        count = await self._kept_read(BACKLOG, lambda conn: conn.fetchval(_WAITING_SQL, limit))
+        return int(count)
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime
@@ -111,17 +117,21 @@ _PUSHABLE = (
     "EXISTS (SELECT FROM subscriptions s WHERE s.user_id = o.user_id AND s.app = c.app"
     " AND s.push_channel IS NOT NULL AND s.gone IS NULL)"
 )
-# Inner join: an entry whose change was pruned is skipped (sweep removes it).
+# Inner join: an entry whose change was pruned is skipped (sweep removes it). The entries in
+# $3 are filtered out on the outbox scan, before their joins.
 _PENDING_SQL = (
     f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
-    " ORDER BY o.seq LIMIT $2"
+    " WHERE o.seq <> ALL($3::bigint[]) ORDER BY o.seq LIMIT $2"
 )
 _SHARD_PENDING_SQL = (
     f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
-    " WHERE o.shard = ANY($3::smallint[]) ORDER BY o.seq LIMIT $2"
+    " WHERE o.shard = ANY($4::smallint[]) AND o.seq <> ALL($3::bigint[])"
+    " ORDER BY o.seq LIMIT $2"
 )
+# The dispatcher's way through the outbox (its primary key), without the joins.
+_WAITING_SQL = "SELECT count(*) FROM (SELECT FROM outbox ORDER BY seq LIMIT $1) AS o"
 _PUSH_TARGETS_SQL = (
     f"SELECT {', '.join('s.' + col.strip() for col in SUBSCRIPTION_COLUMNS.split(','))}"
     " FROM subscriptions s JOIN unnest($1::text[], $2::text[]) AS k(u, a)"

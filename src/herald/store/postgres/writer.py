@@ -47,7 +47,7 @@ SPLIT_AT = 32
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 15.0
 # The dispatcher's kept reads (`PostgresWriter._kept_read`).
-OUTBOX, TARGETS = 0, 1
+OUTBOX, TARGETS, BACKLOG = 0, 1, 2
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 # Attempts at a batch that fails before any of it is sent, because its connection had closed.
@@ -138,11 +138,13 @@ class PostgresWriter:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
-        # The dispatcher's reads (`_kept_read`): outbox entries (`OUTBOX`) and push targets
-        # (`TARGETS`, looked up while the next batch is read), each one at a time on a
-        # connection of its own; through the pool if that would leave it none for other reads.
-        self._readers = [_Link(self), _Link(self)]
-        self._reader_locks = [asyncio.Lock(), asyncio.Lock()]
+        # Reads kept off the pool (`_kept_read`): the dispatcher's outbox entries (`OUTBOX`) and
+        # push targets (`TARGETS`, looked up while the next batch is read), and the sends' count
+        # of the outbox (`BACKLOG`, polled while a send runs: on its own connection, so it never
+        # holds up the dispatcher's read); each one at a time on a connection of its own, or
+        # through the pool if that would leave it none for other reads.
+        self._readers = [_Link(self) for _ in range(3)]
+        self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._keep_readers = max_size >= self._writer_count + len(self._readers) + 1
         # Since when (monotonic) write batches fail for a database reason (logged on change),
         # and the last one the server refused, as (time, reason): None once a batch succeeds.

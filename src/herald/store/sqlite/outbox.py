@@ -25,13 +25,18 @@ from herald.store.sqlite.preferences import insert_held
 
 
 class SqliteOutbox(SqliteDatabase, Outbox):
-    async def pending(self, limit: int, shards: Collection[int] | None = None) -> list[Pending]:
+    async def pending(
+        self, limit: int, shards: Collection[int] | None = None, skip: Collection[int] = ()
+    ) -> list[Pending]:
         if shards is not None:
             raise ValueError("SQLite is single-process: its one node holds every shard")
-        rows = await self._read(
-            lambda c: c.execute(_PENDING_SQL, (to_micros(datetime.now(UTC)), limit)).fetchall()
-        )
+        args = (to_micros(datetime.now(UTC)), json.dumps(list(skip)), limit)
+        rows = await self._read(lambda c: c.execute(_PENDING_SQL, args).fetchall())
         return [pending_from_row(r, from_micros) for r in rows]
+
+    async def waiting(self, limit: int) -> int:
+        row = await self._read(lambda c: c.execute(_WAITING_SQL, (limit,)).fetchone())
+        return int(row[0])
 
     async def push_targets(
         self, pairs: Sequence[tuple[str, str]], now: datetime
@@ -95,8 +100,9 @@ class SqliteOutbox(SqliteDatabase, Outbox):
 _PENDING_SQL = (
     f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
-    " ORDER BY o.seq LIMIT ?"
+    " WHERE o.seq NOT IN (SELECT value FROM json_each(?)) ORDER BY o.seq LIMIT ?"
 )
+_WAITING_SQL = "SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT ?)"
 _PUSH_TARGETS_SQL = (
     f"SELECT {', '.join('s.' + col.strip() for col in SUBSCRIPTION_COLUMNS.split(','))}"
     " FROM json_each(?1) AS k JOIN subscriptions s"
