@@ -180,6 +180,12 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    11: {  # schema 11 added herald_dispatched
+        "herald_dispatched": "herald sha256:"
+        "afe65b978a16b2e4d92fc6b2bb251b2f4f3c6e4e4a4d57c5accb48e2a459f7eb",
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
+    },
 }
 
 
@@ -215,6 +221,24 @@ async def _functions(backend: Backend) -> dict[str, list[tuple[str, str | None]]
     return found
 
 
+_DISPATCHED_ARGS = (
+    "p_seqs bigint[], p_sub text[], p_user text[], p_app text[], p_provider text[],"
+    " p_message text[], p_nid text[], p_position bigint[], p_expires timestamp with time zone[],"
+    " p_due timestamp with time zone[], p_created timestamp with time zone, p_h_sub text[],"
+    " p_h_user text[], p_h_app text[], p_h_provider text[], p_h_nid text[], p_h_position"
+    " bigint[], p_h_expires timestamp with time zone[], p_h_release timestamp with time zone[]"
+)
+
+
+def _as_files() -> dict[str, list[tuple[str, str | None]]]:
+    """What `_functions` finds once every function is as its file has it."""
+    files = dict(functions())
+    return {
+        "herald_dispatched": [(_DISPATCHED_ARGS, digest(files["herald_dispatched"]))],
+        "herald_put_batch": [(_PUT_BATCH_ARGS, digest(files["herald_put_batch"]))],
+    }
+
+
 _PUT_BATCH_ARGS = (
     "p_user text[], p_app text[], p_anid text[], p_new_id text[], p_host text[], p_group text[],"
     " p_priority text[], p_at timestamp with time zone[], p_expires timestamp with time zone[],"
@@ -235,8 +259,7 @@ async def test_functions_are_applied_after_the_migrations(
     store = postgres.make()
     await store.open()
     try:
-        mark = digest(dict(functions())["herald_put_batch"])
-        assert await _functions(postgres) == {"herald_put_batch": [(_PUT_BATCH_ARGS, mark)]}
+        assert await _functions(postgres) == _as_files()
         assert (await put(store, "x"))[1]
     finally:
         await store.close()
@@ -261,8 +284,7 @@ async def test_a_function_unlike_its_file_is_replaced_at_open(postgres: Backend)
     await store.open()
     try:
         assert (await put(store, "x"))[1]
-        mark = digest(dict(functions())["herald_put_batch"])
-        assert await _functions(postgres) == {"herald_put_batch": [(_PUT_BATCH_ARGS, mark)]}
+        assert await _functions(postgres) == _as_files()
     finally:
         await store.close()
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
-from herald.model import ChangeKind, NewDelivery, Pending, Subscription
+from herald.model import NewDelivery, Pending, Subscription
 from herald.preferences import HeldPush
 from herald.store.contract import Outbox
 from herald.store.postgres.changelog import CHANGE_FIELDS, NOW_JOIN
 from herald.store.postgres.connection import identity
-from herald.store.postgres.preferences import insert_held
-from herald.store.postgres.transaction import Tx
-from herald.store.postgres.writer import BACKLOG, OUTBOX, TARGETS, PostgresWriter
+from herald.store.postgres.writer import BACKLOG, OUTBOX, REMOVALS, TARGETS, PostgresWriter
 from herald.store.rows import (
     SUBSCRIPTION_COLUMNS,
     change_from_row,
@@ -28,15 +26,15 @@ class PostgresOutbox(PostgresWriter, Outbox):
     ) -> list[Pending]:
         args: tuple[object, ...] = (datetime.now(UTC), limit, list(skip))
         if shards is None:
-            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, *args))
+            rows = await self._kept(OUTBOX, lambda conn: conn.fetch(_PENDING_SQL, *args))
         else:
             args += (list(shards),)
-            rows = await self._kept_read(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
+            rows = await self._kept(OUTBOX, lambda conn: conn.fetch(_SHARD_PENDING_SQL, *args))
         # The last column: whether the entry's (user, app) has a push target (`_PUSHABLE`).
         return [Pending(r[0], change_from_row(r[1], tuple(r)[2:-1], identity), r[-1]) for r in rows]
 
     async def waiting(self, limit: int) -> int:
-        count = await self._kept_read(BACKLOG, lambda conn: conn.fetchval(_WAITING_SQL, limit))
+        count = await self._kept(BACKLOG, lambda conn: conn.fetchval(_WAITING_SQL, limit))
         return int(count)
 
     async def push_targets(
@@ -46,7 +44,7 @@ class PostgresOutbox(PostgresWriter, Outbox):
             return []
         keys = sorted(set(pairs))
         users, apps = [k[0] for k in keys], [k[1] for k in keys]
-        rows = await self._kept_read(
+        rows = await self._kept(
             TARGETS, lambda conn: conn.fetch(_PUSH_TARGETS_SQL, users, apps, now)
         )
         return [subscription_from_row(r, identity) for r in rows]
@@ -57,17 +55,14 @@ class PostgresOutbox(PostgresWriter, Outbox):
         deliveries: Sequence[NewDelivery] = (),
         held: Sequence[HeldPush] = (),
     ) -> None:
-        """Two statements in one transaction. The first removes the entries and answers which
-        ones it removed: another node removing one of them at the same time makes it wait for
-        that node's commit, then skip the entry. The second, with a snapshot taken after that
-        commit (so it sees the deliveries the other node queued), supersedes for the removed
-        entries and queues the deliveries of those only."""
+        """One call of `herald_dispatched` (functions/herald_dispatched.sql, which says how it
+        keeps pushes queued once against another node removing the same entries), outside an
+        explicit transaction and on a connection of its own: one round trip, and never behind
+        the writers (an ops transaction waiting on a row lock held the removals, and after
+        `MAX_REMOVALS` of them the dispatcher's live delivery, up to the idle limit)."""
         if not seqs:
             return  # no entry removed: no delivery may be queued
-        keys = list(seqs)
-        created = datetime.now(UTC)
-        changes = [(d.user_id, d.message.position) for d in deliveries]
-        columns: list[list[object]] = [[] for _ in range(9)]
+        queued: list[list[object]] = [[] for _ in range(9)]
         for d in deliveries:
             m = d.message
             values = (
@@ -81,33 +76,24 @@ class PostgresOutbox(PostgresWriter, Outbox):
                 m.expires,
                 d.due,
             )
-            for column, value in zip(columns, values, strict=True):
+            for column, value in zip(queued, values, strict=True):
                 column.append(value)
-
-        async def run(tx: Tx) -> None:
-            removed = await tx.conn.fetch(_OUTBOX_REMOVE_SQL, keys)
-            if not removed:
-                return
-            mine = {(r[0], r[1]) for r in removed}
-            rows = columns
-            if not mine.issuperset(changes):  # some entries were gone: queue for the rest only
-                keep = [i for i, change in enumerate(changes) if change in mine]
-                rows = [[column[i] for i in keep] for column in columns]
-            superseding = [r for r in removed if r[2] is not None]
-            # Nothing to supersede or queue (no pushes, say): spare the statement.
-            if superseding or rows[0]:
-                await tx.conn.execute(
-                    _DISPATCHED_SQL,
-                    [r[0] for r in superseding],
-                    [r[2] for r in superseding],
-                    [r[1] for r in superseding],
-                    *rows,
-                    created,
-                )
-            if held:  # pushes held for quiet hours, even when nothing else is queued
-                await insert_held(tx.conn, held, mine)
-
-        await self._op(None, run)
+        kept: list[list[object]] = [[] for _ in range(8)]
+        for h in held:
+            held_values = (
+                h.subscription_id,
+                h.user_id,
+                h.app,
+                h.provider,
+                h.notification_id,
+                h.position,
+                h.expires,
+                h.release,
+            )
+            for column, value in zip(kept, held_values, strict=True):
+                column.append(value)
+        args = (list(seqs), *queued, datetime.now(UTC), *kept)
+        await self._kept(REMOVALS, lambda conn: conn.execute(_DISPATCHED_SQL, *args))
 
 
 # Whether an entry's (user, app) has a subscription with a push channel, not gone (an index
@@ -139,31 +125,9 @@ _PUSH_TARGETS_SQL = (
     " WHERE s.push_channel IS NOT NULL AND s.expiration_date_time > $3 AND s.gone IS NULL"
     " ORDER BY s.user_id, s.app, s.created_date_time, s.id"
 )
-# Removes outbox entries; answers, of those that were still there, (user_id, position) and the
-# notification whose queued deliveries the change supersedes (a subquery: one primary key probe
-# per entry, never a scan of the change log). NULL if there can be none: the change was pruned,
-# or it created the notification (a new id: nothing was queued for it before).
-_OUTBOX_REMOVE_SQL = (
-    "DELETE FROM outbox o WHERE o.seq = ANY($1::bigint[]) RETURNING o.user_id, o.position,"
-    " (SELECT c.notification_id FROM changes c WHERE c.user_id = o.user_id"
-    f" AND c.position = o.position AND c.kind <> '{ChangeKind.CREATED.value}')"
-)
-# For the superseding entries ($1-$3): delete the queued deliveries of each one's notification
-# with an older position, then queue the new deliveries (all of them of removed entries).
-# `found`: per entry, the index probes of (subscription_id, notification_id) for the user's
-# subscriptions (see deliveries_subscription in 0003_push.sql); OFFSET 0 keeps the subquery per
-# entry, so it stays probes whatever the table sizes and statistics (never a scan of the queue).
-# `doomed`: those rows locked in id order, as `settle` locks them.
 _DISPATCHED_SQL = (
-    "WITH found AS (SELECT f.id FROM unnest($1::text[], $2::text[], $3::bigint[]) AS o(u, n, p)"
-    " CROSS JOIN LATERAL (SELECT d.id FROM deliveries d WHERE d.subscription_id ="
-    " ANY(ARRAY(SELECT s.id FROM subscriptions s WHERE s.user_id = o.u))"
-    " AND d.notification_id = o.n AND d.position < o.p AND d.user_id = o.u OFFSET 0) AS f),"
-    " doomed AS (SELECT d.id FROM deliveries d WHERE d.id = ANY(ARRAY(SELECT id FROM found))"
-    " ORDER BY d.id FOR UPDATE),"
-    " superseded AS (DELETE FROM deliveries WHERE id = ANY(ARRAY(SELECT id FROM doomed)))"
-    " INSERT INTO deliveries (subscription_id, user_id, app, provider, message, notification_id,"
-    " position, expires, due, created)"
-    " SELECT t.*, $13 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
-    " $9::text[], $10::bigint[], $11::timestamptz[], $12::timestamptz[]) AS t"
+    "SELECT herald_dispatched($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::bigint[], $9::timestamptz[], $10::timestamptz[],"
+    " $11::timestamptz, $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],"
+    " $17::bigint[], $18::timestamptz[], $19::timestamptz[])"
 )

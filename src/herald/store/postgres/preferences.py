@@ -11,7 +11,6 @@ import asyncpg
 from herald.errors import PreconditionFailed
 from herald.model import NewDelivery, ReadState, Subscription, UserActionState
 from herald.preferences import (
-    HeldPush,
     HeldSummary,
     NotificationPreferences,
     StoredPreferences,
@@ -84,9 +83,7 @@ class PostgresPreferences(PostgresWriter, Preferences):
         keys = sorted(set(pairs))
         users, apps = [k[0] for k in keys], [k[1] for k in keys]
         # On the dispatcher's kept connection for push targets, as `Outbox.push_targets`.
-        rows = await self._kept_read(
-            TARGETS, lambda conn: conn.fetch(_AUDIENCE_SQL, users, apps, now)
-        )
+        rows = await self._kept(TARGETS, lambda conn: conn.fetch(_AUDIENCE_SQL, users, apps, now))
         subs = [subscription_from_row(r, identity) for r in rows]
         prefs = {}
         for sub, row in zip(subs, rows, strict=True):
@@ -108,29 +105,6 @@ class PostgresPreferences(PostgresWriter, Preferences):
                 "SELECT count(*) FROM held_pushes WHERE user_id = $1 AND app = $2", user_id, app
             )
         return int(count)
-
-
-async def insert_held(
-    conn: asyncpg.Connection, held: Sequence[HeldPush], mine: set[tuple[str, int]]
-) -> None:
-    """In `Outbox.dispatched`'s transaction: hold the pushes of the entries it removed."""
-    rows = [h for h in held if (h.user_id, h.position) in mine]
-    if not rows:
-        return
-    await conn.execute(
-        "INSERT INTO held_pushes (subscription_id, user_id, app, provider, notification_id,"
-        " position, expires, release_at) SELECT * FROM unnest($1::text[], $2::text[],"
-        " $3::text[], $4::text[], $5::text[], $6::bigint[], $7::timestamptz[],"
-        " $8::timestamptz[])",
-        [h.subscription_id for h in rows],
-        [h.user_id for h in rows],
-        [h.app for h in rows],
-        [h.provider for h in rows],
-        [h.notification_id for h in rows],
-        [h.position for h in rows],
-        [h.expires for h in rows],
-        [h.release for h in rows],
-    )
 
 
 async def _release(

@@ -46,8 +46,8 @@ SPLIT_AT = 32
 # pool, waiting for a free one included, within their sum. Defaults when no settings are given:
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 15.0
-# The dispatcher's kept reads (`PostgresWriter._kept_read`).
-OUTBOX, TARGETS, BACKLOG = 0, 1, 2
+# What runs on the connections kept off the pool (`PostgresWriter._kept`).
+OUTBOX, TARGETS, BACKLOG, REMOVALS = 0, 1, 2, 3
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 # Attempts at a batch that fails before any of it is sent, because its connection had closed.
@@ -138,12 +138,13 @@ class PostgresWriter:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
-        # Reads kept off the pool (`_kept_read`): the dispatcher's outbox entries (`OUTBOX`) and
-        # push targets (`TARGETS`, looked up while the next batch is read), and the sends' count
-        # of the outbox (`BACKLOG`, polled while a send runs: on its own connection, so it never
-        # holds up the dispatcher's read); each one at a time on a connection of its own, or
-        # through the pool if that would leave it none for other reads.
-        self._readers = [_Link(self) for _ in range(3)]
+        # Calls kept off the pool and the writers (`_kept`): the dispatcher's outbox reads
+        # (`OUTBOX`), its push-target reads (`TARGETS`, looked up while the next batch is read)
+        # and its removals (`REMOVALS`, one statement each, in the order they come), and the
+        # sends' count of the outbox (`BACKLOG`, polled while a send runs: never in the way of
+        # the dispatcher's read); each kind one at a time on a connection of its own, or through
+        # the pool if that would leave it none for other reads.
+        self._readers = [_Link(self) for _ in range(4)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._keep_readers = max_size >= self._writer_count + len(self._readers) + 1
         # Since when (monotonic) write batches fail for a database reason (logged on change),
@@ -243,11 +244,12 @@ class PostgresWriter:
             message = f"the database did not answer within {PING_TIMEOUT:g} s"
             raise Unavailable(message, retry_after=1) from e
 
-    async def _kept_read(self, which: int, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """A read on a connection kept across reads (`which`: OUTBOX or TARGETS), for the
-        dispatcher, whose outbox read lies on the path of every live delivery: a pooled read
-        waits, before answering, for the pool's reset on release (a round trip of five
-        statements, as much work for PostgreSQL as the read)."""
+    async def _kept(self, which: int, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """A call on a connection kept across calls (`which`: OUTBOX, TARGETS, BACKLOG or
+        REMOVALS), mostly the dispatcher's, whose outbox read lies on the path of every live
+        delivery: a pooled call waits, before answering, for the pool's reset on release (a
+        round trip of five statements, as much work for PostgreSQL as the read). Calls of one
+        kind run in the order they come (an asyncio.Lock is first come, first served)."""
         if not self._keep_readers:
             async with translated(), self._acquire() as conn:
                 return await run(conn)
