@@ -4,9 +4,9 @@ Each worker is a whole Herald (its own store pool, broker connection, dispatcher
 binds its own listening socket on the port with SO_REUSEPORT, so the kernel spreads new
 connections over the workers by hash instead of handing them from one shared accept queue to
 whichever worker is warm (with one shared socket a few workers take most connections: uvicorn PR
-#2472, gunicorn #2938). Each worker also listens alone on `worker_port + index`, where its own
-/metrics (and the rest of the API) can be reached: a scrape on the shared port reaches a random
-worker.
+#2472, gunicorn #2938). Each worker also listens on `worker_port + index` (alone, but for its
+replacement during a rolling restart), where its own /metrics (and the rest of the API) can be
+reached: a scrape on the shared port reaches a random worker.
 
 The supervisor imports no part of the server and holds no socket: it starts the workers (spawned,
 so each starts from a clean interpreter), restarts one that exits (at once after a long run, with
@@ -328,8 +328,10 @@ class Supervisor:
         if old is not None and old.is_alive() and old.pid is not None:
             os.kill(old.pid, signal.SIGTERM)
             roll.old, roll.since = old, time.monotonic()
-        else:
-            roll.pending.pop(0)
+            return
+        if old is not None:  # it exited before its turn came: reap it (it is in no slot now)
+            old.join()
+        roll.pending.pop(0)
 
     def _retire(self, roll: Roll) -> None:
         """Wait for the old worker to drain (killing it past DRAIN_SECONDS), then go on."""
