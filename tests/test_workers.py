@@ -613,7 +613,8 @@ def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_a
     predecessor drains); the second SIGHUP is queued: one more rolling restart follows, never
     more than one worker process over the count; every worker pid changes and the supervisor
     stays; afterwards every worker refuses a 3000-byte payload (413) that was accepted before.
-    A SIGHUP with a config file that cannot be used changes nothing."""
+    A SIGHUP with a config file that cannot be used changes nothing; one whose first replacement
+    cannot start (its store connection times out) stops there, the old workers serving on."""
     config = tmp_path / "herald.toml"
     config.write_text("max_payload_bytes = 4096\n")
     client_id = register(tmp_path, postgres_store, HOST)
@@ -624,9 +625,10 @@ def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_a
     ]
     big = {"targetHostName": HOST, "payload": {"rawContent": "x" * 3000}}
 
-    def post_big(base: str) -> int:
+    def post_big(base: str, size: int = 3000) -> int:
+        body = {**big, "payload": {"rawContent": "x" * size}}
         headers = {"Authorization": f"Bearer {tokens[0]}"}
-        r = httpx.post(f"{base}/beta/me/notifications", json=big, headers=headers, timeout=10)
+        r = httpx.post(f"{base}/beta/me/notifications", json=body, headers=headers, timeout=10)
         return r.status_code
 
     with workers(tmp_path, postgres_store, redis_service, HERALD_CONFIG=str(config)) as running:
@@ -695,3 +697,14 @@ def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_a
         assert lines(running, "replacement started") == 2 * WORKERS
         assert [running.pid(i) for i in range(WORKERS)] == pids
         assert post_big(running.base) == 413
+
+        config.write_text("max_payload_bytes = 1024\npostgres_connect_timeout = 0.0001\n")
+        running.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not lines(running, "rolling restart stopped: worker 0's replacement"):
+            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert lines(running, "replacement started") == 2 * WORKERS + 1
+        assert [running.pid(i) for i in range(WORKERS)] == pids
+        assert [post_big(running.worker_base(i), 1500) for i in range(WORKERS)] == [201] * WORKERS
+        assert running.proc.poll() is None
