@@ -67,6 +67,30 @@ def test_the_redis_broker_takes_a_redis_url() -> None:
     assert load({}, {}).settings.broker == "memory"
 
 
+@pytest.mark.parametrize(
+    ("ttl", "interval"), [("5", "2"), ("3", "0"), ("0", "0"), ("-3", "1"), ("1.5", "0.6")]
+)
+def test_a_dispatch_lease_renewed_less_than_thrice_per_ttl_is_refused(
+    ttl: str, interval: str
+) -> None:
+    env = {"HERALD_DISPATCH_LEASE_TTL": ttl, "HERALD_DISPATCH_RENEW_INTERVAL": interval}
+    with pytest.raises(ConfigError, match=r"dispatch_renew_interval must be > 0 and <= dispatch"):
+        load({}, env)
+
+
+def test_dispatch_lease_timings_are_read_and_default_to_5_s_and_1_s(tmp_path: Path) -> None:
+    file = tmp_path / "herald.toml"
+    file.write_text("dispatch_lease_ttl = 1.5\ndispatch_renew_interval = 0.5\n")
+    loaded = load({}, {}, file)
+    assert not loaded.unknown
+    assert (loaded.settings.dispatch_lease_ttl, loaded.settings.dispatch_renew_interval) == (
+        1.5,
+        0.5,
+    )
+    s = load({}, {}).settings
+    assert (s.dispatch_lease_ttl, s.dispatch_renew_interval) == (5.0, 1.0)
+
+
 def test_trusted_proxies_take_addresses_and_networks() -> None:
     env = {"HERALD_TRUSTED_PROXIES": " 10.0.0.5, 192.168.0.0/24 ,::1,"}
     s = load({}, env).settings

@@ -4,8 +4,9 @@ each worker's /metrics is reachable on its own port; a killed worker is replaced
 each worker in turn, while a client posts and devices stream, loses no acknowledged post, and
 the devices are told to resume (1012) and end equal to delta; SIGTERM to the supervisor drains
 and exits 0, and a killed supervisor's workers exit too; workers that cannot bind stop the
-supervisor; a draining server takes no new connection. Refused with SQLite or the memory broker
-(issue 14)."""
+supervisor; a draining server takes no new connection; SIGHUP to the supervisor replaces every
+worker, one at a time, with the config file read again, while the port keeps answering. Refused
+with SQLite or the memory broker (issue 14)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def serve(
 
 @contextlib.contextmanager
 def workers(
-    data: Path, store_url: str, redis: RedisServer, count: int = WORKERS
+    data: Path, store_url: str, redis: RedisServer, count: int = WORKERS, **extra: str
 ) -> Iterator[Workers]:
     first = free_ports(count + 1)
     env = {
@@ -145,6 +146,7 @@ def workers(
         "HERALD_REDIS_URL": redis.url,
         "HERALD_PORT": str(first),
         "HERALD_WORKER_PORT": str(first + 1),
+        **extra,
     }
     running = Workers(
         serve(data, store_url, count, **env), first, first + 1, count, data / "server.log"
@@ -571,3 +573,138 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
     assert any(line in log for line in said), log[-3000:]
     assert "failed to start (exit code 3); stopping" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+@dataclass
+class Prober:
+    """A new connection to the port every few milliseconds: counts those refused (no worker
+    listening) and those cut (queued on a worker's socket as it closed it)."""
+
+    answered: int = 0
+    refused: int = 0
+    cut: int = 0
+
+    async def run(self, base: str, done: asyncio.Event) -> None:
+        while not done.is_set():
+            try:
+                async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+                    r = await client.get(f"{base}/healthz")
+                assert r.status_code == 200, r.text
+                self.answered += 1
+            except httpx.ConnectError:
+                self.refused += 1
+            except httpx.TransportError:
+                self.cut += 1
+            await asyncio.sleep(0.01)
+
+
+def lines(running: Workers, text: str) -> int:
+    return running.log.read_text().count(text)
+
+
+@pytest.mark.postgres
+def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_answers(
+    tmp_path: Path, postgres_store: str, redis_service: RedisServer
+) -> None:
+    """The config file says max_payload_bytes = 4096, then 2048, then the supervisor gets SIGHUP
+    while clients post through the shared port and a prober opens new connections; a second
+    SIGHUP comes during that rolling restart. Every post is answered 201 (or a documented 503),
+    and each 201 is in delta; no new connection is refused (each replacement serves before its
+    predecessor drains); the second SIGHUP is queued: one more rolling restart follows, never
+    more than one worker process over the count; every worker pid changes and the supervisor
+    stays; afterwards every worker refuses a 3000-byte payload (413) that was accepted before.
+    A SIGHUP with a config file that cannot be used changes nothing; one whose first replacement
+    cannot start (its store connection times out) stops there, the old workers serving on."""
+    config = tmp_path / "herald.toml"
+    config.write_text("max_payload_bytes = 4096\n")
+    client_id = register(tmp_path, postgres_store, HOST)
+    issuer = LocalIssuer.load_or_create(tmp_path, "urn:herald:local", "api://herald")
+    tokens = [
+        issuer.mint(client_id=client_id, user_id=f"hup-{i}-{uuid.uuid4().hex[:8]}")
+        for i in range(3)
+    ]
+    big = {"targetHostName": HOST, "payload": {"rawContent": "x" * 3000}}
+
+    def post_big(base: str, size: int = 3000) -> int:
+        body = {**big, "payload": {"rawContent": "x" * size}}
+        headers = {"Authorization": f"Bearer {tokens[0]}"}
+        r = httpx.post(f"{base}/beta/me/notifications", json=body, headers=headers, timeout=10)
+        return r.status_code
+
+    with workers(tmp_path, postgres_store, redis_service, HERALD_CONFIG=str(config)) as running:
+        assert [post_big(running.worker_base(i)) for i in range(WORKERS)] == [201] * WORKERS
+
+        async def scenario() -> tuple[Poster, Prober, float, int]:
+            poster, prober = Poster(tokens), Prober()
+            done = asyncio.Event()
+            tasks = [asyncio.create_task(poster.run(running.base, done, i)) for i in range(3)]
+            tasks.append(asyncio.create_task(prober.run(running.base, done)))
+            most = 0  # worker processes at once
+            try:
+                await asyncio.sleep(0.5)
+                config.write_text("max_payload_bytes = 2048\n")
+                began = time.monotonic()
+                running.proc.send_signal(signal.SIGHUP)
+                again = False
+                while lines(running, "rolling restart done") < 2:
+                    assert running.proc.poll() is None, running.log.read_text()[-3000:]
+                    assert time.monotonic() - began < 90, running.log.read_text()[-3000:]
+                    if not again and lines(running, "replacement started"):
+                        running.proc.send_signal(signal.SIGHUP)
+                        again = True
+                    with contextlib.suppress(OSError):  # a child exiting as it is read
+                        most = max(most, len(running.children() - resource_tracker(running)))
+                    await asyncio.sleep(0.02)
+                took = time.monotonic() - began
+                await asyncio.sleep(0.5)
+            finally:
+                done.set()
+                await asyncio.gather(*tasks)
+            return poster, prober, took, most
+
+        poster, prober, took, most = asyncio.run(scenario())
+        print(
+            f"\nSIGHUP twice, {WORKERS} workers replaced twice in {took:.1f} s, at most {most}"
+            f" worker processes: {len(poster.acked)} posts acked, statuses {poster.statuses},"
+            f" {poster.transport_errors} retried after a transport error; new connections:"
+            f" {prober.answered} answered, {prober.refused} refused, {prober.cut} cut"
+        )
+        assert set(poster.statuses) <= {201, 503}, poster.statuses
+        assert poster.acked
+        for user, token in enumerate(tokens):
+            everything, _ = asyncio.run(delta(running.base, token, 0))
+            acked = {i for i, u in poster.acked.items() if u == user}
+            assert acked <= set(everything), "every 201 is in delta"
+        assert prober.refused == 0, "the port had no worker listening"
+        assert prober.answered > 0
+        assert most <= WORKERS + 1, most
+        assert lines(running, "SIGHUP during a rolling restart: queued") == 1
+        assert lines(running, "replacement started") == 2 * WORKERS
+        assert running.proc.poll() is None
+        pids = [running.pid(i) for i in range(WORKERS)]
+        assert not set(pids) & set(running.pids), (pids, running.pids)
+        assert set(pids) == running.children() - resource_tracker(running)
+        assert [post_big(running.worker_base(i)) for i in range(WORKERS)] == [413] * WORKERS
+        assert post_big(running.base) == 413
+
+        config.write_text("max_payload_bytes = -1\n")
+        running.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not lines(running, "SIGHUP: the configuration cannot be used"):
+            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # a rolling restart would have started by now
+        assert lines(running, "replacement started") == 2 * WORKERS
+        assert [running.pid(i) for i in range(WORKERS)] == pids
+        assert post_big(running.base) == 413
+
+        config.write_text("max_payload_bytes = 1024\npostgres_connect_timeout = 0.0001\n")
+        running.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not lines(running, "rolling restart stopped: worker 0's replacement"):
+            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert lines(running, "replacement started") == 2 * WORKERS + 1
+        assert [running.pid(i) for i in range(WORKERS)] == pids
+        assert [post_big(running.worker_base(i), 1500) for i in range(WORKERS)] == [201] * WORKERS
+        assert running.proc.poll() is None

@@ -248,6 +248,40 @@ class BrokerMetrics:
             yield CounterMetricFamily(f"herald_redis_{name}", text, value=value)
 
 
+class LeaseFigures(Protocol):
+    """What this node's dispatch leases count as they go (`outbound/leases.py`)."""
+
+    gains: int
+    losses: int
+
+    def shards(self) -> frozenset[int]: ...
+
+
+class LeaseMetrics:
+    """This node's share of dispatch, read from its leases when scraped (registered by
+    `Metrics.watch`): over the nodes sharing a store the gauges sum to the 64 shards once
+    settled (less for a moment after a node dies, until its leases run out)."""
+
+    def __init__(self, leases: LeaseFigures) -> None:
+        self.leases = leases
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "herald_dispatch_shards_held",
+            "Outbox shards this process may dispatch now (its leases have not run out).",
+            value=len(self.leases.shards()),
+        )
+        changes = CounterMetricFamily(
+            "herald_dispatch_shard_changes",
+            "Shards this process gained (taken) and lost (given back to a joining node, lapsed"
+            " after failed renewals, released on shutdown): gained - lost is what it holds.",
+            labels=["change"],
+        )
+        changes.add_metric(["gained"], self.leases.gains)
+        changes.add_metric(["lost"], self.leases.losses)
+        yield changes
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request, labelled by the route's handler name (pure ASGI)."""
 

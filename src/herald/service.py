@@ -25,7 +25,7 @@ from herald.collector import Collector
 from herald.feed import Clock, Feed, utcnow
 from herald.limits import Limiter, Limits, RateCheck, RateLimits
 from herald.logs import redact_tokens, report_repeats
-from herald.metrics import BrokerMetrics, Metrics
+from herald.metrics import BrokerMetrics, LeaseMetrics, Metrics
 from herald.outbound import holds
 from herald.outbound.dispatcher import Dispatcher
 from herald.outbound.leases import Leases
@@ -143,7 +143,8 @@ def build_services(
 
         limiter = ClusterRateLimits(settings.redis_url, local)
     users = Users(store, clock, learn=settings.learn_user_names)
-    leases = Leases(store)
+    leases = Leases(store, ttl=settings.dispatch_lease_ttl, renew=settings.dispatch_renew_interval)
+    metrics.watch([LeaseMetrics(leases)])
     return Services(
         settings=settings,
         store=store,

@@ -62,6 +62,12 @@ class Settings:
     # (0: port + 1 + i), for its own /metrics.
     workers: int = 1
     worker_port: int = 0
+    # Dispatch shards (docs/deployment.md, "Sharded dispatch"): how long a node's lease on its
+    # shards lasts (s, on the database's clock), and how often it renews them. A killed node's
+    # shards are taken over within about ttl + interval; renewals that keep failing for the ttl
+    # stop the node's dispatch. Give every node sharing a store the same values.
+    dispatch_lease_ttl: float = 5.0
+    dispatch_renew_interval: float = 1.0
     # Public base URL (for Location, @odata.nextLink and the issuer); empty = http://host:port.
     public_url: str = ""
     log_level: str = "info"
@@ -388,6 +394,7 @@ def _check(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be > 0")
+    problems += _check_dispatch_lease(s)
     if s.push_lease <= s.push_timeout:
         problems.append("push_lease must be longer than push_timeout")
     if s.push_ca_file and not Path(s.push_ca_file).is_file():
@@ -431,6 +438,13 @@ def _check(s: Settings) -> None:
         problems.append("no token issuer: enable local_issuer or configure issuers")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _check_dispatch_lease(s: Settings) -> list[str]:
+    # Three renewals per ttl at least: one slow or failed renewal must not let the leases lapse.
+    if not 0 < s.dispatch_renew_interval <= s.dispatch_lease_ttl / 3:
+        return ["dispatch_renew_interval must be > 0 and <= dispatch_lease_ttl / 3"]
+    return []
 
 
 def _check_workers(s: Settings) -> list[str]:

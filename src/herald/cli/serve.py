@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
 import click
 
 from herald.cli.command import common_options, load_settings
 from herald.logs import configure
+from herald.settings import Settings, load
+
+log = logging.getLogger("herald.serve")
 
 
 @click.command()
@@ -16,7 +24,12 @@ from herald.logs import configure
 )
 @common_options
 def serve(host: str | None, port: int | None, workers: int | None, **options: str | None) -> None:
-    """Start the HTTP server."""
+    """Start the HTTP server.
+
+    With --workers N (N > 1), SIGHUP to the server (the supervisor) restarts the workers one at a
+    time, each replacement serving before its predecessor drains, with the config file read
+    again: how a changed setting is applied without a moment off the port (docs/deployment.md).
+    """
     settings = load_settings(host=host, port=port, workers=workers, **options)
     configure(
         settings.log_level, settings.log_format, settings.log_repeats, settings.log_repeat_window
@@ -25,7 +38,8 @@ def serve(host: str | None, port: int | None, workers: int | None, **options: st
     if settings.workers > 1:
         from herald.supervisor import supervise
 
-        supervise(settings)
+        flags = {"host": host, "port": port, "workers": workers, **options}
+        supervise(settings, partial(reload, flags))
         return
     from herald.api.app import build_app
     from herald.server import Server, config, raise_open_files_limit
@@ -34,6 +48,17 @@ def serve(host: str | None, port: int | None, workers: int | None, **options: st
     raise_open_files_limit()
     app = build_app(build_services(settings))
     Server(config(app, settings.host, settings.port, access_log=False, log_config=None)).run()
+
+
+def reload(flags: dict[str, Any]) -> Settings:
+    """The settings again, the config file read anew (SIGHUP: a rolling restart of the workers);
+    raises ConfigError."""
+    flags = dict(flags)
+    config = flags.pop("config", None)
+    loaded = load(flags, file=Path(config) if config else None)
+    for problem in loaded.unknown:
+        log.warning("%s", problem)
+    return loaded.settings
 
 
 def _redacted(settings: object) -> str:

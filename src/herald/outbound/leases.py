@@ -1,9 +1,12 @@
 """This node's share of dispatch: the outbox shards it holds a lease on (`store.Shards`).
 
-Every `renew` seconds the node renews its leases (good for `ttl` seconds on the database's
-clock), takes unowned or lapsed shards up to its fair share of the live nodes and gives back
-what it holds beyond that; on a clean shutdown it releases them all, so the others take them at
-their next renewal rather than when the leases run out. No leader: each node does this alone.
+Every `renew` seconds (`dispatch_renew_interval`) the node renews its leases (good for `ttl`
+seconds on the database's clock: `dispatch_lease_ttl`, which is also how long its heartbeat
+counts it live), takes unowned or lapsed shards up to its fair share of the live nodes and gives
+back what it holds beyond that; on a clean shutdown it releases them all, so the others take them
+at their next renewal rather than when the leases run out. No leader: each node does this alone.
+A killed node's leases run out at most `ttl` after its last renewal, and the others take its
+shards at their first renewal after that: within about ttl + renew of the kill.
 
 The node dispatches a shard only while its lease surely holds: until `ttl` after it *asked*
 (its own monotonic clock), so a node whose renewals fail, or that was paused, stops before
@@ -23,12 +26,13 @@ import uuid
 from collections.abc import Callable
 
 from herald.errors import HeraldError
+from herald.settings import Settings
 from herald.store import Shards
 
 log = logging.getLogger("herald.leases")
 
-TTL_SECONDS = 5.0
-RENEW_SECONDS = 1.0
+TTL_SECONDS: float = Settings.dispatch_lease_ttl
+RENEW_SECONDS: float = Settings.dispatch_renew_interval
 
 
 def node_name() -> str:
@@ -51,6 +55,9 @@ class Leases:
         self.renew_every = renew
         self.held: frozenset[int] = frozenset()
         self.valid_until = 0.0  # monotonic
+        # Shards gained and lost (given back, lapsed, released) so far: gained - lost = held.
+        self.gains = 0
+        self.losses = 0
         # Called when the node gains shards (their entries may be waiting): the dispatcher's wake;
         # and when it gives some back (another node joined): tell the others to take them now.
         self.gained: Callable[[], None] = lambda: None
@@ -65,8 +72,11 @@ class Leases:
     async def renew(self) -> None:
         asked = time.monotonic()
         held = await self.store.lease(self.node, self.ttl)
-        before = self.shards()
+        self.lapse()
+        before = self.held
         self.held, self.valid_until = held, asked + self.ttl
+        self.gains += len(held - before)
+        self.losses += len(before - held)
         if held != before:
             log.info(
                 "dispatch shards changed",
@@ -76,6 +86,12 @@ class Leases:
             self.gained()
         if before - held:
             self.lost()
+
+    def lapse(self) -> None:
+        """Forget the shards once the lease may have run out (counted as lost)."""
+        if self.held and time.monotonic() >= self.valid_until:
+            self.losses += len(self.held)
+            self.held = frozenset()
 
     def renew_soon(self) -> None:
         """Renew now rather than at the next period (another node released shards)."""
@@ -90,6 +106,7 @@ class Leases:
             await self.renew()
         except HeraldError as exc:  # the store is unavailable: the lease runs out, try again
             log.warning("lease renewal failed", extra={"error": exc.message})
+            self.lapse()
 
     async def run(self) -> None:
         while True:
@@ -106,6 +123,7 @@ class Leases:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
+        self.losses += len(self.held)
         self.held, self.valid_until = frozenset(), 0.0
         try:
             await self.store.release(self.node)

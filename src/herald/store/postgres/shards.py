@@ -11,6 +11,8 @@ from herald.store.contract import SHARDS, Shards
 from herald.store.postgres.connection import translated
 from herald.store.postgres.writer import PostgresWriter
 
+# $2: the caller's lease TTL (`dispatch_lease_ttl`), for the leases and the heartbeat alike: a
+# node counts as live exactly as long as its leases hold.
 _TTL = "make_interval(secs => $2::float8)"
 # Record the heartbeat, forget nodes that stopped beating (killed), count the live ones.
 _BEAT_SQL = (
