@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
+import msgspec
+
 from herald.model import NewDelivery, Pending, Subscription
 from herald.preferences import HeldPush
 from herald.store.contract import Outbox
@@ -62,38 +64,32 @@ class PostgresOutbox(PostgresWriter, Outbox):
         `MAX_REMOVALS` of them the dispatcher's live delivery, up to the idle limit)."""
         if not seqs:
             return  # no entry removed: no delivery may be queued
-        queued: list[list[object]] = [[] for _ in range(9)]
-        for d in deliveries:
-            m = d.message
-            values = (
-                d.subscription_id,
-                d.user_id,
-                d.app,
-                d.provider.value,
-                encode_message(m),
-                m.notification_id,
-                m.position,
-                m.expires,
-                d.due,
-            )
-            for column, value in zip(queued, values, strict=True):
-                column.append(value)
-        kept: list[list[object]] = [[] for _ in range(8)]
-        for h in held:
-            held_values = (
-                h.subscription_id,
-                h.user_id,
-                h.app,
-                h.provider,
-                h.notification_id,
-                h.position,
-                h.expires,
-                h.release,
-            )
-            for column, value in zip(kept, held_values, strict=True):
-                column.append(value)
+        queued = _columns(
+            [
+                (
+                    d.subscription_id,
+                    d.user_id,
+                    d.app,
+                    d.provider.value,
+                    encode_message(d.message),
+                    d.message.notification_id,
+                    d.message.position,
+                    d.message.expires,
+                    d.due,
+                )
+                for d in deliveries
+            ],
+            9,
+        )
+        # HeldPush's fields are the function's held-push arguments, in order.
+        kept = _columns([msgspec.structs.astuple(h) for h in held], 8)
         args = (list(seqs), *queued, datetime.now(UTC), *kept)
         await self._kept(REMOVALS, lambda conn: conn.execute(_DISPATCHED_SQL, *args))
+
+
+def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows as the parallel arrays a function takes, one per column."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 # Whether an entry's (user, app) has a subscription with a push channel, not gone (an index
