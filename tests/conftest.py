@@ -26,6 +26,8 @@ from herald.feed import Clock, utcnow
 from herald.server import Server as HeraldServer
 from herald.server import config
 from herald.settings import Settings
+from tests.pg import fresh_database
+from tests.redis import RedisServer, redis_server
 
 
 def free_port() -> int:
@@ -277,3 +279,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if reporter:
             reporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips fail CI", red=True)
+
+
+@pytest.fixture
+def redis_service() -> Iterator[RedisServer]:
+    """A private redis-server on a free port (tests/redis.py), removed after the test."""
+    yield from redis_server()
+
+
+@pytest.fixture
+def postgres_store() -> Iterator[str]:
+    """A store URL on a new, empty schema of the test PostgreSQL, dropped after the test."""
+    yield from fresh_database()

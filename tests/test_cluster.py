@@ -27,23 +27,12 @@ from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import SIGNIN_GRANT, Sessions
 from tests.conftest import free_port
 from tests.devices import api, open_stream, subscription_body
-from tests.pg import fresh_database
 from tests.processes import start
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 
 pytestmark = pytest.mark.postgres
 
 HOST = "cluster.example.com"
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
-
-
-@pytest.fixture
-def postgres_store() -> Iterator[str]:
-    yield from fresh_database()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,8 @@ import pytest
 from herald.auth.issuer import LocalIssuer
 from tests.conftest import free_port
 from tests.devices import WAIT, api, open_stream, subscription_body
-from tests.pg import fresh_database
 from tests.processes import register, start
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 
 pytestmark = pytest.mark.postgres
 
@@ -33,16 +32,6 @@ POSTS = 400  # over all users, from 8 concurrent clients to node A
 # How long Redis stays killed or frozen: longer than the stated bound for a silent Redis (2 s),
 # so that a node that did not notice would show it.
 HOLD = 4.0
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
-
-
-@pytest.fixture
-def postgres_store() -> Iterator[str]:
-    yield from fresh_database()
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -28,7 +28,6 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,9 @@ from herald.outbound.leases import RENEW_SECONDS, TTL_SECONDS
 from herald.store import SHARDS
 from tests.conftest import free_port
 from tests.devices import api, open_stream, subscription_body
-from tests.pg import application_url, fresh_database
+from tests.pg import application_url
 from tests.processes import register, start
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 from tests.standins.tls import make_tls
 from tests.standins.webpush import WebPushStandIn
 from tests.test_nodes import delta, stop
@@ -90,16 +89,6 @@ now() - state_change AS since, pg_blocking_pids(pid) AS blocked_by, left(query, 
 FROM pg_stat_activity
 WHERE application_name LIKE 'herald-%' ORDER BY application_name, xact_start
 """
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
-
-
-@pytest.fixture
-def postgres_store() -> Iterator[str]:
-    yield from fresh_database()
 
 
 async def owners(db: asyncpg.Connection) -> dict[int, str]:

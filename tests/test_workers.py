@@ -32,23 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from herald.auth.issuer import LocalIssuer
 from tests.devices import CHANGE_TYPES, Refused, api, open_stream, subscription_body
-from tests.pg import fresh_database
 from tests.processes import UNLIMITED, register, start
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 from tests.test_nodes import delta
 
 HOST = "workers.example.com"
 WORKERS = 2
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
-
-
-@pytest.fixture
-def postgres_store() -> Iterator[str]:
-    yield from fresh_database()
 
 
 def free_ports(count: int) -> int:

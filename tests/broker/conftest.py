@@ -8,7 +8,7 @@ SQLite store: the contract's changes never leave a gap, so nothing is read from 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest
 from herald.broker import Broker, MemoryBroker
 from herald.broker.redis import RedisBroker
 from herald.store.sqlite import SqliteStore
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 
 
 @dataclass
@@ -39,11 +39,6 @@ async def memory() -> AsyncIterator[Cluster]:
         yield Cluster("memory", node)
     finally:
         await broker.close()
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
 
 
 @pytest.fixture

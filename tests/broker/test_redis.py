@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,7 +26,7 @@ from herald.outbound.dispatcher import Dispatcher
 from herald.store import Store
 from herald.store.postgres import PostgresStore
 from tests.pg import postgres_url
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 from tests.store.support import APP, OTHER_APP, T0, content, new_id
 
 pytestmark = pytest.mark.postgres
@@ -71,11 +71,6 @@ class Nodes:
         if user == USERS[0]:
             self.committed[position] = time.monotonic()
         return position
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
 
 
 @pytest.fixture

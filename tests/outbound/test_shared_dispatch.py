@@ -11,7 +11,6 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from herald.model import Change
 from herald.service import Services, build_services, lifespan
 from tests.conftest import make_settings
-from tests.redis import RedisServer, redis_server
+from tests.redis import RedisServer
 from tests.store.conftest import Backend
 from tests.store.support import APP, content, new_id
 
@@ -29,11 +28,6 @@ pytestmark = pytest.mark.postgres
 USERS = 40
 POSTS = 600
 WAIT = 20.0
-
-
-@pytest.fixture
-def redis_service() -> Iterator[RedisServer]:
-    yield from redis_server()
 
 
 def recording(services: Services, node: str, log: list[tuple[str, Change]]) -> None:
