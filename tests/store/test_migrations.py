@@ -180,6 +180,10 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
     },
+    11: {  # unchanged (schema 11 added the store's epoch and the skipped ranges)
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8"
+    },
 }
 
 
@@ -370,7 +374,8 @@ async def old_database(
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
                 " dispatch_shards, notification_preferences, held_pushes, app_changes_pending,"
                 " app_changes, app_changes_horizon, app_feeds, webhooks, audiences,"
-                " audience_members, sends, send_recipients, send_failures, schema_version;"
+                " audience_members, sends, send_recipients, send_failures, store_epoch,"
+                " feed_voids, app_feed_voids, schema_version;"
                 " DROP FUNCTION herald_put_batch, herald_changes_pending"
             )
             for script in scripts:
