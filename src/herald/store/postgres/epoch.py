@@ -43,12 +43,14 @@ class Epoch:
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """What a connection finds: the live epoch, the stored one (None before the first), and
-    whether any history change has been recorded (so skipped ranges exist)."""
+    """What a connection finds: the live epoch, the stored one (None before the first), whether
+    any history change has been recorded (so skipped ranges exist), and whether this check
+    recorded one (it moved the heads)."""
 
     live: Epoch
     stored: Epoch | None
     voided: bool
+    moved: bool = False
 
 
 # One check at a time per schema (several nodes connect at once after a failover).
@@ -110,7 +112,7 @@ async def check(conn: asyncpg.Connection) -> Found:
             await move(conn)
         e = found.live
         await conn.execute(_STORE_SQL, e.system_identifier, e.database_oid, e.timeline, int(moved))
-    return Found(found.live, found.live, found.voided or moved)
+    return Found(found.live, found.live, found.voided or moved, moved)
 
 
 async def move(conn: asyncpg.Connection) -> None:

@@ -173,9 +173,9 @@ class PostgresWriter:
             self._found(await check(conn))
 
     def _found(self, found: Found) -> None:
-        """Note the epoch a connection found; a new one means this process crossed into another
-        history (a failover while it ran): what its live streams sent may be gone."""
-        crossed = self._epoch is not None and found.live != self._epoch
+        """Note the epoch a connection found. A new one, or heads moved, means this process
+        crossed into another history (a failover while it ran): what it sent may be gone."""
+        crossed = found.moved or (self._epoch is not None and found.live != self._epoch)
         self._epoch = found.live
         self._voided = self._voided or found.voided
         if crossed:
