@@ -71,10 +71,11 @@ _MOVE_HEADS_SQL = (
     " INSERT INTO feed_voids (user_id, after, before)"
     " SELECT user_id, position - $1, position FROM moved"
 )
-# The newest seq the app feed may have handed out on this history.
+# The newest seq the app feed has handed out on this history, or where the last move left it.
 _LAST_SEQ_SQL = (
     "SELECT greatest((SELECT coalesce(max(seq), 0) FROM app_changes),"
-    " (SELECT pruned FROM app_changes_horizon))"
+    " (SELECT pruned FROM app_changes_horizon),"
+    " (SELECT coalesce(max(before), 0) FROM app_feed_voids))"
 )
 _MOVE_SEQ_SQL = "SELECT setval(pg_get_serial_sequence('app_changes', 'seq'), $1)"
 _STORE_SQL = (
