@@ -80,9 +80,12 @@ async def _scenario(base: str, tokens: tuple[str, str], primary: Cluster, standb
         lost = await _delta_token(user, kept)
         lost_feed = await _feed_cursor(app, kept_feed)
         assert lost == 6 and lost_feed != kept_feed
-        # A stream open across the failover, at the lost position.
-        open_stream = asyncio.create_task(_read_stream(user, stream_path, lost, until="closing"))
-        await asyncio.sleep(0.5)  # connected and ready
+        # A stream open across the failover, live once it has replayed the last lost change.
+        live = asyncio.Event()
+        open_stream = asyncio.create_task(
+            _read_stream(user, stream_path, lost - 1, until="closing", live=live)
+        )
+        await asyncio.wait_for(live.wait(), 10)
 
         await asyncio.to_thread(primary.stop, "immediate")  # a crash: the standby never gets 4-6
         await asyncio.to_thread(standby.start)
@@ -149,10 +152,15 @@ async def _feed_cursor(c: httpx.AsyncClient, after: str | None) -> str:
 
 
 async def _read_stream(
-    c: httpx.AsyncClient, path: str, after: int, until: str | int
+    c: httpx.AsyncClient,
+    path: str,
+    after: int,
+    until: str | int,
+    live: asyncio.Event | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The (event, data) of an SSE stream resumed after `after`, up to the first event named
-    `until` or the `until`-th change."""
+    `until` or the `until`-th change; `live` is set at the first change (resumed one before the
+    newest, the replay has then ended: the stream reads the store no more)."""
     events: list[tuple[str, dict[str, Any]]] = []
     kind = ""
     async with c.stream("GET", path, params={"after": str(after)}, timeout=15) as r:
@@ -162,6 +170,8 @@ async def _read_stream(
                 kind = line.removeprefix("event: ")
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line.removeprefix("data: "))))
+                if kind not in ("ready", "closing") and live is not None:
+                    live.set()
                 changes = sum(1 for e in events if e[0] not in ("ready", "closing"))
                 if kind == until or changes == until:
                     return events
