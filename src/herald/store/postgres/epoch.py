@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from herald.errors import Unavailable
+from herald.store.postgres.schema import MIGRATION_TIMEOUT
 
 # How far heads and the app feed's seqs move on a new history. Positions lost per user (and seqs
 # lost in all) must be fewer than this to be recognised: a failover loses the replication lag's
@@ -104,7 +105,8 @@ async def check(conn: asyncpg.Connection) -> Found:
     if found.live == found.stored:
         return found
     async with conn.transaction():
-        await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})")
+        # Long bounds, as for a migration: another connection may be moving a million heads.
+        await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK})", timeout=MIGRATION_TIMEOUT)
         found = await read(conn)  # another connection may have done it meanwhile
         if found.live == found.stored:
             return found
@@ -120,8 +122,10 @@ async def move(conn: asyncpg.Connection) -> None:
     """Skip `GAP` positions of every user and `GAP` seqs of the app feed (in a transaction)."""
     # Connections wait for this check before their first use, so nothing else writes now; the
     # locks keep out anything that did not (reads go on): writers, the feed's stamper and pruner.
-    await conn.execute("LOCK TABLE feed_heads, app_changes IN EXCLUSIVE MODE")
-    await conn.execute(_MOVE_HEADS_SQL, GAP)
+    await conn.execute(
+        "LOCK TABLE feed_heads, app_changes IN EXCLUSIVE MODE", timeout=MIGRATION_TIMEOUT
+    )
+    await conn.execute(_MOVE_HEADS_SQL, GAP, timeout=MIGRATION_TIMEOUT)
     last = int(await conn.fetchval(_LAST_SEQ_SQL))
     await conn.execute("INSERT INTO app_feed_voids VALUES ($1, $2)", last, last + GAP)
     await conn.execute(_MOVE_SEQ_SQL, last + GAP)
