@@ -4,6 +4,7 @@ a private server (`private_cluster`) for tests that stop or restart it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -113,6 +114,18 @@ class Cluster:
     def running(self) -> bool:
         return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
 
+    def follow(self, primary: Cluster) -> None:
+        """Make this (not initialised) cluster a streaming standby of `primary`: a base backup
+        with its connection settings (-R), so that it replicates asynchronously once started."""
+        self._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+            "-D", str(self.data), "-X", "stream", "-R", "-c", "fast", "--no-sync",
+        )  # fmt: skip
+
+    def promote(self) -> None:
+        """End recovery (a failover): the standby becomes a primary on a new timeline."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
+
 
 def _postgres_bin() -> Path:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
@@ -126,8 +139,44 @@ def private_cluster() -> Iterator[Cluster]:
 
     Its directory is made under /tmp rather than pytest's tmp_path, whose parents only root may
     enter. Skips (fails on CI) where it cannot run: no server binaries, or not root/postgres."""
+    _require_private()
+    with _made_cluster() as cluster:
+        cluster.init()
+        cluster.start()
+        yield cluster
+
+
+def replicated_pair() -> Iterator[tuple[Cluster, Cluster]]:
+    """Yield a running private primary and its asynchronous streaming standby (each on a free
+    port); stop and delete both afterwards, whatever state the test left them in."""
+    _require_private()
+    with _made_cluster() as primary:
+        primary.init()
+        primary.start()
+        with _made_cluster() as standby:  # its port picked while the primary's is taken
+            standby.follow(primary)
+            standby.start()
+            yield primary, standby
+
+
+@contextlib.contextmanager
+def _made_cluster() -> Iterator[Cluster]:
+    """A cluster's directory and port (not initialised); stopped and deleted on the way out."""
     from tests.conftest import free_port
 
+    root = Path(tempfile.mkdtemp(prefix="herald-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    cluster = Cluster(root, free_port())
+    try:
+        yield cluster
+    finally:
+        if cluster.data.exists() and cluster.running():
+            cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _require_private() -> None:
     try:
         _postgres_bin()
         can_run = os.geteuid() == 0 or pwd.getpwuid(os.geteuid()).pw_name == "postgres"
@@ -138,18 +187,6 @@ def private_cluster() -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    root = Path(tempfile.mkdtemp(prefix="herald-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    cluster = Cluster(root, free_port())
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        if cluster.running():
-            cluster.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 class StatementCounter:

@@ -211,6 +211,37 @@ async def test_a_lost_tail_is_found_by_reconciling(
         print(f"\nlost tail: found by reconciling within {took * 1000:.0f} ms (interval 1 s)")
 
 
+async def test_a_head_that_jumps_is_caught_up_with_once_and_the_next_change_flows(
+    redis_service: RedisServer, schema: Callable[[], Store]
+) -> None:
+    """On a new history (a lossy failover, store/postgres/epoch.py) every head jumps past
+    positions that will never exist. Reconciling reads the log once, finds nothing, and takes the
+    head as reached: not a gap read again at every reconcile, nor one the next change waits on."""
+    async with nodes(redis_service, schema, dispatch=False, reconcile=3600.0) as n:
+        device = Device()
+        n.broker_b.listen("jumper", APP, device)
+        first = await n.post("jumper")
+        (change,) = await n.a.changes("jumper", None, 0, 10)
+        await n.broker_a.publish(change)
+        await until(lambda: device.positions == [first], "the first change")
+        assert isinstance(n.a, PostgresStore)
+        async with n.a._acquire() as conn:  # what the epoch's move does to this user's head
+            await conn.execute("UPDATE feed_heads SET position = position + 1000000")
+        assert await n.broker_b.cursors.reconcile() == 1  # behind: the head moved
+        await until(lambda: n.broker_b.cursors.users["jumper"].filler is None, "the fill")
+        reads = n.broker_b.cursors.gaps
+        assert await n.broker_b.cursors.reconcile() == 0  # caught up: no read of the log again
+        await asyncio.sleep(0.1)
+        assert n.broker_b.cursors.gaps == reads
+        # The next change is the one after the head: delivered as it comes, no fill.
+        nxt = await n.post("jumper")
+        assert nxt == first + 1_000_001
+        (change,) = await n.a.changes("jumper", None, first, 10)
+        await n.broker_a.publish(change)
+        await until(lambda: device.positions == [first, nxt], "the change after the jump", 1.0)
+        assert n.broker_b.cursors.gaps == reads
+
+
 async def test_changes_of_other_apps_are_not_gaps_and_a_resume_position_is_kept(
     redis_service: RedisServer, schema: Callable[[], Store]
 ) -> None:

@@ -186,6 +186,12 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
     },
+    12: {  # unchanged (schema 12 added the store's epoch and the skipped ranges)
+        "herald_dispatched": "herald sha256:"
+        "afe65b978a16b2e4d92fc6b2bb251b2f4f3c6e4e4a4d57c5accb48e2a459f7eb",
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
+    },
 }
 
 
@@ -392,8 +398,9 @@ async def old_database(
                 " issuer_keys, redeemed_codes, turns, subscription_removals, nodes,"
                 " dispatch_shards, notification_preferences, held_pushes, app_changes_pending,"
                 " app_changes, app_changes_horizon, app_feeds, webhooks, audiences,"
-                " audience_members, sends, send_recipients, send_failures, schema_version;"
-                " DROP FUNCTION herald_put_batch, herald_changes_pending"
+                " audience_members, sends, send_recipients, send_failures, store_epoch,"
+                " feed_voids, app_feed_voids, schema_version;"
+                " DROP FUNCTION herald_put_batch, herald_changes_pending, herald_dispatched"
             )
             for script in scripts:
                 await conn.execute(script)

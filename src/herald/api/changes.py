@@ -71,15 +71,21 @@ async def changes(request: Request) -> Response:
         page = FeedPage([], head, False)
     else:
         after = pruned if name is None or value is None else appfeed.seq_of(value, name)
-        if after > head:
-            raise InvalidRequest(
-                f"{name} is ahead of the feed: not one this server issued.", target=name
-            )
         if after < pruned:
             raise Gone(
                 "The token is older than the retained change history: changes after it were"
                 f" pruned. Start again with GET /{version(request)}{PATH} without a token"
                 " (and resync each user's notifications with delta)."
+            )
+        if await s.changefeed.feed_lost(after):
+            raise Gone(
+                "The token was issued before the database failed over and lost changes. Start"
+                f" again with GET /{version(request)}{PATH} without a token (and resync each"
+                " user's notifications with delta)."
+            )
+        if after > head:
+            raise InvalidRequest(
+                f"{name} is ahead of the feed: not one this server issued.", target=name
             )
         page = await s.changefeed.app_changes(app.host_name, after, size)
     base = f"{s.settings.base_url}/{version(request)}{PATH}"

@@ -123,6 +123,8 @@ async def _snapshot(
     """One page of the first sync: the live feed by id, as of (at least) `position`."""
     s = services(request)
     _, head = await s.changelog.horizon(c.user_id)
+    if after_id is not None:  # a token: the sync began at `position`, maybe on a lost history
+        await _not_lost(request, c, position)
     if position > head:
         raise InvalidRequest("$skiptoken is not a token this server issued.", target="$skiptoken")
     where = Comparison("id", "gt", after_id) if after_id is not None else None
@@ -144,14 +146,15 @@ async def _changes(
     """One page of changes after `after`, collapsed by notification."""
     s = services(request)
     pruned, head = await s.changelog.horizon(c.user_id)
-    if after > head:
-        raise InvalidRequest(
-            "The token is ahead of the feed: not one this server issued.", target="$deltatoken"
-        )
     if after < pruned:
         raise Gone(
             "The delta token is older than the retained history: start a new sync with "
             "GET …/notifications/delta without a token."
+        )
+    await _not_lost(request, c, after)
+    if after > head:
+        raise InvalidRequest(
+            "The token is ahead of the feed: not one this server issued.", target="$deltatoken"
         )
     changes = await s.changelog.changes(c.user_id, c.app.host_name, after, size)
     items = _collapse(changes, ask.select)
@@ -165,6 +168,16 @@ async def _changes(
         body["@odata.deltaLink"] = _link(request, ask, "$deltatoken", str(last))
         body[REACHED] = last
     return body
+
+
+async def _not_lost(request: Request, c: Caller, position: int) -> None:
+    """410 for a token whose position the store skipped on a new history (a failover that lost
+    changes): the device's state holds changes that are gone."""
+    if await services(request).changelog.lost(c.user_id, position):
+        raise Gone(
+            "The delta token was issued before the database failed over and lost changes: start"
+            " a new sync with GET …/notifications/delta without a token."
+        )
 
 
 def _collapse(changes: list[Change], select: tuple[str, ...] | None) -> list[dict[str, Any]]:

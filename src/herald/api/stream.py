@@ -301,6 +301,11 @@ class Endpoint:
                 f"Position {after} is older than the retained history: resync with "
                 "GET /me/notifications/delta without a token."
             )
+        elif await s.changelog.lost(caller.user_id, after):
+            raise Gone(
+                f"Position {after} was lost when the database failed over: resync with "
+                "GET /me/notifications/delta without a token."
+            )
         elif after > head:
             raise InvalidRequest(f"Position {after} is ahead of the feed.", target="after")
         return sub, float(principal.expires_at), after

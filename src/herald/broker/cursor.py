@@ -220,6 +220,10 @@ class Cursors:
             # head read was of an older store). Deliver what is held, in order, and go on.
             for position in sorted(cursor.ahead):
                 self.advance(cursor, cursor.ahead.pop(position))
+            # Nor will it ever have anything up to `wanted` (the head, read before the log):
+            # positions the head skipped (a new history, `store/postgres/epoch.py`; an app's
+            # deleted changes) are never issued, so the next reconcile must not read them again.
+            cursor.seen = max(cursor.seen, cursor.wanted)
             cursor.wanted = cursor.seen
 
     async def reconcile(self) -> int:

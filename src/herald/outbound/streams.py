@@ -327,6 +327,7 @@ class Streams:
         self.recorder: asyncio.Task[None] | None = None
         # Positions iOS devices received over their streams, not yet stored (see `tick`).
         self.fetched: dict[str, int] = {}
+        store.on_history(self.resync)
 
     def start(self) -> None:
         self.ticker = asyncio.create_task(self.tick(), name="herald-stream-deadlines")
@@ -427,12 +428,18 @@ class Streams:
             if sub.id not in found and sub.expiration_date_time > now:
                 stream.revoke(sub.id)
 
-    def close_all(self) -> None:
+    def close_all(self, text: str = "The server is restarting; reconnect to resume.") -> None:
         """Server shutdown: tell every stream why it ends (each then closes itself)."""
         for stream in self.open:
             if stream.end is None:
-                stream.end = ("shutdown", "The server is restarting; reconnect to resume.")
+                stream.end = ("shutdown", text)
             stream.kick()
+
+    def resync(self) -> None:
+        """The database is on another history (a failover that may have lost changes, or a
+        restore): what the streams sent may be gone. Each device reconnects and resumes from
+        its last position, and one holding a lost position is told to resync (410)."""
+        self.close_all("The database failed over; reconnect to resume.")
 
     def stream(self, sink: Sink, sub: Subscription, token_expires: float, after: int) -> Stream:
         """A stream of `sub` from position `after`, served while its caller is inside

@@ -238,6 +238,17 @@ class ChangeLog(Protocol):
     async def horizon(self, user_id: str) -> tuple[int, int]:
         """(oldest retained position - 1, newest position). Positions <= the first were pruned."""
 
+    async def lost(self, user_id: str, position: int) -> bool:
+        """Whether `position` lies in a range the store skipped when it found its database on
+        another history (a failover that lost commits, a restore: `store/postgres/epoch.py`):
+        a position a device can only hold from a change that is gone. Accurate for the history
+        of the last `horizon` read (read that first). Always False on SQLite."""
+
+    def on_history(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) when this process finds the database on another
+        history than the one it was on: live streams may have sent changes that are gone.
+        Never on SQLite."""
+
     async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
         """The newest position of each of these users (0 for a user without changes), in one
         read: a broker that fills gaps compares them with what it delivered (`broker/cursor.py`).
@@ -624,6 +635,10 @@ class ChangeFeed(Protocol):
     async def feed_bounds(self) -> tuple[int, int]:
         """(the newest pruned seq, the newest seq): a cursor below the first is behind the
         horizon, one above the second was never issued."""
+
+    async def feed_lost(self, seq: int) -> bool:
+        """As `ChangeLog.lost`, for the feed's seqs: whether `seq` lies in a range skipped when
+        the store found its database on another history (read `feed_bounds` first)."""
 
     async def prune_feed(self, before: datetime) -> int:
         """Remove the feed's oldest entries, those of changes made before `before`, up to the

@@ -10,9 +10,10 @@ log = logging.getLogger("herald.store")
 
 class CommitHooks:
     """The `on_commit` callbacks of a store, called on the event loop after a commit that added
-    outbox entries."""
+    outbox entries (or another signal's: `name`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "on_commit") -> None:
+        self._name = name
         self._callbacks: list[Callable[[], None]] = []
 
     def add(self, callback: Callable[[], None]) -> None:
@@ -24,4 +25,4 @@ class CommitHooks:
             try:
                 callback()
             except Exception:
-                log.exception("on_commit callback failed")
+                log.exception("%s callback failed", self._name)

@@ -74,6 +74,15 @@ class PostgresChangeFeed(PostgresWriter, ChangeFeed):
         assert row is not None
         return int(row[0]), max(int(row[0]), int(row[1]))
 
+    async def feed_lost(self, seq: int) -> bool:
+        if not self._voided:  # no history was ever skipped (epoch.py): no read
+            return False
+        async with translated(), self._acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM app_feed_voids WHERE after < $1 AND $1 < before)", seq
+            )
+        return bool(found)
+
     async def prune_feed(self, before: datetime) -> int:
         async with translated(), self._acquire() as conn, conn.transaction():
             # The stamper's lock: a prune must not delete the newest row while a stamping

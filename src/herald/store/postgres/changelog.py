@@ -39,6 +39,13 @@ class PostgresChangeLog(PostgresWriter, ChangeLog):
             )
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
+    async def lost(self, user_id: str, position: int) -> bool:
+        if not self._voided:  # no history was ever skipped: no read
+            return False
+        async with translated(), self._acquire() as conn:
+            found = await conn.fetchval(_LOST_SQL, user_id, position)
+        return bool(found)
+
     async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
         async with translated(), self._acquire() as conn:
             rows = await conn.fetch(_HEADS_SQL, list(user_ids))
@@ -78,6 +85,9 @@ NOW_JOIN = (
 _CHANGES_SQL = (
     f"SELECT {CHANGE_FIELDS} FROM changes c{NOW_JOIN}"
     " WHERE c.user_id = $2 AND c.position > $3{app_clause} ORDER BY c.position LIMIT $4"
+)
+_LOST_SQL = (
+    "SELECT EXISTS (SELECT FROM feed_voids WHERE user_id = $1 AND after < $2 AND $2 < before)"
 )
 _HEADS_SQL = "SELECT user_id, position FROM feed_heads WHERE user_id = ANY($1::text[])"
 # Sorted ids: rows are locked in id order, as `settle` locks them.

@@ -26,6 +26,7 @@ from herald.store.postgres.connection import (
     unsent,
     usable,
 )
+from herald.store.postgres.epoch import Epoch, Found, check
 from herald.store.postgres.puts import put_again, put_batch
 from herald.store.postgres.schema import migrate
 from herald.store.postgres.transaction import Committed, Op, Outcomes, Tx, probe, run_ops
@@ -151,6 +152,11 @@ class PostgresWriter:
         # and the last one the server refused, as (time, reason): None once a batch succeeds.
         self._failing_since: float | None = None
         self._refusal: tuple[float, str] | None = None
+        # The database's epoch as this process last found it (None until migrated: before, the
+        # table may not exist), and whether skipped ranges exist (epoch.py).
+        self._epoch: Epoch | None = None
+        self._voided = False
+        self._history_hooks = CommitHooks("on_history")
 
     def _idle_limit(self) -> str:
         """A transaction left open longer than a statement may take is ended by the server.
@@ -164,6 +170,25 @@ class PostgresWriter:
 
     async def _init(self, conn: asyncpg.Connection) -> None:
         await conn.execute(self._idle_limit())
+        if self._epoch is not None:
+            # Before its first use: a connection to a database that lost history must not write
+            # (or read positions) before the heads have moved past what was lost.
+            self._found(await check(conn))
+
+    def _found(self, found: Found) -> None:
+        """Note the epoch a connection found. A new one, or heads moved, means this process
+        crossed into another history (a failover while it ran): what it sent may be gone."""
+        crossed = found.moved or (self._epoch is not None and found.live != self._epoch)
+        self._epoch = found.live
+        self._voided = self._voided or found.voided
+        if crossed:
+            log.warning("the database is on a new history (a failover or a restore)")
+            self._history_hooks.fire()
+
+    def on_history(self, callback: Callable[[], None]) -> None:
+        """`ChangeLog.on_history`: called when a connection of this process finds the database
+        on another history than the one before."""
+        self._history_hooks.add(callback)
 
     async def _reset(self, conn: asyncpg.Connection) -> None:
         # asyncpg's own reset query and the limit in one round trip, as the reset alone was.
@@ -192,6 +217,7 @@ class PostgresWriter:
             try:
                 async with self._pool.acquire() as conn:
                     await migrate(conn)
+                    self._found(await check(conn))
             except BaseException:
                 await self._pool.close()
                 self._pool = None

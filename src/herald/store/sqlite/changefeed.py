@@ -55,6 +55,9 @@ class SqliteChangeFeed(SqliteDatabase, ChangeFeed):
         )
         return int(row[0]), max(int(row[0]), int(row[1]))
 
+    async def feed_lost(self, seq: int) -> bool:
+        return False  # as `ChangeLog.lost`: SQLite never finds itself on another history
+
     async def prune_feed(self, before: datetime) -> int:
         return await self._write(lambda c: _prune(c, to_micros(before)))
 

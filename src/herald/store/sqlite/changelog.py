@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from herald.model import Change
@@ -44,6 +44,12 @@ class SqliteChangeLog(SqliteDatabase, ChangeLog):
             ).fetchone()
         )
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def lost(self, user_id: str, position: int) -> bool:
+        return False  # one file, no replicas: Herald never finds it on another history
+
+    def on_history(self, callback: Callable[[], None]) -> None:
+        pass  # so never calls it
 
     async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
         # As `horizon`: the hot path writes no head row, so the newest change counts too.
