@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.devices import End, api, notification_body, open_stream, subscription_body
 from tests.pg import (
     Cluster,
     application_url,
@@ -167,3 +168,55 @@ def test_a_statement_past_postgres_statement_timeout_is_answered_503(
     assert (status, code) == (503, "serviceNotAvailable")
     assert 0.9 < took < 5.0, took  # the setting's 1 s (and a reconnect), not the default 15 s
     assert after == 201
+
+
+@pytest.mark.parametrize("protocol", ["ws", "sse"])
+def test_a_stream_whose_replay_the_database_fails_ends_with_a_reason(
+    tmp_path: Path, database: str, protocol: str
+) -> None:
+    """The database stops answering after a stream was accepted, while it replays: the device is
+    told why (`closing`, `shutdown`: reconnect to resume) and the stream ends in order. It was an
+    exception in the ASGI application: the WebSocket dropped without a close frame's reason, the
+    SSE response cut off without its last chunk."""
+
+    async def run(herald: Herald) -> tuple[list[dict[str, object]], End, int]:
+        import asyncpg
+
+        async with api(herald.base, herald.token) as c:
+            posted = await c.post("/beta/me/notifications", json=notification_body(HOST))
+            assert posted.status_code == 201, posted.text
+            created = await c.post(
+                "/beta/me/notificationSubscriptions", json=subscription_body(HOST)
+            )
+            assert created.status_code == 201, created.text
+            sub = created.json()["id"]
+            conn = await asyncpg.connect(database)
+            try:
+                lock = conn.transaction()
+                await lock.start()
+                # The replay's read waits on this until the statement timeout (1 s).
+                await conn.execute("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+                async with open_stream(protocol, herald.base, sub, herald.token, after=0) as s:
+                    assert await s.ready() == 0
+                    messages, end = await s.until_end()
+                await lock.rollback()
+            finally:
+                await conn.close()
+            # Once the database answers, the device resumes and gets the change.
+            async with open_stream(protocol, herald.base, sub, herald.token, after=0) as s:
+                await s.ready()
+                change = await s.next()
+        return messages, end, int(str(change["position"]))
+
+    with serve(tmp_path, database, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
+        messages, end, position = asyncio.run(run(herald))
+        log = herald.log.read_text()
+    assert [m["type"] for m in messages] == ["closing"], messages
+    assert messages[0]["reason"] == "shutdown", messages
+    assert "reconnect" in str(messages[0]["message"]), messages
+    if protocol == "ws":
+        assert end.code == 1012, end
+    else:
+        assert not end.error, end
+    assert position == 1
+    assert "Exception in ASGI application" not in log

@@ -18,6 +18,7 @@ devices, and two clients over the cap would keep closing each other.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +36,8 @@ from herald.outbound.streams import Closed, Streams
 
 if TYPE_CHECKING:
     from herald.service import Services
+
+log = logging.getLogger("herald.stream")
 
 K = TypeVar("K")
 
@@ -244,6 +247,11 @@ class Endpoint:
                     pass
         except Closed:
             pass  # the client left while the stream started
+        except HeraldError as exc:  # the store failed the replay: the stream was already open
+            log.warning("stream replay failed", extra={"error": exc.message})
+            await sink.close(
+                "shutdown", f"The stream could not be resumed ({exc.message}); reconnect to resume."
+            )
         finally:
             self.leave(sub)
             gauge.dec()
