@@ -200,6 +200,20 @@ class StatementCounter:
         self.target = (target_host, target_port)
         self.statements = 0
         self.server: asyncio.Server | None = None
+        # `freeze`: the client's next statements to let through before it stops, as a process
+        # stopped by SIGSTOP would (at a message boundary: it writes a statement whole).
+        self._let_through: int | None = None
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+
+    def freeze(self, after: int) -> None:
+        """Forward `after` more statements (each up to its Sync, or a simple query), then
+        nothing from any client until `thaw`."""
+        self._let_through = after
+
+    def thaw(self) -> None:
+        self._let_through = None
+        self._thawed.set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -224,19 +238,22 @@ class StatementCounter:
     async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         typed = False
         while True:
+            await self._thawed.wait()
+            kind = b""
             if typed:
                 kind = await reader.readexactly(1)
-                head = await reader.readexactly(4)
-                body = await reader.readexactly(int.from_bytes(head) - 4)
-                if kind in (b"Q", b"E"):
-                    self.statements += 1
-                writer.write(kind + head + body)
-            else:
-                head = await reader.readexactly(4)
-                body = await reader.readexactly(int.from_bytes(head) - 4)
+            head = await reader.readexactly(4)
+            body = await reader.readexactly(int.from_bytes(head) - 4)
+            if not typed:
                 typed = int.from_bytes(body[:4]) not in self.SPECIAL  # the startup message
-                writer.write(head + body)
+            if kind in (b"Q", b"E"):
+                self.statements += 1
+            writer.write(kind + head + body)
             await writer.drain()
+            if kind in (b"Q", b"S") and self._let_through is not None:
+                self._let_through -= 1
+                if self._let_through <= 0:
+                    self._thawed.clear()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

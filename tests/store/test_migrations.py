@@ -192,6 +192,14 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
     },
+    13: {  # schema 13 added herald_lease
+        "herald_dispatched": "herald sha256:"
+        "afe65b978a16b2e4d92fc6b2bb251b2f4f3c6e4e4a4d57c5accb48e2a459f7eb",
+        "herald_lease": "herald sha256:"
+        "2b8eadd948c8c266177886f7e47d6604f464583b77e07ecf81eb7902107d954b",
+        "herald_put_batch": "herald sha256:"
+        "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
+    },
 }
 
 
@@ -236,11 +244,15 @@ _DISPATCHED_ARGS = (
 )
 
 
+_LEASE_ARGS = "p_node text, p_ttl double precision, p_shards integer"
+
+
 def _as_files() -> dict[str, list[tuple[str, str | None]]]:
     """What `_functions` finds once every function is as its file has it."""
     files = dict(functions())
     return {
         "herald_dispatched": [(_DISPATCHED_ARGS, digest(files["herald_dispatched"]))],
+        "herald_lease": [(_LEASE_ARGS, digest(files["herald_lease"]))],
         "herald_put_batch": [(_PUT_BATCH_ARGS, digest(files["herald_put_batch"]))],
     }
 
@@ -400,7 +412,8 @@ async def old_database(
                 " app_changes, app_changes_horizon, app_feeds, webhooks, audiences,"
                 " audience_members, sends, send_recipients, send_failures, store_epoch,"
                 " feed_voids, app_feed_voids, schema_version;"
-                " DROP FUNCTION herald_put_batch, herald_changes_pending, herald_dispatched"
+                " DROP FUNCTION herald_put_batch, herald_changes_pending, herald_dispatched,"
+                " herald_lease"
             )
             for script in scripts:
                 await conn.execute(script)

@@ -133,3 +133,44 @@ async def test_sqlite_s_one_node_holds_every_shard(sqlite_file: Backend) -> None
 async def test_every_backend_grants_a_lone_node_every_shard(store: Store) -> None:
     assert await store.lease("only", TTL) == EVERY
     await store.release("only")
+
+
+@pytest.mark.postgres
+async def test_a_node_stopped_in_a_lease_call_does_not_hold_up_the_takeover(
+    postgres: Backend,
+) -> None:
+    """A node stopped (SIGSTOP, a paused VM) while it renews its leases: its leases lapse after
+    the TTL and another node takes every shard then. The renewal was a transaction of several
+    statements; stopped after its first, the node held its heartbeat row until PostgreSQL ended
+    its session (15 s), and the other node's renewal waited on that row (CI: 16 s takeover)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from herald.store.postgres import PostgresStore
+    from tests.pg import StatementCounter
+
+    assert postgres.dsn is not None
+    parts = urlsplit(postgres.dsn)
+    proxy = StatementCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await proxy.start()
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+    query = parts.query + "&sslmode=disable"
+    a = PostgresStore(urlunsplit((parts.scheme, netloc, parts.path, query, "")), min_size=1)
+    b = postgres.make()
+    await a.open()
+    await b.open()
+    stuck: asyncio.Task[frozenset[int]] | None = None
+    try:
+        assert await a.lease("A", TTL) == EVERY
+        proxy.freeze(after=2)  # A stops two statements into its next call (BEGIN, heartbeat)
+        stuck = asyncio.create_task(a.lease("A", TTL))
+        await asyncio.sleep(TTL + 0.2)  # A's leases lapse
+        async with asyncio.timeout(3 * TTL):
+            assert await b.lease("B", TTL) == EVERY
+    finally:
+        proxy.thaw()
+        if stuck is not None:
+            async with asyncio.timeout(20):
+                await asyncio.gather(stuck, return_exceptions=True)
+        await a.close()
+        await b.close()
+        await proxy.close()
