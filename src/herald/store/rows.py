@@ -154,8 +154,8 @@ def change_from_row(user_id: str, r: Sequence[Any], to_dt: Callable[[Any], datet
 
 
 def pending_from_row(r: Sequence[Any], to_dt: Callable[[Any], datetime]) -> Pending:
-    """An outbox row (seq, user id, *change row as `change_from_row` reads it)."""
-    return Pending(r[0], change_from_row(r[1], r[2:], to_dt))
+    """An outbox row (seq, user id, *change row as `change_from_row` reads it, pushable)."""
+    return Pending(r[0], change_from_row(r[1], r[2:-1], to_dt), bool(r[-1]))
 
 
 # -- subscriptions and apps --------------------------------------------------------------------

@@ -97,8 +97,14 @@ class SqliteOutbox(SqliteDatabase, Outbox):
 
 
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).
+# The last column: whether the entry's (user, app) has a push channel, not gone (an index probe
+# of subscriptions_owner): the dispatcher asks `push_targets` only for those pairs.
+_PUSHABLE = (
+    "EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = o.user_id AND s.app = c.app"
+    " AND s.push_channel IS NOT NULL AND s.gone IS NULL)"
+)
 _PENDING_SQL = (
-    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS} FROM outbox o"
+    f"SELECT o.seq, o.user_id, {CHANGE_FIELDS}, {_PUSHABLE} FROM outbox o"
     f" JOIN changes c ON c.user_id = o.user_id AND c.position = o.position{NOW_JOIN}"
     " WHERE o.seq NOT IN (SELECT value FROM json_each(?)) ORDER BY o.seq LIMIT ?"
 )
