@@ -23,7 +23,6 @@ from tests.devices import End, api, notification_body, open_stream, subscription
 from tests.pg import (
     Cluster,
     application_url,
-    fresh_database,
     private_cluster,
     terminate_backends,
 )
@@ -40,11 +39,6 @@ RECOVERY_BOUND = 3.0  # seconds from the database being back to writes answered 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     yield from private_cluster()
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    yield from fresh_database()
 
 
 def check_failures(traffic: Traffic) -> None:
@@ -82,7 +76,7 @@ def dispatched(client: httpx.Client) -> float:
 
 
 def test_writes_recover_after_backends_are_terminated_mid_traffic(
-    tmp_path: Path, database: str
+    tmp_path: Path, postgres_store: str
 ) -> None:
     name = f"herald-outage-{uuid.uuid4().hex[:8]}"
     killed: list[tuple[float, int]] = []
@@ -90,10 +84,10 @@ def test_writes_recover_after_backends_are_terminated_mid_traffic(
     def terminate() -> None:
         # Twice: the second time hits the connections that replaced the first ones.
         for _ in range(2):
-            killed.append((time.monotonic(), asyncio.run(terminate_backends(database, name))))
+            killed.append((time.monotonic(), asyncio.run(terminate_backends(postgres_store, name))))
             time.sleep(0.5)
 
-    with serve(tmp_path, application_url(database, name)) as herald:
+    with serve(tmp_path, application_url(postgres_store, name)) as herald:
         traffic = asyncio.run(drive(herald, 6.0, terminate))
         assert all(n >= 2 for _, n in killed), killed  # the writers' connections at least
         check_failures(traffic)
@@ -137,7 +131,7 @@ def test_writes_recover_after_a_postgres_restart(tmp_path: Path, cluster: Cluste
 
 
 def test_a_statement_past_postgres_statement_timeout_is_answered_503(
-    tmp_path: Path, database: str
+    tmp_path: Path, postgres_store: str
 ) -> None:
     """A database that stops answering mid-statement (here: a lock nobody releases) costs a
     request `postgres_statement_timeout`, not the 15 s default, and writes work again after."""
@@ -149,7 +143,7 @@ def test_a_statement_past_postgres_statement_timeout_is_answered_503(
         headers = {"Authorization": f"Bearer {herald.token}"}
         async with httpx.AsyncClient(base_url=herald.base, headers=headers, timeout=20) as c:
             assert (await c.post("/beta/me/notifications", json=body)).status_code == 201
-            conn = await asyncpg.connect(database)
+            conn = await asyncpg.connect(postgres_store)
             try:
                 lock = conn.transaction()
                 await lock.start()
@@ -163,7 +157,7 @@ def test_a_statement_past_postgres_statement_timeout_is_answered_503(
             after = await c.post("/beta/me/notifications", json=body)
             return took, stuck.status_code, stuck.json()["error"]["code"], after.status_code
 
-    with serve(tmp_path, database, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
+    with serve(tmp_path, postgres_store, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
         took, status, code, after = asyncio.run(run(herald))
     assert (status, code) == (503, "serviceNotAvailable")
     assert 0.9 < took < 5.0, took  # the setting's 1 s (and a reconnect), not the default 15 s
@@ -172,7 +166,7 @@ def test_a_statement_past_postgres_statement_timeout_is_answered_503(
 
 @pytest.mark.parametrize("protocol", ["ws", "sse"])
 def test_a_stream_whose_replay_the_database_fails_ends_with_a_reason(
-    tmp_path: Path, database: str, protocol: str
+    tmp_path: Path, postgres_store: str, protocol: str
 ) -> None:
     """The database stops answering after a stream was accepted, while it replays: the device is
     told why (`closing`, `shutdown`: reconnect to resume) and the stream ends in order. It was an
@@ -190,7 +184,7 @@ def test_a_stream_whose_replay_the_database_fails_ends_with_a_reason(
             )
             assert created.status_code == 201, created.text
             sub = created.json()["id"]
-            conn = await asyncpg.connect(database)
+            conn = await asyncpg.connect(postgres_store)
             try:
                 lock = conn.transaction()
                 await lock.start()
@@ -208,7 +202,7 @@ def test_a_stream_whose_replay_the_database_fails_ends_with_a_reason(
                 change = await s.next()
         return messages, end, int(str(change["position"]))
 
-    with serve(tmp_path, database, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
+    with serve(tmp_path, postgres_store, HERALD_POSTGRES_STATEMENT_TIMEOUT="1") as herald:
         messages, end, position = asyncio.run(run(herald))
         log = herald.log.read_text()
     assert [m["type"] for m in messages] == ["closing"], messages

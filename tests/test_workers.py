@@ -591,6 +591,14 @@ def lines(running: Workers, text: str) -> int:
     return running.log.read_text().count(text)
 
 
+def until_logged(running: Workers, text: str, wait: float) -> None:
+    """Wait until the supervisor's log says `text`; fail with the log's tail after `wait` s."""
+    deadline = time.monotonic() + wait
+    while not lines(running, text):
+        assert time.monotonic() < deadline, running.log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.postgres
 def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_answers(
     tmp_path: Path, postgres_store: str, redis_service: RedisServer
@@ -678,10 +686,7 @@ def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_a
 
         config.write_text("max_payload_bytes = -1\n")
         running.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not lines(running, "SIGHUP: the configuration cannot be used"):
-            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
-            time.sleep(0.05)
+        until_logged(running, "SIGHUP: the configuration cannot be used", 10)
         time.sleep(1.0)  # a rolling restart would have started by now
         assert lines(running, "replacement started") == 2 * WORKERS
         assert [running.pid(i) for i in range(WORKERS)] == pids
@@ -689,10 +694,7 @@ def test_sighup_replaces_each_worker_with_the_config_read_again_while_the_port_a
 
         config.write_text("max_payload_bytes = 1024\npostgres_connect_timeout = 0.0001\n")
         running.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while not lines(running, "rolling restart stopped: worker 0's replacement"):
-            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
-            time.sleep(0.05)
+        until_logged(running, "rolling restart stopped: worker 0's replacement", 30)
         assert lines(running, "replacement started") == 2 * WORKERS + 1
         assert [running.pid(i) for i in range(WORKERS)] == pids
         assert [post_big(running.worker_base(i), 1500) for i in range(WORKERS)] == [201] * WORKERS
