@@ -368,3 +368,39 @@ async def test_an_op_waiting_on_a_row_lock_holds_up_no_live_delivery(postgres: B
                 await held
         await dispatcher.close()
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_removals_through_the_pool_keep_their_order(postgres: Backend) -> None:
+    """With a pool too small to keep a connection for removals, they go through the pool, and
+    must still run one at a time in the order they come (a later change's pushes supersede an
+    earlier one's): a removal waiting on a row lock holds up the next."""
+    import asyncpg
+
+    from herald.store.postgres import PostgresStore
+
+    assert postgres.dsn is not None
+    # 6: two writers and room for other calls, but not for the four kept connections.
+    store = PostgresStore(postgres.dsn, min_size=1, max_size=6)
+    await store.open()
+    blocker = await asyncpg.connect(postgres.dsn)
+    tx = blocker.transaction()
+    await tx.start()
+    try:
+        now = datetime.now().astimezone()
+        for user in ("u1", "u2"):
+            await store.put(user, APP, content(), new_id(), now)
+        first, second = await store.pending(10)
+        await blocker.execute("SELECT FROM outbox WHERE seq = $1 FOR UPDATE", first.seq)
+        earlier = asyncio.create_task(store.dispatched([first.seq]))
+        await asyncio.sleep(0.3)  # it waits on the row lock
+        later = asyncio.create_task(store.dispatched([second.seq]))
+        await asyncio.sleep(0.5)
+        assert not later.done(), "a removal overtook the one before it"
+    finally:
+        await tx.rollback()
+        await blocker.close()
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(earlier, later)
+    assert await store.pending(10) == []
+    await store.close()

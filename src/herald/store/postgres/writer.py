@@ -275,12 +275,13 @@ class PostgresWriter:
         REMOVALS), mostly the dispatcher's, whose outbox read lies on the path of every live
         delivery: a pooled call waits, before answering, for the pool's reset on release (a
         round trip of five statements, as much work for PostgreSQL as the read). Calls of one
-        kind run in the order they come (an asyncio.Lock is first come, first served)."""
-        if not self._keep_readers:
-            async with translated(), self._acquire() as conn:
-                return await run(conn)
-        link = self._readers[which]
+        kind run one at a time in the order they come (an asyncio.Lock is first come, first
+        served), through the pool too: the removals must reach the store in batch order."""
         async with self._reader_locks[which], translated():
+            if not self._keep_readers:
+                async with self._acquire() as conn:
+                    return await run(conn)
+            link = self._readers[which]
             try:
                 return await run(await link.connection())
             except BaseException:
