@@ -86,7 +86,8 @@ def test_a_link_signs_the_user_in_once(server: Server, app: RegisteredApp, user:
     assert body["token_type"] == "Bearer"
     assert 0 < body["expires_in"] <= server.settings.token_ttl
     session_ttl = server.settings.session_ttl
-    assert session_ttl - 5 <= body["refresh_token_expires_in"] <= session_ttl
+    # Whole seconds from a whole second, the session's end rounded up: one more at most.
+    assert session_ttl - 5 <= body["refresh_token_expires_in"] <= session_ttl + 1
     # The access token is the user's delegated token for the app: it reads the user's feed.
     answer = feed(server, body["access_token"])
     assert answer.status_code == 200, answer.text
@@ -110,14 +111,29 @@ def test_refresh_renews_until_the_session_ends(
     assert refresh(server, app, first["refresh_token"]).status_code == 200
 
 
+def jwt_part(token: str, index: int) -> dict[str, Any]:
+    """The header (0) or the claims (1) of a JWT, unverified."""
+    part = token.split(".")[index]
+    return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
+
+
 def test_a_session_ends_at_session_ttl(tmp_path: Path, user: str) -> None:
     for server in servers("sqlite", tmp_path, session_ttl=2, token_ttl=3600):
         app = server.register()
-        body = redeem(server, app, code_of(signin(server, app, user))).json()
+        code = code_of(signin(server, app, user))
+        started = time.time()
+        body = redeem(server, app, code).json()
+        # The session lasts no less than session_ttl, though token times are whole seconds.
+        end = jwt_part(body["refresh_token"], 1)["exp"]
+        assert started + 2 <= end <= started + 3
         # The access token never outlives the session.
-        assert body["expires_in"] <= 2
-        assert body["refresh_token_expires_in"] <= 2
-        time.sleep(2.2)
+        assert jwt_part(body["access_token"], 1)["exp"] <= end
+        assert body["expires_in"] <= body["refresh_token_expires_in"] <= 3
+        time.sleep(max(0.0, end - 0.3 - time.time()))
+        renewed = refresh(server, app, body["refresh_token"])
+        assert renewed.status_code == 200, renewed.text
+        assert jwt_part(renewed.json()["access_token"], 1)["exp"] <= end
+        time.sleep(max(0.0, end + 0.05 - time.time()))
         invalid_grant(refresh(server, app, body["refresh_token"]), "expired")
 
 
@@ -140,8 +156,7 @@ def test_codes_and_refresh_tokens_are_not_interchangeable(
 
 
 def jwt_type(token: str) -> str:
-    head = token.split(".")[0]
-    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["typ"])
+    return str(jwt_part(token, 0)["typ"])
 
 
 def test_tokens_are_bound_to_their_client(server: Server, user: str) -> None:

@@ -14,6 +14,7 @@ nodes of a cluster.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -93,14 +94,15 @@ class Sessions:
         """The session a sign-in code starts; the code cannot be redeemed again, on any node."""
         claims = self._verify(code, SIGNIN_AUDIENCE, client_id, "sign-in code")
         jti, exp = str(claims.get("jti", "")), int(claims["exp"])
-        now = int(self.clock())
+        now = self.clock()
         if not jti:
             raise InvalidGrant("The sign-in code is not valid.")
         # Kept a little past the code's expiry: a clock behind by that much still finds it.
         expires = datetime.fromtimestamp(exp + 60, UTC)
-        if not await self.codes.redeem_code(jti, expires, datetime.fromtimestamp(now, UTC)):
+        if not await self.codes.redeem_code(jti, expires, datetime.fromtimestamp(int(now), UTC)):
             raise InvalidGrant("The sign-in code has already been used.")
-        return Grant(client_id, str(claims["sub"]), now + session_ttl)
+        # Rounded up: the session lasts at least `session_ttl` (token times are whole seconds).
+        return Grant(client_id, str(claims["sub"]), math.ceil(now) + session_ttl)
 
     def refresh(self, token: str, client_id: str) -> Grant:
         """The session a refresh token belongs to."""

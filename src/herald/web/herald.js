@@ -460,12 +460,13 @@ export class Session extends EventTarget {
     return s.expiresAt - now > Math.min(REFRESH_MARGIN_MS, life / 2);
   }
 
-  #refreshable(s, now = Date.now()) {
-    return Boolean(s.refreshToken) && !(s.refreshExpiresAt && s.refreshExpiresAt - now < REFRESH_SLACK_MS);
+  /** Whether the refresh token has more than `slack` ms left (or no known end). */
+  #refreshable(s, slack, now = Date.now()) {
+    return Boolean(s.refreshToken) && !(s.refreshExpiresAt && s.refreshExpiresAt - now <= slack);
   }
 
   #over(s, now = Date.now()) {
-    return !this.#refreshable(s, now) && s.expiresAt <= now;
+    return !this.#refreshable(s, 0, now) && s.expiresAt <= now;
   }
 
   #refresh(stale, force = false) {
@@ -476,8 +477,11 @@ export class Session extends EventTarget {
       if (s.accessToken !== stale && (force ? left > 0 : this.#fresh(s))) {
         return s.accessToken; // another tab (or call) renewed it meanwhile
       }
-      if (!this.#refreshable(s)) {
-        if (!force && left > 0) return s.accessToken; // the last one this session gets
+      // While the access token lasts, a session about to end is not worth a request; once it is
+      // gone, any time the session has left is (the server, not this guess, says when it ends).
+      const needed = force || left <= 0;
+      if (!this.#refreshable(s, needed ? 0 : REFRESH_SLACK_MS)) {
+        if (!needed) return s.accessToken; // the last one this session gets
         throw this.#end();
       }
       try {
