@@ -179,6 +179,18 @@ class SqliteMetrics:
             "Reader threads running a list or count.",
             registry=None,
         )
+        self.commits = Counter(
+            "herald_sqlite_commits",
+            "Write transactions that changed the database (each appends to the WAL). Writes"
+            " are committed in batches (group commit): herald_sqlite_writes_total /"
+            " herald_sqlite_commits_total is writes per commit.",
+            registry=None,
+        )
+        self.writes = Counter(
+            "herald_sqlite_writes",
+            "Writes in those transactions (a post, a state change, an outbox removal...).",
+            registry=None,
+        )
 
     def collectors(self) -> list[Any]:
         return [
@@ -190,6 +202,8 @@ class SqliteMetrics:
             self.write_failures,
             self.queries_stopped,
             self.readers_busy,
+            self.commits,
+            self.writes,
         ]
 
 

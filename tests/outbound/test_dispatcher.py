@@ -304,6 +304,47 @@ async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) 
     assert statements <= 3, f"{statements} statements for one live delivery"
 
 
+async def test_at_a_trickle_a_removal_shares_the_next_posts_sqlite_commit(
+    sqlite_file: Backend,
+) -> None:
+    """Posts one at a time, each published a moment before the next arrives: the removal of each
+    (which nobody waits on) is committed with the next post instead of in a commit of its own,
+    so the WAL takes one commit per post, not two (herald_sqlite_commits_total)."""
+    from prometheus_client import CollectorRegistry
+
+    from herald.store.sqlite import SqliteStore
+
+    store = sqlite_file.make()
+    assert isinstance(store, SqliteStore)
+    registry = CollectorRegistry()
+    for collector in store.metrics.collectors():
+        registry.register(collector)
+    await store.open()
+    broker = Recorder()
+    dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]
+    await dispatcher.start()
+    posts = 20
+    try:
+        now = datetime.now().astimezone()
+        before = registry.get_sample_value("herald_sqlite_commits_total") or 0.0
+        for _ in range(posts):
+            broker.arrived.clear()
+            await store.put("u1", APP, content(), new_id(), now)
+            await asyncio.wait_for(broker.arrived.wait(), WAIT)
+            await asyncio.sleep(0.0005)  # the next post comes a moment after
+        await until(lambda: not dispatcher.removing, "the last removal")
+        commits = (registry.get_sample_value("herald_sqlite_commits_total") or 0.0) - before
+        writes = registry.get_sample_value("herald_sqlite_writes_total")
+        assert await store.pending(10) == []
+    finally:
+        await dispatcher.close()
+        await store.close()
+    # One commit per post (and one for the last removal); some slack for a slow machine, where
+    # a moment may outlast the wait. A commit of its own for each removal makes it 2 * posts.
+    assert commits <= 1.5 * posts, f"{commits:.0f} commits for {posts} posts and their removals"
+    assert writes is not None and writes >= 2 * posts
+
+
 @pytest.mark.postgres
 async def test_a_small_pool_keeps_a_connection_for_other_reads(postgres: Backend) -> None:
     """The dispatcher keeps connections for its reads only when the pool has room for them

@@ -93,7 +93,7 @@ class SqliteOutbox(SqliteDatabase, Outbox):
             if held:
                 insert_held(c, held, mine)
 
-        await self._write(job)
+        await self._write(job, lazy=True)
 
 
 # Inner join: an entry whose change was pruned is skipped (sweep removes it).

@@ -33,6 +33,7 @@ T = TypeVar("T")
 Job = Callable[[Connection], Any]
 
 MAX_HOPS = 4  # loop turns a flush may wait for its batch to stop growing
+LAZY_SECONDS = 0.002  # a lazy write waits this long at most for another write to join
 RETRY_FIRST = 0.001  # a batch that found the write lock taken tries again after this, doubling
 RETRY_MAX = 0.05  # up to this (also how often held batches check their deadline)
 RETRY_AFTER_FAILED = 5  # Retry-After (s) while the disk is full or failing
@@ -86,6 +87,7 @@ class SqliteWriter:
         self._pending: list[_Call] = []
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None  # the next try of a waiting batch
+        self._lazy: asyncio.TimerHandle | None = None  # the flush of lazy writes alone
         self._retry = RETRY_FIRST
         self._hops = 0
         self._seen = 0
@@ -113,18 +115,32 @@ class SqliteWriter:
         return fs.f_bavail * fs.f_frsize
 
     # -- writes: group commit on the loop ------------------------------------------------------
-    async def _write(self, job: Callable[[Connection], T]) -> T:
+    async def _write(self, job: Callable[[Connection], T], lazy: bool = False) -> T:
+        """Run `job` in the next commit. `lazy`: nobody is waiting on it soon (the dispatcher's
+        outbox removals), so it joins the next other write's commit, or has one of its own after
+        LAZY_SECONDS: at a steady trickle of posts that halves the commits (each appends the
+        WAL frames and pays the commit's fixed cost)."""
         if self._conn is None:
             raise Unavailable("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append(_Call(job, future, loop.time() + self._lock_timeout))
-        if not self._flush_scheduled:
+        if not lazy:
+            self._schedule(loop)
+        elif not self._flush_scheduled and self._lazy is None:
+            self._lazy = loop.call_later(LAZY_SECONDS, self._schedule, loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush what is pending soon (`_gather`), unless a flush is on its way."""
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+        if not self._flush_scheduled and self._pending:
             self._flush_scheduled = True
             self._hops = 0
             self._seen = 0
             loop.call_soon(self._gather, loop)
-        return await future
 
     def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush once the batch stops growing: requests already read from their sockets reach
@@ -312,6 +328,8 @@ class SqliteWriter:
         # found no due push) appends nothing to the WAL, and succeeds on a full disk too.
         if conn.total_changes != changes or conn.touched:
             self._succeeded()
+            self.metrics.commits.inc()
+            self.metrics.writes.inc(len(batch))
         return outcomes
 
     @staticmethod
