@@ -273,6 +273,43 @@ def worker_main(conn: Connection, devices: list[Device], open_rate: float) -> No
     uvloop.run(_worker(conn, devices, open_rate))
 
 
+STALL_SLEEP_S = 0.002  # the stall probe's nap
+STALL_MS = 5.0  # an overslept nap longer than this is recorded
+
+
+def stall_probe_main(conn: Connection) -> None:
+    """Nap for STALL_SLEEP_S again and again until told to stop, then send back each nap
+    overslept by more than STALL_MS (start ns, ms). A process that mostly sleeps is run as soon
+    as it wakes while the other processes merely compete for the cores (the scheduler favours
+    sleepers), so what it records is the machine stopping everything: the virtual machine's
+    CPUs held up by its host, which no process here can see in its own CPU time."""
+    stalls: list[tuple[int, float]] = []
+    while not conn.poll():
+        began = time.monotonic_ns()
+        time.sleep(STALL_SLEEP_S)
+        over = (time.monotonic_ns() - began) / 1e6 - STALL_SLEEP_S * 1e3
+        if over > STALL_MS:
+            stalls.append((began, over))
+    conn.recv()
+    conn.send(stalls)
+
+
+class StallProbe:
+    """`stall_probe_main` in a process of its own, for the posting window."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=stall_probe_main, args=(child,), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> list[tuple[int, float]]:
+        self.conn.send("stop")
+        stalls: list[tuple[int, float]] = self.conn.recv()
+        self.proc.join(5)
+        return stalls
+
+
 class Pauses:
     """A device worker's own cyclic-GC collections (start ns, ms): the devices are the
     measuring instrument, and a collection walking 5,000-10,000 client sockets' objects stops
@@ -575,6 +612,7 @@ class Result:
     node_gc_ms: list[float] = field(default_factory=list)  # longest pause while posting, by node
     devices_gc_ms: float = 0.0  # the device workers' longest collection while posting
     poster_gc_ms: float = 0.0  # the poster's (this process's) longest collection while posting
+    stalls_ms: list[float] = field(default_factory=list)  # the stall probe's, longest first
     devices_cpu_pct: float = 0.0  # the device worker processes
     poster_cpu_pct: float = 0.0  # this process: the app server posting
     other_cpu_pct: float = 0.0
@@ -790,6 +828,7 @@ def measure_with(
     gc.freeze()
     gc.disable()
     poster_pauses = Pauses()
+    probe = StallProbe()
     try:
         posts = asyncio.run(
             post_all(target, args.devices // 2, args.rate, args.duration, args.seed)
@@ -800,7 +839,9 @@ def measure_with(
         gc.callbacks.remove(poster_pauses.callback)
         gc.enable()
         gc.unfreeze()
+        stalls = probe.stop()
     result.poster_gc_ms = max((ms for _, ms in poster_pauses.record), default=0.0)
+    result.stalls_ms = sorted((ms for _, ms in stalls), reverse=True)
     summarise_posts(result, posts)
     result.window_ns = (min(posts.sent_ns), max(posts.ack_ns))
     server_cpu = servers.cpu_seconds() - cpu0[0]
@@ -1171,6 +1212,11 @@ def print_details(r: Result) -> None:
     print(
         f"  harness's longest GC pause while posting: device workers {r.devices_gc_ms:.1f} ms, "
         f"poster {r.poster_gc_ms:.1f} ms"
+    )
+    longest = ", ".join(f"{ms:.1f}" for ms in r.stalls_ms[:8]) or "none"
+    print(
+        f"  machine stalls while posting (an idle process's naps overslept > {STALL_MS:g} ms): "
+        f"{len(r.stalls_ms)}, longest {longest} ms"
     )
     extras = {
         "misrouted": r.misrouted,
