@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -192,7 +193,7 @@ def _require_private() -> None:
 class StatementCounter:
     """A TCP proxy in front of PostgreSQL that counts the statements its clients send: simple
     queries ('Q') and extended-protocol executions ('E': preparing one sends none), i.e. the
-    round trips a store makes. Point a store at `url(...)`."""
+    round trips a store makes. `in_front_of` starts one and says where to point a store."""
 
     SPECIAL = (80877103, 80877104)  # SSLRequest, GSSENCRequest: untyped, like the startup
 
@@ -205,6 +206,17 @@ class StatementCounter:
         self._let_through: int | None = None
         self._thawed = asyncio.Event()
         self._thawed.set()
+
+    @classmethod
+    async def in_front_of(cls, dsn: str) -> tuple[StatementCounter, str]:
+        """A started counter in front of the database of `dsn`, and `dsn` through it (the plain
+        protocol on the wire, so that the counter can read it)."""
+        parts = urlsplit(dsn)
+        counter = cls(parts.hostname or "127.0.0.1", parts.port or 5432)
+        port = await counter.start()
+        netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        query = parts.query + "&sslmode=disable"
+        return counter, urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
     def freeze(self, after: int) -> None:
         """Forward `after` more statements (each up to its Sync, or a simple query), then

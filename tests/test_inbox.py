@@ -12,7 +12,6 @@ service would."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import sys
@@ -48,6 +47,7 @@ from tests.browser import (
     wait_for,
 )
 from tests.standins import WebPushStandIn, make_tls
+from tests.test_auth import claims_of
 
 RECONNECT_MS = 40_000  # backoff doubles from 1 s (with jitter): a few attempts after a restart
 TOKEN_ENDPOINT = r"/oauth2/v2\.0/token$"
@@ -342,8 +342,7 @@ def session_end(inbox: Inbox, client_id: str) -> int:
     stored = json.loads(
         inbox.page.evaluate("k => localStorage.getItem(k)", f"herald.session.{client_id}")
     )
-    payload = stored["refreshToken"].split(".")[1]
-    return int(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    return int(claims_of(stored["refreshToken"])["exp"])
 
 
 def test_the_page_renews_to_the_end_of_the_session(

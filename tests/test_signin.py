@@ -20,6 +20,7 @@ from herald.auth.issuer import LocalIssuer
 from herald.auth.sessions import SIGNIN_GRANT, Sessions
 from herald.cli import main
 from tests.conftest import RegisteredApp, Server, servers
+from tests.test_auth import claims_of
 
 TOKEN = "/oauth2/v2.0/token"
 FEED = "/beta/me/notifications"
@@ -111,12 +112,6 @@ def test_refresh_renews_until_the_session_ends(
     assert refresh(server, app, first["refresh_token"]).status_code == 200
 
 
-def jwt_part(token: str, index: int) -> dict[str, Any]:
-    """The header (0) or the claims (1) of a JWT, unverified."""
-    part = token.split(".")[index]
-    return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
-
-
 def test_a_session_ends_at_session_ttl(tmp_path: Path, user: str) -> None:
     for server in servers("sqlite", tmp_path, session_ttl=2, token_ttl=3600):
         app = server.register()
@@ -124,15 +119,15 @@ def test_a_session_ends_at_session_ttl(tmp_path: Path, user: str) -> None:
         started = time.time()
         body = redeem(server, app, code).json()
         # The session lasts no less than session_ttl, though token times are whole seconds.
-        end = jwt_part(body["refresh_token"], 1)["exp"]
+        end = claims_of(body["refresh_token"])["exp"]
         assert started + 2 <= end <= started + 3
         # The access token never outlives the session.
-        assert jwt_part(body["access_token"], 1)["exp"] <= end
+        assert claims_of(body["access_token"])["exp"] <= end
         assert body["expires_in"] <= body["refresh_token_expires_in"] <= 3
         time.sleep(max(0.0, end - 0.3 - time.time()))
         renewed = refresh(server, app, body["refresh_token"])
         assert renewed.status_code == 200, renewed.text
-        assert jwt_part(renewed.json()["access_token"], 1)["exp"] <= end
+        assert claims_of(renewed.json()["access_token"])["exp"] <= end
         time.sleep(max(0.0, end + 0.05 - time.time()))
         invalid_grant(refresh(server, app, body["refresh_token"]), "expired")
 
@@ -156,7 +151,8 @@ def test_codes_and_refresh_tokens_are_not_interchangeable(
 
 
 def jwt_type(token: str) -> str:
-    return str(jwt_part(token, 0)["typ"])
+    head = token.split(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["typ"])
 
 
 def test_tokens_are_bound_to_their_client(server: Server, user: str) -> None:

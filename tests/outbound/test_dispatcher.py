@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -276,12 +275,8 @@ async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) 
     from herald.store.postgres import PostgresStore
 
     assert postgres.dsn is not None
-    parts = urlsplit(postgres.dsn)
-    counter = StatementCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await counter.start()
-    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
-    query = parts.query + "&sslmode=disable"  # plain protocol on the wire, for the counter
-    store = PostgresStore(urlunsplit((parts.scheme, netloc, parts.path, query, "")), min_size=1)
+    counter, url = await StatementCounter.in_front_of(postgres.dsn)
+    store = PostgresStore(url, min_size=1)
     await store.open()
     broker = Recorder()
     dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]

@@ -143,18 +143,12 @@ async def test_a_node_stopped_in_a_lease_call_does_not_hold_up_the_takeover(
     the TTL and another node takes every shard then. The renewal was a transaction of several
     statements; stopped after its first, the node held its heartbeat row until PostgreSQL ended
     its session (15 s), and the other node's renewal waited on that row (CI: 16 s takeover)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from herald.store.postgres import PostgresStore
     from tests.pg import StatementCounter
 
     assert postgres.dsn is not None
-    parts = urlsplit(postgres.dsn)
-    proxy = StatementCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
-    port = await proxy.start()
-    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
-    query = parts.query + "&sslmode=disable"
-    a = PostgresStore(urlunsplit((parts.scheme, netloc, parts.path, query, "")), min_size=1)
+    proxy, url = await StatementCounter.in_front_of(postgres.dsn)
+    a = PostgresStore(url, min_size=1)
     b = postgres.make()
     await a.open()
     await b.open()
