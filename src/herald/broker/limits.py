@@ -49,10 +49,12 @@ MAX_BATCH = 500  # checks per script call
 # KEYS: per check, the buckets it asks tokens of: its app's (if asked) then its (app, user) pair's
 # (if asked). ARGV: the app rate and burst, the user rate and burst, then per check how many
 # tokens it wants of each (0: not asked; it has the token here already, or no user). A bucket is
-# a hash {tokens, stamp} that expires once it would be full again. A bucket with at least one
-# token gives up to the number wanted (what it holds, rounded down); the user's is asked only if
-# the app's gave. Returns per check 0 (allowed) or 1 (app) or 2 (user), the seconds until a token
-# as text, and the tokens the app's and the user's bucket gave.
+# a hash {tokens, stamp} that expires once it would be full again. Both are written with every
+# digit (%.17g): Lua's tostring keeps 14, which rounds a stamp near 1.8e9 s to 0.1 ms, and a
+# batch taking from one bucket 500 times refilled it by up to 500 such roundings. A bucket
+# with at least one token gives up to the number wanted (what it holds, rounded down); the
+# user's is asked only if the app's gave. Returns per check 0 (allowed) or 1 (app) or 2 (user),
+# the seconds until a token as text, and the tokens the app's and the user's bucket gave.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -68,7 +70,8 @@ local function take(key, rate, burst, want)
   else
     wait = (1 - tokens) / rate
   end
-  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', tostring(now))
+  local exact = '%.17g'
+  redis.call('HSET', key, 'tokens', exact:format(tokens), 'stamp', exact:format(now))
   redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
   return got, wait
 end
