@@ -168,3 +168,31 @@ async def test_a_node_stopped_in_a_lease_call_does_not_hold_up_the_takeover(
         await a.close()
         await b.close()
         await proxy.close()
+
+
+@pytest.mark.postgres
+async def test_a_renewal_does_not_wait_for_a_pooled_connection(postgres: Backend) -> None:
+    """Reads that hold every pooled connection (here blocked by a table lock; in production a
+    surge of slow feed reads) must not hold up a lease renewal: a renewal that waited for the
+    pool would let the node's leases lapse, and its shards' live delivery stop, until one was
+    free (up to the pool's 20 s acquire timeout)."""
+    import asyncpg
+
+    assert postgres.dsn is not None
+    store = postgres.make()
+    await store.open()
+    blocker = await asyncpg.connect(postgres.dsn)
+    reads: list[asyncio.Task[object]] = []
+    try:
+        assert await store.lease("A", TTL) == EVERY  # a node leases at its start
+        await blocker.execute("BEGIN; LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE")
+        now = datetime.now().astimezone()
+        reads = [asyncio.create_task(store.get(f"user{i}", APP, new_id(), now)) for i in range(12)]
+        await asyncio.sleep(0.5)  # every pooled connection is taken by a read, waiting
+        assert not any(r.done() for r in reads)
+        async with asyncio.timeout(2 * TTL):
+            assert await store.lease("A", TTL) == EVERY
+    finally:
+        await blocker.close()  # the lock goes: the reads finish
+        await asyncio.gather(*reads, return_exceptions=True)
+        await store.close()

@@ -2,14 +2,14 @@
 `nodes` (migration 0006). Times are the database's (`now()`), so nodes' clocks need not agree.
 
 A lease call is one statement, the function `herald_lease` (functions/herald_lease.sql), on a
-pooled connection of its own, not a writer batch: a renewal must not wait behind a queue of
-writes, nor leave a transaction open if the node stops in the middle of it."""
+connection kept for the leases (`LEASES`), not a writer batch nor a pooled connection: a renewal
+must not wait behind a queue of writes or for a connection the reads have all taken (either
+would let the leases lapse), nor leave a transaction open if the node stops in the middle of it."""
 
 from __future__ import annotations
 
 from herald.store.contract import SHARDS, Shards
-from herald.store.postgres.connection import translated
-from herald.store.postgres.writer import PostgresWriter
+from herald.store.postgres.writer import LEASES, PostgresWriter
 
 # One statement, so one transaction wherever the client stops (functions/herald_lease.sql says
 # why); $2 is the caller's lease TTL (`dispatch_lease_ttl`), for the leases and the heartbeat
@@ -24,10 +24,8 @@ _RELEASE_SQL = (
 
 class PostgresShards(PostgresWriter, Shards):
     async def lease(self, node: str, ttl: float) -> frozenset[int]:
-        async with translated(), self._acquire() as conn:
-            rows = await conn.fetch(_LEASE_SQL, node, ttl, SHARDS)
+        rows = await self._kept(LEASES, lambda conn: conn.fetch(_LEASE_SQL, node, ttl, SHARDS))
         return frozenset(int(r[0]) for r in rows)
 
     async def release(self, node: str) -> None:
-        async with translated(), self._acquire() as conn:
-            await conn.execute(_RELEASE_SQL, node)
+        await self._kept(LEASES, lambda conn: conn.execute(_RELEASE_SQL, node))

@@ -48,7 +48,7 @@ SPLIT_AT = 32
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 15.0
 # What runs on the connections kept off the pool (`PostgresWriter._kept`).
-OUTBOX, TARGETS, BACKLOG, REMOVALS = 0, 1, 2, 3
+OUTBOX, TARGETS, BACKLOG, REMOVALS, LEASES = 0, 1, 2, 3, 4
 # `ping` (readiness): how long a probe through the writers may take before it counts as failed.
 PING_TIMEOUT = 5.0
 # Attempts at a batch that fails before any of it is sent, because its connection had closed.
@@ -143,9 +143,11 @@ class PostgresWriter:
         # (`OUTBOX`), its push-target reads (`TARGETS`, looked up while the next batch is read)
         # and its removals (`REMOVALS`, one statement each, in the order they come), and the
         # sends' count of the outbox (`BACKLOG`, polled while a send runs: never in the way of
-        # the dispatcher's read); each kind one at a time on a connection of its own, or through
-        # the pool if that would leave it none for other reads.
-        self._readers = [_Link(self) for _ in range(4)]
+        # the dispatcher's read), and the shard leases (`LEASES`: a renewal that waited for a
+        # pooled connection behind a surge of reads would let them lapse); each kind one at a
+        # time on a connection of its own, or through the pool if that would leave it none for
+        # other reads.
+        self._readers = [_Link(self) for _ in range(5)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._keep_readers = max_size >= self._writer_count + len(self._readers) + 1
         # Since when (monotonic) write batches fail for a database reason (logged on change),
@@ -271,10 +273,11 @@ class PostgresWriter:
             raise Unavailable(message, retry_after=1) from e
 
     async def _kept(self, which: int, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """A call on a connection kept across calls (`which`: OUTBOX, TARGETS, BACKLOG or
-        REMOVALS), mostly the dispatcher's, whose outbox read lies on the path of every live
-        delivery: a pooled call waits, before answering, for the pool's reset on release (a
-        round trip of five statements, as much work for PostgreSQL as the read). Calls of one
+        """A call on a connection kept across calls (`which`: OUTBOX, TARGETS, BACKLOG,
+        REMOVALS or LEASES), mostly the dispatcher's, whose outbox read lies on the path of
+        every live delivery: a pooled call waits, before answering, for the pool's reset on
+        release (a round trip of five statements, as much work for PostgreSQL as the read), and
+        a renewal must not wait for a pooled connection at all. Calls of one
         kind run one at a time in the order they come (an asyncio.Lock is first come, first
         served), through the pool too: the removals must reach the store in batch order."""
         async with self._reader_locks[which], translated():
