@@ -56,11 +56,15 @@ async def check_one_node(a: Store, b: Store) -> None:
         Delivery(b, settings, lambda: now, leases[1]),
     ]
     try:
+        started = []
         for node in nodes:
             await node.look()
+            # Read before anything else runs: a delivery may end (its URL does not resolve)
+            # while the other node looks, and leave `flying`.
+            started.append(set(node.flying))
         for hook in hooks:
             shard = zlib.crc32(hook.id.encode()) % SHARDS
-            takers = [i for i, node in enumerate(nodes) if hook.id in node.flying]
+            takers = [i for i, ids in enumerate(started) if hook.id in ids]
             assert takers == [0 if shard in held[0] else 1]
         leases[0].valid_until = 0.0  # node a's lease may have run out: it delivers nothing
         for task in list(nodes[0].flying.values()):
