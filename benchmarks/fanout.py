@@ -674,7 +674,7 @@ async def post_all(target: Target, users: int, rate: float, duration: float, see
         # before the last post could go (it showed as the run's "max schedule lag").
         late = [task for task in tasks if not task.done()]
         if late:
-            done, unanswered = await asyncio.wait(late, timeout=POST_TIMEOUT)
+            _, unanswered = await asyncio.wait(late, timeout=POST_TIMEOUT)
             for task in unanswered:  # counted as not acknowledged (status 0)
                 task.cancel()
             if unanswered:
