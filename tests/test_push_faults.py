@@ -53,6 +53,7 @@ from tests.pushes import (
     wait_for,
 )
 from tests.standins import TlsFiles, make_tls
+from tests.standins.webpush import WebPushStandIn
 
 CONCURRENCY = 2
 DELAY = 6.0  # a provider's answer that comes too late: push_timeout is 2 s
@@ -162,6 +163,35 @@ def test_retry_after_one_second_is_sent_after_one_second(alice: User, stand: Pro
         first, second = device.standin.refused(device.target)
         for gap in (second.at - first.at, delivered.at - second.at):
             assert 0.95 <= gap < 1.5, (device.platform, gap)
+
+
+def test_a_push_services_cookie_is_never_kept_nor_sent_back(alice: User, stand: Providers) -> None:
+    """A Web Push endpoint is the device's choice, so its answers are a stranger's: a
+    Set-Cookie in one (here a 429's) must leave Herald no state. Nothing goes back with the
+    retry, nor with pushes to another subscription on the same host (a cookie would tie one
+    user's pushes to another's for the service, and a hostile endpoint setting new cookies on
+    every answer would grow Herald's memory without bound)."""
+    # On a host name: aiohttp's cookie jar keeps no cookie from an IP address.
+    service = WebPushStandIn(stand.tls, host="localhost")
+    service.start()
+    try:
+        devices = [alice.webpush(service) for _ in range(2)]
+        first, second = devices
+        cookie = {"Retry-After": "1", "Set-Cookie": "track=one-device; Path=/; Max-Age=3600"}
+        service.fault(429, 1, headers=cookie, target=first.target)
+        n = alice.notify()
+        arrived(first, 1)
+        arrived(second, 1)
+        [refusal] = service.refused(first.target)
+        assert refusal.status == 429, refusal
+        again = alice.notify()
+        for device in devices:
+            delivered = arrived(device, 2)
+            assert [d.message["id"] for d in delivered] == [n["id"], again["id"]]
+            for d in delivered:
+                assert "cookie" not in d.headers, (device is first, d.headers["cookie"])
+    finally:
+        service.stop()
 
 
 def test_timeout_is_retried(alice: User, stand: Providers) -> None:

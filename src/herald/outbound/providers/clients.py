@@ -72,6 +72,10 @@ class Http1:
                     ssl=self.context, limit=0, ttl_dns_cache=60, resolver=resolver
                 ),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # No cookies kept or sent: a Web Push endpoint (or a webhook's URL) is a
+                # stranger's choice, and a jar would tie one user's pushes to another's and grow
+                # with whatever cookies an endpoint sets.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 trust_env=False,
                 headers={"Accept-Encoding": "identity"},
