@@ -120,19 +120,32 @@ async def node_sessions(url: str) -> list[asyncpg.Record]:
 
 
 async def until_quiet(db: asyncpg.Connection, node: str) -> None:
-    """Until none of a stopped node's statements is still running. What it sent just before it
-    stopped is carried out after: a settle's COMMIT, say, deleting pushes that a snapshot taken
-    at once would count as in flight (CI saw B never claim again pushes A had sent, and A's log
-    said its settle was cut off by the freeze)."""
+    """Until none of a stopped node's statements can still make progress. What it sent just
+    before it stopped is carried out after: a settle's COMMIT, say, deleting pushes that a
+    snapshot taken at once would count as in flight (CI saw B never claim again pushes A had
+    sent, and A's log said its settle was cut off by the freeze). A statement that waits for
+    the stopped node itself (to read what it sent, or for a lock one of its own transactions
+    holds) will not move until the node does, so it counts as quiet; so does a transaction
+    that failed and waits for its ROLLBACK. (A CI run hung here for good: one of those, it is
+    not known which.)"""
     quiet = 0
+    deadline = time.monotonic() + WAIT
     while quiet < 3:
-        active = await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-            " AND state NOT IN ('idle', 'idle in transaction')",
-            node,
-        )
+        active = await db.fetchval(_MOVING_SQL, node)
         quiet = quiet + 1 if active == 0 else 0
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node} still running: {await db.fetch(SESSIONS_SQL)}")
         await asyncio.sleep(0.05)
+
+
+# A node's statements that may still make progress on their own.
+_MOVING_SQL = """
+SELECT count(*) FROM pg_stat_activity a
+WHERE a.application_name = $1 AND a.state NOT LIKE 'idle%'
+AND a.wait_event_type IS DISTINCT FROM 'Client'
+AND NOT (cardinality(pg_blocking_pids(a.pid)) > 0 AND pg_blocking_pids(a.pid) <@ ARRAY(
+    SELECT o.pid FROM pg_stat_activity o WHERE o.application_name = $1))
+"""
 
 
 async def users_in(db: asyncpg.Connection, shards: set[int], count: int) -> list[str]:
