@@ -160,18 +160,28 @@ class Delivery:
 
     async def look(self) -> None:
         """Start a delivery for each due webhook of this node that has none in flight."""
+        # A delivery in flight now may end (a failure sets its backoff) before the read answers:
+        # its row as read is stale, so it is looked at again instead.
+        busy = set(self.flying)
         due = await self.store.due_webhooks(self.clock())
         self.active = bool(due)
         held = self.leases.shards() if self.leases is not None else None
         for hook in due:
-            if hook.id in self.flying:
-                self.again.add(hook.id)
+            if hook.id in busy or hook.id in self.flying:
+                self.look_again(hook.id)
                 continue
             if held is not None and zlib.crc32(hook.id.encode()) % SHARDS not in held:
                 continue
             task = asyncio.create_task(self.deliver(hook), name=f"herald-webhook-{hook.id}")
             self.flying[hook.id] = task
             task.add_done_callback(functools.partial(self.done, hook.id))
+
+    def look_again(self, id: str) -> None:
+        """Look at `id` afresh once its delivery in flight (if still) has ended."""
+        if id in self.flying:
+            self.again.add(id)
+        else:
+            self.wake.set()
 
     def done(self, id: str, task: asyncio.Task[None]) -> None:
         self.flying.pop(id, None)
