@@ -4,12 +4,14 @@ endpoint policy (private addresses refused)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -116,15 +118,28 @@ def test_a_name_resolving_to_a_private_address_is_never_sent_to(
 
 
 async def test_the_connection_resolver_refuses_private_addresses() -> None:
-    """The second line of defence (DNS rebinding): the resolver the Web Push connections use."""
-    from herald.outbound.providers.clients import PublicResolver
+    """The second line of defence (DNS rebinding): the Web Push connections check the addresses
+    a name resolves to, and connect to none if one is private."""
+    from herald.outbound.providers.clients import Http1, tls_context
 
-    resolver = PublicResolver()
+    accepted: list[asyncio.StreamWriter] = []
+    listener = await asyncio.start_server(lambda _, w: accepted.append(w), "127.0.0.1", 0)
+    url = f"http://localhost:{listener.sockets[0].getsockname()[1]}/push/x"
+    strict, open_ = Http1(tls_context(""), 5.0, public_only=True), Http1(tls_context(""), 0.5)
     try:
-        with pytest.raises(OSError, match="private address"):
-            await resolver.resolve("localhost", 443)
+        with pytest.raises(httpx.ConnectError) as refused:
+            await strict.request("POST", url, content=b"x")
+        assert "private address" in str(refused.value.__cause__)
+        assert accepted == []
+        with pytest.raises(httpx.ReadTimeout):  # without the check it connects (no answer)
+            await open_.request("POST", url, content=b"x")
+        assert len(accepted) == 1
     finally:
-        await resolver.close()
+        await strict.aclose()
+        await open_.aclose()
+        listener.close()
+        for w in accepted:
+            w.close()
 
 
 def test_a_p256dh_key_off_the_curve_is_refused(strict: Server, app: RegisteredApp) -> None:

@@ -171,7 +171,7 @@ def test_a_push_services_cookie_is_never_kept_nor_sent_back(alice: User, stand: 
     retry, nor with pushes to another subscription on the same host (a cookie would tie one
     user's pushes to another's for the service, and a hostile endpoint setting new cookies on
     every answer would grow Herald's memory without bound)."""
-    # On a host name: aiohttp's cookie jar keeps no cookie from an IP address.
+    # On a host name: a cookie jar (aiohttp's, used before) keeps none from an IP address.
     service = WebPushStandIn(stand.tls, host="localhost")
     service.start()
     try:

@@ -39,7 +39,7 @@ from herald import appfeed
 from herald.errors import HeraldError, InvalidRequest
 from herald.feed import Clock
 from herald.outbound.leases import Leases
-from herald.outbound.providers.clients import Http1, exchange
+from herald.outbound.providers.clients import Http1, exchange, tls_context
 from herald.outbound.providers.guard import Guard
 from herald.settings import Settings
 from herald.store import SHARDS, ChangeFeed, Retention, Webhook, Webhooks
@@ -112,7 +112,7 @@ class Delivery:
         self.leases = leases
         self.guard = Guard(settings.webhook_allow_private_endpoints)
         self.http = Http1(
-            settings.push_ca_file,
+            tls_context(settings.push_ca_file),
             settings.webhook_timeout,
             public_only=not settings.webhook_allow_private_endpoints,
         )

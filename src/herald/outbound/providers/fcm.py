@@ -98,7 +98,7 @@ class Fcm:
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         ca = settings.push_ca_file
         self.keyring = keyring
-        self.http = Http1(ca, settings.push_timeout)
+        self.http = Http1(tls_context(ca), settings.push_timeout)
         self.base = settings.push_fcm_url.rstrip("/")
         self.oauth = httpx.Client(verify=tls_context(ca), timeout=30.0, trust_env=False)
         self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, token, creds)

@@ -30,7 +30,7 @@ import herald.outbound.providers.guard as guard
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import Message, Priority, PushChannel, PushKind, WebPushChannel, WebPushKeys
-from herald.outbound.providers.clients import Http1, exchange
+from herald.outbound.providers.clients import Http1, exchange, tls_context
 from herald.outbound.providers.document import fitted, seconds_left
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import Outcome, Result, by_status, failure
@@ -129,7 +129,9 @@ class WebPush:
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         private = settings.push_allow_private_endpoints
         self.keyring = keyring
-        self.http = Http1(settings.push_ca_file, settings.push_timeout, public_only=not private)
+        self.http = Http1(
+            tls_context(settings.push_ca_file), settings.push_timeout, public_only=not private
+        )
         self.subject = settings.vapid_subject
         self.guard = guard.Guard(private)
         self.warned = False  # about the default VAPID subject, once

@@ -22,7 +22,7 @@ import msgspec
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import Message, Priority, PushChannel, PushKind, UserActionState, WnsChannel
-from herald.outbound.providers.clients import Http1, exchange
+from herald.outbound.providers.clients import Http1, exchange, tls_context
 from herald.outbound.providers.document import collapse_key, fitted, seconds_left, shortened
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import Outcome, Result, by_status, failure, missing
@@ -127,7 +127,7 @@ def _xml_text(text: str) -> str:
 class Wns:
     def __init__(self, settings: Settings, keyring: Keyring) -> None:
         self.keyring = keyring
-        self.http = Http1(settings.push_ca_file, settings.push_timeout)
+        self.http = Http1(tls_context(settings.push_ca_file), settings.push_timeout)
         self.token_url = settings.push_wns_token_url
         self.hosts = settings.push_wns_hosts
         self.tokens: dict[str, tuple[float, str, bytes]] = {}
