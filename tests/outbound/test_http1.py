@@ -98,6 +98,10 @@ def test_a_request_is_written_as_sent_and_its_connection_kept() -> None:
         assert fields[b"Host"] == b"127.0.0.1:" + url.split(":")[2].split("/")[0].encode()
         assert fields[b"Content-Length"] == b"5" and fields[b"TTL"] == b"60"
         assert fields[b"Accept-Encoding"] == b"identity" and b"Cookie" not in fields
+        # A header the caller names replaces the client's own, whatever its case.
+        await exchange(client, "POST", url, content=b"", headers={"user-agent": "Hooks/1"})
+        named = [line.lower() for line in server.requests[-1].split(b"\r\n")]
+        assert [n for n in named if n.startswith(b"user-agent:")] == [b"user-agent: hooks/1"]
         form = await exchange(client, "POST", url, data={"grant_type": "x y", "scope": "a&b"})
         assert form.status_code == 201
         assert server.requests[-1].endswith(b"\r\n\r\ngrant_type=x+y&scope=a%26b")

@@ -43,7 +43,8 @@ MAX_HEAD = 65_536  # bytes of an answer's status line and headers
 KEEP_IDLE = 15.0  # seconds an idle connection is kept (shorter than servers keep theirs)
 DNS_TTL = 60.0
 MAX_ENTRIES = 10_000  # URLs parsed and names resolved, kept (each a dict, cleared when full)
-USER_AGENT = "Herald"
+DEFAULT_HEADERS = {"User-Agent": "Herald", "Accept-Encoding": "identity"}
+FRAMING = {"content-length", "transfer-encoding", "host", "connection"}  # the client's to write
 
 
 class Answer:
@@ -234,6 +235,11 @@ class Connection(asyncio.Protocol):
 
     # -- requests ----------------------------------------------------------------------------
 
+    def fresh(self, now: float) -> bool:
+        """Whether this idle connection may take a request (the server may have closed it)."""
+        open_ = not self.closed and self.transport is not None and not self.transport.is_closing()
+        return open_ and now - self.idle_since <= KEEP_IDLE
+
     async def send(self, data: bytes, deadline: float) -> Answer:
         """Write the request; its answer, or TimeoutError once the loop's clock passes
         `deadline` (a timer of the loop's own: asyncio.timeout was 6 % of a push)."""
@@ -305,12 +311,15 @@ class Http1:
             if len(self.targets) >= MAX_ENTRIES:
                 self.targets.clear()
             self.targets[url] = to
-        fields = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        given = headers or {}
+        named = {name.lower() for name in given}  # the client's own give way, whatever the case
+        fields = {k: v for k, v in DEFAULT_HEADERS.items() if k.lower() not in named}
         if data is not None:
             content = urlencode(data).encode()
-            fields["Content-Type"] = "application/x-www-form-urlencoded"
+            if "content-type" not in named:
+                fields["Content-Type"] = "application/x-www-form-urlencoded"
         body = content or b""
-        fields |= headers or {}
+        fields |= {k: v for k, v in given.items() if k.lower() not in FRAMING}
         fields["Content-Length"] = str(len(body))
         message = (
             method.encode("ascii") + to.request_line_rest + head_lines(fields) + b"\r\n" + body
@@ -323,7 +332,7 @@ class Http1:
             ) from exc
         except httpx.HTTPError:
             raise
-        except (OSError, _Stale) as exc:  # ssl.SSLError is an OSError
+        except (OSError, ValueError, _Stale) as exc:  # ssl.SSLError is an OSError
             name = type(exc).__name__
             raise httpx.ConnectError(name, request=httpx.Request(method, url)) from exc
 
@@ -335,7 +344,7 @@ class Http1:
         idle = self.pools.idle.get(to.origin)
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest still open
-            if conn.closed or now - conn.idle_since > KEEP_IDLE:
+            if not conn.fresh(now):
                 conn.close()
                 continue
             try:
