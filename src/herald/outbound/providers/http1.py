@@ -5,11 +5,12 @@ to MAX_ANSWER bytes.
 
 Why not a client library: httpx's pool bookkeeping walks every pooled connection on each
 request (0.9-3 ms of CPU per request at 1-64 in flight; benchmarks/README.md, "Push"), and
-aiohttp, used after it, spent about 130 µs per request in its request machinery (request and
-response objects, timers, header merging, its payload registry): 31 % of the samples of a Web
-Push drain (`benchmarks/push.py --preload --py-spy`), more than the encryption. Push needs little
-of either: no cookies, redirects, proxies, compression or streaming. (APNs needs HTTP/2, which
-this lacks: it keeps httpx, one multiplexed connection and no pool to walk.)
+aiohttp, used after it, spent its time in request machinery (request and response objects,
+timers, header merging, its payload registry): 31 % of the samples of a Web Push drain
+(`benchmarks/push.py --preload --py-spy`), more than the encryption, and 3 times this client's
+CPU per request (`benchmarks/pushclient.py`). Push needs little of either: no cookies,
+redirects, proxies, compression or streaming. (APNs needs HTTP/2, which this lacks: it keeps
+httpx, one multiplexed connection and no pool to walk.)
 
 * Failures raise httpx's exceptions, as the httpx client does (senders handle one kind):
   `ReadTimeout` when `timeout` (connect, send and answer together) runs out, `ConnectError` when
