@@ -4,13 +4,14 @@ bound, and (for device-chosen endpoints) connections to public addresses only.""
 from __future__ import annotations
 
 import ssl
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
 from herald.outbound.providers.http1 import MAX_ANSWER, Answer, Http1
 
-__all__ = ["MAX_ANSWER", "Answer", "Http1", "client", "exchange", "tls_context"]
+__all__ = ["MAX_ANSWER", "Answer", "Http1", "client", "exchange", "sync_client", "tls_context"]
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -20,6 +21,13 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
     if ca_file:
         context.load_verify_locations(ca_file)
     return context
+
+
+def sync_client(ca_file: str, timeout: float) -> httpx.Client:
+    """A blocking client (FCM's OAuth token requests, made by google-auth)."""
+    return httpx.Client(
+        verify=tls_context(ca_file), timeout=timeout, trust_env=False, cookies=_no_cookies()
+    )
 
 
 def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClient:
@@ -33,7 +41,14 @@ def client(ca_file: str, timeout: float, http2: bool = False) -> httpx.AsyncClie
         timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         follow_redirects=False,
+        cookies=_no_cookies(),
     )
+
+
+def _no_cookies() -> CookieJar:
+    """A jar that keeps nothing (httpx keeps every cookie a service sets, and sends it back): a
+    service's answer must leave no state that rides on later requests, as in http1.py."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 async def exchange(http: httpx.AsyncClient | Http1, method: str, url: str, **kw: Any) -> Answer:

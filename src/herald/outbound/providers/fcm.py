@@ -26,7 +26,7 @@ from google.oauth2 import service_account
 from herald import fields
 from herald.errors import InvalidRequest
 from herald.model import FcmChannel, Message, Priority, PushChannel, PushKind
-from herald.outbound.providers.clients import Answer, Http1, exchange, tls_context
+from herald.outbound.providers.clients import Answer, Http1, exchange, sync_client, tls_context
 from herald.outbound.providers.document import seconds_left, shortened
 from herald.outbound.providers.keyring import Keyring
 from herald.outbound.providers.sender import Outcome, Result, by_status, failure, missing
@@ -100,7 +100,7 @@ class Fcm:
         self.keyring = keyring
         self.http = Http1(tls_context(ca), settings.push_timeout)
         self.base = settings.push_fcm_url.rstrip("/")
-        self.oauth = httpx.Client(verify=tls_context(ca), timeout=30.0, trust_env=False)
+        self.oauth = sync_client(ca, 30.0)
         self.tokens: dict[str, tuple[float, str, bytes]] = {}  # app -> (renew at, token, creds)
         self.refreshing: dict[str, asyncio.Future[str]] = {}
 
