@@ -1,9 +1,11 @@
 """`Delivery` over real stores, against the tests' webhook receiver: a look whose read of the due
-webhooks began while a delivery was in flight must not act on what it read of that webhook."""
+webhooks began while a delivery was in flight must not act on what it read of that webhook; a
+look reads and moves only webhooks with something to send; a commit wakes delivery at once."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -77,3 +79,47 @@ async def test_a_failed_batch_is_not_resent_by_a_look_that_read_before_the_failu
     finally:
         await delivery.close()
     assert [r.answer for r in sink.received] == [500]
+
+
+async def test_a_change_costs_no_read_of_other_apps_webhooks(store: Store, sink: Receiver) -> None:
+    """With many apps' webhooks registered, a look starts a delivery (a read of the feed, and a
+    write to move the cursor) only for a webhook with something after its cursor."""
+    ours = await store.add_webhook(hook("ours", url=sink.url, kinds=("created",)), limit=5)
+    others = [
+        await store.add_webhook(hook(f"other-{i}", app=f"other{i}.example.com"), limit=5)
+        for i in range(5)
+    ]
+    await put(store, "a")
+    delivery = Delivery(store, Settings(webhook_allow_private_endpoints=True), now)  # type: ignore[arg-type]
+    try:
+        await delivery.look()
+        assert set(delivery.flying) == {ours.id}
+        await asyncio.gather(*delivery.flying.values())
+    finally:
+        await delivery.close()
+    assert [r.answer for r in sink.received] == [200]
+    for other in others:  # untouched
+        assert await store.get_webhook(other.app, other.id) == other
+
+
+async def test_a_change_after_an_idle_spell_is_sent_at_once_not_at_the_next_poll(
+    store: Store, sink: Receiver
+) -> None:
+    await store.add_webhook(hook(url=sink.url, kinds=("created",)), limit=5)
+    settings = Settings(webhook_allow_private_endpoints=True, webhook_poll_interval=2.0)
+    delivery = Delivery(store, settings, now)  # type: ignore[arg-type]
+    delivery.start()
+    try:
+        await asyncio.sleep(2.3)  # the first poll has found the webhook, with nothing to send
+        assert sink.received == []
+        put_at = time.monotonic()
+        await put(store, "a")
+        await asyncio.to_thread(sink.wait, lambda got: len(got) >= 1, 5.0)
+        # The commit woke delivery: well before the next poll (about 1.7 s away).
+        assert sink.received[0].at - put_at < 1.2
+    finally:
+        await delivery.close()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -177,6 +177,7 @@ async def test_a_new_webhook_starts_at_the_head_of_the_feed(store: Store) -> Non
 async def test_delivery_state_moves_only_from_the_cursor_it_was_read_at(store: Store) -> None:
     w = await store.add_webhook(hook(), limit=5)
     start = w.cursor
+    await put(store, "a")  # something to deliver: it is due
     assert await store.webhook_failed("w1", start, T0, 500, "HTTP 500", T0 + DAY, False)
     assert not await store.webhook_failed("w1", start + 1, T0, 500, "stale", T0, False)
     failed = await store.get_webhook(APP, "w1")
@@ -204,6 +205,26 @@ async def test_delivery_state_moves_only_from_the_cursor_it_was_read_at(store: S
         await store.update_webhook(hook("nope"))
     assert await store.delete_webhook(APP, "w1")
     assert not await store.delete_webhook(APP, "w1")
+
+
+async def test_only_a_webhook_with_changes_after_its_cursor_is_due(store: Store) -> None:
+    assert not await store.webhooks_active()
+    mine = await store.add_webhook(hook("w1"), limit=5)
+    theirs = await store.add_webhook(hook("w2", app=OTHER_APP), limit=5)
+    assert await store.webhooks_active()
+    assert await store.due_webhooks(T0) == []  # nothing after either cursor
+    await put(store, "x", app=OTHER_APP, target_host_name=OTHER_APP)
+    assert [h.id for h in await store.due_webhooks(T0)] == ["w2"]  # not the other app's
+    page = await store.app_changes(OTHER_APP, theirs.cursor, 100)
+    assert await store.webhook_delivered("w2", theirs.cursor, page.cursor, T0, 200)
+    assert await store.due_webhooks(T0) == []
+    await put(store, "a")
+    assert [h.id for h in await store.due_webhooks(T0)] == ["w1"]
+    off = msgspec.structs.replace(mine, status="disabled")
+    await store.update_webhook(off)
+    assert await store.due_webhooks(T0) == []
+    await store.delete_webhook(OTHER_APP, "w2")
+    assert not await store.webhooks_active()  # a disabled one is not active
 
 
 async def test_an_error_is_stored_printable(store: Store) -> None:

@@ -15,7 +15,7 @@ from herald.settings import Settings
 from herald.store import SHARDS, Store, Webhook
 
 from .conftest import Backend
-from .support import two_nodes
+from .support import put, two_nodes
 
 pytestmark = pytest.mark.postgres  # SQLite is one process: it holds every shard
 
@@ -44,6 +44,7 @@ async def check_one_node(a: Store, b: Store) -> None:
         )
         for _ in range(20)
     ]
+    await put(a, "x", app="nodes.example.com", target_host_name="nodes.example.com")  # all due
     leases = [Leases(a, "node-a"), Leases(b, "node-b")]
     for _ in range(2):  # the second round balances: each node holds its share
         for lease in leases:

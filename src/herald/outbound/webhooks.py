@@ -11,6 +11,9 @@ registered, signed as Standard Webhooks sign (https://www.standardwebhooks.com/)
   after `webhook_backoff_base` seconds, doubling up to `webhook_backoff_max`. Once a webhook has
   been failing for `webhook_give_up` seconds its status becomes "failed" and delivery stops (the
   app re-enables it with a PATCH; it resumes from its cursor).
+* Cheap when idle: while any webhook is active a commit wakes delivery, which reads only the
+  webhooks with something after their cursor (`due_webhooks`), so a change of one app costs
+  one read, not a read (and a cursor write) per webhook of every app.
 * One node at a time: a webhook is delivered by the node that holds the dispatch shard
   `crc32(id) % SHARDS` (`leases.py`; with SQLite the one process holds all).
 * SSRF: the URL must be public (checked at registration, before each POST, and on the addresses
@@ -121,7 +124,9 @@ class Delivery:
         # Webhooks woken while a delivery of theirs was in flight (it may have read the feed
         # before the change that woke us): looked at again as soon as it ends.
         self.again: set[str] = set()
-        self.active = False  # whether the last look found due webhooks: commits wake us then
+        # Whether any webhook is active (read at each poll; a due one shows it too): commits
+        # wake us then, so a change reaches its webhooks at once, not at the next poll.
+        self.active = False
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -149,9 +154,13 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.webhook_poll_interval):
                     await self.wake.wait()
+            polled = not self.wake.is_set()
             self.wake.clear()
             try:
-                await self.look()
+                if polled:
+                    self.active = await self.store.webhooks_active()
+                if self.active:
+                    await self.look()
                 if loop.time() - last_prune >= self.settings.sweep_interval:
                     last_prune = loop.time()
                     await self.prune()
@@ -164,7 +173,7 @@ class Delivery:
         # its row as read is stale, so it is looked at again instead.
         busy = set(self.flying)
         due = await self.store.due_webhooks(self.clock())
-        self.active = bool(due)
+        self.active = self.active or bool(due)
         held = self.leases.shards() if self.leases is not None else None
         for hook in due:
             if hook.id in busy or hook.id in self.flying:

@@ -669,7 +669,12 @@ class Webhooks(Protocol):
     async def delete_webhook(self, app: str, id: str) -> bool: ...
 
     async def due_webhooks(self, now: datetime) -> builtins.list[Webhook]:
-        """Every active webhook (of every app) whose next attempt is due (or not set)."""
+        """Every active webhook (of every app) whose next attempt is due (or not set) and whose
+        app's feed has an entry after its cursor: one with nothing to deliver is not due (a
+        commit of one app must not cost a read of every other app's webhooks)."""
+
+    async def webhooks_active(self) -> bool:
+        """Whether any webhook (of any app) is active."""
 
     async def webhook_delivered(
         self, id: str, after: int, cursor: int, now: datetime, status: int | None

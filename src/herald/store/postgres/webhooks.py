@@ -68,12 +68,22 @@ class PostgresWebhooks(PostgresWriter, Webhooks):
 
     async def due_webhooks(self, now: datetime) -> list[Webhook]:
         async with translated(), self._acquire() as conn:
+            await stamp(conn)  # changes committed before this read count
             rows = await conn.fetch(
-                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE status = 'active'"
-                " AND (next_attempt IS NULL OR next_attempt <= $1) ORDER BY id",
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks w WHERE status = 'active'"
+                " AND (next_attempt IS NULL OR next_attempt <= $1)"
+                " AND EXISTS (SELECT FROM app_changes f WHERE f.app = w.app AND f.seq > w.cursor)"
+                " ORDER BY id",
                 now,
             )
         return [webhook_from_row(tuple(r), identity) for r in rows]
+
+    async def webhooks_active(self) -> bool:
+        async with translated(), self._acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM webhooks WHERE status = 'active')"
+            )
+        return bool(found)
 
     async def webhook_delivered(
         self, id: str, after: int, cursor: int, now: datetime, status: int | None

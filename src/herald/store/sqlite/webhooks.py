@@ -100,12 +100,22 @@ class SqliteWebhooks(SqliteDatabase, Webhooks):
     async def due_webhooks(self, now: datetime) -> list[Webhook]:
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE status = 'active'"
-                " AND (next_attempt IS NULL OR next_attempt <= ?) ORDER BY id",
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks w WHERE status = 'active'"
+                " AND (next_attempt IS NULL OR next_attempt <= ?)"
+                " AND EXISTS (SELECT 1 FROM app_changes f WHERE f.app = w.app AND f.seq > w.cursor)"
+                " ORDER BY id",
                 (to_micros(now),),
             ).fetchall()
         )
         return [webhook_from_row(r, from_micros) for r in rows]
+
+    async def webhooks_active(self) -> bool:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT EXISTS (SELECT 1 FROM webhooks WHERE status = 'active')"
+            ).fetchone()
+        )
+        return bool(row[0])
 
     async def webhook_delivered(
         self, id: str, after: int, cursor: int, now: datetime, status: int | None
