@@ -161,9 +161,18 @@ class WebSocket(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
-        out = self.protocol.data_to_send()
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+        # Not `data_to_send()`: it swaps in a new list on every call, which the protocol then
+        # keeps. One long-lived young object per message sent: at 2,000 messages/s each
+        # young-generation collection walked thousands of them (2-5 ms pauses, and more for the
+        # next generation). The same list is emptied instead. (`writes` is where websockets'
+        # sans-I/O protocol queues its output; data_to_send returns it.)
+        out = self.protocol.writes
+        if not out:
+            return
+        data = b"".join(out)
+        out.clear()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
 
     def shutdown(self) -> None:
         """uvicorn's shutdown, for a connection still open after Herald closed its streams."""
