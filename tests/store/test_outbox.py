@@ -589,3 +589,81 @@ async def test_superseding_sees_what_a_racing_node_queued(postgres: Backend) -> 
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.postgres
+async def test_a_post_is_handed_over_at_commit_as_pending_reads_it(postgres: Backend) -> None:
+    """`on_outboxed` (PostgreSQL): after a put commits, and before its `on_commit` callbacks,
+    its entry as `pending` reads it, if every earlier change of its user has been dispatched;
+    `whole` when that is every entry of the commit. A put behind an undispatched change of its
+    user, or one that logs EXPIRED first, is left to `pending` alone."""
+    store = postgres.make()
+    await store.open()
+    calls: list[tuple[str, list[Pending], bool]] = []
+
+    async def take(entries: list[Pending], whole: bool) -> None:
+        calls.append(("take", entries, whole))
+
+    async def handed_by(write: Awaitable[object]) -> list[tuple[str, list[Pending], bool]]:
+        calls.clear()
+        await write
+        return list(calls)
+
+    def pending_of(entries: list[Pending], read: list[Pending]) -> list[Pending]:
+        return [e for e in read if e.seq in {h.seq for h in entries}]
+
+    try:
+        store.on_outboxed(take)
+        store.on_commit(lambda: calls.append(("commit", [], False)))
+        await web_sub(store, "pushed")
+        handed = [await handed_by(put(store, "a", user=u)) for u in ("pushed", "plain")]
+        read = await store.pending(10)
+        assert handed[0] == [("take", [read[0]], True), ("commit", [], False)]
+        assert handed[1] == [("take", [read[1]], True), ("commit", [], False)]
+        assert read[0].pushable and not read[1].pushable
+        assert [e.change.kind for e in read] == [ChangeKind.CREATED] * 2
+
+        # Behind its user's undispatched entry: not handed over; the commit still signals.
+        assert await handed_by(put(store, "b", user="pushed")) == [("commit", [], False)]
+        await store.dispatched([e.seq for e in await store.pending(10)])
+
+        # A replacement, once its user's entries are dispatched.
+        ((_, replaced, whole), _) = await handed_by(put(store, "a", user="pushed"))
+        assert whole and replaced == pending_of(replaced, await store.pending(10))
+        assert replaced[0].change.kind is ChangeKind.UPDATED and replaced[0].change.replaced
+        await store.dispatched([e.seq for e in await store.pending(10)])
+
+        # A put over an expired notification logs EXPIRED, then CREATED: neither is handed over.
+        soon = T0 + timedelta(minutes=1)
+        assert len(await handed_by(put(store, "x", user="plain", expiration_date_time=soon))) == 2
+        await store.dispatched([e.seq for e in await store.pending(10)])
+        lapsed = put(store, "x", user="plain", at=T0 + timedelta(minutes=2))
+        assert await handed_by(lapsed) == [("commit", [], False)]
+        kinds = [e.change.kind for e in await store.pending(10)]
+        assert kinds == [ChangeKind.EXPIRED, ChangeKind.CREATED]
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_posts_of_one_batch_are_handed_over_in_seq_order(postgres: Backend) -> None:
+    """Concurrent puts share writer batches: each batch hands over its entries ascending by seq,
+    two puts of one user in one batch both (neither is behind an undispatched entry of an
+    earlier commit), and together they are what `pending` reads."""
+    store = postgres.make()
+    await store.open()
+    handed: list[Pending] = []
+
+    async def take(entries: list[Pending], whole: bool) -> None:
+        assert [e.seq for e in entries] == sorted(e.seq for e in entries)
+        handed.extend(entries)
+
+    try:
+        store.on_outboxed(take)
+        await asyncio.gather(*(put(store, user=f"u{i % 40}") for i in range(80)))
+        read = await store.pending(100)
+        assert len(read) == 80
+        assert handed and all(e in read for e in handed)
+        assert len({e.seq for e in handed}) == len(handed)
+    finally:
+        await store.close()

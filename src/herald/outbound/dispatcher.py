@@ -11,6 +11,12 @@ streams drop what they have already sent by position; pushes are queued exactly 
 on the store's commit signal and also polls, so entries written by another process (or left by
 a crash) are picked up too.
 
+A store may hand over a post's entries as it commits (`Outbox.on_outboxed`, PostgreSQL): each
+its user's first left in the outbox, so publishing it at once keeps the user's order. While
+this node drains every shard, they are published then, without the outbox read (a round trip on
+the path of each live delivery), and removed in batches by one task; a commit whose entries were
+all handed over wakes no read.
+
 With `leases`, it drains only the outbox shards this node holds (`leases.py`): each user has one
 dispatcher at a time, so per-user order holds at the source. Entries another node committed to
 a shard held here are found on that node's wake-up (`waker`, Redis), or else by the poll: every
@@ -53,6 +59,10 @@ POLL_SECONDS = 1.0
 SHARED_POLL_SECONDS = 0.25
 RETRY_SECONDS = 1.0
 MAX_REMOVALS = 4  # outbox removals in flight at once
+# How long published entries handed over by the store wait to be removed together. Off the path
+# of live delivery; it delays their pushes by as much. At 1,000 posts/s, 10 ms made the removals
+# a fifth as many (docs/performance.md).
+GATHER_SECONDS = 0.01
 
 
 class Waker(Protocol):
@@ -106,8 +116,14 @@ class Dispatcher:
         # Done once the last batch's removal has looked up its push targets and been handed to
         # the store: the next one waits for it, so removals are queued in batch order.
         self.looked_up: asyncio.Future[None] | None = None
+        # Entries published as the store handed them over, waiting for `flush` to remove them.
+        self.handed: list[Pending] = []
+        self.flusher: asyncio.Task[None] | None = None
+        # The last commit's entries were all published from `outboxed`: its wake reads nothing.
+        self.taken = False
 
     async def start(self) -> None:
+        self.store.on_outboxed(self.outboxed)
         self.store.on_commit(self.committed)
         if self.waker is not None:
             renew = self.leases.renew_soon if self.leases is not None else _nothing
@@ -136,7 +152,10 @@ class Dispatcher:
 
     def committed(self) -> None:
         """This node committed outbox entries: drain them, and, if other nodes hold shards (of
-        which they may be), wake those."""
+        which they may be), wake those. Not if `outboxed` has just published them all."""
+        if self.taken:
+            self.taken = False
+            return
         self.wake.set()
         if self.waker is not None and self.scope() is not None:
             self.waker.signal()
@@ -158,6 +177,34 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval()):
                     await self.wake.wait()
+
+    async def outboxed(self, entries: list[Pending], whole: bool) -> None:
+        """`Outbox.on_outboxed`: publish the entries now, and queue their removal. Only while
+        this node holds every shard: entries of other nodes' shards are theirs to publish."""
+        if self.task is None or self.scope() is not None:
+            return
+        fresh = [e for e in entries if e.seq not in self.removing]  # else read and published
+        now = time.time()
+        for entry in fresh:
+            await self.broker.publish(entry.change)
+            self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
+        self.removing.update(entry.seq for entry in fresh)
+        self.handed.extend(fresh)
+        if self.handed and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.create_task(self.flush())
+            self.removals.add(self.flusher)
+            self.flusher.add_done_callback(self.removals.discard)
+        self.taken = whole  # after the last await: the commit's `committed` comes next
+
+    async def flush(self) -> None:
+        """Remove the handed-over entries, each time all those published meanwhile at once:
+        after one post at a time, a removal per post would be a transaction per post."""
+        while self.handed:
+            await asyncio.sleep(GATHER_SECONDS)
+            batch, self.handed = self.handed, []
+            looked_up = asyncio.get_running_loop().create_future()
+            before, self.looked_up = self.looked_up, looked_up
+            await self.remove(batch, before, looked_up)
 
     def scope(self) -> frozenset[int] | None:
         """The shards to drain: None for all of them."""

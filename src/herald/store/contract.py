@@ -18,7 +18,7 @@ What holds for every method of every Protocol:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -338,6 +338,18 @@ class Outbox(Protocol):
         """Call `callback` on the event loop after every commit that added outbox entries, so the
         dispatcher need not poll. Other processes' commits are not signalled. A callback that
         raises is logged and fails neither the write nor the other callbacks."""
+
+    def on_outboxed(self, take: Callable[[builtins.list[Pending], bool], Awaitable[None]]) -> None:
+        """Hand the dispatcher a post's entry as it commits, so that it can publish the change
+        without reading it back (a round trip on the path of every live delivery): after a
+        commit of puts, before its `on_commit` callbacks, await `take(entries, whole)`. `entries`:
+        ascending by seq, those that were their users' first left in the outbox when they
+        committed (every earlier change of the user had been removed by `dispatched`, so
+        publishing them now keeps each user's order), each as `pending` would read it then;
+        `whole`: they are every entry that commit added. Entries stay in the outbox until
+        `dispatched` removes them (`pending` still returns them). Only this process's commits
+        are handed over; a backend may hand over none. A `take` that raises is logged and fails
+        neither the write nor the callbacks."""
 
 
 # The outbox is split into this many shards by user (PostgreSQL: `hashtextextended(user_id, 0) &

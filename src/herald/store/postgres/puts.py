@@ -6,15 +6,16 @@ are written in a transaction with their records."""
 from __future__ import annotations
 
 import logging
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from herald.errors import HeraldError, Unavailable
+from herald.model import Change, ChangeKind, Notification, Pending
 from herald.store.contract import Remembered
-from herald.store.postgres.transaction import Committed, Outcomes
+from herald.store.postgres.transaction import Appended, Committed, Outcomes
 from herald.store.revisions import Put, new_notification
 from herald.store.rows import encode_content
 
@@ -28,7 +29,8 @@ log = logging.getLogger("herald.store")
 
 
 _PUT_BATCH_SQL = (
-    "SELECT o_ord, o_id, o_version, o_created_at, o_created FROM herald_put_batch($1::text[],"
+    "SELECT o_ord, o_id, o_version, o_created_at, o_created, o_position, o_seq, o_pushable,"
+    " o_first FROM herald_put_batch($1::text[],"
     " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
     " $8::timestamptz[], $9::timestamptz[], $10::bytea[], $11::text[])"
 )
@@ -186,15 +188,44 @@ async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> C
         [p.origin for p in puts],
     )
     outcomes: list[tuple[bool, Any] | None] = [None] * len(puts)
-    for ordinal, id, version, created_at, created in rows:
-        n = built[ordinal - 1]
+    entries: list[tuple[Pending, bool]] = []
+    held_back: set[str] = set()  # users with a change the function did not describe
+    for ordinal, id, version, created_at, created, position, seq, pushable, first in rows:
+        p, n = puts[ordinal - 1], built[ordinal - 1]
         if not created:
             n = msgspec.structs.replace(n, id=id, version=version, created_date_time=created_at)
         outcomes[ordinal - 1] = (True, (n, created))
+        if seq is None:
+            held_back.add(p.user_id)
+        else:
+            entries.append((Pending(seq, _change(p, n, position, created), pushable), first))
     # Cannot happen (the function answers every put). Not an exception: the call has committed,
     # and a retry of its puts would apply them twice.
     missing = (False, HeraldError("herald_put_batch did not answer this put"))
-    return [missing if o is None else o for o in outcomes], bool(rows)
+    answered = [missing if o is None else o for o in outcomes]
+    if not rows:
+        return answered, False
+    # A user's entries of this call go together: one left out (EXPIRED logged first) keeps the
+    # user's later ones from being published ahead of it.
+    entries.sort(key=lambda e: e[0].seq)
+    first = [e for e, is_first in entries if is_first and e.change.user_id not in held_back]
+    return answered, Appended(first, whole=not held_back and len(first) == len(entries))
+
+
+def _change(p: Put, n: Notification, position: int, created: bool) -> Change:
+    """The change a put logged, as `Outbox.pending` reads it back (the notification as it is now:
+    none once expired)."""
+    return Change(
+        user_id=p.user_id,
+        position=position,
+        kind=ChangeKind.CREATED if created else ChangeKind.UPDATED,
+        replaced=not created,
+        app=p.app,
+        notification_id=n.id,
+        at=n.last_modified_date_time,
+        origin=p.origin,
+        notification=n if n.expiration_date_time > datetime.now(UTC) else None,
+    )
 
 
 async def put_again(conn: asyncpg.Connection, puts: list[Put]) -> Committed:

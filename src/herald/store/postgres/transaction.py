@@ -18,12 +18,25 @@ from typing import Any
 import asyncpg
 
 from herald.errors import HeraldError, Unavailable
-from herald.model import ChangeKind
+from herald.model import ChangeKind, Pending
 from herald.store.rows import CHANGE_COLUMNS
 
 Outcomes = list[tuple[bool, Any]]
-# A batch step's answer: one outcome per call, and whether it appended changes (outbox rows).
-Committed = tuple[Outcomes, bool]
+
+
+@dataclass(slots=True)
+class Appended:
+    """The outbox entries a batch of puts appended, as far as it knows them (`Outbox.on_outboxed`):
+    `first`, ascending by seq, those that were their users' first left in the outbox; `whole`,
+    whether they are all the batch appended."""
+
+    first: list[Pending]
+    whole: bool
+
+
+# A batch step's answer: one outcome per call, and whether it appended changes (outbox rows):
+# False, True, or the entries it knows (`Appended`, which is true).
+Committed = tuple[Outcomes, bool | Appended]
 
 
 @dataclass

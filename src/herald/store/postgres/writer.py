@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from herald.errors import HeraldError, Unavailable
+from herald.model import Pending
 from herald.store.hooks import CommitHooks
 from herald.store.postgres.connection import (
     DRIVER,
@@ -29,7 +30,15 @@ from herald.store.postgres.connection import (
 from herald.store.postgres.epoch import Epoch, Found, check
 from herald.store.postgres.puts import put_again, put_batch
 from herald.store.postgres.schema import migrate
-from herald.store.postgres.transaction import Committed, Op, Outcomes, Tx, probe, run_ops
+from herald.store.postgres.transaction import (
+    Appended,
+    Committed,
+    Op,
+    Outcomes,
+    Tx,
+    probe,
+    run_ops,
+)
 from herald.store.revisions import Put
 
 MAX_BATCH = 4096
@@ -139,6 +148,7 @@ class PostgresWriter:
         self._idle = 0  # writers waiting for work
         self._closing = False
         self._hooks = CommitHooks()
+        self._take: Callable[[list[Pending], bool], Awaitable[None]] | None = None
         # Calls kept off the pool and the writers (`_kept`): the dispatcher's outbox reads
         # (`OUTBOX`), its push-target reads (`TARGETS`, looked up while the next batch is read)
         # and its removals (`REMOVALS`, one statement each, in the order they come), and the
@@ -200,6 +210,11 @@ class PostgresWriter:
         """`Outbox.on_commit`: `_commit` fires the callbacks after a batch that appended changes
         (so outbox entries), `sweep` after one that expired notifications."""
         self._hooks.add(callback)
+
+    def on_outboxed(self, take: Callable[[list[Pending], bool], Awaitable[None]]) -> None:
+        """`Outbox.on_outboxed`: `_commit` awaits `take` after a batch of puts, between answering
+        its calls and firing the `on_commit` callbacks. One taker: the dispatcher."""
+        self._take = take
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -414,6 +429,11 @@ class PostgresWriter:
         else:
             self._write_succeeded()
         _answer(batch, outcomes)
+        if isinstance(appended, Appended) and appended.first and self._take is not None:
+            try:
+                await self._take(appended.first, appended.whole)
+            except Exception:  # the entries stay in the outbox: the dispatcher reads them
+                log.exception("on_outboxed callback failed")
         if appended:
             self._hooks.fire()
 

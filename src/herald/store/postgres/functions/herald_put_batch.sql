@@ -4,7 +4,14 @@
 -- `anid` NULL means "keyed by new_id, create" (no lookup: a clash is an error); `origin` is the
 -- posting device's subscription, if it named itself. No two puts of a call may have the same key
 -- (the caller splits those into successive calls); such a call fails. Returns one row per put:
--- its 1-based ordinal, the notification's id, version, created time and whether it was created.
+-- its 1-based ordinal, the notification's id, version, created time and whether it was created;
+-- then what the dispatcher needs to publish the put's change without reading it back
+-- (`Outbox.on_outboxed`): its position and outbox seq (NULL for a put that also logged EXPIRED,
+-- which is left to the outbox read), whether its (user, app) has a push target, and whether it
+-- was its user's first entry left in the outbox (`o_first`: every earlier change of the user had
+-- been dispatched, so publishing it at once keeps the user's order). `o_first` looks at no more
+-- than 32 entries of the user's shard: past that it says false, which costs only
+-- the shortcut, so a backlog does not make every put scan it.
 -- A put whose row exists but has expired appends EXPIRED (old id) and then CREATED, and the
 -- expired row becomes the new notification; a put replacing a live notification logs the kind
 -- 'replaced' (read back as an UPDATED change with `replaced` set). Every change gets one outbox
@@ -31,7 +38,8 @@ CREATE OR REPLACE FUNCTION herald_put_batch(
     p_content bytea[],
     p_origin text[]
 ) RETURNS TABLE (o_ord bigint, o_id text, o_version integer, o_created_at timestamptz,
-                 o_created boolean)
+                 o_created boolean, o_position bigint, o_seq bigint, o_pushable boolean,
+                 o_first boolean)
 LANGUAGE plpgsql VOLATILE
 -- Every join here goes from the call's rows to one row each by an index, whatever the sizes: plan
 -- once per connection (generic plans, no planning per call), and never a hash join over a scan of
@@ -92,10 +100,10 @@ BEGIN
         FROM cur WHERE cur.old_id IS NULL
     ), written AS (
         SELECT upd.i, upd.u, upd.a, upd.at, upd.id, upd.version, upd.created_date_time,
-            upd.expired AS created, upd.orig
+            upd.expired AS created, upd.orig, upd.expired AS lapsed
         FROM upd
         UNION ALL
-        SELECT cur.i, cur.u, cur.a, cur.at, cur.nid, 1, cur.at, true, cur.orig
+        SELECT cur.i, cur.u, cur.a, cur.at, cur.nid, 1, cur.at, true, cur.orig, false
         FROM cur WHERE cur.old_id IS NULL
     ), logged AS (
         SELECT upd.u, upd.i, 0 AS sub, 'expired' AS kind, upd.a, upd.old_id AS nid, upd.at,
@@ -114,18 +122,32 @@ BEGIN
         FROM logged l JOIN feed_heads h ON h.user_id = l.u
         WINDOW w AS (PARTITION BY l.u ORDER BY l.i, l.sub
                      ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
-        RETURNING user_id, position
+        RETURNING user_id, position, kind, notification_id
     ), outboxed AS (
         -- One outbox row per change. The sort runs below the insert, so seqs are drawn in
         -- position order; and after the head locks, so a user's later calls draw larger seqs.
         INSERT INTO outbox (user_id, position)
         SELECT a.user_id, a.position FROM appended a ORDER BY a.user_id, a.position
+        RETURNING seq, user_id, position
     ), moved AS (
         -- EXPIRED changes were not reserved: move those heads further.
         UPDATE feed_heads h SET position = h.position + x.n
         FROM (SELECT upd.u, count(*) AS n FROM upd WHERE upd.expired GROUP BY upd.u) AS x
         WHERE h.user_id = x.u
     )
-    SELECT w.i, w.id, w.version, w.created_date_time, w.created FROM written w;
+    -- The outbox rows this statement inserted are not in its snapshot, so `o_first` sees only
+    -- entries committed before it, all of which (the head lock is held) are earlier changes.
+    SELECT w.i, w.id, w.version, w.created_date_time, w.created, a.position,
+        CASE WHEN w.lapsed THEN NULL ELSE ob.seq END,
+        EXISTS (SELECT FROM subscriptions s WHERE s.user_id = w.u AND s.app = w.a
+                AND s.push_channel IS NOT NULL AND s.gone IS NULL),
+        (SELECT count(*) < 32 AND bool_and(x.user_id <> w.u) IS NOT FALSE
+         FROM (SELECT o.user_id FROM outbox o
+               WHERE o.shard = (hashtextextended(w.u, 0) & 63)::smallint
+               ORDER BY o.seq LIMIT 32) AS x)
+    FROM written w
+    LEFT JOIN appended a
+        ON a.user_id = w.u AND a.notification_id = w.id AND a.kind <> 'expired'
+    LEFT JOIN outboxed ob ON ob.user_id = a.user_id AND ob.position = a.position;
 END
 $$;
