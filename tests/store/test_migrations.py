@@ -206,7 +206,7 @@ FUNCTIONS = {
         "herald_lease": "herald sha256:"
         "2b8eadd948c8c266177886f7e47d6604f464583b77e07ecf81eb7902107d954b",
         "herald_put_batch": "herald sha256:"
-        "e9ec1686d7a7aa5166b6ea3802d2400640b9206dd7a1040410a9792ac5aab212",
+        "6ee88d2801085deb4a7cfb8d6649ce8983dd315fea00f7d99d260e82b6b94707",
     },
 }
 

@@ -649,7 +649,8 @@ async def test_a_post_is_handed_over_at_commit_as_pending_reads_it(postgres: Bac
 async def test_posts_of_one_batch_are_handed_over_in_seq_order(postgres: Backend) -> None:
     """Concurrent puts share writer batches: each batch hands over its entries ascending by seq,
     two puts of one user in one batch both (neither is behind an undispatched entry of an
-    earlier commit), and together they are what `pending` reads."""
+    earlier commit), and together they are what `pending` reads. A batch of more than 4 puts
+    (a load the dispatcher reads in bulk) hands over none."""
     store = postgres.make()
     await store.open()
     handed: list[Pending] = []
@@ -660,10 +661,15 @@ async def test_posts_of_one_batch_are_handed_over_in_seq_order(postgres: Backend
 
     try:
         store.on_outboxed(take)
-        await asyncio.gather(*(put(store, user=f"u{i % 40}") for i in range(80)))
+        await asyncio.gather(*(put(store, user=f"u{i % 2}") for i in range(4)))
         read = await store.pending(100)
-        assert len(read) == 80
+        assert len(read) == 4
         assert handed and all(e in read for e in handed)
         assert len({e.seq for e in handed}) == len(handed)
+        await store.dispatched([e.seq for e in read])
+        handed.clear()
+        await asyncio.gather(*(put(store, user=f"v{i}") for i in range(200)))
+        assert len(await store.pending(300)) == 200
+        assert len(handed) < 200  # the writers' batches were not all of 4 puts or fewer
     finally:
         await store.close()
