@@ -4,7 +4,8 @@ order, and stays in the outbox (to be published again) until its removal has com
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 
 import pytest
@@ -265,13 +266,12 @@ async def test_a_new_notification_patched_in_the_same_batch_still_alerts(store: 
     assert claimed.message.priority is Priority.LOW
 
 
-@pytest.mark.postgres
-async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) -> None:
-    """What a change costs PostgreSQL from commit to removal, with no pushes to queue: the put
-    (one statement, which also answers the change's outbox entry: the dispatcher publishes it
-    without reading it back) and the removal (one statement, `herald_dispatched`: it was BEGIN,
-    DELETE, COMMIT). Before the hand-over there was a third, the dispatcher's outbox read, on
-    the path of every live delivery. Counted by a proxy on the wire."""
+@contextlib.asynccontextmanager
+async def counted(
+    postgres: Backend,
+) -> AsyncIterator[tuple[StatementCounter, Store, Recorder, Dispatcher]]:
+    """A PostgreSQL store behind a statement counter (`tests/pg.py`), and a started dispatcher
+    that never polls, publishing to a `Recorder`."""
     from herald.store.postgres import PostgresStore
 
     assert postgres.dsn is not None
@@ -282,6 +282,21 @@ async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) 
     dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]
     await dispatcher.start()
     try:
+        yield counter, store, broker, dispatcher
+    finally:
+        await dispatcher.close()
+        await store.close()
+        await counter.close()
+
+
+@pytest.mark.postgres
+async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) -> None:
+    """What a change costs PostgreSQL from commit to removal, with no pushes to queue: the put
+    (one statement, which also answers the change's outbox entry: the dispatcher publishes it
+    without reading it back) and the removal (one statement, `herald_dispatched`: it was BEGIN,
+    DELETE, COMMIT). Before the hand-over there was a third, the dispatcher's outbox read, on
+    the path of every live delivery. Counted by a proxy on the wire."""
+    async with counted(postgres) as (counter, store, broker, dispatcher):
         now = datetime.now().astimezone()
         for n in range(1, 4):  # the first rounds prepare the statements on each connection
             before = counter.statements
@@ -292,10 +307,6 @@ async def test_a_live_delivery_costs_postgres_few_statements(postgres: Backend) 
             await asyncio.sleep(0.1)  # anything else that would follow
             statements = counter.statements - before
         assert await store.pending(10) == []
-    finally:
-        await dispatcher.close()
-        await store.close()
-        await counter.close()
     assert statements <= 2, f"{statements} statements for one live delivery"
 
 
@@ -307,19 +318,11 @@ async def test_posts_published_at_commit_are_removed_together(
     (`GATHER_SECONDS`, made long enough here for a slow machine's ten posts) to go as one
     statement, and no outbox read follows them (they were one read and one removal per post)."""
     from herald.outbound import dispatcher as module
-    from herald.store.postgres import PostgresStore
 
     monkeypatch.setattr(module, "GATHER_SECONDS", 1.0)
 
-    assert postgres.dsn is not None
-    counter, url = await StatementCounter.in_front_of(postgres.dsn)
-    store = PostgresStore(url, min_size=1)
-    await store.open()
-    broker = Recorder()
-    dispatcher = Dispatcher(store, broker, Metrics(), poll=60)  # type: ignore[arg-type]
-    await dispatcher.start()
     posts = 10
-    try:
+    async with counted(postgres) as (counter, store, broker, dispatcher):
         now = datetime.now().astimezone()
         # First uses prepare the statements (and their types) on each writer's connection.
         for i in range(4):
@@ -332,10 +335,6 @@ async def test_posts_published_at_commit_are_removed_together(
         await until(lambda: len(broker.published) == 8 + posts and not dispatcher.removals, "all")
         statements = counter.statements - before
         assert await store.pending(10) == []
-    finally:
-        await dispatcher.close()
-        await store.close()
-        await counter.close()
     assert statements <= posts + 2, f"{statements} statements for {posts} posts"
 
 
