@@ -200,13 +200,15 @@ FUNCTIONS = {
         "herald_put_batch": "herald sha256:"
         "7ed3073553addee5ba8dc7fc60a026db197cd0cbb3a123e4dd9e4345d8ea4ed8",
     },
-    14: {  # schema 14: herald_put_batch answers each put's outbox entry
+    14: {  # schema 14: herald_put_batch answers each put's outbox entry (herald_entry_state)
         "herald_dispatched": "herald sha256:"
         "afe65b978a16b2e4d92fc6b2bb251b2f4f3c6e4e4a4d57c5accb48e2a459f7eb",
+        "herald_entry_state": "herald sha256:"
+        "420ec5567067ec13637aac07ceefba4a2ff86fe552b4e36fb6a7fe73ea1283bf",
         "herald_lease": "herald sha256:"
         "2b8eadd948c8c266177886f7e47d6604f464583b77e07ecf81eb7902107d954b",
         "herald_put_batch": "herald sha256:"
-        "6ee88d2801085deb4a7cfb8d6649ce8983dd315fea00f7d99d260e82b6b94707",
+        "e71512041b5f6b5db9bd6fd37a8af15bdfc89c0e4b70d8b71670e66afc23a23a",
     },
 }
 
@@ -260,6 +262,7 @@ def _as_files() -> dict[str, list[tuple[str, str | None]]]:
     files = dict(functions())
     return {
         "herald_dispatched": [(_DISPATCHED_ARGS, digest(files["herald_dispatched"]))],
+        "herald_entry_state": [("p_user text, p_app text", digest(files["herald_entry_state"]))],
         "herald_lease": [(_LEASE_ARGS, digest(files["herald_lease"]))],
         "herald_put_batch": [(_PUT_BATCH_ARGS, digest(files["herald_put_batch"]))],
     }
@@ -268,7 +271,7 @@ def _as_files() -> dict[str, list[tuple[str, str | None]]]:
 _PUT_BATCH_ARGS = (
     "p_user text[], p_app text[], p_anid text[], p_new_id text[], p_host text[], p_group text[],"
     " p_priority text[], p_at timestamp with time zone[], p_expires timestamp with time zone[],"
-    " p_content bytea[], p_origin text[]"
+    " p_content bytea[], p_origin text[], p_entries boolean"
 )
 
 

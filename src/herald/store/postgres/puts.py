@@ -32,11 +32,18 @@ _PUT_BATCH_SQL = (
     "SELECT o_ord, o_id, o_version, o_created_at, o_created, o_position, o_seq, o_pushable,"
     " o_first FROM herald_put_batch($1::text[],"
     " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
-    " $8::timestamptz[], $9::timestamptz[], $10::bytea[], $11::text[])"
+    " $8::timestamptz[], $9::timestamptz[], $10::bytea[], $11::text[], $12::boolean)"
 )
+# Calls of at most this many puts answer their outbox entries for the dispatcher, if asked
+# (`put_batch`'s `entries`). Posts that trickle in come in calls of 1-3 (1,000 posts/s: 97 %
+# of calls); a larger call is load, which the dispatcher reads in bulk anyway, and the answer
+# cost a call of 3 puts 20 % more time in PostgreSQL (docs/performance.md).
+FEW = 4
 
 
-async def put_batch(conn: asyncpg.Connection, puts: list[Put], again: bool = False) -> Committed:
+async def put_batch(
+    conn: asyncpg.Connection, puts: list[Put], again: bool = False, entries: bool = False
+) -> Committed:
     """All puts of a call in one statement (its own transaction): `herald_put_batch`; with
     Idempotency-Keys, in a transaction with their records (`_put_recorded`).
 
@@ -44,8 +51,8 @@ async def put_batch(conn: asyncpg.Connection, puts: list[Put], again: bool = Fal
     so puts without an appNotificationId look their key up too (and replace what they find)."""
     for p in puts:
         if p.once is not None:
-            return await _put_recorded(conn, puts, again)
-    return await _put_rows(conn, puts, again)
+            return await _put_recorded(conn, puts, again, entries)
+    return await _put_rows(conn, puts, again, entries)
 
 
 class _Redo(Exception):
@@ -58,7 +65,9 @@ class _Redo(Exception):
         self.failed = failed
 
 
-async def _put_recorded(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
+async def _put_recorded(
+    conn: asyncpg.Connection, puts: list[Put], again: bool, entries: bool
+) -> Committed:
     """Puts and the records of their Idempotency-Keys in one transaction (three round trips
     more than `_put_rows` alone, paid only by batches with a key).
 
@@ -72,7 +81,7 @@ async def _put_recorded(conn: asyncpg.Connection, puts: list[Put], again: bool) 
             return [settled[i] for i in range(len(puts))], False
         try:
             async with conn.transaction():
-                outcomes, appended = await _put_rows(conn, [puts[i] for i in rest], again)
+                outcomes, appended = await _put_rows(conn, [puts[i] for i in rest], again, entries)
                 answers = _rendered([puts[i] for i in rest], outcomes)
                 failed = {rest[j]: a for j, a in enumerate(answers) if isinstance(a, tuple)}
                 taken = await _record(conn, [puts[i] for i in rest], answers)
@@ -169,8 +178,11 @@ _RECORD_SQL = (
 )
 
 
-async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> Committed:
-    """`herald_put_batch` over the puts."""
+async def _put_rows(
+    conn: asyncpg.Connection, puts: list[Put], again: bool, entries: bool
+) -> Committed:
+    """`herald_put_batch` over the puts; with `entries` (and at most `FEW` puts), the entries it
+    appended as `Appended`."""
     # As if created; replaced rows are patched below.
     built = [new_notification(p, p.now.astimezone(UTC), None) for p in puts]
     rows = await conn.fetch(
@@ -186,9 +198,10 @@ async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> C
         [n.expiration_date_time for n in built],
         [encode_content(n) for n in built],
         [p.origin for p in puts],
+        entries and len(puts) <= FEW,
     )
     outcomes: list[tuple[bool, Any] | None] = [None] * len(puts)
-    entries: list[tuple[Pending, bool]] = []
+    described: list[tuple[Pending, bool]] = []
     held_back: set[str] = set()  # users with a change the function did not describe
     for ordinal, id, version, created_at, created, position, seq, pushable, first in rows:
         p, n = puts[ordinal - 1], built[ordinal - 1]
@@ -198,7 +211,7 @@ async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> C
         if seq is None:
             held_back.add(p.user_id)
         else:
-            entries.append((Pending(seq, _change(p, n, position, created), pushable), first))
+            described.append((Pending(seq, _change(p, n, position, created), pushable), first))
     # Cannot happen (the function answers every put). Not an exception: the call has committed,
     # and a retry of its puts would apply them twice.
     missing = (False, HeraldError("herald_put_batch did not answer this put"))
@@ -207,9 +220,9 @@ async def _put_rows(conn: asyncpg.Connection, puts: list[Put], again: bool) -> C
         return answered, False
     # A user's entries of this call go together: one left out (EXPIRED logged first) keeps the
     # user's later ones from being published ahead of it.
-    entries.sort(key=lambda e: e[0].seq)
-    first = [e for e, is_first in entries if is_first and e.change.user_id not in held_back]
-    return answered, Appended(first, whole=not held_back and len(first) == len(entries))
+    described.sort(key=lambda e: e[0].seq)
+    first = [e for e, is_first in described if is_first and e.change.user_id not in held_back]
+    return answered, Appended(first, whole=not held_back and len(first) == len(described))
 
 
 def _change(p: Put, n: Notification, position: int, created: bool) -> Change:
@@ -228,5 +241,5 @@ def _change(p: Put, n: Notification, position: int, created: bool) -> Change:
     )
 
 
-async def put_again(conn: asyncpg.Connection, puts: list[Put]) -> Committed:
-    return await put_batch(conn, puts, again=True)
+async def put_again(conn: asyncpg.Connection, puts: list[Put], entries: bool = False) -> Committed:
+    return await put_batch(conn, puts, again=True, entries=entries)

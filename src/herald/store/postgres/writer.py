@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -368,9 +369,13 @@ class PostgresWriter:
     async def _write(self, link: _Link, batch: list[_Call]) -> None:
         puts = [c for c in batch if isinstance(c.work, Put)]
         ops = [c for c in batch if not isinstance(c.work, Put)]
-        # Puts of one key go to successive calls: the first ones, then the second ones...
+        # Puts of one key go to successive calls: the first ones, then the second ones... They
+        # answer their outbox entries for the dispatcher only while nothing else waits (posts
+        # that trickle in: a load is read in bulk by the dispatcher anyway).
+        entries = self._take is not None and not self._pending
         for k, generation in enumerate(_generations(puts)):
-            await self._commit(link, generation, put_batch if k == 0 else put_again)
+            put = put_batch if k == 0 else put_again
+            await self._commit(link, generation, functools.partial(put, entries=entries))
         if not ops:
             return
         # One ops transaction at a time per store: they may take other row locks (apps,

@@ -5,13 +5,12 @@
 -- posting device's subscription, if it named itself. No two puts of a call may have the same key
 -- (the caller splits those into successive calls); such a call fails. Returns one row per put:
 -- its 1-based ordinal, the notification's id, version, created time and whether it was created;
--- then, in a call of at most 4 puts (else NULLs), what the dispatcher needs to publish the
--- put's change without reading it back (`Outbox.on_outboxed`): its position and outbox seq
+-- then, if `p_entries` (else NULLs), what the dispatcher needs to publish the put's change
+-- without reading it back (`Outbox.on_outboxed`): its position and outbox seq
 -- (NULL for a put that also logged EXPIRED, which is left to the outbox read), whether its
 -- (user, app) has a push target, and whether it was its user's first entry left in the outbox
 -- (`o_first`: every earlier change of the user had been dispatched, so publishing it at once
--- keeps the user's order). `o_first` looks at no more than 32 entries of the user's shard: past
--- that it says false, which costs only the shortcut, so a backlog does not make a put scan it.
+-- keeps the user's order); these two from herald_entry_state.
 -- A put whose row exists but has expired appends EXPIRED (old id) and then CREATED, and the
 -- expired row becomes the new notification; a put replacing a live notification logs the kind
 -- 'replaced' (read back as an UPDATED change with `replaced` set). Every change gets one outbox
@@ -36,7 +35,8 @@ CREATE OR REPLACE FUNCTION herald_put_batch(
     p_at timestamptz[],
     p_expires timestamptz[],
     p_content bytea[],
-    p_origin text[]
+    p_origin text[],
+    p_entries boolean
 ) RETURNS TABLE (o_ord bigint, o_id text, o_version integer, o_created_at timestamptz,
                  o_created boolean, o_position bigint, o_seq bigint, o_pushable boolean,
                  o_first boolean)
@@ -135,26 +135,19 @@ BEGIN
         FROM (SELECT upd.u, count(*) AS n FROM upd WHERE upd.expired GROUP BY upd.u) AS x
         WHERE h.user_id = x.u
     )
-    -- What the dispatcher needs, for a call of at most 4 puts: posts that trickle in, where a
-    -- round trip saved is latency saved. A larger call (a load the dispatcher reads in bulk
-    -- anyway) answers NULLs and skips this (a false constant: the lateral query never runs),
-    -- which would otherwise be nested loops over the call's rows, quadratic in their number.
-    -- The outbox rows this statement inserted are not in its snapshot, so `o_first` sees only
-    -- entries committed before it, all of which (the head lock is held) are earlier changes.
-    SELECT w.i, w.id, w.version, w.created_date_time, w.created, e.position, e.seq, e.pushable,
-        e.first
+    -- What the dispatcher needs, if the caller asks (`p_entries`: a call of a few puts, posts
+    -- that trickle in, where a round trip saved is latency saved). Otherwise NULLs, and this
+    -- costs nothing (a false constant: the lateral query never runs): under load the dispatcher
+    -- reads the outbox in bulk anyway, and over many puts these nested loops over the call's
+    -- rows would be quadratic in their number.
+    SELECT w.i, w.id, w.version, w.created_date_time, w.created, e.position, e.seq,
+        e.state[1], e.state[2]
     FROM written w
     LEFT JOIN LATERAL (
         SELECT a.position, CASE WHEN w.lapsed THEN NULL ELSE ob.seq END AS seq,
-            EXISTS (SELECT FROM subscriptions s WHERE s.user_id = w.u AND s.app = w.a
-                    AND s.push_channel IS NOT NULL AND s.gone IS NULL) AS pushable,
-            (SELECT count(*) < 32 AND bool_and(x.user_id <> w.u) IS NOT FALSE
-             FROM (SELECT o.user_id FROM outbox o
-                   WHERE o.shard = (hashtextextended(w.u, 0) & 63)::smallint
-                   ORDER BY o.seq LIMIT 32) AS x) AS first
+            herald_entry_state(w.u, w.a) AS state
         FROM appended a JOIN outboxed ob ON ob.user_id = a.user_id AND ob.position = a.position
-        WHERE cardinality(p_user) <= 4
-            AND a.user_id = w.u AND a.notification_id = w.id AND a.kind <> 'expired'
+        WHERE p_entries AND a.user_id = w.u AND a.notification_id = w.id AND a.kind <> 'expired'
     ) AS e ON true;
 END
 $$;
