@@ -348,9 +348,9 @@ class Outbox(Protocol):
         publishing them now keeps each user's order), each as `pending` would read it then;
         `whole`: they are every entry that commit added. Entries stay in the outbox until
         `dispatched` removes them (`pending` still returns them). Only this process's commits
-        are handed over, and a backend may hand over none (PostgreSQL: only from batches of at
-        most 4 puts, where latency is what a saved round trip buys; SQLite: none). A `take`
-        that raises is logged and fails neither the write nor the callbacks."""
+        are handed over, and a backend may hand over none (PostgreSQL: only while posts trickle
+        in, where latency is what a saved round trip buys; SQLite: none). A `take` that raises
+        is logged and fails neither the write nor the callbacks."""
 
 
 # The outbox is split into this many shards by user (PostgreSQL: `hashtextextended(user_id, 0) &
