@@ -29,9 +29,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -184,11 +184,7 @@ class Dispatcher:
         if self.task is None or self.scope() is not None:
             return
         fresh = [e for e in entries if e.seq not in self.removing]  # else read and published
-        now = time.time()
-        for entry in fresh:
-            await self.broker.publish(entry.change)
-            self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
-        self.removing.update(entry.seq for entry in fresh)
+        await self.publish(fresh)
         self.handed.extend(fresh)
         if self.handed and (self.flusher is None or self.flusher.done()):
             self.flusher = asyncio.create_task(self.flush())
@@ -202,9 +198,7 @@ class Dispatcher:
         while self.handed:
             await asyncio.sleep(GATHER_SECONDS)
             batch, self.handed = self.handed, []
-            looked_up = asyncio.get_running_loop().create_future()
-            before, self.looked_up = self.looked_up, looked_up
-            await self.remove(batch, before, looked_up)
+            await self.next_removal(batch)
 
     def scope(self) -> frozenset[int] | None:
         """The shards to drain: None for all of them."""
@@ -230,19 +224,28 @@ class Dispatcher:
         fresh = [e for e in pending if e.seq not in skip and e.seq not in self.removing]
         if not fresh:
             return 0
-        now = time.time()
-        for entry in fresh:
-            await self.broker.publish(entry.change)
-            self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
-        self.removing.update(entry.seq for entry in fresh)
+        await self.publish(fresh)
         # The push targets are looked up by the removal, not here: that read is not on the path
         # of the next batch's live delivery.
-        looked_up = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self.remove(fresh, self.looked_up, looked_up))
-        self.looked_up = looked_up
+        task = asyncio.create_task(self.next_removal(fresh))
         self.removals.add(task)
         task.add_done_callback(self.removals.discard)
         return len(fresh)
+
+    async def publish(self, entries: list[Pending]) -> None:
+        """Publish the entries' changes, in order, and mark them as being removed."""
+        now = time.time()
+        for entry in entries:
+            await self.broker.publish(entry.change)
+            self.metrics.dispatch_lag.observe(max(0.0, now - entry.change.at.timestamp()))
+        self.removing.update(entry.seq for entry in entries)
+
+    def next_removal(self, entries: list[Pending]) -> Coroutine[Any, Any, None]:
+        """The entries' removal, queued behind the last one's push-target lookup (`remove`), so
+        removals reach the store in the order their batches were published."""
+        looked_up = asyncio.get_running_loop().create_future()
+        before, self.looked_up = self.looked_up, looked_up
+        return self.remove(entries, before, looked_up)
 
     async def deliveries(self, entries: list[Pending]) -> tuple[list[NewDelivery], list[HeldPush]]:
         """The pushes these changes make, to their users' push subscriptions, and those of them
