@@ -185,6 +185,7 @@ async def _put_rows(
     appended as `Appended`."""
     # As if created; replaced rows are patched below.
     built = [new_notification(p, p.now.astimezone(UTC), None) for p in puts]
+    asked = entries and len(puts) <= FEW
     rows = await conn.fetch(
         _PUT_BATCH_SQL,
         [p.user_id for p in puts],
@@ -198,7 +199,7 @@ async def _put_rows(
         [n.expiration_date_time for n in built],
         [encode_content(n) for n in built],
         [p.origin for p in puts],
-        entries and len(puts) <= FEW,
+        asked,
     )
     outcomes: list[tuple[bool, Any] | None] = [None] * len(puts)
     described: list[tuple[Pending, bool]] = []
@@ -208,6 +209,8 @@ async def _put_rows(
         if not created:
             n = msgspec.structs.replace(n, id=id, version=version, created_date_time=created_at)
         outcomes[ordinal - 1] = (True, (n, created))
+        if not asked:
+            continue
         if seq is None:
             held_back.add(p.user_id)
         else:
@@ -216,8 +219,8 @@ async def _put_rows(
     # and a retry of its puts would apply them twice.
     missing = (False, HeraldError("herald_put_batch did not answer this put"))
     answered = [missing if o is None else o for o in outcomes]
-    if not rows:
-        return answered, False
+    if not rows or not asked:
+        return answered, bool(rows)
     # A user's entries of this call go together: one left out (EXPIRED logged first) keeps the
     # user's later ones from being published ahead of it.
     described.sort(key=lambda e: e[0].seq)
